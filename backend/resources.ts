@@ -1,0 +1,45 @@
+/**
+ * Tensor ownership. `tf.tidy` covers synchronous maths only; a tensor that
+ * crosses an `await` or a stage boundary is owned by an Effect scope and
+ * disposed by its finalizer, on success, failure and interruption alike.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, type Scope } from "effect";
+
+/** Anything that holds tensors: a tensor, an array or record of them, or nested ones. */
+export type TensorContainer =
+  | tf.Tensor
+  | readonly TensorContainer[]
+  | { readonly [key: string]: TensorContainer }
+  | null
+  | undefined;
+
+/** Disposes every tensor reachable from `value` (already disposed ones are skipped). */
+export const disposeAll = (value: TensorContainer): void => {
+  if (value == null) return;
+  if (value instanceof tf.Tensor) {
+    if (!value.isDisposed) value.dispose();
+    return;
+  }
+  if (Array.isArray(value)) {
+    for (const item of value) disposeAll(item);
+    return;
+  }
+  for (const item of Object.values(value)) disposeAll(item as TensorContainer);
+};
+
+/** Acquires tensors with `make` and ties their disposal to the current scope. */
+export const scoped = <T extends TensorContainer>(make: () => T): Effect.Effect<T, never, Scope.Scope> =>
+  Effect.acquireRelease(Effect.sync(make), (value) => Effect.sync(() => disposeAll(value)));
+
+/** Like `scoped`, for an asynchronous producer (for example an upload to the GPU). */
+export const scopedPromise = <T extends TensorContainer>(
+  make: () => Promise<T>,
+): Effect.Effect<T, never, Scope.Scope> =>
+  Effect.acquireRelease(Effect.promise(make), (value) => Effect.sync(() => disposeAll(value)));
+
+/** Live tensor count and bytes of the active backend. */
+export const liveTensors = (): { readonly tensors: number; readonly bytes: number } => {
+  const memory = tf.memory();
+  return { tensors: memory.numTensors, bytes: memory.numBytes };
+};

@@ -1,0 +1,42 @@
+/**
+ * A stage is a value: a name, a validated config, and an Effect-returning step
+ * from a typed input to a typed output. Pipelines are built by composing stages,
+ * so the dataflow of a pipeline file reads top to bottom.
+ */
+import { Effect, Schema } from "effect";
+
+export interface Stage<In, Out, Config, E = never, R = never> {
+  readonly name: string;
+  /** Schema that validates (and fills defaults of) this stage's config. */
+  readonly config: Schema.Decoder<Config>;
+  /** The work of the stage for one input, given an already validated config. */
+  readonly run: (config: Config) => (input: In) => Effect.Effect<Out, E, R>;
+}
+
+/** Declares a stage; the identity function, there for inference and docs. */
+export const defineStage = <In, Out, Config, E = never, R = never>(
+  stage: Stage<In, Out, Config, E, R>,
+): Stage<In, Out, Config, E, R> => stage;
+
+/** A config that failed validation; `message` names the field and the allowed values. */
+export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError", {
+  stage: Schema.String,
+  message: Schema.String,
+}) {}
+
+/** Validates raw config (for example parsed JSON) for `stage`, naming the bad field on failure. */
+export const configure = <In, Out, Config, E, R>(
+  stage: Stage<In, Out, Config, E, R>,
+  raw: unknown,
+): Effect.Effect<(input: In) => Effect.Effect<Out, E, R>, ConfigError> =>
+  Schema.decodeUnknownEffect(stage.config)(raw).pipe(
+    Effect.mapError((error) => new ConfigError({ stage: stage.name, message: String(error.message) })),
+    Effect.map((config) => stage.run(config)),
+  );
+
+/** Sequential composition of two configured steps: the output of `first` feeds `second`. */
+export const andThen = <A, B, C, E1, R1, E2, R2>(
+  first: (input: A) => Effect.Effect<B, E1, R1>,
+  second: (input: B) => Effect.Effect<C, E2, R2>,
+) =>
+(input: A): Effect.Effect<C, E1 | E2, R1 | R2> => Effect.flatMap(first(input), second);
