@@ -34,3 +34,9 @@ export const relativeError = (got: ArrayLike<number>, ref: ArrayLike<number>): n
 
 /** Reads a tensor's values as float64 (asynchronously: works on every backend). */
 export const values = async (t: tf.Tensor): Promise<Float64Array> => Float64Array.from(await t.data());
+
+/** Makes `name` the active backend for a test file (wasm gets its extra kernels). */
+export const useBackend = async (name: "wasm" | "cpu" | "webgpu" = "wasm"): Promise<void> => {
+  const { initBackend } = await import("../backend/tensor_backend.ts");
+  await initBackend(name);
+};

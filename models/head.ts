@@ -1,0 +1,81 @@
+/**
+ * SwAV's projection head and prototypes (src/resnet50.py, `forward_head`):
+ * Linear(feat, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out), or a single
+ * Linear(feat, out) when hidden is 0; then L2-normalise; then the prototypes,
+ * Linear(out, K) without bias.
+ *
+ * Linear weights keep torch's layout [out, in] (so y = x·Wᵀ + b), which is also
+ * the prototypes' [K, D] layout that `models/prototypes.ts` normalises.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { batchNorm, type ForwardOptions, type ParamLookup, type ParamSpec } from "./resnet.ts";
+import { batchNormSpecs } from "./resnet.ts";
+
+export interface HeadConfig {
+  /** Hidden width of the MLP; 0 means a single linear layer. */
+  readonly hidden: number;
+  /** Embedding size. */
+  readonly out: number;
+  /** Number of prototypes K. */
+  readonly prototypes: number;
+}
+
+export const PROTOTYPES_WEIGHT = "prototypes.weight";
+
+const linearSpecs = (name: string, inFeatures: number, outFeatures: number, bias: boolean): ParamSpec[] => {
+  const init = { kind: "uniformFanIn", fanIn: inFeatures } as const;
+  const weight: ParamSpec = { name: `${name}.weight`, shape: [outFeatures, inFeatures], init, trainable: true };
+  return bias ? [weight, { name: `${name}.bias`, shape: [outFeatures], init, trainable: true }] : [weight];
+};
+
+/** Head and prototype parameters in torch's `state_dict` order. */
+export const headParamSpecs = (featureDim: number, config: HeadConfig): ParamSpec[] => [
+  ...(config.hidden > 0
+    ? [
+      ...linearSpecs("projection_head.0", featureDim, config.hidden, true),
+      ...batchNormSpecs("projection_head.1", config.hidden),
+      ...linearSpecs("projection_head.3", config.hidden, config.out, true),
+    ]
+    : linearSpecs("projection_head", featureDim, config.out, true)),
+  ...linearSpecs("prototypes", config.out, config.prototypes, false),
+];
+
+/** x·Wᵀ (+ b) with a torch-layout weight [out, in]. */
+export const linear = (params: ParamLookup, name: string, x: tf.Tensor2D, bias = true): tf.Tensor2D => {
+  const y = tf.matMul(x, params(`${name}.weight`) as tf.Tensor2D, false, true);
+  return bias ? tf.add(y, params(`${name}.bias`) as tf.Tensor1D) : y;
+};
+
+/** torch.nn.functional.normalize(x, dim=1, p=2): x / max(‖x‖, 1e-12). */
+export const l2Normalize = (x: tf.Tensor2D): tf.Tensor2D =>
+  tf.tidy(() => tf.div(x, tf.maximum(tf.sqrt(tf.sum(tf.square(x), 1, true)), 1e-12)));
+
+/** Projection head then L2 normalisation: unit-norm embeddings [N, out]. */
+export const projectionForward = (
+  config: HeadConfig,
+  params: ParamLookup,
+  features: tf.Tensor2D,
+  options: ForwardOptions,
+): tf.Tensor2D =>
+  tf.tidy(() => {
+    if (config.hidden === 0) return l2Normalize(linear(params, "projection_head", features));
+    const hidden = linear(params, "projection_head.0", features);
+    const activated = tf.relu(batchNorm(params, "projection_head.1", hidden, options));
+    return l2Normalize(linear(params, "projection_head.3", activated));
+  });
+
+/** Prototype scores z·Cᵀ [N, K]; with unit-norm z and prototype rows, cosine similarities. */
+export const prototypeScores = (params: ParamLookup, embeddings: tf.Tensor2D): tf.Tensor2D =>
+  linear(params, "prototypes", embeddings, false);
+
+/** The whole head: `{ embeddings, scores }`, as SwAV's `forward_head` returns. */
+export const headForward = (
+  config: HeadConfig,
+  params: ParamLookup,
+  features: tf.Tensor2D,
+  options: ForwardOptions,
+): { readonly embeddings: tf.Tensor2D; readonly scores: tf.Tensor2D } =>
+  tf.tidy(() => {
+    const embeddings = projectionForward(config, params, features, options);
+    return { embeddings, scores: prototypeScores(params, embeddings) };
+  });

@@ -1,0 +1,300 @@
+/**
+ * The whole SwAV model: ResNet backbone, projection head, prototypes, as one
+ * flat, ordered list of named variables (torch `state_dict` order and names,
+ * backbone prefixed with `backbone.`).
+ *
+ * The forward pass follows SwAV's `ResNet.forward`: the backbone runs once per
+ * resolution group (so its BatchNorm statistics are per group), the pooled
+ * features of all groups are concatenated crop-major, and the head (with its
+ * BatchNorm1d) runs once on all of them.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Schema } from "effect";
+import { rngFor } from "../data/rng.ts";
+import { headForward, headParamSpecs } from "./head.ts";
+import {
+  backboneForward,
+  backboneParamSpecs,
+  type BackbonePlan,
+  backbonePlan,
+  convOutSize,
+  type ForwardOptions,
+  type ParamSpec,
+} from "./resnet.ts";
+
+const withDefault = <S extends Schema.Top & { readonly Encoded: unknown }>(schema: S, value: S["Encoded"]) =>
+  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
+
+const positiveInt = Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)));
+
+/** Model architecture; every field has the reference default. */
+export const ModelConfig = Schema.Struct({
+  arch: withDefault(Schema.Literals(["resnet18", "resnet34", "resnet50"]), "resnet50"),
+  /** Channels of the first ResNet stage (64 in the standard networks). */
+  width: withDefault(positiveInt, 64),
+  inputChannels: withDefault(Schema.Literals([1, 3]), 3),
+  stem: withDefault(Schema.Literals(["imagenet", "cifar"]), "imagenet"),
+  /** Hidden width of the projection MLP; 0 = a single linear layer. */
+  hidden: withDefault(Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 2048),
+  /** Embedding size. */
+  out: withDefault(positiveInt, 128),
+  /** Number of prototypes K. */
+  prototypes: withDefault(positiveInt, 3000),
+});
+export type ModelConfig = typeof ModelConfig.Type;
+
+/** Validates a raw model config, filling defaults; the error names the bad field. */
+export const decodeModelConfig = Schema.decodeUnknownEffect(ModelConfig);
+
+/** A model parameter: its torch-style name, its variable, and whether the optimiser updates it. */
+export interface NamedVariable {
+  readonly name: string;
+  readonly variable: tf.Variable;
+  readonly trainable: boolean;
+}
+
+export interface SwavModel {
+  readonly config: ModelConfig;
+  readonly plan: BackbonePlan;
+  /** Every parameter (trainable ones and BatchNorm running statistics) in state_dict order. */
+  readonly params: readonly NamedVariable[];
+  /** The variable called `name`; throws on an unknown name. */
+  readonly param: (name: string) => tf.Variable;
+}
+
+/** The parameter specs of a model, in state_dict order. */
+export const modelParamSpecs = (config: ModelConfig): ParamSpec[] => {
+  const plan = backbonePlan(config);
+  return [...backboneParamSpecs(plan), ...headParamSpecs(plan.featureDim, config)];
+};
+
+/** Stream tag of the initialisation RNG, so it never coincides with the data keys (seed, epoch, index). */
+const INIT_STREAM = 0x1417_0001;
+
+/**
+ * Initial values of one parameter, drawn from its own generator keyed by
+ * (seed, stream, parameter index): deterministic per seed and independent of
+ * the other parameters' shapes.
+ */
+export const initialValues = (spec: ParamSpec, seed: number, index: number): Float32Array => {
+  const size = spec.shape.reduce((a, b) => a * b, 1);
+  const values = new Float32Array(size);
+  const init = spec.init;
+  switch (init.kind) {
+    case "ones":
+      values.fill(1);
+      break;
+    case "zeros":
+      break;
+    case "uniformFanIn": {
+      const rng = rngFor(seed, INIT_STREAM, index);
+      const bound = 1 / Math.sqrt(init.fanIn);
+      for (let i = 0; i < size; i++) values[i] = rng.uniform(-bound, bound);
+      break;
+    }
+    case "kaimingNormalFanOut": {
+      // kaiming_normal_(mode="fan_out", nonlinearity="relu"): std = gain/√fan_out, gain = √2.
+      const rng = rngFor(seed, INIT_STREAM, index);
+      const std = Math.sqrt(2 / init.fanOut);
+      for (let i = 0; i < size; i += 2) {
+        // Box-Muller; 1 - u keeps the logarithm's argument in (0, 1].
+        const radius = std * Math.sqrt(-2 * Math.log(1 - rng.next()));
+        const angle = 2 * Math.PI * rng.next();
+        values[i] = radius * Math.cos(angle);
+        if (i + 1 < size) values[i + 1] = radius * Math.sin(angle);
+      }
+      break;
+    }
+  }
+  return values;
+};
+
+/** Creates the model's variables with torchvision's initialisation, deterministic per `seed`. */
+export const makeSwavModel = (config: ModelConfig, seed = 0): SwavModel => {
+  const plan = backbonePlan(config);
+  const specs = modelParamSpecs(config);
+  const params: NamedVariable[] = [];
+  try {
+    specs.forEach((spec, index) => {
+      // Variables keep TF.js's auto-generated (unique) names: two models can coexist.
+      const variable = tf.tidy(() =>
+        tf.variable(tf.tensor(initialValues(spec, seed, index), [...spec.shape]), spec.trainable)
+      );
+      params.push({ name: spec.name, variable, trainable: spec.trainable });
+    });
+  } catch (error) {
+    for (const p of params) p.variable.dispose();
+    throw error;
+  }
+  const byName = new Map(params.map((p) => [p.name, p.variable]));
+  const param = (name: string): tf.Variable => {
+    const variable = byName.get(name);
+    if (variable === undefined) throw new Error(`unknown model parameter ${name}`);
+    return variable;
+  };
+  return { config, plan, params, param };
+};
+
+/** Disposes every variable of the model. */
+export const disposeModel = (model: SwavModel): void => {
+  for (const p of model.params) if (!p.variable.isDisposed) p.variable.dispose();
+};
+
+/** The variables the optimiser updates (everything but BatchNorm running statistics), in order. */
+export const trainableVariables = (model: SwavModel): tf.Variable[] =>
+  model.params.filter((p) => p.trainable).map((p) => p.variable);
+
+/**
+ * Overwrites parameters from named values (a checkpoint, a fixture); each name
+ * must exist and each size match. Parameters not named keep their values.
+ */
+export const setModelValues = (model: SwavModel, values: Readonly<Record<string, ArrayLike<number>>>): void => {
+  for (const [name, data] of Object.entries(values)) {
+    const variable = model.param(name);
+    if (data.length !== variable.size) {
+      throw new Error(`${name}: ${data.length} values for shape [${variable.shape}]`);
+    }
+    tf.tidy(() => variable.assign(tf.tensor(Float32Array.from(data), variable.shape)));
+  }
+};
+
+/** Reads every parameter's values (asynchronously: works on every backend). */
+export const modelValues = async (model: SwavModel): Promise<Record<string, Float32Array>> => {
+  const out: Record<string, Float32Array> = {};
+  for (const p of model.params) out[p.name] = (await p.variable.data()) as Float32Array;
+  return out;
+};
+
+export interface ModelOutput {
+  /** Unit-norm embeddings z [N, out], crop-major over all groups. */
+  readonly embeddings: tf.Tensor2D;
+  /** Prototype scores z·Cᵀ [N, K]. */
+  readonly scores: tf.Tensor2D;
+  /** Pooled backbone features [N, featureDim]. */
+  readonly features: tf.Tensor2D;
+}
+
+/**
+ * The SwAV forward pass on crops grouped by resolution: each group is the
+ * crop-major concatenation of the crops of one size ([crops·batch, H, W, C]).
+ * The backbone runs once per group; the head runs once on all features.
+ */
+export const modelForward = (
+  model: SwavModel,
+  cropGroups: readonly tf.Tensor4D[],
+  options: ForwardOptions,
+): ModelOutput =>
+  tf.tidy(() => {
+    if (cropGroups.length === 0) throw new Error("modelForward needs at least one crop group");
+    const perGroup = cropGroups.map((group) => backboneForward(model.plan, model.param, group, options));
+    const features = perGroup.length === 1 ? perGroup[0]! : tf.concat(perGroup, 0);
+    const { embeddings, scores } = headForward(model.config, model.param, features, options);
+    return { embeddings, scores, features };
+  });
+
+/**
+ * Concatenates consecutive crops of the same resolution, as SwAV's forward does
+ * with `unique_consecutive`: crops [2×224, 6×96] give two groups.
+ */
+export const groupCropsByResolution = (crops: readonly tf.Tensor4D[]): tf.Tensor4D[] => {
+  const groups: tf.Tensor4D[][] = [];
+  let last = "";
+  for (const crop of crops) {
+    const key = `${crop.shape[1]}x${crop.shape[2]}`;
+    if (key !== last || groups.length === 0) groups.push([]);
+    groups[groups.length - 1]!.push(crop);
+    last = key;
+  }
+  return groups.map((group) => group.length === 1 ? group[0]!.clone() : tf.concat(group, 0));
+};
+
+/** Crop layout as in SwAV's multi-crop options: `nmbCrops[i]` crops of `sizeCrops[i]` pixels. */
+export interface CropSpec {
+  readonly sizeCrops: readonly number[];
+  readonly nmbCrops: readonly number[];
+}
+
+/** Bytes of live tensors that a training step needs, by kind. */
+export interface MemoryEstimate {
+  readonly parameterCount: number;
+  /** Weights, gradients, momentum and one update temporary per parameter. */
+  readonly parameterBytes: number;
+  /** Forward intermediates kept alive until the backward pass, and the backward's transients. */
+  readonly activationBytes: number;
+  /** The crops themselves. */
+  readonly inputBytes: number;
+  readonly totalBytes: number;
+}
+
+const FLOAT_BYTES = 4;
+/** Copies of each trainable parameter during a step: value, gradient, momentum slot, update temporary. */
+const PARAMETER_COPIES = 4;
+/**
+ * Full-size tensors that one conv + BatchNorm makes in a training forward pass
+ * and that stay alive until the backward pass (the gradient tape holds a tidy):
+ * conv output, x − mean and its square (tf.moments), the normalised output.
+ */
+const CONV_BN_TENSORS = 4;
+
+/**
+ * Estimates the tensor memory of one training step (forward, backward,
+ * optimiser update) for `batchSize` images of `crops`. It counts the forward
+ * intermediates that the tape keeps until the backward pass, plus the largest
+ * few transient gradients; calibrated against `tf.profile` peaks of the CPU
+ * backend (see test/resnet_test.ts) to stay on the safe side.
+ */
+export const estimateMemory = (config: ModelConfig, batchSize: number, crops: CropSpec): MemoryEstimate => {
+  const plan = backbonePlan(config);
+  const specs = modelParamSpecs(config);
+  const size = (spec: ParamSpec) => spec.shape.reduce((a, b) => a * b, 1);
+  const parameterCount = specs.filter((s) => s.trainable).reduce((sum, s) => sum + size(s), 0);
+  const statCount = specs.filter((s) => !s.trainable).reduce((sum, s) => sum + size(s), 0);
+  let activations = 0;
+  let largest = 0;
+  let inputs = 0;
+  let totalCrops = 0;
+  crops.sizeCrops.forEach((cropSize, i) => {
+    const n = batchSize * (crops.nmbCrops[i] ?? 0);
+    if (n === 0) return;
+    totalCrops += n;
+    inputs += n * cropSize * cropSize * config.inputChannels;
+    const add = (elements: number, copies: number) => {
+      activations += elements * copies;
+      largest = Math.max(largest, elements);
+    };
+    let side = convOutSize(cropSize, plan.stemKernel, plan.stemStride, plan.stemPad);
+    add(n * side * side * config.width, CONV_BN_TENSORS + 1); // + ReLU
+    if (plan.maxPool) {
+      side = convOutSize(side, 3, 2, 1);
+      add(n * side * side * config.width, 1);
+    }
+    for (const b of plan.blocks) {
+      const outSide = convOutSize(side, 3, b.stride, 1);
+      if (b.kind === "basic") {
+        add(n * outSide * outSide * b.planes, CONV_BN_TENSORS + 1);
+      } else {
+        add(n * side * side * b.planes, CONV_BN_TENSORS + 1);
+        add(n * outSide * outSide * b.planes, CONV_BN_TENSORS + 1);
+      }
+      const out = n * outSide * outSide * b.outChannels;
+      add(out, CONV_BN_TENSORS + 2 + (b.downsample ? CONV_BN_TENSORS : 0)); // + residual sum and ReLU
+      side = outSide;
+    }
+    activations += n * plan.featureDim;
+  });
+  // Head: linear, bias, BatchNorm1d (4), ReLU on [N, hidden]; a few [N, out]; scores and the
+  // loss's softmax-sized temporaries on [N, K].
+  activations += totalCrops * (config.hidden * 7 + config.out * 8 + config.prototypes * 6);
+  // Backward transients: a gradient and its partial products for the largest layer.
+  activations += 3 * largest;
+  const parameterBytes = FLOAT_BYTES * (parameterCount * PARAMETER_COPIES + statCount);
+  const activationBytes = FLOAT_BYTES * activations;
+  const inputBytes = FLOAT_BYTES * inputs;
+  return {
+    parameterCount,
+    parameterBytes,
+    activationBytes,
+    inputBytes,
+    totalBytes: parameterBytes + activationBytes + inputBytes,
+  };
+};

@@ -1,0 +1,282 @@
+/**
+ * ResNet backbones (18/34 with basic blocks, 50 with bottleneck blocks) as in
+ * torchvision and SwAV's `src/resnet50.py`, written as pure functions over named
+ * parameters so that checkpoints and the optimiser can iterate over a flat list.
+ *
+ * Layouts: activations NHWC, conv filters [kh, kw, in, out] (TF.js), names as in
+ * torch's `state_dict` with a `backbone.` prefix (`backbone.layer1.0.conv1.weight`).
+ * BatchNorm running statistics are non-trainable parameters
+ * (`...running_mean`, `...running_var`); torch's `num_batches_tracked` is not kept
+ * (it only matters for momentum=None).
+ */
+import * as tf from "@tensorflow/tfjs";
+
+export type ResnetArch = "resnet18" | "resnet34" | "resnet50";
+export type ResnetStem = "imagenet" | "cifar";
+
+export interface BackboneConfig {
+  readonly arch: ResnetArch;
+  /** Channels of the first stage (64 for the standard networks). */
+  readonly width: number;
+  readonly inputChannels: number;
+  /** `imagenet`: 7x7/2 conv + 3x3/2 max-pool; `cifar`: 3x3/1 conv, no pool. */
+  readonly stem: ResnetStem;
+}
+
+/** BatchNorm constants of torch's defaults. */
+export const BN_EPS = 1e-5;
+export const BN_MOMENTUM = 0.1;
+
+/** How a parameter is initialised (torchvision / PyTorch defaults). */
+export type ParamInit =
+  | { readonly kind: "kaimingNormalFanOut"; readonly fanOut: number } // conv: N(0, 2/fan_out)
+  | { readonly kind: "uniformFanIn"; readonly fanIn: number } // nn.Linear weight and bias: U(±1/√fan_in)
+  | { readonly kind: "ones" }
+  | { readonly kind: "zeros" };
+
+/** One named parameter: shape, initialisation and whether the optimiser updates it. */
+export interface ParamSpec {
+  readonly name: string;
+  readonly shape: readonly number[];
+  readonly init: ParamInit;
+  /** False for BatchNorm running statistics. */
+  readonly trainable: boolean;
+}
+
+/** Reads a parameter by name (a model's variables, or any tensors in the same layout). */
+export type ParamLookup = (name: string) => tf.Tensor;
+
+interface StageShape {
+  readonly blocks: number;
+  readonly planes: number;
+  readonly stride: number;
+}
+
+/** One residual block of the plan. */
+export interface BlockPlan {
+  readonly prefix: string;
+  readonly kind: "basic" | "bottleneck";
+  readonly inChannels: number;
+  readonly planes: number;
+  readonly outChannels: number;
+  readonly stride: number;
+  /** 1x1 strided conv + BN on the shortcut when the shape changes. */
+  readonly downsample: boolean;
+}
+
+/** The layer structure of a backbone; shared by parameter creation, forward and memory estimates. */
+export interface BackbonePlan {
+  readonly config: BackboneConfig;
+  readonly stemKernel: number;
+  readonly stemStride: number;
+  readonly stemPad: number;
+  readonly maxPool: boolean;
+  readonly blocks: readonly BlockPlan[];
+  /** Size of the pooled feature vector: 8·width·expansion. */
+  readonly featureDim: number;
+}
+
+const LAYERS: Record<ResnetArch, { readonly kind: "basic" | "bottleneck"; readonly counts: readonly number[] }> = {
+  resnet18: { kind: "basic", counts: [2, 2, 2, 2] },
+  resnet34: { kind: "basic", counts: [3, 4, 6, 3] },
+  resnet50: { kind: "bottleneck", counts: [3, 4, 6, 3] },
+};
+
+export const backbonePlan = (config: BackboneConfig): BackbonePlan => {
+  const { kind, counts } = LAYERS[config.arch];
+  const expansion = kind === "basic" ? 1 : 4;
+  const stages: StageShape[] = counts.map((blocks, i) => ({
+    blocks,
+    planes: config.width * 2 ** i,
+    stride: i === 0 ? 1 : 2,
+  }));
+  const blocks: BlockPlan[] = [];
+  let inChannels = config.width;
+  stages.forEach((stage, s) => {
+    for (let b = 0; b < stage.blocks; b++) {
+      const stride = b === 0 ? stage.stride : 1;
+      const outChannels = stage.planes * expansion;
+      blocks.push({
+        prefix: `backbone.layer${s + 1}.${b}`,
+        kind,
+        inChannels,
+        planes: stage.planes,
+        outChannels,
+        stride,
+        downsample: stride !== 1 || inChannels !== outChannels,
+      });
+      inChannels = outChannels;
+    }
+  });
+  const imagenet = config.stem === "imagenet";
+  return {
+    config,
+    stemKernel: imagenet ? 7 : 3,
+    stemStride: imagenet ? 2 : 1,
+    stemPad: imagenet ? 3 : 1,
+    maxPool: imagenet,
+    blocks,
+    featureDim: inChannels,
+  };
+};
+
+const convSpec = (name: string, kernel: number, inC: number, outC: number): ParamSpec => ({
+  name,
+  shape: [kernel, kernel, inC, outC],
+  init: { kind: "kaimingNormalFanOut", fanOut: outC * kernel * kernel },
+  trainable: true,
+});
+
+/** BatchNorm parameters in torch's state_dict order: weight, bias, running_mean, running_var. */
+export const batchNormSpecs = (name: string, channels: number): ParamSpec[] => [
+  { name: `${name}.weight`, shape: [channels], init: { kind: "ones" }, trainable: true },
+  { name: `${name}.bias`, shape: [channels], init: { kind: "zeros" }, trainable: true },
+  { name: `${name}.running_mean`, shape: [channels], init: { kind: "zeros" }, trainable: false },
+  { name: `${name}.running_var`, shape: [channels], init: { kind: "ones" }, trainable: false },
+];
+
+/** The backbone's parameters in torch's `state_dict` order. */
+export const backboneParamSpecs = (plan: BackbonePlan): ParamSpec[] => {
+  const { width, inputChannels } = plan.config;
+  const specs: ParamSpec[] = [
+    convSpec("backbone.conv1.weight", plan.stemKernel, inputChannels, width),
+    ...batchNormSpecs("backbone.bn1", width),
+  ];
+  for (const block of plan.blocks) {
+    const p = block.prefix;
+    if (block.kind === "basic") {
+      specs.push(convSpec(`${p}.conv1.weight`, 3, block.inChannels, block.planes));
+      specs.push(...batchNormSpecs(`${p}.bn1`, block.planes));
+      specs.push(convSpec(`${p}.conv2.weight`, 3, block.planes, block.outChannels));
+      specs.push(...batchNormSpecs(`${p}.bn2`, block.outChannels));
+    } else {
+      specs.push(convSpec(`${p}.conv1.weight`, 1, block.inChannels, block.planes));
+      specs.push(...batchNormSpecs(`${p}.bn1`, block.planes));
+      specs.push(convSpec(`${p}.conv2.weight`, 3, block.planes, block.planes));
+      specs.push(...batchNormSpecs(`${p}.bn2`, block.planes));
+      specs.push(convSpec(`${p}.conv3.weight`, 1, block.planes, block.outChannels));
+      specs.push(...batchNormSpecs(`${p}.bn3`, block.outChannels));
+    }
+    if (block.downsample) {
+      specs.push(convSpec(`${p}.downsample.0.weight`, 1, block.inChannels, block.outChannels));
+      specs.push(...batchNormSpecs(`${p}.downsample.1`, block.outChannels));
+    }
+  }
+  return specs;
+};
+
+/** Training or evaluation behaviour of BatchNorm. */
+export interface ForwardOptions {
+  /** Train mode normalises with batch statistics (gradients flow through them); eval mode with running ones. */
+  readonly training: boolean;
+  /**
+   * Whether train mode also updates the running statistics (default: same as
+   * `training`). The update is assigned to the non-trainable variables; it is
+   * not on any path to a loss, so it is inert under `tf.variableGrads`.
+   */
+  readonly updateRunningStats?: boolean;
+}
+
+/**
+ * BatchNorm over all axes but the last (NHWC conv outputs, or [N, C] for
+ * BatchNorm1d), with torch's semantics: in train mode normalise with the biased
+ * batch variance and update the running variance with the unbiased one.
+ */
+export const batchNorm = <T extends tf.Tensor>(
+  params: ParamLookup,
+  name: string,
+  x: T,
+  options: ForwardOptions,
+): T => {
+  // tf.batchNorm's gradient needs explicit offset and scale.
+  const scale = params(`${name}.weight`) as tf.Tensor1D;
+  const offset = params(`${name}.bias`) as tf.Tensor1D;
+  if (!options.training) {
+    const mean = params(`${name}.running_mean`) as tf.Tensor1D;
+    const variance = params(`${name}.running_var`) as tf.Tensor1D;
+    return tf.batchNorm(x, mean, variance, offset, scale, BN_EPS) as T;
+  }
+  const axes = x.shape.slice(0, -1).map((_, i) => i);
+  const count = x.size / x.shape[x.rank - 1]!;
+  if (count < 2) {
+    throw new Error(
+      `${name}: BatchNorm in train mode needs more than one value per channel (got input shape [${x.shape}])`,
+    );
+  }
+  const { mean, variance } = tf.moments(x, axes);
+  if (options.updateRunningStats ?? true) updateRunningStats(params, name, mean, variance, count);
+  return tf.batchNorm(x, mean as tf.Tensor1D, variance as tf.Tensor1D, offset, scale, BN_EPS) as T;
+};
+
+/** running ← (1 − m)·running + m·batch, torch's convention (unbiased batch variance). */
+const updateRunningStats = (
+  params: ParamLookup,
+  name: string,
+  mean: tf.Tensor,
+  variance: tf.Tensor,
+  count: number,
+): void => {
+  const runningMean = params(`${name}.running_mean`);
+  const runningVar = params(`${name}.running_var`);
+  if (!(runningMean instanceof tf.Variable) || !(runningVar instanceof tf.Variable)) {
+    throw new Error(`${name}: running statistics must be variables to be updated in train mode`);
+  }
+  const [newMean, newVar] = tf.tidy(() => [
+    tf.add(tf.mul(runningMean, 1 - BN_MOMENTUM), tf.mul(mean, BN_MOMENTUM)),
+    tf.add(tf.mul(runningVar, 1 - BN_MOMENTUM), tf.mul(variance, (BN_MOMENTUM * count) / (count - 1))),
+  ]);
+  // assign shares the data and takes its own reference, so the new tensors can go.
+  runningMean.assign(newMean!);
+  runningVar.assign(newVar!);
+  newMean!.dispose();
+  newVar!.dispose();
+};
+
+/** Convolution with torch's symmetric zero padding (TF's 'same' pads asymmetrically at stride 2). */
+const conv = (params: ParamLookup, name: string, x: tf.Tensor4D, stride: number, pad: number): tf.Tensor4D =>
+  tf.conv2d(x, params(name) as tf.Tensor4D, stride, [[0, 0], [pad, pad], [pad, pad], [0, 0]]);
+
+const block = (params: ParamLookup, b: BlockPlan, x: tf.Tensor4D, options: ForwardOptions): tf.Tensor4D => {
+  const p = b.prefix;
+  let y: tf.Tensor4D;
+  if (b.kind === "basic") {
+    y = tf.relu(batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, b.stride, 1), options));
+    y = batchNorm(params, `${p}.bn2`, conv(params, `${p}.conv2.weight`, y, 1, 1), options);
+  } else {
+    // torchvision v1.5 / SwAV: the stride sits on the 3x3 convolution.
+    y = tf.relu(batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, 1, 0), options));
+    y = tf.relu(batchNorm(params, `${p}.bn2`, conv(params, `${p}.conv2.weight`, y, b.stride, 1), options));
+    y = batchNorm(params, `${p}.bn3`, conv(params, `${p}.conv3.weight`, y, 1, 0), options);
+  }
+  const shortcut = b.downsample
+    ? batchNorm(params, `${p}.downsample.1`, conv(params, `${p}.downsample.0.weight`, x, b.stride, 0), options)
+    : x;
+  return tf.relu(tf.add(y, shortcut));
+};
+
+/**
+ * The backbone on one batch x [N, H, W, C] (one resolution group): returns the
+ * globally average-pooled features [N, featureDim]. In train mode BatchNorm uses
+ * this batch's statistics and (by default) updates the running ones.
+ */
+export const backboneForward = (
+  plan: BackbonePlan,
+  params: ParamLookup,
+  x: tf.Tensor4D,
+  options: ForwardOptions,
+): tf.Tensor2D =>
+  tf.tidy(() => {
+    if (x.shape[3] !== plan.config.inputChannels) {
+      throw new Error(`backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`);
+    }
+    let y = conv(params, "backbone.conv1.weight", x, plan.stemStride, plan.stemPad);
+    y = tf.relu(batchNorm(params, "backbone.bn1", y, options));
+    // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.
+    if (plan.maxPool) y = tf.maxPool(y, 3, 2, 1);
+    for (const b of plan.blocks) y = block(params, b, y, options);
+    return tf.mean(y, [1, 2]) as tf.Tensor2D;
+  });
+
+/** Spatial size after a conv/pool with torch's floor rounding. */
+export const convOutSize = (size: number, kernel: number, stride: number, pad: number): number =>
+  Math.floor((size + 2 * pad - kernel) / stride) + 1;
