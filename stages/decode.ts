@@ -63,7 +63,10 @@ export const readImage = (path: string, options: DecodeOptions = {}): Effect.Eff
 const reasonOf = (cause: unknown): string => cause instanceof Error ? cause.message : String(cause);
 
 /** The promise form of `decodeImage` (used inside workers); throws `Error` with the reason. */
-export const decodeImagePromise = async (bytes: Uint8Array, options: DecodeOptions = {}): Promise<RgbImage> => {
+export const decodeImagePromise = async (
+  bytes: Uint8Array,
+  options: DecodeOptions = {},
+): Promise<RgbImage> => {
   if (isPng(bytes)) return await decodePng(bytes);
   if (isJpeg(bytes)) return await decodeJpeg(bytes, options.jpeg ?? "auto");
   throw new Error(
@@ -146,7 +149,9 @@ const decodePng = async (bytes: Uint8Array): Promise<RgbImage> => {
     const type = String.fromCharCode(...bytes.subarray(offset + 4, offset + 8));
     const dataStart = offset + 8;
     const dataEnd = dataStart + length;
-    if (dataEnd + 4 > bytes.length) throw new Error(`truncated PNG (chunk ${type} runs past the end of the file)`);
+    if (dataEnd + 4 > bytes.length) {
+      throw new Error(`truncated PNG (chunk ${type} runs past the end of the file)`);
+    }
     if (crc32(bytes, offset + 4, dataEnd) !== view.getUint32(dataEnd)) {
       throw new Error(`corrupt PNG (CRC mismatch in chunk ${type})`);
     }
@@ -280,9 +285,7 @@ const makePixelWriter = (
       }
       return;
     }
-    const sample = lut16
-      ? (i: number) => lut16[(row[2 * i] << 8) | row[2 * i + 1]]
-      : (i: number) => row[i];
+    const sample = lut16 ? (i: number) => lut16[(row[2 * i] << 8) | row[2 * i + 1]] : (i: number) => row[i];
     for (let k = 0; k < count; k++, o += step) {
       const base = k * channels;
       if (colour === 3) writePalette(out, o, palette!, row[k]);
@@ -395,7 +398,9 @@ const openTurboJpeg = (): TurboJpeg => {
   const colourspaceOut = new Int32Array(1);
   const message = () => {
     const pointer = lib.symbols.tjGetErrorStr2(handle);
-    return pointer === null ? "unknown libjpeg-turbo error" : new Deno.UnsafePointerView(pointer).getCString();
+    return pointer === null
+      ? "unknown libjpeg-turbo error"
+      : new Deno.UnsafePointerView(pointer).getCString();
   };
   return {
     decode(bytes) {
@@ -476,9 +481,12 @@ export const decodeStage = defineStage({
   run: (config: DecodeConfig) => (input: EncodedImage): Effect.Effect<Option.Option<RgbImage>, DecodeError> =>
     decodeImage(input.bytes, input.path, { jpeg: config.jpeg }).pipe(
       Effect.map(Option.some),
-      Effect.catchTag("DecodeError", (error) =>
-        config.onError === "fail"
-          ? Effect.fail(error)
-          : Effect.logWarning(`skipped ${error.path}: ${error.reason}`).pipe(Effect.as(Option.none()))),
+      Effect.catchTag(
+        "DecodeError",
+        (error) =>
+          config.onError === "fail"
+            ? Effect.fail(error)
+            : Effect.logWarning(`skipped ${error.path}: ${error.reason}`).pipe(Effect.as(Option.none())),
+      ),
     ),
 });

@@ -9,8 +9,8 @@ import assert from "node:assert/strict";
 import { Effect, Exit, Option } from "effect";
 import { configure } from "../stages/stage.ts";
 import {
-  decodeImage,
   DecodeError,
+  decodeImage,
   decodeStage,
   jpegBackend,
   type JpegDecoder,
@@ -30,7 +30,9 @@ interface Case {
 const manifest: { cases: Case[] } = JSON.parse(await Deno.readTextFile(new URL("expected.json", FIXTURES)));
 const fixture = (file: string) => Deno.readFile(new URL(file, FIXTURES));
 
-const decoders: JpegDecoder[] = jpegBackend() === "turbojpeg" ? ["turbojpeg", "imagescript"] : ["imagescript"];
+const decoders: JpegDecoder[] = jpegBackend() === "turbojpeg"
+  ? ["turbojpeg", "imagescript"]
+  : ["imagescript"];
 
 const failure = async <A>(effect: Effect.Effect<A, DecodeError>): Promise<DecodeError> => {
   const exit = await Effect.runPromiseExit(effect);
@@ -60,8 +62,12 @@ Deno.test("decode matches PIL on fixtures", async (t) => {
           worst = Math.max(worst, d);
         }
         const mean = total / expected.length;
-        if (c.meanAbsTolerance === 0) assert.equal(worst, 0, `${c.name}: max |diff| ${worst}, expected exact`);
-        else assert.ok(mean < c.meanAbsTolerance, `${c.name}: mean |diff| ${mean} >= ${c.meanAbsTolerance}`);
+        if (c.meanAbsTolerance === 0) {
+          assert.equal(worst, 0, `${c.name}: max |diff| ${worst}, expected exact`);
+        } else {assert.ok(
+            mean < c.meanAbsTolerance,
+            `${c.name}: mean |diff| ${mean} >= ${c.meanAbsTolerance}`,
+          );}
       });
     }
   }
