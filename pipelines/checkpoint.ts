@@ -1,0 +1,246 @@
+/**
+ * Checkpoints: everything needed to resume a run exactly, in one file written
+ * atomically (temp file in the same folder, fsync, rename), so a crash or a
+ * Ctrl-C mid-write leaves the previous checkpoint intact and loadable.
+ *
+ * File format (version 1), little-endian:
+ *
+ *   bytes 0..7    magic "SWAVCKPT"
+ *   bytes 8..11   uint32 format version (1)
+ *   bytes 12..15  uint32 header length H
+ *   bytes 16..    H bytes of UTF-8 JSON header:
+ *                 { version, step, epoch, config, rng, extra, tensors: [{ name, shape, dtype, offset, length }] }
+ *   then          the tensor payload: each tensor's float32 (or int32) values, 4-byte aligned,
+ *                 at `offset` bytes from the payload start, `length` elements long.
+ *
+ * Tensor names: model variables by their model name (`backbone.layer1.0.conv1.weight`, ...),
+ * optimiser slots as `optimiser/<variable name>`, queue as `queue/<crop index>`.
+ */
+import { Effect, Schema } from "effect";
+
+export const checkpointFormatVersion = 1;
+const magic = new TextEncoder().encode("SWAVCKPT");
+
+/** One named array in a checkpoint. */
+export interface NamedArray {
+  readonly name: string;
+  readonly shape: readonly number[];
+  readonly values: Float32Array | Int32Array;
+}
+
+/** The content of a checkpoint. */
+export interface Checkpoint {
+  /** Optimiser steps taken (the next step's index). */
+  readonly step: number;
+  /** The epoch to continue with, and how many batches of it are already done. */
+  readonly epoch: number;
+  readonly batchInEpoch: number;
+  /** The resolved config of the run (JSON). */
+  readonly config: unknown;
+  /** Anything else small and JSON-able (RNG seed and counters, metrics so far). */
+  readonly extra: Record<string, unknown>;
+  readonly arrays: readonly NamedArray[];
+}
+
+export class CheckpointError extends Schema.TaggedError<CheckpointError>()("CheckpointError", {
+  path: Schema.String,
+  reason: Schema.String,
+}) {
+  override get message(): string {
+    return `checkpoint ${this.path}: ${this.reason}`;
+  }
+}
+
+interface HeaderEntry {
+  name: string;
+  shape: number[];
+  dtype: "float32" | "int32";
+  offset: number;
+  length: number;
+}
+
+/** Serialises a checkpoint to bytes. */
+export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
+  let offset = 0;
+  const entries: HeaderEntry[] = checkpoint.arrays.map((array) => {
+    const entry: HeaderEntry = {
+      name: array.name,
+      shape: [...array.shape],
+      dtype: array.values instanceof Int32Array ? "int32" : "float32",
+      offset,
+      length: array.values.length,
+    };
+    offset += array.values.length * 4;
+    return entry;
+  });
+  const header = new TextEncoder().encode(JSON.stringify({
+    version: checkpointFormatVersion,
+    step: checkpoint.step,
+    epoch: checkpoint.epoch,
+    batchInEpoch: checkpoint.batchInEpoch,
+    config: checkpoint.config,
+    extra: checkpoint.extra,
+    tensors: entries,
+  }));
+  // Pad the header so the payload starts 4-byte aligned (typed-array views need it).
+  const headerLength = Math.ceil(header.length / 4) * 4;
+  const payloadStart = 16 + headerLength;
+  const bytes = new Uint8Array(payloadStart + offset);
+  bytes.set(magic, 0);
+  const view = new DataView(bytes.buffer);
+  view.setUint32(8, checkpointFormatVersion, true);
+  view.setUint32(12, headerLength, true);
+  bytes.fill(0x20, 16, payloadStart); // spaces: valid trailing JSON whitespace
+  bytes.set(header, 16);
+  checkpoint.arrays.forEach((array, i) => {
+    bytes.set(
+      new Uint8Array(array.values.buffer, array.values.byteOffset, array.values.byteLength),
+      payloadStart + entries[i]!.offset,
+    );
+  });
+  return bytes;
+};
+
+/** Parses checkpoint bytes; `path` only names the file in errors. */
+export const decodeCheckpoint = (bytes: Uint8Array, path: string): Checkpoint => {
+  const fail = (reason: string): never => {
+    throw new CheckpointError({ path, reason });
+  };
+  if (bytes.length < 16 || magic.some((b, i) => bytes[i] !== b)) fail("not a swav-ts checkpoint (bad magic)");
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const version = view.getUint32(8, true);
+  if (version !== checkpointFormatVersion) {
+    fail(`format version ${version} is not supported (this build reads version ${checkpointFormatVersion})`);
+  }
+  const headerLength = view.getUint32(12, true);
+  if (16 + headerLength > bytes.length) fail("truncated header");
+  let header: {
+    step: number;
+    epoch: number;
+    batchInEpoch?: number;
+    config: unknown;
+    extra?: Record<string, unknown>;
+    tensors: HeaderEntry[];
+  };
+  try {
+    header = JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + headerLength)));
+  } catch (error) {
+    return fail(`corrupt header: ${error instanceof Error ? error.message : String(error)}`);
+  }
+  const payloadStart = 16 + headerLength;
+  const arrays = header.tensors.map((entry): NamedArray => {
+    const start = payloadStart + entry.offset;
+    const end = start + entry.length * 4;
+    if (end > bytes.length) fail(`truncated payload for ${entry.name}`);
+    // Copy out so the arrays own aligned buffers independent of the file bytes.
+    const raw = bytes.slice(start, end);
+    const values = entry.dtype === "int32" ? new Int32Array(raw.buffer) : new Float32Array(raw.buffer);
+    return { name: entry.name, shape: entry.shape, values };
+  });
+  return {
+    step: header.step,
+    epoch: header.epoch,
+    batchInEpoch: header.batchInEpoch ?? 0,
+    config: header.config,
+    extra: header.extra ?? {},
+    arrays,
+  };
+};
+
+/** The checkpoint file name for a step: zero-padded so names sort by step. */
+export const checkpointFileName = (step: number): string =>
+  `checkpoint-${String(step).padStart(9, "0")}.swav`;
+
+/**
+ * Writes atomically: the bytes go to a temp file beside the target, are flushed
+ * to disk, then renamed over the target (rename is atomic within a folder).
+ */
+export const writeCheckpoint = (
+  folder: string,
+  checkpoint: Checkpoint,
+): Effect.Effect<string, CheckpointError> =>
+  Effect.tryPromise({
+    try: async () => {
+      await Deno.mkdir(folder, { recursive: true });
+      const target = `${folder}/${checkpointFileName(checkpoint.step)}`;
+      const temp = `${target}.${crypto.randomUUID()}.tmp`;
+      const file = await Deno.open(temp, { write: true, create: true, truncate: true });
+      try {
+        const bytes = encodeCheckpoint(checkpoint);
+        let written = 0;
+        while (written < bytes.length) written += await file.write(bytes.subarray(written));
+        await file.sync();
+      } finally {
+        file.close();
+      }
+      await Deno.rename(temp, target);
+      return target;
+    },
+    catch: (error) =>
+      new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+  });
+
+/** Reads one checkpoint file. */
+export const readCheckpoint = (path: string): Effect.Effect<Checkpoint, CheckpointError> =>
+  Effect.tryPromise({
+    try: async () => decodeCheckpoint(await Deno.readFile(path), path),
+    catch: (error) =>
+      error instanceof CheckpointError
+        ? error
+        : new CheckpointError({ path, reason: error instanceof Error ? error.message : String(error) }),
+  });
+
+/**
+ * The newest complete checkpoint in a run folder (temp files of an interrupted
+ * write are ignored), or undefined when there is none.
+ */
+export const latestCheckpoint = (folder: string): Effect.Effect<string | undefined, CheckpointError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const names: string[] = [];
+      try {
+        for await (const entry of Deno.readDir(folder)) {
+          if (entry.isFile && /^checkpoint-\d+\.swav$/.test(entry.name)) names.push(entry.name);
+        }
+      } catch (error) {
+        if (error instanceof Deno.errors.NotFound) return undefined;
+        throw error;
+      }
+      names.sort();
+      const newest = names.at(-1);
+      return newest === undefined ? undefined : `${folder}/${newest}`;
+    },
+    catch: (error) =>
+      new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+  });
+
+/**
+ * Resolves PATH as given on a command line: a checkpoint file, or a run folder
+ * (its latest checkpoint).
+ */
+export const resolveCheckpointPath = (path: string): Effect.Effect<string, CheckpointError> =>
+  Effect.gen(function* () {
+    const info = yield* Effect.tryPromise({
+      try: () => Deno.stat(path),
+      catch: () => new CheckpointError({ path, reason: "no such file or folder" }),
+    });
+    if (info.isFile) return path;
+    const latest = yield* latestCheckpoint(path);
+    if (latest === undefined) {
+      return yield* new CheckpointError({ path, reason: "the folder holds no checkpoint-*.swav file" });
+    }
+    return latest;
+  });
+
+/** Removes all but the newest `keep` checkpoints of a folder (old ones only cost disk). */
+export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<void> =>
+  Effect.promise(async () => {
+    const names: string[] = [];
+    for await (const entry of Deno.readDir(folder)) {
+      if (entry.isFile && /^checkpoint-\d+\.swav$/.test(entry.name)) names.push(entry.name);
+    }
+    names.sort();
+    for (const name of names.slice(0, Math.max(0, names.length - keep))) {
+      await Deno.remove(`${folder}/${name}`).catch(() => undefined);
+    }
+  });

@@ -1,0 +1,82 @@
+/**
+ * Weighted k-nearest-neighbour classification on frozen features, as used by
+ * lightly and solo-learn to follow SSL training: cosine similarity between
+ * L2-normalised features, the k most similar training samples vote for their
+ * label with weight exp(similarity / temperature).
+ *
+ * The similarity matrix is computed in chunks of test rows, so the memory held
+ * at once is chunk x N, whatever the size of the test set.
+ */
+import * as tf from "@tensorflow/tfjs";
+
+export interface KnnOptions {
+  /** Neighbours that vote (200 in the references). */
+  readonly k: number;
+  /** Vote weight exp(sim / temperature) (0.1 in the references). */
+  readonly temperature: number;
+  readonly numClasses: number;
+  /** Test rows per similarity chunk. */
+  readonly chunkSize?: number;
+}
+
+export interface KnnResult {
+  readonly top1: number;
+  readonly top5: number;
+  /** Predicted class per test sample (argmax of the votes). */
+  readonly predictions: Int32Array;
+}
+
+/**
+ * Classifies `testFeatures` [M, D] by the labelled `trainFeatures` [N, D].
+ * Features need not be normalised: both sides are L2-normalised here.
+ */
+export const knnClassify = async (
+  trainFeatures: tf.Tensor2D,
+  trainLabels: Int32Array,
+  testFeatures: tf.Tensor2D,
+  testLabels: Int32Array,
+  options: KnnOptions,
+): Promise<KnnResult> => {
+  const n = trainFeatures.shape[0];
+  const m = testFeatures.shape[0];
+  if (trainLabels.length !== n) throw new Error(`kNN: ${trainLabels.length} train labels for ${n} features`);
+  if (testLabels.length !== m) throw new Error(`kNN: ${testLabels.length} test labels for ${m} features`);
+  const k = Math.min(options.k, n);
+  const chunkSize = options.chunkSize ?? 256;
+  const bank = tf.tidy(() => l2Normalise(trainFeatures).transpose());
+  const labelsOnDevice = tf.tensor1d(trainLabels, "int32");
+  let correct1 = 0;
+  let correct5 = 0;
+  const predictions = new Int32Array(m);
+  try {
+    for (let start = 0; start < m; start += chunkSize) {
+      const rows = Math.min(chunkSize, m - start);
+      const votes = tf.tidy(() => {
+        const query = l2Normalise(testFeatures.slice([start, 0], [rows, -1]));
+        const similarity = query.matMul(bank); // [rows, N]
+        const { values, indices } = tf.topk(similarity, k);
+        const weights = values.div(options.temperature).exp(); // [rows, k]
+        const neighbourLabels = tf.gather(labelsOnDevice, indices.flatten()).reshape([rows, k]);
+        const oneHot = tf.oneHot(neighbourLabels, options.numClasses); // [rows, k, C]
+        return oneHot.mul(weights.expandDims(2)).sum(1) as tf.Tensor2D; // [rows, C]
+      });
+      const ranked = tf.topk(votes, Math.min(5, options.numClasses));
+      const order = (await ranked.indices.data()) as Int32Array;
+      tf.dispose([votes, ranked.values, ranked.indices]);
+      const width = Math.min(5, options.numClasses);
+      for (let r = 0; r < rows; r++) {
+        const truth = testLabels[start + r]!;
+        const top = order.subarray(r * width, (r + 1) * width);
+        predictions[start + r] = top[0]!;
+        if (top[0] === truth) correct1++;
+        if (top.includes(truth)) correct5++;
+      }
+    }
+  } finally {
+    tf.dispose([bank, labelsOnDevice]);
+  }
+  return { top1: correct1 / m, top5: correct5 / m, predictions };
+};
+
+const l2Normalise = (x: tf.Tensor2D): tf.Tensor2D =>
+  tf.tidy(() => x.div(x.square().sum(1, true).sqrt().maximum(1e-12)) as tf.Tensor2D);
