@@ -44,21 +44,27 @@ export const withoutGradient = <T extends tf.Tensor>(
   return op(...inputs) as T;
 };
 
-/** The log-domain iteration; `scores` is [B, K], the result log-codes [B, K]. */
-const logCodes = (scores: tf.Tensor2D, { epsilon, iterations }: SinkhornOptions): tf.Tensor2D =>
+/**
+ * The log-domain iteration on scores [B, K], returning the codes. Laid out
+ * [B, K], the reference's rows (prototypes, summed over samples) are our
+ * columns (axis 0), and its columns (samples) our rows (axis 1).
+ */
+const logDomainCodes = (scores: tf.Tensor2D, { epsilon, iterations }: SinkhornOptions): tf.Tensor2D =>
   tf.tidy(() => {
     const [b, k] = scores.shape;
     const logB = Math.log(b);
     const logK = Math.log(k);
-    // Laid out [B, K]: the reference's rows (prototypes, summed over samples) are
-    // our columns (axis 0), and its columns (samples) our rows (axis 1).
     let logQ: tf.Tensor2D = tf.div(scores.toFloat(), epsilon);
     logQ = tf.sub(logQ, tf.logSumExp(logQ));
+    if (iterations === 0) return tf.exp(tf.add(logQ, logB));
     for (let i = 0; i < iterations; i++) {
       logQ = tf.sub(logQ, tf.add(tf.logSumExp(logQ, 0, true), logK));
-      logQ = tf.sub(logQ, tf.add(tf.logSumExp(logQ, 1, true), logB));
+      if (i < iterations - 1) logQ = tf.sub(logQ, tf.add(tf.logSumExp(logQ, 1, true), logB));
     }
-    return tf.add(logQ, logB);
+    // The last sample normalisation followed by Q *= B is a softmax over each
+    // row: computing it as one keeps the rows summing to 1 to float32 rounding,
+    // where exp of entries of magnitude |s|/eps would be off by ~1e-5 at eps 0.001.
+    return tf.softmax(logQ, 1);
   });
 
 /**
@@ -68,11 +74,13 @@ const logCodes = (scores: tf.Tensor2D, { epsilon, iterations }: SinkhornOptions)
  */
 export const sinkhornKnopp = (scores: tf.Tensor2D, options: SinkhornOptions): tf.Tensor2D => {
   if (scores.rank !== 2) throw new RangeError(`sinkhornKnopp: scores must be [B, K], got [${scores.shape}]`);
-  if (!(options.epsilon > 0)) throw new RangeError(`sinkhornKnopp: epsilon must be > 0, got ${options.epsilon}`);
+  if (!(options.epsilon > 0)) {
+    throw new RangeError(`sinkhornKnopp: epsilon must be > 0, got ${options.epsilon}`);
+  }
   if (!Number.isInteger(options.iterations) || options.iterations < 0) {
     throw new RangeError(`sinkhornKnopp: iterations must be an integer >= 0, got ${options.iterations}`);
   }
-  return withoutGradient((s) => tf.exp(logCodes(s as tf.Tensor2D, options)), [scores]);
+  return withoutGradient((s) => logDomainCodes(s as tf.Tensor2D, options), [scores]);
 };
 
 /** The sinkhorn stage's config, with the reference's defaults. */
