@@ -14,14 +14,11 @@
  * scratch buffers (a worker runs one sample at a time), so the inner loops
  * allocate nothing.
  */
+import type { RgbImage } from "../stages/decode.ts";
 import type { Rng } from "./rng.ts";
 
 /** An 8-bit RGB image, HWC row-major (the output of the decode stage). */
-export interface RgbImage {
-  readonly width: number;
-  readonly height: number;
-  readonly data: Uint8Array;
-}
+export type { RgbImage };
 
 /** A crop box in pixels: rows [top, top + height), columns [left, left + width). */
 export interface CropBox {
@@ -132,7 +129,7 @@ const resampleTaps = (inSize: number, outSize: number, gain: number): ResampleTa
 };
 
 let resizeScratch = new Float32Array(0);
-const ensure = (buffer: Float32Array, length: number): Float32Array =>
+const ensure = (buffer: Float32Array<ArrayBuffer>, length: number): Float32Array<ArrayBuffer> =>
   buffer.length >= length ? buffer : new Float32Array(Math.max(length, buffer.length * 2));
 
 /**
@@ -206,7 +203,12 @@ export const cropResize = (
 };
 
 /** Mirrors an HWC image left to right in place (`hflip`). */
-export const hflip = (buffer: Float32Array, height: number, width: number, channels: number): Float32Array => {
+export const hflip = (
+  buffer: Float32Array,
+  height: number,
+  width: number,
+  channels: number,
+): Float32Array => {
   for (let y = 0; y < height; y++) {
     let a = y * width * channels;
     let b = a + (width - 1) * channels;
@@ -275,9 +277,13 @@ export const adjustHue = (rgb: Float32Array, factor: number, length = rgb.length
     const cr = maxc - minc;
     const s = cr / maxc;
     let h: number;
-    if (maxc === r) h = ((maxc - b) - (maxc - g)) / cr;
-    else if (maxc === g) h = 2 + ((maxc - r) - (maxc - b)) / cr;
-    else h = 4 + ((maxc - g) - (maxc - r)) / cr;
+    // Same operation order as torchvision: per-channel distances over cr, then differences.
+    const rc = (maxc - r) / cr;
+    const gc = (maxc - g) / cr;
+    const bc = (maxc - b) / cr;
+    if (maxc === r) h = bc - gc;
+    else if (maxc === g) h = 2 + rc - bc;
+    else h = 4 + gc - rc;
     h = (h / 6 + 1) % 1; // torch.fmod on a positive value
     h += factor;
     h -= Math.floor(h); // Python's % 1.0
@@ -347,7 +353,8 @@ export interface ColorJitterStrength {
  */
 export const sampleColorJitter = (strength: ColorJitterStrength, rng: Rng): ColorJitterParams => {
   const order = rng.permutation(4);
-  const factor = (s: number): number | undefined => s === 0 ? undefined : rng.uniform(Math.max(0, 1 - s), 1 + s);
+  const factor = (s: number): number | undefined =>
+    s === 0 ? undefined : rng.uniform(Math.max(0, 1 - s), 1 + s);
   const brightness = factor(strength.brightness);
   const contrast = factor(strength.contrast);
   const saturation = factor(strength.saturation);
@@ -356,7 +363,11 @@ export const sampleColorJitter = (strength: ColorJitterStrength, rng: Rng): Colo
 };
 
 /** Applies sampled `ColorJitter` parameters in their order, in place. */
-export const colorJitter = (rgb: Float32Array, params: ColorJitterParams, length = rgb.length): Float32Array => {
+export const colorJitter = (
+  rgb: Float32Array,
+  params: ColorJitterParams,
+  length = rgb.length,
+): Float32Array => {
   for (let k = 0; k < params.order.length; k++) {
     switch (params.order[k]) {
       case 0:
@@ -440,7 +451,9 @@ export const gaussianBlur = (
       // padded index of output k's centre tap is k + radius * 3
       const c = k + radius * 3;
       let acc = centre * padded[c];
-      for (let t = 1, off = 3; t <= radius; t++, off += 3) acc += kernel[radius + t] * (padded[c - off] + padded[c + off]);
+      for (let t = 1, off = 3; t <= radius; t++, off += 3) {
+        acc += kernel[radius + t] * (padded[c - off] + padded[c + off]);
+      }
       tmp[row + k] = acc;
     }
   }
