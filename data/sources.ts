@@ -1,0 +1,409 @@
+/**
+ * Data sources: a SOURCE spec (a path, optionally suffixed `:train` / `:test`)
+ * detected as one of
+ *
+ * - `idx`: a folder of IDX files, raw or gzipped (`train-images-idx3-ubyte[.gz]`,
+ *   `t10k-labels-idx1-ubyte[.gz]`, ...: MNIST / Fashion-MNIST);
+ * - `cifar10` / `cifar100`: a folder of CIFAR binary batches (`data_batch_N[.bin]` +
+ *   `test_batch[.bin]`, or `train[.bin]` + `test[.bin]`);
+ * - `folder`: images in one subfolder per class (labels = sorted subfolder names);
+ *   with `train/` and `val/` (or `test/`) subfolders those are the splits (ImageNet layout);
+ * - `flat`: images directly in the folder, unlabelled (label -1).
+ *
+ * IDX and CIFAR records are loaded once (they are small); image folders are listed
+ * once and their files read lazily, so a folder far larger than RAM streams.
+ */
+import { Effect, Schema } from "effect";
+import { DecodeError, decodeImage, type RgbImage } from "../stages/decode.ts";
+import { parseIdx } from "./idx.ts";
+import { cifarImage, cifarLabel, type CifarVariant, recordLength } from "./cifar.ts";
+
+/** A source that cannot be opened: a missing folder, unknown layout, a malformed record file. */
+export class SourceError extends Schema.TaggedError<SourceError>()("SourceError", {
+  path: Schema.String,
+  reason: Schema.String,
+}) {}
+
+export type Split = "train" | "test";
+export type SourceKind = "idx" | "cifar10" | "cifar100" | "folder" | "flat";
+
+/** A decoded sample; `label` is -1 for unlabelled data. */
+export interface Sample {
+  readonly image: RgbImage;
+  readonly label: number;
+}
+
+/**
+ * A sample before decoding: the encoded file bytes (image folders) or the pixels
+ * (record formats). Cheap to produce (I/O only), so the loader fetches on the main
+ * thread and ships it to a worker for the CPU work.
+ */
+export type RawSample =
+  | { readonly kind: "encoded"; readonly path: string; readonly label: number; readonly bytes: Uint8Array }
+  | { readonly kind: "pixels"; readonly path: string; readonly label: number; readonly image: RgbImage };
+
+export interface DataSource {
+  readonly kind: SourceKind;
+  /** The folder, as given. */
+  readonly path: string;
+  readonly split: Split;
+  readonly length: number;
+  /** Class names, label i is `classes[i]`; absent for unlabelled data. */
+  readonly classes?: readonly string[];
+  /** What the pipeline feeds the encoder: 1 for grey data sets, else 3. */
+  readonly channels: 1 | 3;
+  /** Sample `index` before decoding. */
+  fetch(index: number): Effect.Effect<RawSample, DecodeError>;
+  /** Sample `index`, decoded on this thread. */
+  read(index: number): Effect.Effect<Sample, DecodeError>;
+}
+
+export interface SourceOptions {
+  /** Overrides the channel count the data set would pick (1 for IDX, else 3). */
+  readonly channels?: 1 | 3;
+}
+
+/** Splits `path[:train|:test|:val]`; `val` is the held-out split, named `test` here. */
+export const parseSourceSpec = (spec: string): { path: string; split: Split } => {
+  const match = /^(.*):(train|test|val)$/.exec(spec);
+  if (!match) return { path: spec, split: "train" };
+  return { path: match[1], split: match[2] === "train" ? "train" : "test" };
+};
+
+const IMAGE_EXTENSION = /\.(png|jpe?g)$/i;
+
+/** Opens a SOURCE spec, detecting its kind from the folder's contents. */
+export const openSource = (
+  spec: string,
+  options: SourceOptions = {},
+): Effect.Effect<DataSource, SourceError> => {
+  const { path, split } = parseSourceSpec(spec);
+  return Effect.tryPromise({
+    try: () => open(path, split, options),
+    catch: (cause) =>
+      cause instanceof SourceError
+        ? cause
+        : new SourceError({ path, reason: cause instanceof Error ? cause.message : String(cause) }),
+  });
+};
+
+const open = async (path: string, split: Split, options: SourceOptions): Promise<DataSource> => {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(path);
+  } catch (cause) {
+    throw new SourceError({
+      path,
+      reason: cause instanceof Deno.errors.NotFound
+        ? "no such folder"
+        : `cannot open: ${cause instanceof Error ? cause.message : String(cause)}`,
+    });
+  }
+  if (!info.isDirectory) throw new SourceError({ path, reason: "not a folder (a SOURCE is a folder)" });
+  const entries = await listDir(path);
+  const files = entries.filter((e) => e.isFile).map((e) => e.name);
+  const dirs = entries.filter((e) => e.isDirectory).map((e) => e.name);
+
+  const idx = findIdx(files, split);
+  if (idx) return await openIdx(path, split, idx, options);
+  const cifar = findCifar(files, split);
+  if (cifar) return await openCifar(path, split, cifar.variant, cifar.files, options);
+
+  const held = dirs.find((d) => d === "val") ?? dirs.find((d) => d === "test");
+  if (dirs.includes("train") && held) {
+    // Classes from both splits, so a class missing from one split cannot shift the labels.
+    const classes = [
+      ...new Set([...await classDirs(join(path, "train")), ...await classDirs(join(path, held))]),
+    ]
+      .sort();
+    const folder = join(path, split === "train" ? "train" : held);
+    return await openImageFolder(path, folder, split, classes, options);
+  }
+  const classes = await classDirs(path);
+  if (classes.length > 0 || files.some((f) => IMAGE_EXTENSION.test(f))) {
+    if (split === "test") {
+      throw new SourceError({ path, reason: "no test split (needs train/ and val/ or test/ subfolders)" });
+    }
+    return await openImageFolder(path, path, split, classes.length > 0 ? classes : undefined, options);
+  }
+  throw new SourceError({
+    path,
+    reason: "no data found: expected IDX files, CIFAR binary batches, class subfolders of images, or images",
+  });
+};
+
+const join = (...parts: string[]) => parts.join("/").replace(/\/+/g, "/");
+
+const listDir = async (path: string): Promise<Deno.DirEntry[]> => {
+  const out: Deno.DirEntry[] = [];
+  try {
+    for await (const entry of Deno.readDir(path)) if (!entry.name.startsWith(".")) out.push(entry);
+  } catch (cause) {
+    throw new SourceError({
+      path,
+      reason: `cannot list folder: ${cause instanceof Error ? cause.message : String(cause)}`,
+    });
+  }
+  return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+};
+
+/** Subfolders that hold at least one image (anywhere below them). */
+const classDirs = async (path: string): Promise<string[]> => {
+  const out: string[] = [];
+  for (const entry of await listDir(path)) {
+    if (entry.isDirectory && (await imagesUnder(join(path, entry.name), 1)).length > 0) out.push(entry.name);
+  }
+  return out;
+};
+
+/** Image files below `path`, recursively, in sorted order; stops after `limit`. */
+const imagesUnder = async (path: string, limit = Infinity): Promise<string[]> => {
+  const out: string[] = [];
+  const walk = async (dir: string) => {
+    for (const entry of await listDir(dir)) {
+      if (out.length >= limit) return;
+      const full = join(dir, entry.name);
+      if (entry.isDirectory) await walk(full);
+      else if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) out.push(full);
+    }
+  };
+  await walk(path);
+  return out;
+};
+
+const readFile = async (path: string): Promise<Uint8Array> => {
+  try {
+    return await Deno.readFile(path);
+  } catch (cause) {
+    throw new SourceError({
+      path,
+      reason: `cannot read: ${cause instanceof Error ? cause.message : String(cause)}`,
+    });
+  }
+};
+
+const outOfRange = (path: string, index: number, length: number) =>
+  Effect.fail(new DecodeError({ path, reason: `sample index ${index} out of range [0, ${length})` }));
+
+/** Decodes a raw sample on this thread (record formats are already pixels). */
+export const decodeRaw = (raw: RawSample): Effect.Effect<Sample, DecodeError> =>
+  raw.kind === "encoded"
+    ? Effect.map(decodeImage(raw.bytes, raw.path), (image) => ({ image, label: raw.label }))
+    : Effect.succeed({ image: raw.image, label: raw.label });
+
+const withRead = (source: Omit<DataSource, "read">): DataSource => ({
+  ...source,
+  read: (index) => Effect.flatMap(source.fetch(index), decodeRaw),
+});
+
+// ---------------------------------------------------------------------------------------------
+// IDX
+
+const findIdx = (files: string[], split: Split) => {
+  const prefix = split === "train" ? "train" : "t10k";
+  const images = files.find((f) => new RegExp(`^${prefix}-images[.-]idx3-ubyte(\\.gz)?$`).test(f));
+  const labels = files.find((f) => new RegExp(`^${prefix}-labels[.-]idx1-ubyte(\\.gz)?$`).test(f));
+  const anyIdx = files.some((f) => /-idx[13]-ubyte(\.gz)?$/.test(f));
+  return images && labels ? { images, labels } : anyIdx ? { images, labels } : undefined;
+};
+
+const openIdx = async (
+  path: string,
+  split: Split,
+  names: { images?: string; labels?: string },
+  options: SourceOptions,
+): Promise<DataSource> => {
+  if (!names.images || !names.labels) {
+    const prefix = split === "train" ? "train" : "t10k";
+    throw new SourceError({
+      path,
+      reason: `IDX folder lacks ${prefix}-images-idx3-ubyte[.gz] or ${prefix}-labels-idx1-ubyte[.gz]`,
+    });
+  }
+  const load = async (name: string) => {
+    const file = join(path, name);
+    try {
+      return await parseIdx(await readFile(file));
+    } catch (cause) {
+      if (cause instanceof SourceError) throw cause;
+      throw new SourceError({ path: file, reason: cause instanceof Error ? cause.message : String(cause) });
+    }
+  };
+  const images = await load(names.images);
+  const labels = await load(names.labels);
+  if (images.dims.length !== 3 || labels.dims.length !== 1 || images.dims[0] !== labels.dims[0]) {
+    throw new SourceError({
+      path,
+      reason: `IDX shapes do not match: images [${images.dims}], labels [${labels.dims}]`,
+    });
+  }
+  const [length, height, width] = images.dims;
+  const pixels = height * width;
+  const classCount = labels.data.reduce((m, v) => Math.max(m, v), 0) + 1;
+  const imagePath = join(path, names.images);
+  return withRead({
+    kind: "idx",
+    path,
+    split,
+    length,
+    classes: Array.from({ length: classCount }, (_, i) => String(i)),
+    channels: options.channels ?? 1,
+    fetch: (index) => {
+      if (!(index >= 0 && index < length)) return outOfRange(imagePath, index, length);
+      const grey = images.data.subarray(index * pixels, (index + 1) * pixels);
+      const data = new Uint8Array(pixels * 3);
+      for (let p = 0; p < pixels; p++) data[3 * p] = data[3 * p + 1] = data[3 * p + 2] = grey[p];
+      return Effect.succeed({
+        kind: "pixels" as const,
+        path: `${imagePath}#${index}`,
+        label: labels.data[index],
+        image: { width, height, data },
+      });
+    },
+  });
+};
+
+// ---------------------------------------------------------------------------------------------
+// CIFAR
+
+const findCifar = (files: string[], split: Split) => {
+  const ten = files.filter((f) => /^data_batch_\d+(\.bin)?$/.test(f));
+  const tenTest = files.filter((f) => /^test_batch(\.bin)?$/.test(f));
+  if (ten.length > 0 || tenTest.length > 0) {
+    return {
+      variant: "cifar10" as CifarVariant,
+      files: (split === "train" ? ten : tenTest).sort((a, b) => batchNumber(a) - batchNumber(b)),
+    };
+  }
+  const hundred = files.filter((f) => (split === "train" ? /^train(\.bin)?$/ : /^test(\.bin)?$/).test(f));
+  if (hundred.length > 0 || files.some((f) => /^(train|test)\.bin$/.test(f))) {
+    return { variant: "cifar100" as CifarVariant, files: hundred.slice(0, 1) };
+  }
+  return undefined;
+};
+
+const batchNumber = (name: string) => Number(/\d+/.exec(name)?.[0] ?? 0);
+
+const openCifar = async (
+  path: string,
+  split: Split,
+  variant: CifarVariant,
+  names: string[],
+  options: SourceOptions,
+): Promise<DataSource> => {
+  if (names.length === 0) throw new SourceError({ path, reason: `${variant} folder has no ${split} batch` });
+  const size = recordLength(variant);
+  const parts: Uint8Array[] = [];
+  for (const name of names) {
+    const bytes = await readFile(join(path, name));
+    if (bytes[0] === 0x80) {
+      throw new SourceError({
+        path: join(path, name),
+        reason: "this is the Python (pickle) version of CIFAR; use the binary version (*-bin)",
+      });
+    }
+    if (bytes.length === 0 || bytes.length % size !== 0) {
+      throw new SourceError({
+        path: join(path, name),
+        reason: `size ${bytes.length} is not a multiple of the ${variant} record size ${size}`,
+      });
+    }
+    parts.push(bytes);
+  }
+  const records = parts.length === 1 ? parts[0] : concatBytes(parts);
+  const length = records.length / size;
+  const classes = await cifarClasses(path, variant);
+  return withRead({
+    kind: variant,
+    path,
+    split,
+    length,
+    classes,
+    channels: options.channels ?? 3,
+    fetch: (index) =>
+      index >= 0 && index < length
+        ? Effect.succeed({
+          kind: "pixels" as const,
+          path: `${path}#${split}:${index}`,
+          label: cifarLabel(records, variant, index),
+          image: cifarImage(records, variant, index),
+        })
+        : outOfRange(path, index, length),
+  });
+};
+
+const cifarClasses = async (path: string, variant: CifarVariant): Promise<string[]> => {
+  const file = join(path, variant === "cifar10" ? "batches.meta.txt" : "fine_label_names.txt");
+  try {
+    const names = (await Deno.readTextFile(file)).split(/\r?\n/).map((s) => s.trim()).filter((s) =>
+      s.length > 0
+    );
+    if (names.length === (variant === "cifar10" ? 10 : 100)) return names;
+  } catch {
+    // No names file: numbered classes.
+  }
+  return Array.from({ length: variant === "cifar10" ? 10 : 100 }, (_, i) => String(i));
+};
+
+const concatBytes = (parts: Uint8Array[]): Uint8Array => {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Image folders
+
+const openImageFolder = async (
+  root: string,
+  folder: string,
+  split: Split,
+  classes: string[] | undefined,
+  options: SourceOptions,
+): Promise<DataSource> => {
+  const files: string[] = [];
+  const labels: number[] = [];
+  if (classes) {
+    const present = new Set((await listDir(folder)).filter((e) => e.isDirectory).map((e) => e.name));
+    for (const [label, name] of classes.entries()) {
+      if (!present.has(name)) continue;
+      for (const file of await imagesUnder(join(folder, name))) {
+        files.push(file);
+        labels.push(label);
+      }
+    }
+  } else {
+    for (const entry of await listDir(folder)) {
+      if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) {
+        files.push(join(folder, entry.name));
+        labels.push(-1);
+      }
+    }
+  }
+  if (files.length === 0) throw new SourceError({ path: folder, reason: "no PNG or JPEG images found" });
+  const fetch = (index: number): Effect.Effect<RawSample, DecodeError> => {
+    if (!(index >= 0 && index < files.length)) return outOfRange(folder, index, files.length);
+    const path = files[index];
+    return Effect.tryPromise({
+      try: () => Deno.readFile(path),
+      catch: (cause) =>
+        new DecodeError({
+          path,
+          reason: `cannot read file: ${cause instanceof Error ? cause.message : String(cause)}`,
+        }),
+    }).pipe(Effect.map((bytes) => ({ kind: "encoded" as const, path, label: labels[index], bytes })));
+  };
+  return withRead({
+    kind: classes ? "folder" : "flat",
+    path: root,
+    split,
+    length: files.length,
+    ...(classes ? { classes } : {}),
+    channels: options.channels ?? 3,
+    fetch,
+  });
+};
