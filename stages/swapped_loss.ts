@@ -67,7 +67,9 @@ export const cropLayoutProblem = (layout: CropLayout, rows: number): string | un
 };
 
 const checkLayout = (layout: CropLayout, scores: tf.Tensor2D): void => {
-  if (scores.rank !== 2) throw new CropLayoutError({ message: `scores must be [rows, K], got [${scores.shape}]` });
+  if (scores.rank !== 2) {
+    throw new CropLayoutError({ message: `scores must be [rows, K], got [${scores.shape}]` });
+  }
   const problem = cropLayoutProblem(layout, scores.shape[0]);
   if (problem !== undefined) throw new CropLayoutError({ message: problem });
 };
@@ -82,7 +84,8 @@ export const assignmentCodes = (scores: tf.Tensor2D, options: AssignmentOptions)
   const { batchSize: bs, cropsForAssign, queueScores } = options;
   if (queueScores !== undefined && queueScores.length !== cropsForAssign.length) {
     throw new CropLayoutError({
-      message: `queueScores has ${queueScores.length} entries, expected one per assignment crop (${cropsForAssign.length})`,
+      message:
+        `queueScores has ${queueScores.length} entries, expected one per assignment crop (${cropsForAssign.length})`,
     });
   }
   const k = scores.shape[1];
@@ -99,7 +102,10 @@ export const assignmentCodes = (scores: tf.Tensor2D, options: AssignmentOptions)
         }),
         0,
       ), [scores, ...(queueScores ?? [])]);
-    return tf.split(stacked, cropsForAssign.length, 0) as tf.Tensor2D[];
+    // (tf.split's gradient fails for a single piece, so one crop is returned whole)
+    return cropsForAssign.length === 1
+      ? [stacked]
+      : tf.split(stacked, cropsForAssign.length, 0) as tf.Tensor2D[];
   });
 };
 
@@ -129,7 +135,9 @@ export const swappedLossFromCodes = (
   const n = cropsForAssign.length;
   return tf.tidy(() => {
     const logP = tf.logSoftmax(tf.div(scores, temperature)).reshape([total, bs * k]);
-    const q = tf.concat(codes.map((c) => c.reshape([1, bs * k])), 0);
+    const q = codes.length === 1
+      ? codes[0]!.reshape([1, bs * k])
+      : tf.concat(codes.map((c) => c.reshape([1, bs * k])), 0);
     // cross[i, v] = Σ_b Σ_k q_i · logP_v
     const cross = tf.matMul(q, logP, false, true);
     const mask = new Float32Array(n * total);
