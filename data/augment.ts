@@ -262,56 +262,45 @@ export const adjustSaturation = (rgb: Float32Array, factor: number, length = rgb
 
 /**
  * `adjust_hue`: rotate the hue by `factor` turns (in [-0.5, 0.5]) through
- * torchvision's `_rgb2hsv` / `_hsv2rgb`, in place. Written per pixel with the
- * same branch structure (ties resolved red, then green, then blue).
+ * torchvision's `_rgb2hsv` / `_hsv2rgb`, in place, one pixel at a time (no
+ * HSV buffer); results equal torchvision's up to float rounding (tested).
  */
 export const adjustHue = (rgb: Float32Array, factor: number, length = rgb.length): Float32Array => {
   for (let i = 0; i < length; i += 3) {
     const r = rgb[i];
     const g = rgb[i + 1];
     const b = rgb[i + 2];
-    const maxc = r > g ? (r > b ? r : b) : (g > b ? g : b);
-    const minc = r < g ? (r < b ? r : b) : (g < b ? g : b);
-    const v = maxc;
+    const maxc = Math.max(r, g, b);
+    const minc = Math.min(r, g, b);
     if (maxc === minc) continue; // grey: saturation 0, hue rotation changes nothing
     const cr = maxc - minc;
     const s = cr / maxc;
-    let h: number;
-    // Same operation order as torchvision: per-channel distances over cr, then differences.
-    const rc = (maxc - r) / cr;
-    const gc = (maxc - g) / cr;
-    const bc = (maxc - b) / cr;
-    if (maxc === r) h = bc - gc;
-    else if (maxc === g) h = 2 + rc - bc;
-    else h = 4 + gc - rc;
-    h = (h / 6 + 1) % 1; // torch.fmod on a positive value
+    const inv = 1 / cr;
+    const rc = (maxc - r) * inv;
+    const gc = (maxc - g) * inv;
+    const bc = (maxc - b) * inv;
+    // torchvision's branch priority on ties: red, then green, then blue.
+    let h = maxc === r ? bc - gc : maxc === g ? 2 + rc - bc : 4 + gc - rc;
+    // torch.fmod(h / 6 + 1, 1): the argument lies in [5/6, 7/6], where x - floor(x) is exact
+    // (and much cheaper than JavaScript's float %, a call to fmod).
+    h = h / 6 + 1;
+    h -= Math.floor(h);
     h += factor;
     h -= Math.floor(h); // Python's % 1.0
+    // _hsv2rgb without its six-way select: channel n in (5, 3, 1) for (r, g, b) is
+    // v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, which equals the sector
+    // table's v, t, p, q entries (p = v(1 - s), q = v(1 - s f), t = v(1 - s(1 - f))).
     const h6 = h * 6;
-    const sector = Math.floor(h6);
-    const f = h6 - sector;
-    const p = clamp01(v * (1 - s));
-    const q = clamp01(v * (1 - s * f));
-    const t = clamp01(v * (1 - s * (1 - f)));
-    switch (sector % 6) {
-      case 0:
-        rgb[i] = v, rgb[i + 1] = t, rgb[i + 2] = p;
-        break;
-      case 1:
-        rgb[i] = q, rgb[i + 1] = v, rgb[i + 2] = p;
-        break;
-      case 2:
-        rgb[i] = p, rgb[i + 1] = v, rgb[i + 2] = t;
-        break;
-      case 3:
-        rgb[i] = p, rgb[i + 1] = q, rgb[i + 2] = v;
-        break;
-      case 4:
-        rgb[i] = t, rgb[i + 1] = p, rgb[i + 2] = v;
-        break;
-      default:
-        rgb[i] = v, rgb[i + 1] = p, rgb[i + 2] = q;
-    }
+    const vs = maxc * s;
+    let k = 5 + h6;
+    if (k >= 6) k -= 6;
+    rgb[i] = maxc - vs * Math.max(0, Math.min(k, 4 - k, 1));
+    k = 3 + h6;
+    if (k >= 6) k -= 6;
+    rgb[i + 1] = maxc - vs * Math.max(0, Math.min(k, 4 - k, 1));
+    k = 1 + h6;
+    if (k >= 6) k -= 6;
+    rgb[i + 2] = maxc - vs * Math.max(0, Math.min(k, 4 - k, 1));
   }
   return rgb;
 };
@@ -438,18 +427,25 @@ export const gaussianBlur = (
   blurTmp = ensure(blurTmp, height * rowLength);
   const padded = blurRow;
   const tmp = blurTmp;
+  const pad = radius * 3;
   for (let y = 0; y < height; y++) {
     const row = y * rowLength;
-    for (let x = -radius; x < width + radius; x++) {
-      const s = row + reflect(x, width) * 3;
-      const d = (x + radius) * 3;
-      padded[d] = rgb[s];
-      padded[d + 1] = rgb[s + 1];
-      padded[d + 2] = rgb[s + 2];
+    // Interior straight copy, reflected borders.
+    for (let k = 0; k < rowLength; k++) padded[pad + k] = rgb[row + k];
+    for (let x = 1; x <= radius; x++) {
+      const left = row + reflect(-x, width) * 3;
+      const right = row + reflect(width - 1 + x, width) * 3;
+      const dl = (radius - x) * 3;
+      const dr = (radius + width - 1 + x) * 3;
+      padded[dl] = rgb[left];
+      padded[dl + 1] = rgb[left + 1];
+      padded[dl + 2] = rgb[left + 2];
+      padded[dr] = rgb[right];
+      padded[dr + 1] = rgb[right + 1];
+      padded[dr + 2] = rgb[right + 2];
     }
     for (let k = 0; k < rowLength; k++) {
-      // padded index of output k's centre tap is k + radius * 3
-      const c = k + radius * 3;
+      const c = k + pad; // padded index of output k's centre tap
       let acc = centre * padded[c];
       for (let t = 1, off = 3; t <= radius; t++, off += 3) {
         acc += kernel[radius + t] * (padded[c - off] + padded[c + off]);
@@ -457,10 +453,10 @@ export const gaussianBlur = (
       tmp[row + k] = acc;
     }
   }
+  // Vertical pass: each output row accumulates whole rows of tmp (reflected at the borders).
   for (let y = 0; y < height; y++) {
     const out = y * rowLength;
-    const mid = y * rowLength;
-    for (let k = 0; k < rowLength; k++) rgb[out + k] = centre * tmp[mid + k];
+    for (let k = 0; k < rowLength; k++) rgb[out + k] = centre * tmp[out + k];
     for (let t = 1; t <= radius; t++) {
       const w = kernel[radius + t];
       const up = reflect(y - t, height) * rowLength;
