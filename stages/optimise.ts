@@ -1,0 +1,267 @@
+/**
+ * The optimise stage: SGD with momentum and weight decay, wrapped by LARC, with
+ * the learning rate set every iteration (linear warmup, then cosine to finalLr),
+ * and the prototypes frozen for the first iterations. Matches main_swav.py with
+ * apex's LARC (clip false, trust 0.001, eps 1e-8) around torch.optim.SGD.
+ *
+ * Per parameter p with gradient g, wd the group's weight decay, in this order:
+ *
+ *     if |p| != 0 and |g| != 0:                    (apex LARC)
+ *         a = trust·|p| / (|g| + |p|·wd + eps)
+ *         if clip: a = min(a / lr, 1)
+ *         g = (g + wd·p) · a
+ *     buf = momentum·buf + g                          (torch SGD, weight decay 0, dampening 0)
+ *     p   = p − lr·buf
+ *
+ * Where |p| or |g| is 0 neither the scaling nor the weight decay applies (as in
+ * apex). torch initialises the buffer to g on a parameter's first step; a zero
+ * buffer gives the same value exactly (momentum·0 + g), so slots start at zero.
+ * A parameter with no gradient, or one skipped (frozen prototypes: the
+ * reference sets their `.grad = None`), gets no update, no weight decay, and
+ * its momentum buffer is left as it was.
+ *
+ * All maths runs on the device in one `tf.tidy` per step: the norms and the
+ * |p|, |g| != 0 test are tensor ops (`tf.where`), nothing is read back.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Schema, type Scope } from "effect";
+import { defineStage } from "./stage.ts";
+
+export interface LarcSgdOptions {
+  readonly momentum: number;
+  /** SGD weight decay, absorbed by LARC (added to the gradient before scaling). */
+  readonly weightDecay: number;
+  /** LARC trust coefficient (reference 0.001). */
+  readonly trustCoefficient: number;
+  /** LARC eps in the denominator (reference 1e-8). */
+  readonly eps: number;
+  /** LARC clipping: the effective rate is min(adaptive, lr). The reference uses false. */
+  readonly clip: boolean;
+}
+
+/** A schedule given per iteration, as main_swav.py builds it. */
+export interface LrSchedule {
+  /** Iterations of linear warmup (len(train_loader) * warmup_epochs). */
+  readonly warmupIters: number;
+  /** All iterations (len(train_loader) * epochs). */
+  readonly totalIters: number;
+  readonly startWarmup: number;
+  readonly baseLr: number;
+  readonly finalLr: number;
+}
+
+/**
+ * The learning rate at `iteration` (0-based): np.linspace(startWarmup, baseLr,
+ * warmupIters) then finalLr + ½(baseLr − finalLr)(1 + cos(π t / (total − warmup))).
+ * Past the end of the schedule it stays at finalLr.
+ */
+export const learningRateAt = (iteration: number, schedule: LrSchedule): number => {
+  const { warmupIters: w, totalIters, startWarmup, baseLr, finalLr } = schedule;
+  if (iteration < w) {
+    // np.linspace(a, b, n)[i] = a + i (b − a) / (n − 1); for n = 1 it is [a].
+    return w === 1 ? startWarmup : startWarmup + (iteration * (baseLr - startWarmup)) / (w - 1);
+  }
+  const cosineIters = totalIters - w;
+  if (cosineIters <= 0) return finalLr;
+  const t = Math.min(iteration - w, cosineIters);
+  return finalLr + 0.5 * (baseLr - finalLr) * (1 + Math.cos((Math.PI * t) / cosineIters));
+};
+
+/** The per-iteration schedule for an epoch-based config (as main_swav.py: epochs times loader length). */
+export const scheduleFromEpochs = (options: {
+  readonly epochs: number;
+  readonly warmupEpochs: number;
+  readonly itersPerEpoch: number;
+  readonly startWarmup: number;
+  readonly baseLr: number;
+  readonly finalLr: number;
+}): LrSchedule => ({
+  warmupIters: Math.round(options.itersPerEpoch * options.warmupEpochs),
+  totalIters: options.itersPerEpoch * options.epochs,
+  startWarmup: options.startWarmup,
+  baseLr: options.baseLr,
+  finalLr: options.finalLr,
+});
+
+/** Momentum slots as plain arrays, for checkpoints. */
+export type SerialisedSlots = Record<
+  string,
+  { readonly shape: readonly number[]; readonly values: Float32Array }
+>;
+
+/**
+ * LARC-wrapped SGD with momentum. Owns its momentum slots (non-trainable
+ * variables, keyed by the parameter's name); `dispose` frees them. Prefer
+ * `makeLarcSgd`, which ties the disposal to a scope.
+ */
+export class LarcSgd {
+  readonly #slots = new Map<string, tf.Variable>();
+
+  constructor(readonly options: LarcSgdOptions) {}
+
+  /**
+   * One step at learning rate `lr`: updates each variable named in `grads` in
+   * place, except those for which `skip(name)` is true (they keep their value and
+   * momentum buffer).
+   */
+  step(
+    variables: Readonly<Record<string, tf.Variable>>,
+    grads: tf.NamedTensorMap,
+    lr: number,
+    skip: (name: string) => boolean = () => false,
+  ): void {
+    const { momentum, weightDecay, trustCoefficient, eps, clip } = this.options;
+    tf.tidy(() => {
+      for (const [name, grad] of Object.entries(grads)) {
+        if (grad == null || skip(name)) continue;
+        const param = variables[name];
+        if (param === undefined) {
+          throw new RangeError(`LarcSgd.step: no variable named "${name}" for its gradient`);
+        }
+        let slot = this.#slots.get(name);
+        if (slot === undefined) {
+          // Created outside this tidy's bookkeeping: tf.variable is kept until disposed.
+          slot = tf.variable(tf.zerosLike(param), false);
+          this.#slots.set(name, slot);
+        }
+        const paramNorm = tf.norm(param);
+        const gradNorm = tf.norm(grad);
+        const apply = tf.logicalAnd(tf.greater(paramNorm, 0), tf.greater(gradNorm, 0));
+        let adaptive = tf.div(
+          tf.mul(trustCoefficient, paramNorm),
+          tf.add(tf.add(gradNorm, tf.mul(paramNorm, weightDecay)), eps),
+        );
+        if (clip) adaptive = tf.minimum(tf.div(adaptive, lr), 1);
+        const scale = tf.where(apply, adaptive, tf.onesLike(adaptive));
+        const decay = tf.where(apply, tf.fill([], weightDecay), tf.zerosLike(adaptive));
+        const update = tf.mul(tf.add(grad, tf.mul(decay, param)), scale);
+        const buffer = tf.add(tf.mul(slot, momentum), update);
+        slot.assign(buffer);
+        param.assign(tf.sub(param, tf.mul(buffer, lr)));
+      }
+    });
+  }
+
+  /** The parameter names that have a momentum slot. */
+  get slotNames(): readonly string[] {
+    return [...this.#slots.keys()];
+  }
+
+  /** Copies the momentum slots to plain arrays (asynchronous reads: works on every backend). */
+  async serialise(): Promise<SerialisedSlots> {
+    const out: Record<string, { shape: number[]; values: Float32Array }> = {};
+    for (const [name, slot] of this.#slots) {
+      out[name] = { shape: [...slot.shape], values: Float32Array.from(await slot.data()) };
+    }
+    return out;
+  }
+
+  /** Replaces all momentum slots with `slots` (for example read from a checkpoint). */
+  restore(slots: SerialisedSlots): void {
+    for (const [name, { shape, values }] of Object.entries(slots)) {
+      const size = shape.reduce((a, b) => a * b, 1);
+      if (values.length !== size) {
+        throw new RangeError(
+          `LarcSgd.restore: slot "${name}" has ${values.length} values for shape [${shape}]`,
+        );
+      }
+    }
+    this.dispose();
+    for (const [name, { shape, values }] of Object.entries(slots)) {
+      const initial = tf.tensor(values, [...shape], "float32");
+      this.#slots.set(name, tf.variable(initial, false));
+      initial.dispose();
+    }
+  }
+
+  /** Frees the momentum slots; the optimiser can still be used (slots restart at zero). */
+  dispose(): void {
+    for (const slot of this.#slots.values()) slot.dispose();
+    this.#slots.clear();
+  }
+}
+
+/** A LARC-SGD optimiser whose momentum slots are disposed when the scope closes. */
+export const makeLarcSgd = (options: LarcSgdOptions): Effect.Effect<LarcSgd, never, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.sync(() => new LarcSgd(options)),
+    (optimiser) => Effect.sync(() => optimiser.dispose()),
+  );
+
+const withDefault = <S extends Schema.Top>(schema: S, value: S["Encoded"]) =>
+  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
+
+const NonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
+
+/** The optimise stage's config, with the reference's defaults (batch-256 recipe for the rates). */
+export const OptimiseConfig = Schema.Struct({
+  momentum: withDefault(Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 })), 0.9),
+  weightDecay: withDefault(NonNegative, 1e-6),
+  trustCoefficient: withDefault(Schema.Finite.check(Schema.isGreaterThan(0)), 0.001),
+  larcEps: withDefault(NonNegative, 1e-8),
+  clip: withDefault(Schema.Boolean, false),
+  baseLr: withDefault(NonNegative, 0.6),
+  finalLr: withDefault(NonNegative, 0.0006),
+  startWarmup: withDefault(NonNegative, 0),
+  warmupEpochs: withDefault(NonNegative, 0),
+  epochs: withDefault(Schema.Int.check(Schema.isGreaterThanOrEqualTo(1)), 100),
+  /** main_swav.py's freeze_prototypes_niters default. */
+  freezePrototypesIters: withDefault(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0)), 313),
+  /** Variables whose name contains this string are the prototypes. */
+  prototypesVariable: withDefault(Schema.String.check(Schema.isMinLength(1)), "prototypes"),
+}).check(
+  Schema.makeFilter((c) =>
+    c.warmupEpochs <= c.epochs ? undefined : {
+      path: ["warmupEpochs"],
+      issue: `warmupEpochs (${c.warmupEpochs}) must be at most epochs (${c.epochs})`,
+    }
+  ),
+);
+export type OptimiseConfig = typeof OptimiseConfig.Type;
+
+export interface OptimiseInput {
+  /** The optimiser (its momentum slots), from `makeLarcSgd` with `larcOptions(config)`. */
+  readonly optimiser: LarcSgd;
+  /** Trainable variables by name (the names `tf.variableGrads` keys the gradients by). */
+  readonly variables: Readonly<Record<string, tf.Variable>>;
+  readonly grads: tf.NamedTensorMap;
+  /** 0-based global iteration: epoch * itersPerEpoch + index in the epoch. */
+  readonly iteration: number;
+  readonly itersPerEpoch: number;
+}
+
+export interface OptimiseOutput {
+  readonly learningRate: number;
+  /** Whether the prototypes were held still in this step. */
+  readonly prototypesFrozen: boolean;
+}
+
+/** The optimiser options of a validated optimise config. */
+export const larcOptions = (config: OptimiseConfig): LarcSgdOptions => ({
+  momentum: config.momentum,
+  weightDecay: config.weightDecay,
+  trustCoefficient: config.trustCoefficient,
+  eps: config.larcEps,
+  clip: config.clip,
+});
+
+/**
+ * optimise stage: sets the learning rate for this iteration, then one LARC-SGD
+ * step in place. The gradients stay owned by the caller.
+ */
+export const optimiseStage = defineStage<OptimiseInput, OptimiseOutput, OptimiseConfig>({
+  name: "optimise",
+  config: OptimiseConfig,
+  run: (config) => ({ optimiser, variables, grads, iteration, itersPerEpoch }) =>
+    Effect.sync(() => {
+      const learningRate = learningRateAt(iteration, scheduleFromEpochs({ ...config, itersPerEpoch }));
+      const prototypesFrozen = iteration < config.freezePrototypesIters;
+      optimiser.step(
+        variables,
+        grads,
+        learningRate,
+        (name) => prototypesFrozen && name.includes(config.prototypesVariable),
+      );
+      return { learningRate, prototypesFrozen };
+    }),
+});
