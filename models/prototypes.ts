@@ -1,0 +1,61 @@
+/**
+ * Prototypes: K learnable unit vectors in the embedding space.
+ *
+ * Layout: the weight is [K, D], like torch's `nn.Linear(D, K, bias=False).weight`
+ * in the reference, so checkpoints map one to one; scores are z · Wᵀ
+ * (`prototypeScores`), with z the unit embeddings [N, D].
+ *
+ * The reference L2-normalises the weight rows in place before every forward
+ * pass, under `torch.no_grad()`; `normalisePrototypes` does the same, and
+ * records nothing on an active gradient tape.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { withoutGradient } from "../stages/sinkhorn.ts";
+
+/** F.normalize's floor on the norm: rows of norm below it are divided by it instead. */
+const NORM_FLOOR = 1e-12;
+
+/** Rows of `w` [K, D] divided by max(‖row‖₂, 1e-12), as torch.nn.functional.normalize(w, dim=1). */
+export const l2NormaliseRows = (w: tf.Tensor2D): tf.Tensor2D =>
+  tf.tidy(() => tf.div(w, tf.maximum(tf.norm(w, "euclidean", 1, true), NORM_FLOOR)));
+
+/**
+ * Replaces the prototypes' weight [K, D] by its L2-row-normalised value, in
+ * place. Call it before each forward pass, outside the gradient tape (inside
+ * one it is still detached: no op is recorded).
+ */
+export const normalisePrototypes = (variable: tf.Variable): void => {
+  if (variable.rank !== 2) {
+    throw new RangeError(`normalisePrototypes: weight must be [K, D], got [${variable.shape}]`);
+  }
+  tf.tidy(() => {
+    variable.assign(withoutGradient((w) => l2NormaliseRows(w as tf.Tensor2D), [variable]));
+  });
+};
+
+/** Scores [N, K] = z [N, D] · Wᵀ for the prototypes' weight W [K, D]. */
+export const prototypeScores = (z: tf.Tensor2D, weight: tf.Tensor2D): tf.Tensor2D =>
+  tf.matMul(z, weight, false, true);
+
+/**
+ * A fresh prototypes variable [k, dim], initialised as torch's nn.Linear
+ * (uniform in ±1/√dim), then row-normalised. Variable names are global in
+ * TF.js: give each live model its own `name`. Keep the name containing
+ * "prototypes" so the optimise stage can freeze it.
+ */
+export const initPrototypes = (options: {
+  readonly dim: number;
+  readonly k: number;
+  readonly seed: number;
+  readonly name?: string;
+}): tf.Variable => {
+  const { dim, k, seed, name = "prototypes" } = options;
+  const bound = 1 / Math.sqrt(dim);
+  return tf.tidy(() =>
+    tf.variable(
+      l2NormaliseRows(tf.randomUniform([k, dim], -bound, bound, "float32", seed) as tf.Tensor2D),
+      true,
+      name,
+    )
+  );
+};
