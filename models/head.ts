@@ -24,7 +24,12 @@ export const PROTOTYPES_WEIGHT = "prototypes.weight";
 
 const linearSpecs = (name: string, inFeatures: number, outFeatures: number, bias: boolean): ParamSpec[] => {
   const init = { kind: "uniformFanIn", fanIn: inFeatures } as const;
-  const weight: ParamSpec = { name: `${name}.weight`, shape: [outFeatures, inFeatures], init, trainable: true };
+  const weight: ParamSpec = {
+    name: `${name}.weight`,
+    shape: [outFeatures, inFeatures],
+    init,
+    trainable: true,
+  };
   return bias ? [weight, { name: `${name}.bias`, shape: [outFeatures], init, trainable: true }] : [weight];
 };
 
@@ -42,8 +47,8 @@ export const headParamSpecs = (featureDim: number, config: HeadConfig): ParamSpe
 
 /** x·Wᵀ (+ b) with a torch-layout weight [out, in]. */
 export const linear = (params: ParamLookup, name: string, x: tf.Tensor2D, bias = true): tf.Tensor2D => {
-  const y = tf.matMul(x, params(`${name}.weight`) as tf.Tensor2D, false, true);
-  return bias ? tf.add(y, params(`${name}.bias`) as tf.Tensor1D) : y;
+  const y = tf.matMul(x, params(`${name}.weight`) as tf.Tensor2D, false, true) as tf.Tensor2D;
+  return bias ? tf.add<tf.Tensor2D>(y, params(`${name}.bias`)) : y;
 };
 
 /** torch.nn.functional.normalize(x, dim=1, p=2): x / max(‖x‖, 1e-12). */

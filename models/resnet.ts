@@ -76,7 +76,10 @@ export interface BackbonePlan {
   readonly featureDim: number;
 }
 
-const LAYERS: Record<ResnetArch, { readonly kind: "basic" | "bottleneck"; readonly counts: readonly number[] }> = {
+const LAYERS: Record<
+  ResnetArch,
+  { readonly kind: "basic" | "bottleneck"; readonly counts: readonly number[] }
+> = {
   resnet18: { kind: "basic", counts: [2, 2, 2, 2] },
   resnet34: { kind: "basic", counts: [3, 4, 6, 3] },
   resnet50: { kind: "bottleneck", counts: [3, 4, 6, 3] },
@@ -249,7 +252,12 @@ const block = (params: ParamLookup, b: BlockPlan, x: tf.Tensor4D, options: Forwa
     y = batchNorm(params, `${p}.bn3`, conv(params, `${p}.conv3.weight`, y, 1, 0), options);
   }
   const shortcut = b.downsample
-    ? batchNorm(params, `${p}.downsample.1`, conv(params, `${p}.downsample.0.weight`, x, b.stride, 0), options)
+    ? batchNorm(
+      params,
+      `${p}.downsample.1`,
+      conv(params, `${p}.downsample.0.weight`, x, b.stride, 0),
+      options,
+    )
     : x;
   return tf.relu(tf.add(y, shortcut));
 };

@@ -1,0 +1,103 @@
+/**
+ * encode stage: crops grouped by resolution -> unit-norm embeddings and
+ * prototype scores. The backbone runs once per resolution group (BatchNorm
+ * statistics per group), the projection head and prototypes once on all crops
+ * together, as SwAV's `ResNet.forward` does.
+ *
+ * Gradients: the stage is plain tensor maths, so it can run inside a gradient
+ * tape together with the loss (`tf.variableGrads`). In train mode it updates the
+ * BatchNorm running statistics (non-trainable variables, never on the loss's path).
+ *
+ * Also here: the check, before the first step, that a configuration's tensors fit
+ * the backend (the wasm heap is 32-bit: at most 4 GiB).
+ */
+import type * as tf from "@tensorflow/tfjs";
+import { Effect, Schema, type Scope } from "effect";
+import { scoped } from "../backend/resources.ts";
+import {
+  type CropSpec,
+  estimateMemory,
+  type MemoryEstimate,
+  type ModelConfig,
+  modelForward,
+  type SwavModel,
+} from "../models/model.ts";
+import { defineStage } from "./stage.ts";
+
+export const EncodeConfig = Schema.Struct({
+  /** Train mode: BatchNorm on batch statistics, running statistics updated. False: eval mode. */
+  training: Schema.Boolean.pipe(Schema.withDecodingDefaultKey(Effect.succeed(true))),
+});
+export type EncodeConfig = typeof EncodeConfig.Type;
+
+export interface EncodeInput {
+  readonly model: SwavModel;
+  /** Crop-major concatenations of the crops of one resolution, [crops·batch, H, W, C] each, in crop order. */
+  readonly cropGroups: readonly tf.Tensor4D[];
+}
+
+export interface EncodeOutput {
+  /** L2-normalised embeddings z [N, out], rows crop-major: `[bs·v, bs·(v+1))` is crop v. */
+  readonly embeddings: tf.Tensor2D;
+  /** Prototype scores z·Cᵀ [N, K]. */
+  readonly scores: tf.Tensor2D;
+}
+
+/** encode stage; the output tensors are owned by the caller's scope. */
+export const encodeStage = defineStage<EncodeInput, EncodeOutput, EncodeConfig, never, Scope.Scope>({
+  name: "encode",
+  config: EncodeConfig,
+  run: (config) => (input) =>
+    scoped(() => {
+      const { embeddings, scores, features } = modelForward(input.model, input.cropGroups, {
+        training: config.training,
+      });
+      features.dispose();
+      return { embeddings, scores };
+    }),
+});
+
+/** Bytes addressable by the wasm backend: its heap is a 32-bit wasm memory. */
+export const WASM_HEAP_BYTES = 4 * 1024 ** 3;
+
+/** A configuration whose tensors would not fit the backend's memory. */
+export class ModelTooLarge extends Schema.TaggedError<ModelTooLarge>()("ModelTooLarge", {
+  backend: Schema.String,
+  estimatedBytes: Schema.Number,
+  limitBytes: Schema.Number,
+  message: Schema.String,
+}) {}
+
+const gib = (bytes: number): string => `${(bytes / 1024 ** 3).toFixed(1)} GiB`;
+
+/**
+ * Fails with `ModelTooLarge` when the estimated tensor memory of one training
+ * step exceeds what `backendName` can hold; succeeds with the estimate. Only the
+ * wasm backend has a hard limit known in advance (4 GiB); for the others the
+ * estimate is returned unchecked.
+ */
+export const checkFitsBackend = (
+  config: ModelConfig,
+  batchSize: number,
+  crops: CropSpec,
+  backendName: string,
+): Effect.Effect<MemoryEstimate, ModelTooLarge> =>
+  Effect.suspend(() => {
+    const estimate = estimateMemory(config, batchSize, crops);
+    if (backendName !== "wasm" || estimate.totalBytes <= WASM_HEAP_BYTES) return Effect.succeed(estimate);
+    const largest = Math.max(...crops.sizeCrops);
+    return Effect.fail(
+      new ModelTooLarge({
+        backend: backendName,
+        estimatedBytes: estimate.totalBytes,
+        limitBytes: WASM_HEAP_BYTES,
+        message:
+          `estimated ${gib(estimate.totalBytes)} of tensors > ${WASM_HEAP_BYTES / 1024 ** 3} GiB wasm heap ` +
+          `(${gib(estimate.activationBytes)} activations, ${gib(estimate.parameterBytes)} parameters and ` +
+          `optimiser state): reduce batchSize (now ${batchSize}) or sizeCrops (now [${crops.sizeCrops}], ` +
+          `largest ${largest}) / nmbCrops (now [${crops.nmbCrops}]), or the model (arch ${config.arch}, ` +
+          `width ${config.width}, hidden ${config.hidden}, prototypes ${config.prototypes}), ` +
+          `or use --backend webgpu`,
+      }),
+    );
+  });
