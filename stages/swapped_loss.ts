@@ -168,7 +168,21 @@ export const SwappedLossConfig = Schema.Struct({
   temperature: Schema.Finite.check(Schema.isGreaterThan(0)).pipe(
     Schema.withDecodingDefaultKey(Effect.succeed(0.1)),
   ),
-});
+}).check(
+  Schema.makeFilter((c) => {
+    const total = totalCrops(c.nmbCrops);
+    if (total < 2) {
+      return { path: ["nmbCrops"], issue: `nmbCrops must sum to at least 2, got [${c.nmbCrops}]` };
+    }
+    if (c.cropsForAssign.length === 0) {
+      return { path: ["cropsForAssign"], issue: "cropsForAssign must not be empty" };
+    }
+    const bad = c.cropsForAssign.find((crop) => crop >= total);
+    return bad === undefined
+      ? undefined
+      : { path: ["cropsForAssign"], issue: `cropsForAssign has crop ${bad}, outside 0..${total - 1}` };
+  }),
+);
 export type SwappedLossConfig = typeof SwappedLossConfig.Type;
 
 export interface SwappedLossInput {

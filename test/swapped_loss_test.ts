@@ -217,10 +217,12 @@ Deno.test("swappedLoss stage", async (t) => {
 
   await t.step("a bad config names the field", async () => {
     for (
-      const [raw, field] of [[{ temperature: 0 }, "temperature"], [
-        { cropsForAssign: [-1] },
-        "cropsForAssign",
-      ]] as const
+      const [raw, field] of [
+        [{ temperature: 0 }, "temperature"],
+        [{ cropsForAssign: [-1] }, "cropsForAssign"],
+        [{ nmbCrops: [2], cropsForAssign: [0, 2] }, "cropsForAssign"],
+        [{ nmbCrops: [1] }, "nmbCrops"],
+      ] as const
     ) {
       const exit = await Effect.runPromiseExit(configure(swappedLossStage, raw));
       assert.ok(Exit.isFailure(exit));
