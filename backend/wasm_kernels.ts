@@ -12,6 +12,10 @@
  * axis = batch), filter dy' [OH, OW, N, Co], stride d, dilation s. The result
  * [Ci, KH, KW, Co] is transposed back to [KH, KW, Ci, Co]. The heavy work thus
  * runs in the backend's own (XNNPACK) convolution.
+ *
+ * `Conv2DBackpropInput` (the gradient with respect to the input) exists in
+ * tfjs-backend-wasm but is a naive scalar loop, ~10x slower than XNNPACK; it is
+ * replaced by a forward convolution too (see `planInputGrad`).
  */
 import * as tf from "@tensorflow/tfjs";
 
@@ -154,12 +158,243 @@ const conv2DBackpropFilterVia = (backendName: string) => {
   };
 };
 
-/** Registers the wasm kernels TF.js lacks; safe to call more than once. */
+/**
+ * One spatial axis of the input gradient as a stride-1 forward convolution
+ * (polyphase form). With stride s, input row i = p + s·a (phase p ∈ [0, s))
+ * receives dy[o]·W[k] exactly when o·s + k − padNear = i, i.e. for the taps
+ * k ≡ p + padNear (mod s). Phase p therefore is a stride-1 correlation of dy
+ * with its own sub-filter W[r_p + s·j] (j = 0 … J_p − 1, reversed), and all s
+ * phases share one window of `taps` rows of dy starting at a − `near`:
+ *
+ *   dxPhase_p[a] = Σ_t dy[a − near + t] · W[tapIndex[p][t]]   (tapIndex −1: zero)
+ *
+ * Stacking the phases on the channel axis makes one convolution whose output
+ * [.., ceil(in/s), .., s·s·Ci] DepthToSpace interleaves back into dx. No work is
+ * spent on inserted zeros (unlike dilating dy); the only waste is the zero taps
+ * where phases have fewer taps than `taps` (at most ⌈K/s⌉ vs. ⌊K/s⌋).
+ */
+export interface InputGradAxis {
+  /** Zero rows before dy (negative: rows of dy to drop at the start). */
+  readonly near: number;
+  /** Zero rows after dy (negative: rows of dy to drop at the end). */
+  readonly far: number;
+  /** Filter extent of the stride-1 convolution. */
+  readonly taps: number;
+  /** Output rows per phase: ceil(in / stride); the last phase may produce one surplus row, cropped. */
+  readonly outPerPhase: number;
+  /** tapIndex[p][t]: the forward filter row used by phase p at tap t, or −1. */
+  readonly tapIndex: readonly (readonly number[])[];
+}
+
+export const planInputGradAxis = (
+  inSize: number,
+  outSize: number,
+  filter: number,
+  stride: number,
+  padNear: number,
+): InputGradAxis => {
+  // Phase p: remainder r, offset q with p + padNear = q·s + r; taps k = r + s·j read dy[a + q − j].
+  const phases = Array.from({ length: stride }, (_, p) => {
+    const r = (p + padNear) % stride;
+    const q = (p + padNear - r) / stride;
+    const count = Math.max(0, Math.ceil((filter - r) / stride));
+    return { r, q, count };
+  });
+  const used = phases.filter((ph) => ph.count > 0);
+  // Tap t reads dy[a − near + t] = dy[a + q − j], so t = near + q − j ≥ 0.
+  const near = Math.max(...used.map((ph) => ph.count - 1 - ph.q));
+  const taps = Math.max(...used.map((ph) => near + ph.q)) + 1;
+  const tapIndex = phases.map((ph) => {
+    const row = new Array<number>(taps).fill(-1);
+    for (let j = 0; j < ph.count; j++) row[near + ph.q - j] = ph.r + stride * j;
+    return row;
+  });
+  const outPerPhase = Math.ceil(inSize / stride);
+  // The stride-1 convolution yields (near + outSize + far) − taps + 1 rows.
+  const far = outPerPhase + taps - 1 - outSize - near;
+  return { near, far, taps, outPerPhase, tapIndex };
+};
+
+/** Options of the replacement kernels (for benchmarks and tests that compare against TF.js's own). */
+export const wasmKernelOptions = {
+  /** false: use tfjs-backend-wasm's own (naive loop) Conv2DBackpropInput. */
+  fastConv2DBackpropInput: true,
+};
+
+interface WasmBackendLike extends tf.KernelBackend {
+  readonly wasm: { readonly HEAPF32: Float32Array };
+  readonly dataIdMap: { get(dataId: object): { memoryOffset: number } };
+  makeOutput(shape: number[], dtype: "float32"): TensorInfo;
+}
+
+/** A float32 view of a tensor's data on the wasm heap (valid until the next allocation). */
+const heapView = (backend: WasmBackendLike, info: TensorInfo): Float32Array => {
+  const size = info.shape.reduce((a, b) => a * b, 1);
+  return new Float32Array(backend.wasm.HEAPF32.buffer, backend.dataIdMap.get(info.dataId).memoryOffset, size);
+};
+
+const conv2DBackpropInputVia = (original: tf.KernelConfig | undefined) => {
+  const conv2D = kernel("Conv2D", "wasm");
+  const slice = kernel("Slice", "wasm");
+  const depthToSpace = kernel("DepthToSpace", "wasm");
+  return (args: {
+    inputs: Record<string, TensorInfo>;
+    backend: tf.KernelBackend;
+    attrs?: Record<string, unknown>;
+  }): TensorInfo => {
+    const backend = args.backend as WasmBackendLike;
+    const attrs = args.attrs as unknown as tf.Conv2DBackpropInputAttrs;
+    const dy = args.inputs["dy"]!;
+    const filter = args.inputs["filter"]!;
+    const convInfo = tf.backend_util.computeConv2DInfo(
+      attrs.inputShape as [number, number, number, number],
+      filter.shape as [number, number, number, number],
+      attrs.strides,
+      1,
+      attrs.pad,
+      attrs.dimRoundingMode,
+      false,
+      tf.backend_util.convertConv2DDataFormat(attrs.dataFormat),
+    );
+    const fast = wasmKernelOptions.fastConv2DBackpropInput &&
+      convInfo.dataFormat === "channelsLast" && convInfo.strideHeight === convInfo.strideWidth;
+    if (!fast) {
+      if (original === undefined) throw new Error("Conv2DBackpropInput: no fallback kernel");
+      return (original.kernelFunc as unknown as KernelFunc)(args);
+    }
+    const stride = convInfo.strideHeight;
+    const h = planInputGradAxis(
+      convInfo.inHeight,
+      convInfo.outHeight,
+      convInfo.filterHeight,
+      stride,
+      convInfo.padInfo.top,
+    );
+    const w = planInputGradAxis(
+      convInfo.inWidth,
+      convInfo.outWidth,
+      convInfo.filterWidth,
+      stride,
+      convInfo.padInfo.left,
+    );
+    const [batch, inH, inW, inC] = [
+      convInfo.batchSize,
+      convInfo.inHeight,
+      convInfo.inWidth,
+      convInfo.inChannels,
+    ];
+    const outC = convInfo.outChannels;
+    const phases = stride * stride;
+    const temporaries: TensorInfo[] = [];
+    const keep = (info: TensorInfo) => {
+      temporaries.push(info);
+      return info;
+    };
+    try {
+      // Phase filter [taps, taps, Co, s·s·Ci]: rotated, in/out swapped, phases stacked on the out axis.
+      const phaseFilter = keep(backend.makeOutput([h.taps, w.taps, outC, phases * inC], "float32"));
+      const f = heapView(backend, phaseFilter);
+      const src = heapView(backend, filter);
+      f.fill(0);
+      const kw = convInfo.filterWidth;
+      const stackedC = phases * inC;
+      for (let ph = 0; ph < stride; ph++) {
+        for (let pw = 0; pw < stride; pw++) {
+          const channelBase = (ph * stride + pw) * inC;
+          for (let th = 0; th < h.taps; th++) {
+            const kh = h.tapIndex[ph]![th]!;
+            if (kh < 0) continue;
+            for (let tw = 0; tw < w.taps; tw++) {
+              const kwi = w.tapIndex[pw]![tw]!;
+              if (kwi < 0) continue;
+              const srcBase = (kh * kw + kwi) * inC * outC;
+              const dstBase = (th * w.taps + tw) * outC * stackedC + channelBase;
+              for (let ci = 0; ci < inC; ci++) {
+                for (let co = 0; co < outC; co++) {
+                  f[dstBase + co * stackedC + ci] = src[srcBase + ci * outC + co]!;
+                }
+              }
+            }
+          }
+        }
+      }
+      // Negative padding = rows/columns of dy that no output reads.
+      let input = dy;
+      const cropTop = Math.max(0, -h.near);
+      const cropLeft = Math.max(0, -w.near);
+      const keepH = convInfo.outHeight - cropTop - Math.max(0, -h.far);
+      const keepW = convInfo.outWidth - cropLeft - Math.max(0, -w.far);
+      if (keepH !== convInfo.outHeight || keepW !== convInfo.outWidth) {
+        input = keep(slice({
+          inputs: { x: dy },
+          backend,
+          attrs: { begin: [0, cropTop, cropLeft, 0], size: [batch, keepH, keepW, outC] },
+        }));
+      }
+      const stacked = conv2D({
+        inputs: { x: input, filter: phaseFilter },
+        backend,
+        attrs: {
+          strides: 1,
+          dilations: 1,
+          pad: [
+            [0, 0],
+            [Math.max(0, h.near), Math.max(0, h.far)],
+            [Math.max(0, w.near), Math.max(0, w.far)],
+            [
+              0,
+              0,
+            ],
+          ],
+          dataFormat: "NHWC",
+        },
+      });
+      let dx = stacked;
+      if (stride > 1) {
+        keep(stacked);
+        dx = depthToSpace({
+          inputs: { x: stacked },
+          backend,
+          attrs: { blockSize: stride, dataFormat: "NHWC" },
+        });
+      }
+      if (dx.shape[1] === inH && dx.shape[2] === inW) return dx;
+      keep(dx);
+      return slice({
+        inputs: { x: dx },
+        backend,
+        attrs: { begin: [0, 0, 0, 0], size: [batch, inH, inW, inC] },
+      });
+    } finally {
+      for (const info of temporaries) backend.disposeData(info.dataId);
+    }
+  };
+};
+
+/**
+ * Registers the wasm kernels TF.js lacks or runs slowly; safe to call more than
+ * once. Call before `tf.setBackend("wasm")` (the backend runs kernel set-up
+ * functions when it starts; the replaced Conv2DBackpropInput's set-up is kept
+ * so the original stays usable as a fallback).
+ */
 export const registerWasmKernels = (): void => {
   if (tf.getKernel("Conv2DBackpropFilter", "wasm") !== undefined) return;
   tf.registerKernel({
     kernelName: "Conv2DBackpropFilter",
     backendName: "wasm",
     kernelFunc: conv2DBackpropFilterVia("wasm") as unknown as tf.KernelFunc,
+  });
+  const original = tf.getKernel("Conv2DBackpropInput", "wasm");
+  if (original !== undefined) tf.unregisterKernel("Conv2DBackpropInput", "wasm");
+  let impl: KernelFunc | undefined;
+  tf.registerKernel({
+    kernelName: "Conv2DBackpropInput",
+    backendName: "wasm",
+    setupFunc: original?.setupFunc,
+    // Resolved lazily: the kernels it calls are registered by the wasm package's import.
+    kernelFunc: ((args: Parameters<KernelFunc>[0]) => {
+      impl ??= conv2DBackpropInputVia(original);
+      return impl(args);
+    }) as unknown as tf.KernelFunc,
   });
 };
