@@ -14,9 +14,12 @@ export type TensorContainer =
   | null
   | undefined;
 
-/** Disposes every tensor reachable from `value` (already disposed ones are skipped). */
-export const disposeAll = (value: TensorContainer): void => {
-  if (value == null) return;
+/**
+ * Disposes every tensor reachable from `value` through arrays and plain object
+ * fields (already disposed ones are skipped); other values are left alone.
+ */
+export const disposeAll = (value: unknown): void => {
+  if (value == null || typeof value !== "object") return;
   if (value instanceof tf.Tensor) {
     if (!value.isDisposed) value.dispose();
     return;
@@ -25,15 +28,15 @@ export const disposeAll = (value: TensorContainer): void => {
     for (const item of value) disposeAll(item);
     return;
   }
-  for (const item of Object.values(value)) disposeAll(item as TensorContainer);
+  for (const item of Object.values(value)) disposeAll(item);
 };
 
 /** Acquires tensors with `make` and ties their disposal to the current scope. */
-export const scoped = <T extends TensorContainer>(make: () => T): Effect.Effect<T, never, Scope.Scope> =>
+export const scoped = <T>(make: () => T): Effect.Effect<T, never, Scope.Scope> =>
   Effect.acquireRelease(Effect.sync(make), (value) => Effect.sync(() => disposeAll(value)));
 
 /** Like `scoped`, for an asynchronous producer (for example an upload to the GPU). */
-export const scopedPromise = <T extends TensorContainer>(
+export const scopedPromise = <T>(
   make: () => Promise<T>,
 ): Effect.Effect<T, never, Scope.Scope> =>
   Effect.acquireRelease(Effect.promise(make), (value) => Effect.sync(() => disposeAll(value)));

@@ -1,0 +1,177 @@
+/**
+ * The command line: `deno task pretrain|demo|eval|extract|bench` all land here.
+ * Config file first, flags override it; failures print one clear line naming
+ * the problem (and exit 1), never a stack trace.
+ */
+import { NodeRuntime, NodeServices } from "@effect/platform-node";
+import { Effect, Option } from "effect";
+import { Command, Flag } from "effect/cli";
+import { BackendName, TensorBackend } from "../backend/tensor_backend.ts";
+import { decodeRunConfig, loadRunConfig, mergeConfig, type RunConfig } from "../config/config.ts";
+import { pretrain } from "../pipelines/pretrain.ts";
+import { runDemo } from "../pipelines/demo.ts";
+import { progressHooks } from "./progress.ts";
+
+const configFlag = Flag.String("config").pipe(
+  Flag.withDescription("JSON config file (any subset of the fields)"),
+  Flag.optional,
+);
+const dataFlag = Flag.String("data").pipe(
+  Flag.withDescription("SOURCE: an IDX, CIFAR or image folder, optionally :train/:test; or builtin:demo"),
+  Flag.optional,
+);
+const epochsFlag = Flag.Int("epochs").pipe(Flag.withDescription("epochs to train"), Flag.optional);
+const outFlag = Flag.String("out").pipe(
+  Flag.withDescription("run folder (config, metrics.jsonl, checkpoints)"),
+  Flag.optional,
+);
+const backendFlag = Flag.Literals("backend", BackendName.literals).pipe(
+  Flag.withDescription("tensor backend (default: SWAV_BACKEND, else auto)"),
+  Flag.optional,
+);
+const seedFlag = Flag.Int("seed").pipe(Flag.withDescription("seed of every random choice"), Flag.optional);
+const jsonFlag = Flag.Boolean("json").pipe(
+  Flag.withDescription("end with one JSON line for scripts"),
+  Flag.withDefault(false),
+);
+
+/** Flag values as a partial config, to merge over the file's. */
+const overrides = (flags: {
+  data?: string;
+  epochs?: number;
+  out?: string;
+  backend?: string;
+  seed?: number;
+  batchSize?: number;
+  maxSteps?: number;
+  workers?: number;
+}) => ({
+  data: { source: flags.data, workers: flags.workers },
+  train: {
+    epochs: flags.epochs,
+    out: flags.out,
+    backend: flags.backend,
+    seed: flags.seed,
+    batchSize: flags.batchSize,
+    maxSteps: flags.maxSteps,
+  },
+});
+
+/** The resolved config: file (if any), then flags, then defaults; the backend env var where no flag or file says. */
+const resolveConfig = (file: Option.Option<string>, flagOverrides: unknown) =>
+  Effect.gen(function* () {
+    const base = Option.isSome(file)
+      ? yield* loadRunConfig(file.value)
+      : yield* decodeRunConfig({}, "defaults");
+    return yield* decodeRunConfig(
+      mergeConfig(base, flagOverrides),
+      Option.getOrElse(file, () => "command line"),
+    );
+  });
+
+/** The backend: an explicit flag wins, then SWAV_BACKEND, then the config's (default auto). */
+const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
+  TensorBackend.layer(
+    Option.isSome(flag)
+      ? flag.value as BackendName
+      : (Deno.env.get("SWAV_BACKEND") as BackendName | undefined) ?? config.train.backend,
+  );
+
+/** Prints an error's message on one line and exits 1. */
+const reportFailure = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
+  effect.pipe(
+    Effect.catch((error: unknown) =>
+      Effect.sync(() => {
+        const message = error instanceof Error ? error.message : String(error);
+        const tag = typeof error === "object" && error !== null && "_tag" in error
+          ? `${String(error._tag)}: `
+          : "";
+        console.error(`error: ${tag}${message}`);
+        Deno.exitCode = 1;
+      })
+    ),
+  );
+
+const pretrainCommand = Command.make("pretrain", {
+  config: configFlag,
+  data: dataFlag,
+  epochs: epochsFlag,
+  out: outFlag,
+  backend: backendFlag,
+  seed: seedFlag,
+  resume: Flag.Boolean("resume").pipe(
+    Flag.withDescription("continue from the latest checkpoint in --out"),
+    Flag.withDefault(false),
+  ),
+  batchSize: Flag.Int("batch-size").pipe(Flag.withDescription("images per step"), Flag.optional),
+  maxSteps: Flag.Int("max-steps").pipe(
+    Flag.withDescription("stop after this many steps in total (smoke runs)"),
+    Flag.optional,
+  ),
+  workers: Flag.Int("workers").pipe(Flag.withDescription("data worker threads"), Flag.optional),
+  json: jsonFlag,
+}, (flags) =>
+  reportFailure(Effect.gen(function* () {
+    const config = yield* resolveConfig(
+      flags.config,
+      overrides({
+        data: Option.getOrUndefined(flags.data),
+        epochs: Option.getOrUndefined(flags.epochs),
+        out: Option.getOrUndefined(flags.out),
+        backend: Option.getOrUndefined(flags.backend),
+        seed: Option.getOrUndefined(flags.seed),
+        batchSize: Option.getOrUndefined(flags.batchSize),
+        maxSteps: Option.getOrUndefined(flags.maxSteps),
+        workers: Option.getOrUndefined(flags.workers),
+      }),
+    );
+    const result = yield* pretrain(config, { resume: flags.resume, hooks: progressHooks() }).pipe(
+      Effect.provide(backendLayer(config, flags.backend)),
+    );
+    const summary = {
+      steps: result.steps,
+      epochs: result.epochs,
+      loss: result.lastLoss,
+      run: result.runFolder,
+      checkpoint: result.checkpoint,
+      skipped: result.skippedSamples,
+    };
+    console.log(
+      flags.json
+        ? JSON.stringify(summary)
+        : `done: ${summary.steps} steps, last loss ${
+          summary.loss.toFixed(4)
+        }, checkpoint ${summary.checkpoint}`,
+    );
+  }))).pipe(Command.withDescription("Pretrain a SwAV model (config file + flag overrides)"));
+
+const demoCommand = Command.make("demo", {
+  epochs: epochsFlag,
+  out: outFlag,
+  backend: backendFlag,
+  seed: seedFlag,
+  json: jsonFlag,
+}, (flags) =>
+  reportFailure(
+    runDemo({
+      epochs: Option.getOrUndefined(flags.epochs),
+      out: Option.getOrUndefined(flags.out),
+      seed: Option.getOrUndefined(flags.seed),
+      json: flags.json,
+      hooks: progressHooks(),
+      backend: Option.getOrUndefined(flags.backend) as BackendName | undefined,
+    }),
+  )).pipe(
+    Command.withDescription(
+      "Pretrain on the built-in data set, then compare kNN accuracy with random features",
+    ),
+  );
+
+export const cli = Command.make("swav").pipe(
+  Command.withDescription("SwAV self-supervised representation learning"),
+  Command.withSubcommands([pretrainCommand, demoCommand]),
+);
+
+if (import.meta.main) {
+  cli.pipe(Command.run({ version: "0.1.0" }), Effect.provide(NodeServices.layer), NodeRuntime.runMain);
+}

@@ -1,0 +1,144 @@
+/**
+ * One config for a whole run, composed of each stage's own schema. A JSON file
+ * gives any subset; every missing field takes its default; command-line flags
+ * override the file. A wrong field fails with a message that names it and
+ * says what is allowed. The resolved config (every default filled in) is
+ * written to the run folder.
+ */
+import { Effect, Schema } from "effect";
+import { BackendName } from "../backend/tensor_backend.ts";
+import { ModelConfig } from "../models/model.ts";
+import { MulticropConfig } from "../stages/multicrop.ts";
+
+const withDefault = <S extends Schema.Top>(schema: S, value: S["Encoded"]) =>
+  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
+const PositiveInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(1));
+const NonNegativeInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0));
+const Positive = Schema.Finite.check(Schema.isGreaterThan(0));
+const NonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
+
+/** Where the images come from. */
+export const DataConfig = Schema.Struct({
+  /** A SOURCE: IDX folder, CIFAR folder, image folder (class subfolders, optional train/val), flat folder; `:train`/`:test` picks a split. */
+  source: withDefault(Schema.String, "builtin:demo"),
+  /** The labelled split used by kNN checks during training and by `eval` by default (defaults to the source's test split). */
+  testSource: Schema.optionalKey(Schema.String),
+  /** Encoder input channels: 1 for grey data sets (IDX picks 1 by itself), else 3. */
+  channels: Schema.optionalKey(Schema.Literals([1, 3])),
+  /** What to do with an unreadable or corrupt image: skip it (counted and reported) or stop. */
+  onError: withDefault(Schema.Literals(["skip", "fail"]), "skip"),
+  /** Worker threads that decode and augment (0 = on the main thread). */
+  workers: withDefault(NonNegativeInt, 1),
+  /** Prepared batches buffered ahead of the training step (backpressure bound). */
+  prefetch: withDefault(PositiveInt, 2),
+});
+
+/** The SwAV objective. */
+export const SwavConfig = Schema.Struct({
+  /** Softmax temperature of the swapped prediction. */
+  temperature: withDefault(Positive, 0.1),
+  /** Sinkhorn-Knopp entropic regularisation. */
+  epsilon: withDefault(Positive, 0.05),
+  /** Sinkhorn-Knopp iterations. */
+  sinkhornIterations: withDefault(PositiveInt, 3),
+  /** Crops whose codes are predicted (the two full-resolution crops). */
+  cropsForAssign: withDefault(Schema.Array(NonNegativeInt), [0, 1]),
+  /** Queue rows per assignment crop (rounded down to a multiple of the batch); 0 = no queue. */
+  queueLength: withDefault(NonNegativeInt, 0),
+  /** Epoch at which the queue is created (the reference's epoch_queue_starts). */
+  queueStartEpoch: withDefault(NonNegativeInt, 15),
+  /** Iterations during which the prototypes are frozen. */
+  freezePrototypesIters: withDefault(NonNegativeInt, 313),
+});
+
+/** LARC-wrapped SGD with a warm-up and cosine schedule. */
+export const OptimConfig = Schema.Struct({
+  baseLr: withDefault(Positive, 0.6),
+  finalLr: withDefault(NonNegative, 0.0006),
+  startWarmup: withDefault(NonNegative, 0),
+  warmupEpochs: withDefault(NonNegative, 0),
+  momentum: withDefault(Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 })), 0.9),
+  weightDecay: withDefault(NonNegative, 1e-6),
+  /** LARC trust coefficient. */
+  trust: withDefault(Positive, 0.001),
+});
+
+/** The run: length, seed, outputs. */
+export const TrainConfig = Schema.Struct({
+  epochs: withDefault(PositiveInt, 100),
+  batchSize: withDefault(PositiveInt, 64),
+  seed: withDefault(NonNegativeInt, 31),
+  /** Run folder: resolved config, metrics.jsonl, checkpoints. */
+  out: withDefault(Schema.String, "runs/swav"),
+  backend: withDefault(BackendName, "auto"),
+  /** Checkpoint every N steps (0 = only at the end of each epoch). */
+  checkpointEvery: withDefault(NonNegativeInt, 0),
+  /** Checkpoints kept in the run folder (older ones are removed). */
+  keepCheckpoints: withDefault(PositiveInt, 3),
+  /** kNN check on the labelled test split every N epochs (0 = never). */
+  knnEvery: withDefault(NonNegativeInt, 0),
+  knnK: withDefault(PositiveInt, 200),
+  knnTemperature: withDefault(Positive, 0.1),
+  /** Stop after this many steps in total (0 = no limit): for tests and smoke runs. */
+  maxSteps: withDefault(NonNegativeInt, 0),
+});
+
+export const RunConfig = Schema.Struct({
+  data: withDefault(DataConfig, {}),
+  multicrop: withDefault(MulticropConfig, {}),
+  model: withDefault(ModelConfig, {}),
+  swav: withDefault(SwavConfig, {}),
+  optim: withDefault(OptimConfig, {}),
+  train: withDefault(TrainConfig, {}),
+});
+export type RunConfig = typeof RunConfig.Type;
+export type RunConfigInput = typeof RunConfig.Encoded;
+
+/** A config that does not validate; the message names the field(s). */
+export class InvalidConfig extends Schema.TaggedError<InvalidConfig>()("InvalidConfig", {
+  source: Schema.String,
+  message: Schema.String,
+}) {}
+
+/** Validates raw config (parsed JSON), filling every default. */
+export const decodeRunConfig = (raw: unknown, source = "config"): Effect.Effect<RunConfig, InvalidConfig> =>
+  Schema.decodeUnknownEffect(RunConfig)(raw, { errors: "all", onExcessProperty: "error" }).pipe(
+    Effect.mapError((error) => new InvalidConfig({ source, message: `${source}: ${error.message}` })),
+  );
+
+/** Reads and validates a JSON config file. */
+export const loadRunConfig = (path: string): Effect.Effect<RunConfig, InvalidConfig> =>
+  Effect.gen(function* () {
+    const text = yield* Effect.tryPromise({
+      try: () => Deno.readTextFile(path),
+      catch: (error) =>
+        new InvalidConfig({
+          source: path,
+          message: `cannot read config file ${path}: ${
+            error instanceof Deno.errors.NotFound ? "no such file" : String(error)
+          }`,
+        }),
+    });
+    const raw = yield* Effect.try({
+      try: () => JSON.parse(text) as unknown,
+      catch: (error) =>
+        new InvalidConfig({
+          source: path,
+          message: `${path} is not valid JSON: ${(error as Error).message}`,
+        }),
+    });
+    return yield* decodeRunConfig(raw, path);
+  });
+
+/** Deep-merges `override` into `base` (plain objects only; arrays and values replace). */
+export const mergeConfig = (base: unknown, override: unknown): unknown => {
+  if (!isPlainObject(base) || !isPlainObject(override)) return override === undefined ? base : override;
+  const out: Record<string, unknown> = { ...base };
+  for (const [key, value] of Object.entries(override)) {
+    if (value !== undefined) out[key] = mergeConfig(base[key], value);
+  }
+  return out;
+};
+
+const isPlainObject = (value: unknown): value is Record<string, unknown> =>
+  typeof value === "object" && value !== null && !Array.isArray(value);

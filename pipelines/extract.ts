@@ -1,0 +1,89 @@
+/**
+ * Feature extraction: the frozen backbone in eval mode (BatchNorm with running
+ * statistics), global-average-pooled features for every sample of a source,
+ * in source order, with their labels.
+ *
+ *   source -> decode -> eval transform (resize, centre crop, normalise) -> batches
+ *          -> backbone (eval) -> pooled features [N, D]
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Stream } from "effect";
+import { evalPrepare, makeLoader } from "../data/loader.ts";
+import type { DataSource } from "../data/sources.ts";
+import { backboneForward } from "../models/resnet.ts";
+import type { SwavModel } from "../models/model.ts";
+
+export interface ExtractOptions {
+  /** Side of the (square) input the backbone sees. */
+  readonly size: number;
+  readonly mean: readonly number[];
+  readonly std: readonly number[];
+  /** Shorter side after resizing, before the centre crop (defaults to `size`). */
+  readonly resize?: number;
+  readonly batchSize?: number;
+  readonly workers?: number;
+  readonly seed?: number;
+  readonly onError?: "skip" | "fail";
+  /** Called after each batch with (samples done, total). */
+  readonly onProgress?: (done: number, total: number) => void;
+}
+
+export interface Features {
+  /** [N, D] pooled backbone features (owned by the caller). */
+  readonly features: tf.Tensor2D;
+  /** Label per row (-1 for unlabelled data). */
+  readonly labels: Int32Array;
+  /** Source index per row (skipped samples are absent). */
+  readonly indices: Int32Array;
+}
+
+/** Extracts pooled backbone features of every sample of `source`. */
+export const extractFeatures = (model: SwavModel, source: DataSource, options: ExtractOptions) =>
+  Effect.scoped(Effect.gen(function* () {
+    const channels = model.config.inputChannels;
+    const batchSize = options.batchSize ?? 256;
+    const loader = yield* makeLoader({
+      source,
+      prepare: evalPrepare({
+        size: options.size,
+        channels,
+        mean: [...options.mean],
+        std: [...options.std],
+        ...(options.resize === undefined ? {} : { resize: options.resize }),
+      }),
+      seed: options.seed ?? 0,
+      batchSize,
+      dropLast: false,
+      shuffle: false,
+      workers: options.workers ?? 0,
+      onError: options.onError ?? "skip",
+    });
+    const parts: tf.Tensor2D[] = [];
+    const labels: number[] = [];
+    const indices: number[] = [];
+    yield* Effect.addFinalizer(() => Effect.sync(() => tf.dispose(parts)));
+    yield* loader.epoch(0).pipe(
+      Stream.runForEach((batch) =>
+        Effect.sync(() => {
+          const n = batch.views.length;
+          const pixels = new Float32Array(n * options.size * options.size * channels);
+          batch.views.forEach((views, i) => pixels.set(views[0]!, i * views[0]!.length));
+          parts.push(tf.tidy(() => {
+            const x = tf.tensor4d(pixels, [n, options.size, options.size, channels]);
+            return backboneForward(model.plan, model.param, x, { training: false });
+          }));
+          labels.push(...batch.labels);
+          indices.push(...batch.indices);
+          options.onProgress?.(indices.length, source.length);
+        })
+      ),
+    );
+    const features = parts.length === 0
+      ? tf.zeros([0, model.plan.featureDim]) as tf.Tensor2D
+      : tf.concat(parts, 0) as tf.Tensor2D;
+    return {
+      features,
+      labels: Int32Array.from(labels),
+      indices: Int32Array.from(indices),
+    } satisfies Features;
+  }));
