@@ -17,47 +17,65 @@
  *   (the [C] vector tiled L times, L·C ≥ 256): tfjs-backend-wasm's broadcasting
  *   binary ops cost ~25x a same-shape op when the broadcast row is short (C = 8),
  *   and as little as a same-shape op once rows are long;
- * - channel sums are ones[1, rows] · view[rows, L·C] (a matrix product, XNNPACK),
- *   then a small [L, C] sum, instead of Sum over axes (0, 1, 2), which
- *   transposes the whole tensor first.
+ * - channel sums are an average pool over a [B, P, 1, C] view (XNNPACK, no
+ *   copy) then a small [B, C] sum: Sum over axes (0, 1, 2) transposes the whole
+ *   tensor first, and a ones·x matrix product makes XNNPACK pack x as weights
+ *   (~30x slower on fresh tensors).
  */
 import * as tf from "@tensorflow/tfjs";
 
 /** Broadcast rows shorter than this are slow in tfjs-backend-wasm's binary ops. */
 const MIN_ROW = 256;
 
-/** The [rows, L·C] view of x [..., C] used by every per-channel operation. */
+/** Pool windows up to this size: a [B, P, 1, C] view with P | count, P ≤ MAX_WINDOW. */
+const MAX_WINDOW = 4096;
+
+/** The views of x [..., C] used by the per-channel operations. */
 interface ChannelView {
-  readonly rows: number;
-  /** How many channel vectors make one row. */
-  readonly repeat: number;
   readonly channels: number;
+  /** Values per channel. */
+  readonly count: number;
+  /** Broadcast view [rows, repeat·C]: `repeat` channel vectors per row. */
+  readonly rows: number;
+  readonly repeat: number;
+  /** Reduction view [groups, window, 1, C]. */
+  readonly groups: number;
+  readonly window: number;
 }
+
+/** The smallest divisor of n that is ≥ lo (n itself if none is smaller). */
+const divisorAtLeast = (n: number, lo: number): number => {
+  for (let d = Math.max(1, lo); d < n; d++) if (n % d === 0) return d;
+  return n;
+};
+
+/** The largest divisor of n that is ≤ hi. */
+const divisorAtMost = (n: number, hi: number): number => {
+  for (let d = Math.min(n, hi); d > 1; d--) if (n % d === 0) return d;
+  return 1;
+};
 
 const channelView = (shape: readonly number[]): ChannelView => {
   const channels = shape[shape.length - 1]!;
   const count = shape.reduce((a, b) => a * b, 1) / channels;
-  let repeat = count;
-  for (let l = Math.max(1, Math.ceil(MIN_ROW / channels)); l <= count; l++) {
-    if (count % l === 0) {
-      repeat = l;
-      break;
-    }
-  }
-  return { rows: count / repeat, repeat, channels };
+  const repeat = divisorAtLeast(count, Math.ceil(MIN_ROW / channels));
+  const window = divisorAtMost(count, MAX_WINDOW);
+  return { channels, count, rows: count / repeat, repeat, groups: count / window, window };
 };
 
-/** v [C] repeated to the view's row [L·C]. */
+/** v [C] repeated to the broadcast view's row [L·C]. */
 const rowOf = (view: ChannelView, v: tf.Tensor): tf.Tensor1D =>
   (view.repeat === 1 ? v : tf.tile(v, [view.repeat])) as tf.Tensor1D;
 
-/** Σ over all but the channel axis of a view [rows, L·C]: [C]. */
-const channelSum = (view: ChannelView, t: tf.Tensor2D): tf.Tensor1D => {
-  const partial = tf.matMul(tf.ones([1, view.rows]), t); // [1, L·C]
-  return (view.repeat === 1 ? partial.reshape([view.channels]) : tf.sum(
-    partial.reshape([view.repeat, view.channels]),
-    0,
-  )) as tf.Tensor1D;
+/** Mean over all but the channel axis: [C]. */
+const channelMean = (view: ChannelView, t: tf.Tensor): tf.Tensor1D => {
+  const pooled = tf.avgPool(
+    t.reshape([view.groups, view.window, 1, view.channels]) as tf.Tensor4D,
+    [view.window, 1],
+    [view.window, 1],
+    "valid",
+  ); // [groups, 1, 1, C]
+  return tf.mean(pooled.reshape([view.groups, view.channels]), 0) as tf.Tensor1D;
 };
 
 /** What `batchNormTrain` returns. */
@@ -83,7 +101,7 @@ export const batchNormTrain = <T extends tf.Tensor>(
 ): BatchNormTrainOutput<T> => {
   const shape = x.shape;
   const view = channelView(shape);
-  const count = view.rows * view.repeat;
+  const count = view.count;
   if (gamma.size !== view.channels || beta.size !== view.channels) {
     throw new Error(`batchNormTrain: gamma/beta of size ${gamma.size}/${beta.size} for input [${shape}]`);
   }
@@ -94,9 +112,9 @@ export const batchNormTrain = <T extends tf.Tensor>(
     const [xIn, gammaIn, betaIn] = args as [tf.Tensor, tf.Tensor1D, tf.Tensor1D];
     const save = args[3] as tf.GradSaveFunc;
     const xv = xIn.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
-    const mean = tf.div(channelSum(view, xv), count) as tf.Tensor1D;
+    const mean = channelMean(view, xv);
     const centred = tf.sub(xv, rowOf(view, mean)) as tf.Tensor2D;
-    const variance = tf.div(channelSum(view, tf.mul(centred, centred) as tf.Tensor2D), count) as tf.Tensor1D;
+    const variance = channelMean(view, tf.mul(centred, centred));
     const invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
     const xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
     const y = tf.add(tf.mul(xhat, rowOf(view, gammaIn)), rowOf(view, betaIn)).reshape(shape);
@@ -107,16 +125,17 @@ export const batchNormTrain = <T extends tf.Tensor>(
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
         const [sxhat, sInvStd, sGamma] = saved as [tf.Tensor2D, tf.Tensor1D, tf.Tensor1D];
         const dyv = dy.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
-        const dbeta = channelSum(view, dyv);
-        const dgamma = channelSum(view, tf.mul(dyv, sxhat) as tf.Tensor2D);
+        // Means rather than sums: dbeta/N and dgamma/N are what dx needs.
+        const dbetaMean = channelMean(view, dyv);
+        const dgammaMean = channelMean(view, tf.mul(dyv, sxhat));
         const a = tf.mul(sGamma, sInvStd); // gamma·invstd
-        const xhatCoef = tf.mul(a, tf.div(dgamma, -count)); // −gamma·invstd·dgamma/N
-        const shift = tf.mul(a, tf.div(dbeta, -count)); // −gamma·invstd·dbeta/N
+        const xhatCoef = tf.mul(a, tf.neg(dgammaMean)); // −gamma·invstd·dgamma/N
+        const shift = tf.mul(a, tf.neg(dbetaMean)); // −gamma·invstd·dbeta/N
         const dx = tf.add(
           tf.add(tf.mul(dyv, rowOf(view, a)), tf.mul(sxhat, rowOf(view, xhatCoef))),
           rowOf(view, shift),
         ).reshape(shape);
-        return [dx, dgamma, dbeta];
+        return [dx, tf.mul(dgammaMean, count), tf.mul(dbetaMean, count)];
       },
     };
   });

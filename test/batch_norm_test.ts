@@ -125,6 +125,8 @@ const shapes = (): number[][] => {
     [4, 4, 4, 64],
     [r(2, 40), r(1, 300)], // BatchNorm1d
     [32, 512],
+    [4099, 3], // a prime count: no pooling window divides it, the reduction falls back to window 1
+    [2, 64, 64, 3], // 8192 values per channel: pooled in windows of 4096
   ];
 };
 
