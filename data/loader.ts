@@ -1,0 +1,355 @@
+/**
+ * The data loader: an Effect `Stream` of batches over a `DataSource`.
+ *
+ * Per epoch the sample order is `rngFor(seed, epoch).permutation(length)` (or
+ * 0..n-1 without shuffling). For each index the main thread fetches the raw
+ * sample (file bytes or record pixels: I/O, cheap) and a pool of Deno Workers
+ * does the CPU work, decode then `prepare(image, config, rngFor(seed, epoch,
+ * index))`, with buffers transferred both ways. Results come back in order, so
+ * batches are identical whatever the worker count or prefetch depth.
+ *
+ * Memory is bounded: at most `prefetch` samples are in flight and at most
+ * `bufferBatches` batches wait for the consumer (backpressure beyond that), so
+ * a data set far larger than RAM streams through.
+ *
+ * Bad samples follow `onError`: `skip` drops them, counts them and logs a summary
+ * at the end of each epoch (`skipped` reads the count); `fail` fails the stream
+ * with the `DecodeError`.
+ */
+import { Effect, Schema, Scope, Stream } from "effect";
+import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "../stages/decode.ts";
+import type { DataSource, RawSample } from "./sources.ts";
+import { type Rng, rngFor } from "./rng.ts";
+
+/**
+ * A per-sample transform, named by module URL and export so Workers can import it:
+ * `module[name](image, config, rng)` returns one buffer per view (or one buffer).
+ * `config` must be structured-cloneable (plain JSON is).
+ */
+export interface PrepareRef<C = unknown> {
+  readonly module: string;
+  readonly name: string;
+  readonly config: C;
+}
+
+export type PrepareFn<C = unknown> = (image: RgbImage, config: C, rng: Rng) => Float32Array | Float32Array[];
+
+/** SwAV multi-crop (`stages/multicrop.ts` `multicropSample`), one buffer per crop. */
+export const multicropPrepare = <C>(config: C): PrepareRef<C> => ({
+  module: new URL("../stages/multicrop.ts", import.meta.url).href,
+  name: "multicropSample",
+  config,
+});
+
+/** Deterministic evaluation transform (`stages/multicrop.ts` `evalTransform`): resize, centre crop, normalise. */
+export const evalPrepare = <C>(options: C): PrepareRef<C> => ({
+  module: new URL("../stages/multicrop.ts", import.meta.url).href,
+  name: "evalTransform",
+  config: options,
+});
+
+/** A random or centred square crop scaled to [0, 1] (`data/transforms.ts`); light, for tests and benchmarks. */
+export const cropPrepare = (
+  config: { size: number; channels: 1 | 3 },
+  random = true,
+): PrepareRef<{ size: number; channels: 1 | 3 }> => ({
+  module: new URL("./transforms.ts", import.meta.url).href,
+  name: random ? "randomCrop" : "centreCrop",
+  config,
+});
+
+/** A loader failure that is not about one sample's data: a broken prepare module, a crashed worker. */
+export class LoaderError extends Schema.TaggedError<LoaderError>()("LoaderError", {
+  reason: Schema.String,
+}) {}
+
+export interface PreparedSample {
+  readonly index: number;
+  readonly label: number;
+  readonly views: Float32Array[];
+}
+
+/** One batch: sample indices, labels (-1 when unlabelled) and, per sample, its view buffers. */
+export interface Batch {
+  readonly epoch: number;
+  readonly indices: Int32Array;
+  readonly labels: Int32Array;
+  /** `views[sample][view]`: for multi-crop, crop order as `multicropSample` returns it. */
+  readonly views: Float32Array[][];
+}
+
+/** View `view` of every sample of a batch, concatenated (batch-major), ready for a tensor. */
+export const stackView = (batch: Batch, view: number): Float32Array => {
+  const size = batch.views[0]?.[view]?.length ?? 0;
+  const out = new Float32Array(batch.views.length * size);
+  batch.views.forEach((views, i) => out.set(views[view], i * size));
+  return out;
+};
+
+export interface LoaderOptions {
+  readonly source: DataSource;
+  readonly prepare: PrepareRef;
+  readonly seed: number;
+  readonly batchSize: number;
+  /** Drop the last, smaller batch of an epoch (default true). */
+  readonly dropLast?: boolean;
+  /** Shuffle each epoch (default true; false for evaluation). */
+  readonly shuffle?: boolean;
+  /** Worker count; 0 prepares on the calling thread (default 0). */
+  readonly workers?: number;
+  /** Samples in flight at once (default max(8, 4 x workers)). */
+  readonly prefetch?: number;
+  /** Finished batches held ahead of the consumer (default 2). */
+  readonly bufferBatches?: number;
+  readonly onError?: "skip" | "fail";
+  readonly jpeg?: JpegDecoder;
+}
+
+export interface SkipReport {
+  readonly count: number;
+  /** The first few skipped samples, with why. */
+  readonly examples: ReadonlyArray<{ readonly path: string; readonly reason: string }>;
+}
+
+export interface Loader {
+  readonly source: DataSource;
+  /** Batches per epoch when nothing is skipped. */
+  readonly batchesPerEpoch: number;
+  /** The batches of one epoch; each run of the stream starts the epoch afresh. */
+  epoch(epoch: number): Stream.Stream<Batch, DecodeError | LoaderError>;
+  /** Samples skipped so far (all epochs) under `onError: "skip"`. */
+  readonly skipped: Effect.Effect<SkipReport>;
+}
+
+/**
+ * The sample order of an epoch: a permutation keyed by (seed, epoch), or 0..n-1
+ * without shuffling (lazily, so an unshuffled source may be arbitrarily long).
+ */
+export const epochOrder = (length: number, seed: number, epoch: number, shuffle = true): Iterable<number> =>
+  shuffle ? rngFor(seed, epoch).permutation(length) : {
+    *[Symbol.iterator]() {
+      for (let i = 0; i < length; i++) yield i;
+    },
+  };
+
+/** Imports a prepare function; throws a readable error when the module or export is missing. */
+export const importPrepare = async (ref: PrepareRef): Promise<PrepareFn> => {
+  const module = await import(ref.module);
+  const fn = module[ref.name];
+  if (typeof fn !== "function") throw new Error(`${ref.module} has no exported function ${ref.name}`);
+  return fn as PrepareFn;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Worker protocol
+
+/** Main thread to worker. */
+export type WorkerRequest =
+  | { readonly type: "init"; readonly prepare: PrepareRef; readonly jpeg: JpegDecoder }
+  | {
+    readonly type: "task";
+    readonly id: number;
+    readonly seed: number;
+    readonly epoch: number;
+    readonly index: number;
+    readonly raw: RawSample;
+  };
+
+/** Worker to main thread. `decode` errors follow the skip/fail policy; `fatal` ones always fail. */
+export type WorkerResponse =
+  | { readonly type: "done"; readonly id: number; readonly views: Float32Array[] }
+  | {
+    readonly type: "error";
+    readonly id: number;
+    readonly kind: "decode" | "fatal";
+    readonly path: string;
+    readonly reason: string;
+  };
+
+/** The buffer of `array` if transferring it moves only this array's bytes, else none (it gets copied). */
+export const transferable = (array: ArrayBufferView): ArrayBuffer[] =>
+  array.buffer instanceof ArrayBuffer && array.byteOffset === 0 &&
+    array.byteLength === array.buffer.byteLength
+    ? [array.buffer]
+    : [];
+
+let workersAlive = 0;
+/** Workers started by loaders and not yet terminated (for tests and diagnostics). */
+export const liveWorkers = (): number => workersAlive;
+
+interface Pool {
+  run(
+    index: number,
+    epoch: number,
+    seed: number,
+    raw: RawSample,
+  ): Effect.Effect<Float32Array[], DecodeError | LoaderError>;
+}
+
+/** Starts `size` workers; the scope's finalizer terminates them (interruption included). */
+const makePool = (
+  size: number,
+  prepare: PrepareRef,
+  jpeg: JpegDecoder,
+): Effect.Effect<Pool, never, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      type Resume = (result: Effect.Effect<Float32Array[], DecodeError | LoaderError>) => void;
+      const slots = Array.from({ length: size }, () => {
+        const worker = new Worker(new URL("./worker.ts", import.meta.url).href, { type: "module" });
+        workersAlive++;
+        const pending = new Map<number, Resume>();
+        const slot = { worker, pending, broken: undefined as string | undefined };
+        worker.onmessage = (event: MessageEvent<WorkerResponse>) => {
+          const message = event.data;
+          const resume = pending.get(message.id);
+          if (!resume) return; // interrupted meanwhile
+          pending.delete(message.id);
+          if (message.type === "done") resume(Effect.succeed(message.views));
+          else if (message.kind === "decode") {
+            resume(Effect.fail(new DecodeError({ path: message.path, reason: message.reason })));
+          } else resume(Effect.fail(new LoaderError({ reason: `${message.path}: ${message.reason}` })));
+        };
+        worker.onerror = (event: ErrorEvent) => {
+          // Keep a worker's crash from taking the main thread down; fail its tasks instead.
+          event.preventDefault();
+          slot.broken = `data worker crashed: ${event.message}`;
+          for (const resume of pending.values()) {
+            resume(Effect.fail(new LoaderError({ reason: slot.broken })));
+          }
+          pending.clear();
+        };
+        worker.postMessage({ type: "init", prepare, jpeg } satisfies WorkerRequest);
+        return slot;
+      });
+      let nextId = 0;
+      const pool: Pool & { close(): void } = {
+        run: (index, epoch, seed, raw) =>
+          Effect.callback<Float32Array[], DecodeError | LoaderError>((resume) => {
+            // Least-loaded worker: keeps every worker busy when samples differ in cost.
+            const slot = slots.reduce((best, s) => (s.pending.size < best.pending.size ? s : best));
+            if (slot.broken) return resume(Effect.fail(new LoaderError({ reason: slot.broken })));
+            const id = nextId++;
+            slot.pending.set(id, resume);
+            const payload = raw.kind === "encoded" ? raw.bytes : raw.image.data;
+            slot.worker.postMessage(
+              { type: "task", id, seed, epoch, index, raw } satisfies WorkerRequest,
+              transferable(payload),
+            );
+            return Effect.sync(() => slot.pending.delete(id));
+          }),
+        close: () => {
+          for (const slot of slots) {
+            slot.worker.terminate();
+            workersAlive--;
+          }
+        },
+      };
+      return pool;
+    }),
+    (pool) => Effect.sync(() => pool.close()),
+  );
+
+/** The in-thread "pool": the same work on the calling thread (workers: 0). */
+const makeLocal = (prepare: PrepareRef, jpeg: JpegDecoder): Pool => {
+  let loaded: Promise<PrepareFn> | undefined;
+  return {
+    run: (index, epoch, seed, raw) =>
+      Effect.gen(function* () {
+        const fn = yield* Effect.tryPromise({
+          try: () => (loaded ??= importPrepare(prepare)),
+          catch: (cause) => new LoaderError({ reason: `cannot load prepare: ${reasonOf(cause)}` }),
+        });
+        const image = raw.kind === "encoded" ? yield* decodeImage(raw.bytes, raw.path, { jpeg }) : raw.image;
+        return yield* Effect.try({
+          try: () => asViews(fn(image, prepare.config, rngFor(seed, epoch, index))),
+          catch: (cause) => new LoaderError({ reason: `${raw.path}: prepare failed: ${reasonOf(cause)}` }),
+        });
+      }),
+  };
+};
+
+/** A prepare result as a list of views. */
+export const asViews = (out: Float32Array | Float32Array[]): Float32Array[] =>
+  Array.isArray(out) ? out : [out];
+
+const reasonOf = (cause: unknown) => cause instanceof Error ? cause.message : String(cause);
+
+/** Builds a loader; with `workers > 0` its worker pool lives as long as the scope. */
+export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, LoaderError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const {
+      source,
+      prepare,
+      seed,
+      batchSize,
+      dropLast = true,
+      shuffle = true,
+      workers = 0,
+      bufferBatches = 2,
+      onError = "skip",
+      jpeg = "auto",
+    } = options;
+    if (!(Number.isInteger(batchSize) && batchSize > 0)) {
+      return yield* new LoaderError({ reason: `batchSize must be a positive integer, got ${batchSize}` });
+    }
+    if (!(Number.isInteger(workers) && workers >= 0)) {
+      return yield* new LoaderError({ reason: `workers must be a non-negative integer, got ${workers}` });
+    }
+    const prefetch = Math.max(1, options.prefetch ?? Math.max(8, 4 * workers));
+    const pool = workers > 0 ? yield* makePool(workers, prepare, jpeg) : makeLocal(prepare, jpeg);
+    const skips = { count: 0, examples: [] as Array<{ path: string; reason: string }> };
+
+    const sample = (index: number, epoch: number) =>
+      source.fetch(index).pipe(
+        Effect.flatMap((raw) =>
+          pool.run(index, epoch, seed, raw).pipe(
+            Effect.map((views): PreparedSample => ({ index, label: raw.label, views })),
+          )
+        ),
+        Effect.catchTag("DecodeError", (error) => {
+          if (onError === "fail") return Effect.fail(error);
+          skips.count++;
+          if (skips.examples.length < 10) skips.examples.push({ path: error.path, reason: error.reason });
+          return Effect.succeed(undefined);
+        }),
+      );
+
+    const epochStream = (epoch: number): Stream.Stream<Batch, DecodeError | LoaderError> =>
+      Stream.suspend(() => {
+        const before = skips.count;
+        return Stream.fromIterable(epochOrder(source.length, seed, epoch, shuffle)).pipe(
+          // Ordered: batches do not depend on which worker finishes first.
+          Stream.mapEffect((index) => sample(index, epoch), { concurrency: prefetch }),
+          Stream.filter((s): s is PreparedSample => s !== undefined),
+          Stream.grouped(batchSize),
+          Stream.filter((group) => !dropLast || group.length === batchSize),
+          Stream.map((group): Batch => ({
+            epoch,
+            indices: Int32Array.from(group, (s) => s.index),
+            labels: Int32Array.from(group, (s) => s.label),
+            views: group.map((s) => s.views),
+          })),
+          Stream.buffer({ capacity: bufferBatches }),
+          Stream.onEnd(
+            Effect.suspend(() =>
+              skips.count > before
+                ? Effect.logWarning(
+                  `epoch ${epoch}: skipped ${skips.count - before} unreadable samples, e.g. ` +
+                    skips.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; "),
+                )
+                : Effect.void
+            ),
+          ),
+        );
+      });
+
+    return {
+      source,
+      batchesPerEpoch: dropLast
+        ? Math.floor(source.length / batchSize)
+        : Math.ceil(source.length / batchSize),
+      epoch: epochStream,
+      skipped: Effect.sync(() => ({ count: skips.count, examples: [...skips.examples] })),
+    } satisfies Loader;
+  });
