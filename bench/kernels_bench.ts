@@ -78,7 +78,14 @@ console.log(`tfjs ${tf.version.tfjs}, backend ${tf.getBackend()}, reps ${REPS}, 
 
 // 1. Conv2DBackpropInput on the ResNet-18 (width 8, cifar stem, batch 128 = 2 crops x 64) shapes.
 header("Conv2DBackpropInput (tfjs-backend-wasm loop -> polyphase XNNPACK conv)");
-const convCases: { label: string; x: number[]; k: number; cout: number; stride: number; pad: number }[] = [
+const convCases: {
+  label: string;
+  x: [number, number, number, number];
+  k: number;
+  cout: number;
+  stride: number;
+  pad: number;
+}[] = [
   { label: "3x3/1 32x32 8->8", x: [128, 32, 32, 8], k: 3, cout: 8, stride: 1, pad: 1 },
   { label: "3x3/2 32x32 8->16", x: [128, 32, 32, 8], k: 3, cout: 16, stride: 2, pad: 1 },
   { label: "1x1/2 32x32 8->16 (downsample)", x: [128, 32, 32, 8], k: 1, cout: 16, stride: 2, pad: 0 },
@@ -95,9 +102,9 @@ for (const c of convCases) {
     [number, number],
     [number, number],
   ];
-  const outShape = tf.tidy(() => tf.conv2d(tf.zeros(c.x) as tf.Tensor4D, w, c.stride, pad).shape);
+  const outShape = tf.backend_util.computeConv2DInfo(c.x, w.shape, c.stride, 1, pad).outShape;
   const dy = tf.randomNormal(outShape) as tf.Tensor4D;
-  const run = () => tf.conv2dTranspose(dy, w, c.x as [number, number, number, number], c.stride, pad);
+  const run = () => tf.conv2dTranspose(dy, w, c.x, c.stride, pad);
   wasmKernelOptions.fastConv2DBackpropInput = false;
   const before = await timeIt(run);
   wasmKernelOptions.fastConv2DBackpropInput = true;
