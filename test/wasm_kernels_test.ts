@@ -219,3 +219,22 @@ Deno.test("wasm Conv2DBackpropInput matches the cpu backend and the float64 defi
     wasmKernelOptions.fastConv2DBackpropInput = true;
   }
 });
+
+Deno.test("wasm Conv2DBackpropInput frees every intermediate buffer on the wasm heap", async () => {
+  await initBackend("wasm");
+  // Engine-level leak checks cannot see kernel temporaries: count the backend's buffers.
+  const backend = tf.engine().backend as unknown as { numDataIds(): number };
+  const dy = tf.randomNormal([2, 5, 5, 4]) as tf.Tensor4D;
+  const w = tf.randomNormal([3, 3, 3, 4]) as tf.Tensor4D;
+  const run = () =>
+    tf.dispose([
+      tf.conv2dTranspose(dy, w, [2, 9, 9, 3], 2, [[0, 0], [1, 1], [1, 1], [0, 0]]),
+      tf.conv2dTranspose(dy, w, [2, 10, 10, 3], 2, "same"),
+      tf.conv2dTranspose(dy, w, [2, 5, 5, 3], 1, "same"),
+    ]);
+  run();
+  const before = backend.numDataIds();
+  for (let i = 0; i < 5; i++) run();
+  assert.equal(backend.numDataIds(), before);
+  tf.dispose([dy, w]);
+});
