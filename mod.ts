@@ -2,11 +2,12 @@
  * swav-ts: SwAV self-supervised image representation learning (Caron et al. 2020)
  * on Deno with TensorFlow.js and Effect.
  *
- * The public API: stages, pipelines, the backend service and resource helpers.
+ * The public API: the six stages, the pipelines built from them, the backend
+ * service, state with an owner (queue, optimiser), and resource helpers.
  * @module
  */
 
-// Backend and resources
+// Backend and tensor resources
 export {
   BackendName,
   BackendUnavailable,
@@ -16,8 +17,76 @@ export {
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
 
-// Stage abstraction
+// The stage abstraction
 export { andThen, ConfigError, configure, defineStage, type Stage } from "./stages/stage.ts";
+
+// Stage: decode
+export { DecodeError, decodeImage, decodeStage, type RgbImage } from "./stages/decode.ts";
+export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
+export { type Batch, evalPrepare, type Loader, makeLoader, multicropPrepare } from "./data/loader.ts";
+
+// Stage: multicrop
+export {
+  collateCrops,
+  defaultMulticropConfig,
+  evalTransform,
+  MulticropConfig,
+  multicropSample,
+  multicropStage,
+  smallImageProfile,
+} from "./stages/multicrop.ts";
+
+// Stage: encode (ResNet backbone per resolution group, projection head, prototypes)
+export { checkFitsBackend, encodeStage, ModelTooLarge } from "./stages/encode.ts";
+export {
+  disposeModel,
+  estimateMemory,
+  makeSwavModel,
+  ModelConfig,
+  modelForward,
+  type SwavModel,
+  trainableVariables,
+} from "./models/model.ts";
+export { backboneForward } from "./models/resnet.ts";
+export { normalisePrototypes } from "./models/prototypes.ts";
+
+// Stage: sinkhorn
+export { SinkhornConfig, sinkhornKnopp, sinkhornStage, withoutGradient } from "./stages/sinkhorn.ts";
+
+// Stage: swappedLoss (and the composed one-call form)
+export {
+  assignmentCodes,
+  swappedLossFromCodes,
+  swappedLossStage,
+  swappedPredictionLoss,
+} from "./stages/swapped_loss.ts";
+
+// Stage: optimise (LARC-SGD, warm-up + cosine schedule)
+export {
+  LarcSgd,
+  learningRateAt,
+  makeLarcSgd,
+  OptimiseConfig,
+  optimiseStage,
+  scheduleFromEpochs,
+} from "./stages/optimise.ts";
+
+// State with an owner: the embedding queue
+export {
+  type EmbeddingQueue,
+  isFull as queueIsFull,
+  makeQueue,
+  push as pushQueue,
+  queueScores,
+} from "./state/queue.ts";
+
+// Pipelines
+export { decodeRunConfig, loadRunConfig, RunConfig, type RunConfigInput } from "./config/config.ts";
+export { forwardBackward, type TrainStepParts } from "./pipelines/train_step.ts";
+export { NonFiniteLoss, pretrain, type PretrainOptions, swavParts } from "./pipelines/pretrain.ts";
+export { extractFeatures } from "./pipelines/extract.ts";
+export { knnClassify } from "./pipelines/knn.ts";
+export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
 
 // Randomness keyed by (seed, epoch, sample index)
 export { type Rng, rngFor, rngFromState } from "./data/rng.ts";

@@ -61,7 +61,11 @@ export const cropPrepare = (
 /** A loader failure that is not about one sample's data: a broken prepare module, a crashed worker. */
 export class LoaderError extends Schema.TaggedError<LoaderError>()("LoaderError", {
   reason: Schema.String,
-}) {}
+}) {
+  override get message(): string {
+    return this.reason;
+  }
+}
 
 export interface PreparedSample {
   readonly index: number;

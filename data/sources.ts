@@ -22,7 +22,11 @@ import { cifarImage, cifarLabel, type CifarVariant, recordLength } from "./cifar
 export class SourceError extends Schema.TaggedError<SourceError>()("SourceError", {
   path: Schema.String,
   reason: Schema.String,
-}) {}
+}) {
+  override get message(): string {
+    return `${this.path}: ${this.reason}`;
+  }
+}
 
 export type Split = "train" | "test";
 export type SourceKind = "idx" | "cifar10" | "cifar100" | "folder" | "flat";

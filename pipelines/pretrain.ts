@@ -194,10 +194,15 @@ export const knnTop1 = (
  * Pretrains a SwAV model as `config` says. With `resume`, continues exactly
  * from the latest checkpoint in the run folder.
  */
-export const pretrain = (
-  config: RunConfig,
-  options: { readonly resume?: boolean; readonly hooks?: PretrainHooks } = {},
-) =>
+export interface PretrainOptions {
+  /** Continue from the latest checkpoint in the run folder. */
+  readonly resume?: boolean;
+  readonly hooks?: PretrainHooks;
+  /** Replaces the SwAV step parts (encoder, assignment, loss): a custom pipeline. Defaults to `swavParts`. */
+  readonly parts?: (model: SwavModel, config: RunConfig, batchSize: number) => TrainStepParts;
+}
+
+export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
   Effect.scoped(Effect.gen(function* () {
     const hooks = options.hooks ?? {};
     const backend = yield* TensorBackend;
@@ -240,7 +245,7 @@ export const pretrain = (
       eps: 1e-8,
       clip: false,
     });
-    const parts = swavParts(model, config, batchSize);
+    const parts = (options.parts ?? swavParts)(model, config, batchSize);
     const stepsPerEpoch = loader.batchesPerEpoch;
     const schedule: LrSchedule = scheduleFromEpochs({
       epochs: trainConfig.epochs,
@@ -397,7 +402,10 @@ export const pretrain = (
       let batchIndex = skip;
       yield* loader.epoch(epoch).pipe(
         Stream.drop(skip),
-        Stream.takeWhile(() => trainConfig.maxSteps === 0 || step < trainConfig.maxSteps),
+        // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
+        Stream.take(
+          trainConfig.maxSteps === 0 ? Number.POSITIVE_INFINITY : Math.max(0, trainConfig.maxSteps - step),
+        ),
         Stream.runForEach((batch) =>
           Effect.scoped(Effect.gen(function* () {
             const t0 = performance.now();

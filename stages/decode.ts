@@ -30,7 +30,11 @@ export interface RgbImage {
 export class DecodeError extends Schema.TaggedError<DecodeError>()("DecodeError", {
   path: Schema.String,
   reason: Schema.String,
-}) {}
+}) {
+  override get message(): string {
+    return `${this.path}: ${this.reason}`;
+  }
+}
 
 /** Largest accepted image, in pixels: a guard against a corrupt header asking for gigabytes. */
 const MAX_PIXELS = 1 << 28;

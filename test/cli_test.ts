@@ -1,0 +1,100 @@
+import assert from "node:assert/strict";
+import { writeDemoDataset } from "../data/demo_dataset.ts";
+
+const cli = new URL("../cli/main.ts", import.meta.url).pathname;
+
+const swav = async (...args: string[]) => {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", cli, ...args],
+    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return {
+    code: output.code,
+    stdout: new TextDecoder().decode(output.stdout),
+    stderr: new TextDecoder().decode(output.stderr),
+  };
+};
+
+Deno.test("pretrain CLI: bad input fails with one line naming the problem, exit code 1", async (t) => {
+  const folder = await Deno.makeTempDir();
+  try {
+    await t.step("a missing config file", async () => {
+      const r = await swav("pretrain", "--config", `${folder}/nope.json`);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /error: .*nope\.json.*no such file/);
+    });
+    await t.step("a config field out of range", async () => {
+      await Deno.writeTextFile(`${folder}/bad.json`, JSON.stringify({ train: { batchSize: -3 } }));
+      const r = await swav("pretrain", "--config", `${folder}/bad.json`);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /bad\.json/);
+      assert.match(r.stderr, /batchSize/);
+    });
+    await t.step("a file that is not JSON", async () => {
+      await Deno.writeTextFile(`${folder}/broken.json`, "{ train: ");
+      const r = await swav("pretrain", "--config", `${folder}/broken.json`);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /broken\.json is not valid JSON/);
+    });
+    await t.step("a data folder that does not exist", async () => {
+      const r = await swav("pretrain", "--data", `${folder}/no-such-data`, "--out", `${folder}/run`);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /no-such-data.*no such folder|no such folder.*no-such-data/);
+    });
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("pretrain CLI: a short run, then --resume continues from its checkpoint", async () => {
+  const folder = await Deno.makeTempDir();
+  try {
+    await writeDemoDataset({
+      folder: `${folder}/data`,
+      perClassTrain: 4,
+      perClassTest: 2,
+      size: 16,
+      seed: 5,
+    });
+    await Deno.writeTextFile(
+      `${folder}/tiny.json`,
+      JSON.stringify({
+        data: { source: `${folder}/data:train`, workers: 1 },
+        multicrop: { nmbCrops: [2], sizeCrops: [16], minScaleCrops: [0.3], maxScaleCrops: [1], blur: false },
+        model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
+        train: { epochs: 2, batchSize: 8 },
+      }),
+    );
+    const first = await swav(
+      "pretrain",
+      "--config",
+      `${folder}/tiny.json`,
+      "--out",
+      `${folder}/run`,
+      "--max-steps",
+      "3",
+      "--json",
+    );
+    assert.equal(first.code, 0, first.stderr);
+    const summary = JSON.parse(first.stdout.trim().split("\n").at(-1)!);
+    assert.equal(summary.steps, 3);
+    assert.match(summary.checkpoint, /checkpoint-000000003\.swav$/);
+    const second = await swav(
+      "pretrain",
+      "--config",
+      `${folder}/tiny.json`,
+      "--out",
+      `${folder}/run`,
+      "--resume",
+      "--json",
+    );
+    assert.equal(second.code, 0, second.stderr);
+    assert.match(second.stderr, /resumed from .*checkpoint-000000003\.swav at step 3/);
+    // 40 images, batch 8: 5 steps per epoch, 2 epochs.
+    assert.equal(JSON.parse(second.stdout.trim().split("\n").at(-1)!).steps, 10);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
