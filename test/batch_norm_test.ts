@@ -123,7 +123,9 @@ const shapes = (): number[][] => {
     [r(2, 5), r(3, 9), r(3, 9), r(1, 12)], // odd sizes: the view falls back to short or single rows
     [16, 8, 8, 8], // a ResNet stage at width 8: long rows through tiling
     [4, 4, 4, 64],
-    [r(2, 40), r(1, 300)], // BatchNorm1d
+    // BatchNorm1d. Not N = 2: two samples normalise to ±√(v/(v+eps)) whatever x is, so the true dx
+    // is O(eps/v), a cancellation float32 cannot resolve to 1e-4 relative (seen as 3e-2 at [2, 85]).
+    [r(3, 40), r(1, 300)],
     [32, 512],
     [4099, 3], // a prime count: no pooling window divides it, the reduction falls back to window 1
     [2, 64, 64, 3], // 8192 values per channel: pooled in windows of 4096
