@@ -10,6 +10,7 @@
  * (it only matters for momentum=None).
  */
 import * as tf from "@tensorflow/tfjs";
+import { batchNormTrain } from "../backend/batch_norm.ts";
 
 export type ResnetArch = "resnet18" | "resnet34" | "resnet50";
 export type ResnetStem = "imagenet" | "cifar";
@@ -199,16 +200,17 @@ export const batchNorm = <T extends tf.Tensor>(
     const variance = params(`${name}.running_var`) as tf.Tensor1D;
     return tf.batchNorm(x, mean, variance, offset, scale, BN_EPS) as T;
   }
-  const axes = x.shape.slice(0, -1).map((_, i) => i);
   const count = x.size / x.shape[x.rank - 1]!;
   if (count < 2) {
     throw new Error(
       `${name}: BatchNorm in train mode needs more than one value per channel (got input shape [${x.shape}])`,
     );
   }
-  const { mean, variance } = tf.moments(x, axes);
+  // The closed-form backward (backend/batch_norm.ts): tf.batchNorm's gradient tiles every statistic
+  // to the activation's shape, which made BatchNorm the largest cost of a wasm training step.
+  const { y, mean, variance } = batchNormTrain(x, scale, offset, BN_EPS);
   if (options.updateRunningStats ?? true) updateRunningStats(params, name, mean, variance, count);
-  return tf.batchNorm(x, mean as tf.Tensor1D, variance as tf.Tensor1D, offset, scale, BN_EPS) as T;
+  return y;
 };
 
 /** running ← (1 − m)·running + m·batch, torch's convention (unbiased batch variance). */
