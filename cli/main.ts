@@ -7,7 +7,10 @@ import { NodeRuntime, NodeServices } from "@effect/platform-node";
 import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, TensorBackend } from "../backend/tensor_backend.ts";
-import { decodeRunConfig, loadRunConfig, mergeConfig, type RunConfig } from "../config/config.ts";
+import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
+import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
+import { openSource } from "../data/sources.ts";
+import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
 import { runDemo } from "../pipelines/demo.ts";
 import { progressHooks } from "./progress.ts";
@@ -57,16 +60,21 @@ const overrides = (flags: {
   },
 });
 
-/** The resolved config: file (if any), then flags, then defaults; the backend env var where no flag or file says. */
+/**
+ * The resolved config: the file (if any), then flags over it, then the data
+ * set's defaults where neither says (config/data_defaults.ts), then the
+ * schema's defaults; validated once, naming the file in errors.
+ */
 const resolveConfig = (file: Option.Option<string>, flagOverrides: unknown) =>
   Effect.gen(function* () {
-    const base = Option.isSome(file)
-      ? yield* loadRunConfig(file.value)
-      : yield* decodeRunConfig({}, "defaults");
-    return yield* decodeRunConfig(
-      mergeConfig(base, flagOverrides),
-      Option.getOrElse(file, () => "command line"),
+    const name = Option.getOrElse(file, () => "command line");
+    const raw = mergeConfig(Option.isSome(file) ? yield* readRawConfig(file.value) : {}, flagOverrides);
+    const provisional = yield* decodeRunConfig(raw, name);
+    const source = yield* openSource(
+      yield* resolveSourceSpec(provisional.data.source),
+      provisional.data.channels === undefined ? {} : { channels: provisional.data.channels },
     );
+    return yield* decodeRunConfig(withDataDefaults(raw, factsOf(source)), name);
   });
 
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then the config's (default auto). */

@@ -108,6 +108,10 @@ export const decodeRunConfig = (raw: unknown, source = "config"): Effect.Effect<
 
 /** Reads and validates a JSON config file. */
 export const loadRunConfig = (path: string): Effect.Effect<RunConfig, InvalidConfig> =>
+  Effect.flatMap(readRawConfig(path), (raw) => decodeRunConfig(raw, path));
+
+/** Reads a JSON config file without validating it (to merge flags and data defaults first). */
+export const readRawConfig = (path: string): Effect.Effect<unknown, InvalidConfig> =>
   Effect.gen(function* () {
     const text = yield* Effect.tryPromise({
       try: () => Deno.readTextFile(path),
@@ -127,7 +131,7 @@ export const loadRunConfig = (path: string): Effect.Effect<RunConfig, InvalidCon
           message: `${path} is not valid JSON: ${(error as Error).message}`,
         }),
     });
-    return yield* decodeRunConfig(raw, path);
+    return raw;
   });
 
 /** Deep-merges `override` into `base` (plain objects only; arrays and values replace). */
