@@ -1,0 +1,230 @@
+/**
+ * Export of a trained backbone in TF.js's weights format, and loading it back
+ * as an encoder for `extractFeatures`.
+ *
+ * A folder with two files:
+ *
+ * - `model.json`: `{ format: "swav-ts-encoder", version: 1, model: <ModelConfig>,
+ *   featureDim, input: { size, channels, mean, std }, layout, weightsManifest }`,
+ *   where `weightsManifest` is TF.js's (`[{ paths: ["weights.bin"], weights:
+ *   [{ name, shape, dtype: "float32" }] }]`), so `tf.io.loadWeights` /
+ *   `tf.io.decodeWeights` read the weights as they are;
+ * - `weights.bin`: the backbone's parameters as little-endian float32,
+ *   concatenated in manifest order.
+ *
+ * Names and layouts are the checkpoint's (torch `state_dict` names with a
+ * `backbone.` prefix): conv filters [kh, kw, in, out] (torch's [out, in, kh, kw]
+ * transposed to (2, 3, 1, 0)), BatchNorm `weight`, `bias`, `running_mean`,
+ * `running_var` [C]. The encoder is: stem conv + BN + ReLU (+ 3x3/2 max-pool for
+ * the `imagenet` stem), the residual stages, global average pooling; inputs
+ * NHWC, normalised with `input.mean` / `input.std`.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Schema, type Scope } from "effect";
+import { decodeModelConfig, type ModelConfig, type NamedVariable, type SwavModel } from "../models/model.ts";
+import { backboneParamSpecs, backbonePlan } from "../models/resnet.ts";
+
+export const encoderFormat = "swav-ts-encoder";
+export const encoderFormatVersion = 1;
+
+/** An export folder that cannot be written or read back. */
+export class EncoderError extends Schema.TaggedError<EncoderError>()("EncoderError", {
+  path: Schema.String,
+  reason: Schema.String,
+}) {
+  override get message(): string {
+    return `encoder ${this.path}: ${this.reason}`;
+  }
+}
+
+/** What the encoder expects as input (the run's evaluation transform). */
+export interface EncoderInput {
+  readonly size: number;
+  readonly channels: 1 | 3;
+  readonly mean: readonly number[];
+  readonly std: readonly number[];
+}
+
+interface WeightEntry {
+  readonly name: string;
+  readonly shape: number[];
+  readonly dtype: "float32";
+}
+
+/** The content of `model.json`. */
+export interface EncoderManifest {
+  readonly format: typeof encoderFormat;
+  readonly version: number;
+  readonly model: ModelConfig;
+  readonly featureDim: number;
+  readonly input: EncoderInput;
+  readonly layout: string;
+  readonly weightsManifest: { paths: string[]; weights: WeightEntry[] }[];
+}
+
+const isBackbone = (name: string) => name.startsWith("backbone.");
+
+/** Writes the model's backbone to `folder` (`model.json` + `weights.bin`); returns the folder. */
+export const exportEncoder = (
+  model: SwavModel,
+  folder: string,
+  input: Omit<EncoderInput, "channels">,
+): Effect.Effect<string, EncoderError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const params = model.params.filter((p) => isBackbone(p.name));
+      const chunks: Float32Array[] = [];
+      for (const p of params) chunks.push((await p.variable.data()) as Float32Array);
+      const bytes = new Uint8Array(chunks.reduce((n, c) => n + c.byteLength, 0));
+      let offset = 0;
+      for (const c of chunks) {
+        bytes.set(new Uint8Array(c.buffer, c.byteOffset, c.byteLength), offset);
+        offset += c.byteLength;
+      }
+      const manifest: EncoderManifest = {
+        format: encoderFormat,
+        version: encoderFormatVersion,
+        model: model.config,
+        featureDim: model.plan.featureDim,
+        input: { ...input, channels: model.config.inputChannels },
+        layout: "NHWC activations; conv filters [kh, kw, in, out]; BatchNorm weight, bias, running_mean, " +
+          "running_var [C] (eps 1e-5); names as torch state_dict with a backbone. prefix; " +
+          "output: global average pool of the last stage [N, featureDim]",
+        weightsManifest: [{
+          paths: ["weights.bin"],
+          weights: params.map((p) => ({ name: p.name, shape: [...p.variable.shape], dtype: "float32" })),
+        }],
+      };
+      await Deno.mkdir(folder, { recursive: true });
+      await Deno.writeFile(`${folder}/weights.bin`, bytes);
+      await Deno.writeTextFile(`${folder}/model.json`, JSON.stringify(manifest, null, 2) + "\n");
+      return folder;
+    },
+    catch: (error) =>
+      new EncoderError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+  });
+
+/** Reads and checks `folder/model.json`. */
+export const readEncoderManifest = (folder: string): Effect.Effect<EncoderManifest, EncoderError> =>
+  Effect.gen(function* () {
+    const fail = (reason: string) => Effect.fail(new EncoderError({ path: folder, reason }));
+    const text = yield* Effect.tryPromise({
+      try: () => Deno.readTextFile(`${folder}/model.json`),
+      catch: (error) =>
+        new EncoderError({
+          path: folder,
+          reason: error instanceof Deno.errors.NotFound ? "no model.json in the folder" : String(error),
+        }),
+    });
+    let raw: Partial<EncoderManifest>;
+    try {
+      raw = JSON.parse(text);
+    } catch (error) {
+      return yield* fail(`model.json is not valid JSON: ${(error as Error).message}`);
+    }
+    if (raw.format !== encoderFormat) return yield* fail(`model.json is not a ${encoderFormat} export`);
+    if (raw.version !== encoderFormatVersion) {
+      return yield* fail(
+        `format version ${raw.version} is not supported (this build reads ${encoderFormatVersion})`,
+      );
+    }
+    const model = yield* decodeModelConfig(raw.model).pipe(
+      Effect.mapError((error) =>
+        new EncoderError({ path: folder, reason: `model config: ${error.message}` })
+      ),
+    );
+    if (!Array.isArray(raw.weightsManifest) || raw.input === undefined) {
+      return yield* fail("model.json lacks weightsManifest or input");
+    }
+    return { ...raw, model } as EncoderManifest;
+  });
+
+/**
+ * Loads an exported backbone as a model whose parameters are the backbone's
+ * only (the head's names are absent): enough for `extractFeatures`. Every
+ * parameter of the architecture must be present with its shape. The scope
+ * disposes the variables.
+ */
+export const loadEncoder = (
+  folder: string,
+): Effect.Effect<{ model: SwavModel; input: EncoderInput }, EncoderError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const manifest = yield* readEncoderManifest(folder);
+    const fail = (reason: string) => new EncoderError({ path: folder, reason });
+    const byName = new Map<string, { shape: number[]; values: Float32Array }>();
+    for (const group of manifest.weightsManifest) {
+      const entries = group.weights;
+      const buffers = yield* Effect.tryPromise({
+        try: () => Promise.all(group.paths.map((p) => Deno.readFile(`${folder}/${p}`))),
+        catch: (error) =>
+          fail(`cannot read weights: ${error instanceof Error ? error.message : String(error)}`),
+      });
+      const bytes = buffers.length === 1 ? buffers[0]! : concatBytes(buffers);
+      let offset = 0;
+      for (const entry of entries) {
+        if (entry.dtype !== "float32") return yield* Effect.fail(fail(`${entry.name}: dtype ${entry.dtype}`));
+        const count = entry.shape.reduce((a, b) => a * b, 1);
+        if (offset + count * 4 > bytes.length) {
+          return yield* Effect.fail(fail(`weights file too short at ${entry.name}`));
+        }
+        // slice: an aligned copy independent of the file buffer.
+        byName.set(entry.name, {
+          shape: entry.shape,
+          values: new Float32Array(bytes.slice(offset, offset + count * 4).buffer),
+        });
+        offset += count * 4;
+      }
+      if (offset !== bytes.length) {
+        return yield* Effect.fail(fail(`weights file has ${bytes.length - offset} bytes past the manifest`));
+      }
+    }
+    const plan = backbonePlan(manifest.model);
+    const specs = backboneParamSpecs(plan);
+    for (const spec of specs) {
+      const array = byName.get(spec.name);
+      if (array === undefined) {
+        return yield* Effect.fail(
+          fail(`lacks ${spec.name} of a ${manifest.model.arch}: another architecture?`),
+        );
+      }
+      if (array.shape.join("x") !== spec.shape.join("x")) {
+        return yield* Effect.fail(
+          fail(`${spec.name} has shape [${array.shape}], ${manifest.model.arch} needs [${spec.shape}]`),
+        );
+      }
+    }
+    const model = yield* Effect.acquireRelease(
+      Effect.sync((): SwavModel => {
+        const params: NamedVariable[] = specs.map((spec) => ({
+          name: spec.name,
+          trainable: false,
+          variable: tf.tidy(() =>
+            tf.variable(tf.tensor(byName.get(spec.name)!.values, [...spec.shape]), false)
+          ),
+        }));
+        const lookup = new Map(params.map((p) => [p.name, p.variable]));
+        return {
+          config: manifest.model,
+          plan,
+          params,
+          param: (name) => {
+            const variable = lookup.get(name);
+            if (variable === undefined) throw new Error(`the exported encoder has no parameter ${name}`);
+            return variable;
+          },
+        };
+      }),
+      (m) => Effect.sync(() => m.params.forEach((p) => p.variable.isDisposed || p.variable.dispose())),
+    );
+    return { model, input: manifest.input };
+  });
+
+const concatBytes = (parts: Uint8Array[]): Uint8Array => {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const p of parts) {
+    out.set(p, offset);
+    offset += p.length;
+  }
+  return out;
+};
