@@ -18,6 +18,7 @@
  * replaced by a forward convolution too (see `planInputGrad`).
  */
 import * as tf from "@tensorflow/tfjs";
+import { type Blas, blasEnabled, loadBlas, pointerAt, Scratch } from "./blas.ts";
 
 type TensorInfo = tf.TensorInfo;
 // The kernel functions of one backend, called directly (not through the engine,
@@ -391,6 +392,12 @@ const conv2DBackpropInputVia = (original: tf.KernelConfig | undefined) => {
  */
 export const registerWasmKernels = (): void => {
   if (tf.getKernel("Conv2DBackpropFilter", "wasm") !== undefined) return;
+  registerPlainWasmKernels();
+  // OpenBLAS kernels go on top, each falling back to the kernel above when BLAS is off.
+  registerBlasKernels();
+};
+
+const registerPlainWasmKernels = (): void => {
   tf.registerKernel({
     kernelName: "Conv2DBackpropFilter",
     backendName: "wasm",
@@ -409,4 +416,419 @@ export const registerWasmKernels = (): void => {
       return impl(args);
     }) as unknown as tf.KernelFunc,
   });
+};
+
+// ---------------------------------------------------------------------------
+// OpenBLAS-backed kernels (backend/blas.ts), registered when the library loads.
+//
+// Convolutions run as im2col + sgemm, in chunks of images so the column buffer
+// (JS memory, reused) stays a few MB whatever the batch:
+//
+//   Conv2D                out[rows, Co]  = col[rows, K] · W[K, Co]              (K = KH·KW·Ci)
+//   Conv2DBackpropFilter  dW[K, Co]     += col[rows, K]ᵀ · dy[rows, Co]         (summed over chunks)
+//   Conv2DBackpropInput   dcol[rows, K]  = dy[rows, Co] · W[K, Co]ᵀ, then col2im (scatter-add)
+//
+// A 1x1, stride-1, unpadded convolution needs no column buffer: x itself is
+// col. Tensors are read and written in place on the wasm heap (zero-copy).
+// Anything else (NCHW, dtype other than float32, BLAS disabled) goes to the
+// kernel registered before.
+// ---------------------------------------------------------------------------
+
+/** Which BLAS kernels run (all on by default when OpenBLAS loads); for benchmarks and exactness tests. */
+export const blasKernelOptions = {
+  conv2D: true,
+  conv2DBackpropFilter: true,
+  conv2DBackpropInput: true,
+  batchMatMul: true,
+};
+
+/** Floats of im2col buffer per chunk (16 MB). */
+const CHUNK_FLOATS = 1 << 22;
+
+/** Convolution geometry in NHWC. */
+interface ConvGeometry {
+  readonly n: number;
+  readonly h: number;
+  readonly w: number;
+  readonly ci: number;
+  readonly oh: number;
+  readonly ow: number;
+  readonly co: number;
+  readonly kh: number;
+  readonly kw: number;
+  readonly sh: number;
+  readonly sw: number;
+  readonly dh: number;
+  readonly dw: number;
+  readonly top: number;
+  readonly left: number;
+}
+
+const geometry = (c: tf.backend_util.Conv2DInfo): ConvGeometry => ({
+  n: c.batchSize,
+  h: c.inHeight,
+  w: c.inWidth,
+  ci: c.inChannels,
+  oh: c.outHeight,
+  ow: c.outWidth,
+  co: c.outChannels,
+  kh: c.filterHeight,
+  kw: c.filterWidth,
+  sh: c.strideHeight,
+  sw: c.strideWidth,
+  dh: c.dilationHeight,
+  dw: c.dilationWidth,
+  top: c.padInfo.top,
+  left: c.padInfo.left,
+});
+
+/** x itself is the column matrix: 1x1 filter, stride 1, no padding. */
+const isPointwise = (g: ConvGeometry) =>
+  g.kh === 1 && g.kw === 1 && g.sh === 1 && g.sw === 1 && g.top === 0 && g.left === 0 &&
+  g.oh === g.h && g.ow === g.w;
+
+/** Images per chunk so that a chunk's column buffer holds at most CHUNK_FLOATS. */
+const imagesPerChunk = (g: ConvGeometry) =>
+  Math.max(1, Math.min(g.n, Math.floor(CHUNK_FLOATS / (g.oh * g.ow * g.kh * g.kw * g.ci))));
+
+/** Column rows of images [n0, n1): row ((n − n0)·OH + oh)·OW + ow, column (kh·KW + kw)·Ci + ci. */
+export const im2col = (x: Float32Array, g: ConvGeometry, n0: number, n1: number, col: Float32Array): void => {
+  const { h, w, ci, oh, ow, kh, kw, sh, sw, dh, dw, top, left } = g;
+  const k = kh * kw * ci;
+  let dst = 0;
+  for (let n = n0; n < n1; n++) {
+    const base = n * h * w * ci;
+    for (let y = 0; y < oh; y++) {
+      for (let xo = 0; xo < ow; xo++) {
+        for (let i = 0; i < kh; i++) {
+          const ih = y * sh - top + i * dh;
+          let d = dst + i * kw * ci;
+          if (ih < 0 || ih >= h) {
+            col.fill(0, d, d + kw * ci);
+            continue;
+          }
+          const rowBase = base + ih * w * ci;
+          for (let j = 0; j < kw; j++, d += ci) {
+            const iw = xo * sw - left + j * dw;
+            if (iw < 0 || iw >= w) {
+              for (let c = 0; c < ci; c++) col[d + c] = 0;
+              continue;
+            }
+            const s = rowBase + iw * ci;
+            for (let c = 0; c < ci; c++) col[d + c] = x[s + c]!;
+          }
+        }
+        dst += k;
+      }
+    }
+  }
+};
+
+/** The adjoint of im2col: adds the column rows of images [n0, n1) into dx (which the caller zeroed). */
+export const col2imAdd = (col: Float32Array, g: ConvGeometry, n0: number, n1: number, dx: Float32Array): void => {
+  const { h, w, ci, oh, ow, kh, kw, sh, sw, dh, dw, top, left } = g;
+  const k = kh * kw * ci;
+  let src = 0;
+  for (let n = n0; n < n1; n++) {
+    const base = n * h * w * ci;
+    for (let y = 0; y < oh; y++) {
+      for (let xo = 0; xo < ow; xo++) {
+        for (let i = 0; i < kh; i++) {
+          const ih = y * sh - top + i * dh;
+          if (ih < 0 || ih >= h) continue;
+          const rowBase = base + ih * w * ci;
+          let s = src + i * kw * ci;
+          for (let j = 0; j < kw; j++, s += ci) {
+            const iw = xo * sw - left + j * dw;
+            if (iw < 0 || iw >= w) continue;
+            const d = rowBase + iw * ci;
+            for (let c = 0; c < ci; c++) dx[d + c] += col[s + c]!;
+          }
+        }
+        src += k;
+      }
+    }
+  }
+};
+
+/** Byte offset of a tensor on the wasm heap. */
+const offsetOf = (backend: WasmBackendLike, info: TensorInfo): number =>
+  backend.dataIdMap.get(info.dataId).memoryOffset;
+
+type Sgemm = Blas["sgemm"];
+
+const blasConv2D = (
+  blas: Blas,
+  scratch: Scratch,
+  fallback: KernelFunc,
+  fused: boolean,
+) =>
+(args: Parameters<KernelFunc>[0]): TensorInfo => {
+  const backend = args.backend as WasmBackendLike;
+  const attrs = args.attrs as unknown as tf.Conv2DAttrs & { activation?: string };
+  const x = args.inputs["x"]!;
+  const filter = args.inputs["filter"]!;
+  // FusedConv2D with bias/activation/preluActivationWeights is left to XNNPACK.
+  const plain = !fused ||
+    ((attrs.activation === undefined || attrs.activation === "linear") && args.inputs["bias"] === undefined &&
+      args.inputs["preluActivationWeights"] === undefined);
+  if (
+    !blasEnabled() || !blasKernelOptions.conv2D || !plain || x.dtype !== "float32" ||
+    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+  ) return fallback(args);
+  const convInfo = tf.backend_util.computeConv2DInfo(
+    x.shape as [number, number, number, number],
+    filter.shape as [number, number, number, number],
+    attrs.strides,
+    attrs.dilations,
+    attrs.pad,
+    attrs.dimRoundingMode,
+  );
+  const g = geometry(convInfo);
+  const out = backend.makeOutput(convInfo.outShape, "float32");
+  if (g.n * g.oh * g.ow * g.co === 0) return out;
+  const k = g.kh * g.kw * g.ci;
+  const buffer = backend.wasm.HEAPF32.buffer;
+  const xOff = offsetOf(backend, x);
+  const outOff = offsetOf(backend, out);
+  const wPtr = pointerAt(buffer, offsetOf(backend, filter));
+  if (isPointwise(g)) {
+    const rows = g.n * g.h * g.w;
+    blas.sgemm(false, false, rows, g.co, k, 1, pointerAt(buffer, xOff), k, wPtr, g.co, 0, pointerAt(buffer, outOff), g.co);
+    return out;
+  }
+  const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
+  const per = imagesPerChunk(g);
+  const rowsPerImage = g.oh * g.ow;
+  const col = scratch.get(per * rowsPerImage * k);
+  const colPtr = Deno.UnsafePointer.of(col);
+  for (let n0 = 0; n0 < g.n; n0 += per) {
+    const n1 = Math.min(g.n, n0 + per);
+    im2col(xs, g, n0, n1, col);
+    const rows = (n1 - n0) * rowsPerImage;
+    blas.sgemm(
+      false,
+      false,
+      rows,
+      g.co,
+      k,
+      1,
+      colPtr,
+      k,
+      wPtr,
+      g.co,
+      0,
+      pointerAt(buffer, outOff + n0 * rowsPerImage * g.co * 4),
+      g.co,
+    );
+  }
+  return out;
+};
+
+const blasConv2DBackpropFilter = (blas: Blas, scratch: Scratch, fallback: KernelFunc) =>
+(args: Parameters<KernelFunc>[0]): TensorInfo => {
+  const backend = args.backend as WasmBackendLike;
+  const attrs = args.attrs as unknown as tf.Conv2DBackpropFilterAttrs & { dilations?: number | [number, number] };
+  const x = args.inputs["x"]!;
+  const dy = args.inputs["dy"]!;
+  if (
+    !blasEnabled() || !blasKernelOptions.conv2DBackpropFilter || x.dtype !== "float32" ||
+    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+  ) return fallback(args);
+  const convInfo = tf.backend_util.computeConv2DInfo(
+    x.shape as [number, number, number, number],
+    attrs.filterShape as [number, number, number, number],
+    attrs.strides,
+    attrs.dilations ?? 1,
+    attrs.pad,
+    attrs.dimRoundingMode,
+  );
+  const g = geometry(convInfo);
+  const k = g.kh * g.kw * g.ci;
+  const out = backend.makeOutput([...attrs.filterShape], "float32");
+  const buffer = backend.wasm.HEAPF32.buffer;
+  const dwPtr = pointerAt(buffer, offsetOf(backend, out));
+  const xOff = offsetOf(backend, x);
+  const dyOff = offsetOf(backend, dy);
+  if (g.n * g.oh * g.ow === 0) {
+    new Float32Array(buffer, offsetOf(backend, out), k * g.co).fill(0);
+    return out;
+  }
+  if (isPointwise(g)) {
+    const rows = g.n * g.h * g.w;
+    blas.sgemm(true, false, k, g.co, rows, 1, pointerAt(buffer, xOff), k, pointerAt(buffer, dyOff), g.co, 0, dwPtr, g.co);
+    return out;
+  }
+  const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
+  const per = imagesPerChunk(g);
+  const rowsPerImage = g.oh * g.ow;
+  const col = scratch.get(per * rowsPerImage * k);
+  const colPtr = Deno.UnsafePointer.of(col);
+  for (let n0 = 0; n0 < g.n; n0 += per) {
+    const n1 = Math.min(g.n, n0 + per);
+    im2col(xs, g, n0, n1, col);
+    blas.sgemm(
+      true,
+      false,
+      k,
+      g.co,
+      (n1 - n0) * rowsPerImage,
+      1,
+      colPtr,
+      k,
+      pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
+      g.co,
+      n0 === 0 ? 0 : 1,
+      dwPtr,
+      g.co,
+    );
+  }
+  return out;
+};
+
+const blasConv2DBackpropInput = (blas: Blas, scratch: Scratch, fallback: KernelFunc) =>
+(args: Parameters<KernelFunc>[0]): TensorInfo => {
+  const backend = args.backend as WasmBackendLike;
+  const attrs = args.attrs as unknown as tf.Conv2DBackpropInputAttrs & { dilations?: number | [number, number] };
+  const dy = args.inputs["dy"]!;
+  const filter = args.inputs["filter"]!;
+  if (
+    !blasEnabled() || !blasKernelOptions.conv2DBackpropInput || dy.dtype !== "float32" ||
+    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+  ) return fallback(args);
+  const convInfo = tf.backend_util.computeConv2DInfo(
+    attrs.inputShape as [number, number, number, number],
+    filter.shape as [number, number, number, number],
+    attrs.strides,
+    attrs.dilations ?? 1,
+    attrs.pad,
+    attrs.dimRoundingMode,
+  );
+  const g = geometry(convInfo);
+  const k = g.kh * g.kw * g.ci;
+  const out = backend.makeOutput([...attrs.inputShape], "float32");
+  const buffer = backend.wasm.HEAPF32.buffer;
+  const outOff = offsetOf(backend, out);
+  const dyOff = offsetOf(backend, dy);
+  const wPtr = pointerAt(buffer, offsetOf(backend, filter));
+  if (isPointwise(g)) {
+    const rows = g.n * g.h * g.w;
+    blas.sgemm(false, true, rows, k, g.co, 1, pointerAt(buffer, dyOff), g.co, wPtr, g.co, 0, pointerAt(buffer, outOff), k);
+    return out;
+  }
+  const dx = new Float32Array(buffer, outOff, g.n * g.h * g.w * g.ci);
+  dx.fill(0);
+  if (g.n * g.oh * g.ow === 0) return out;
+  const per = imagesPerChunk(g);
+  const rowsPerImage = g.oh * g.ow;
+  const col = scratch.get(per * rowsPerImage * k);
+  const colPtr = Deno.UnsafePointer.of(col);
+  for (let n0 = 0; n0 < g.n; n0 += per) {
+    const n1 = Math.min(g.n, n0 + per);
+    const rows = (n1 - n0) * rowsPerImage;
+    blas.sgemm(
+      false,
+      true,
+      rows,
+      k,
+      g.co,
+      1,
+      pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
+      g.co,
+      wPtr,
+      g.co,
+      0,
+      colPtr,
+      k,
+    );
+    col2imAdd(col, g, n0, n1, dx);
+  }
+  return out;
+};
+
+const blasBatchMatMul = (sgemm: Sgemm, fallback: KernelFunc) => (args: Parameters<KernelFunc>[0]): TensorInfo => {
+  const backend = args.backend as WasmBackendLike;
+  const attrs = args.attrs as unknown as tf.BatchMatMulAttrs;
+  const a = args.inputs["a"]!;
+  const b = args.inputs["b"]!;
+  if (!blasEnabled() || !blasKernelOptions.batchMatMul || a.dtype !== "float32" || b.dtype !== "float32") {
+    return fallback(args);
+  }
+  const ta = attrs.transposeA;
+  const tb = attrs.transposeB;
+  const ar = a.shape.length;
+  const br = b.shape.length;
+  const m = ta ? a.shape[ar - 1]! : a.shape[ar - 2]!;
+  const k = ta ? a.shape[ar - 2]! : a.shape[ar - 1]!;
+  const kb = tb ? b.shape[br - 1]! : b.shape[br - 2]!;
+  const n = tb ? b.shape[br - 2]! : b.shape[br - 1]!;
+  const batchA = a.shape.slice(0, -2).reduce((p, q) => p * q, 1);
+  const batchB = b.shape.slice(0, -2).reduce((p, q) => p * q, 1);
+  // Plain batching only (equal batches, or one side shared); other broadcasts go to the wasm kernel.
+  const outer = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2));
+  const batch = outer.reduce((p, q) => p * q, 1);
+  if (k !== kb || !((batchA === batch || batchA === 1) && (batchB === batch || batchB === 1))) {
+    return fallback(args);
+  }
+  const out = backend.makeOutput([...outer, m, n], "float32");
+  if (m * n * batch === 0) return out;
+  const buffer = backend.wasm.HEAPF32.buffer;
+  const aOff = offsetOf(backend, a);
+  const bOff = offsetOf(backend, b);
+  const outOff = offsetOf(backend, out);
+  if (k === 0) {
+    new Float32Array(buffer, outOff, batch * m * n).fill(0);
+    return out;
+  }
+  for (let i = 0; i < batch; i++) {
+    sgemm(
+      ta,
+      tb,
+      m,
+      n,
+      k,
+      1,
+      pointerAt(buffer, aOff + (batchA === 1 ? 0 : i * m * k * 4)),
+      ta ? m : k,
+      pointerAt(buffer, bOff + (batchB === 1 ? 0 : i * k * n * 4)),
+      tb ? k : n,
+      0,
+      pointerAt(buffer, outOff + i * m * n * 4),
+      n,
+    );
+  }
+  return out;
+};
+
+let blasRegistered = false;
+
+/**
+ * Replaces Conv2D, FusedConv2D (plain form), Conv2DBackpropFilter,
+ * Conv2DBackpropInput and BatchMatMul on wasm by the OpenBLAS versions above,
+ * each keeping the kernel registered before as its fallback. Returns whether
+ * OpenBLAS was found (nothing is replaced when it was not).
+ */
+export const registerBlasKernels = (): boolean => {
+  if (blasRegistered) return true;
+  const blas = loadBlas();
+  if (blas === undefined) return false;
+  const scratch = new Scratch();
+  const replace = (name: string, make: (fallback: KernelFunc) => KernelFunc) => {
+    const original = tf.getKernel(name, "wasm");
+    if (original === undefined) return;
+    tf.unregisterKernel(name, "wasm");
+    tf.registerKernel({
+      kernelName: name,
+      backendName: "wasm",
+      setupFunc: original.setupFunc,
+      kernelFunc: make(original.kernelFunc as unknown as KernelFunc) as unknown as tf.KernelFunc,
+    });
+  };
+  replace("Conv2D", (fallback) => blasConv2D(blas, scratch, fallback, false));
+  replace("FusedConv2D", (fallback) => blasConv2D(blas, scratch, fallback, true));
+  replace("Conv2DBackpropFilter", (fallback) => blasConv2DBackpropFilter(blas, scratch, fallback));
+  replace("Conv2DBackpropInput", (fallback) => blasConv2DBackpropInput(blas, scratch, fallback));
+  replace("BatchMatMul", (fallback) => blasBatchMatMul(blas.sgemm, fallback));
+  blasRegistered = true;
+  return true;
 };

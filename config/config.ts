@@ -136,10 +136,10 @@ export const readRawConfig = (path: string): Effect.Effect<unknown, InvalidConfi
 
 /** Deep-merges `override` into `base` (plain objects only; arrays and values replace). */
 export const mergeConfig = (base: unknown, override: unknown): unknown => {
-  if (!isPlainObject(base) || !isPlainObject(override)) return override === undefined ? base : override;
-  const out: Record<string, unknown> = { ...base };
+  if (!isPlainObject(override)) return override === undefined ? base : override;
+  const out: Record<string, unknown> = isPlainObject(base) ? { ...base } : {};
   for (const [key, value] of Object.entries(override)) {
-    if (value !== undefined) out[key] = mergeConfig(base[key], value);
+    if (value !== undefined) out[key] = mergeConfig(out[key], value);
   }
   return out;
 };

@@ -178,7 +178,11 @@ export const writeCheckpoint = (
     },
     catch: (error) =>
       new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
-  });
+  }).pipe(
+    // An interruption (Ctrl-C) waits for the write to finish: a checkpoint is either complete or absent,
+    // and no temp file is left behind.
+    Effect.uninterruptible,
+  );
 
 /** Reads one checkpoint file. */
 export const readCheckpoint = (path: string): Effect.Effect<Checkpoint, CheckpointError> =>
@@ -232,7 +236,7 @@ export const resolveCheckpointPath = (path: string): Effect.Effect<string, Check
     return latest;
   });
 
-/** Removes all but the newest `keep` checkpoints of a folder (old ones only cost disk). */
+/** Removes all but the newest `keep` checkpoints of a folder (old ones only cost disk), and stale temp files. */
 export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<void> =>
   Effect.promise(async () => {
     const names: string[] = [];
@@ -242,5 +246,11 @@ export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<vo
     names.sort();
     for (const name of names.slice(0, Math.max(0, names.length - keep))) {
       await Deno.remove(`${folder}/${name}`).catch(() => undefined);
+    }
+    // Temp files of a write killed by a crash (not by Ctrl-C, which waits for the write) are garbage.
+    for await (const entry of Deno.readDir(folder)) {
+      if (entry.isFile && /^checkpoint-\d+\.swav\.[0-9a-f-]+\.tmp$/.test(entry.name)) {
+        await Deno.remove(`${folder}/${entry.name}`).catch(() => undefined);
+      }
     }
   });

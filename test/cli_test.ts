@@ -98,3 +98,67 @@ Deno.test("pretrain CLI: a short run, then --resume continues from its checkpoin
     await Deno.remove(folder, { recursive: true });
   }
 });
+
+Deno.test("pretrain CLI: Ctrl-C stops cleanly, leaving only complete checkpoints", async () => {
+  const folder = await Deno.makeTempDir();
+  try {
+    await writeDemoDataset({
+      folder: `${folder}/data`,
+      perClassTrain: 8,
+      perClassTest: 2,
+      size: 16,
+      seed: 6,
+    });
+    await Deno.writeTextFile(
+      `${folder}/tiny.json`,
+      JSON.stringify({
+        data: { source: `${folder}/data:train`, workers: 1 },
+        multicrop: { nmbCrops: [2], sizeCrops: [16], minScaleCrops: [0.3], maxScaleCrops: [1], blur: false },
+        model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
+        train: { epochs: 1000, batchSize: 8, checkpointEvery: 1 },
+      }),
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-all",
+        cli,
+        "pretrain",
+        "--config",
+        `${folder}/tiny.json`,
+        "--out",
+        `${folder}/run`,
+      ],
+      env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    // Wait for a few checkpoints, then interrupt as a terminal's Ctrl-C does.
+    const deadline = Date.now() + 60_000;
+    const checkpoints = () => {
+      try {
+        return [...Deno.readDirSync(`${folder}/run`)].filter((e) => e.name.endsWith(".swav")).length;
+      } catch {
+        return 0;
+      }
+    };
+    while (checkpoints() < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.ok(checkpoints() >= 3, "the run did not start checkpointing in time");
+    child.kill("SIGINT");
+    const status = await child.status;
+    const stderr = new TextDecoder().decode(
+      (await child.stderr.getReader().read()).value ?? new Uint8Array(),
+    );
+    assert.notEqual(status.code, 0, `an interrupted run must not report success (stderr: ${stderr})`);
+    const names = [...Deno.readDirSync(`${folder}/run`)].map((e) => e.name);
+    assert.deepEqual(names.filter((n) => n.endsWith(".tmp")), [], "no half-written checkpoint is left");
+    // The newest checkpoint is complete and loads.
+    const { latestCheckpoint, readCheckpoint } = await import("../pipelines/checkpoint.ts");
+    const { Effect } = await import("effect");
+    const latest = await Effect.runPromise(latestCheckpoint(`${folder}/run`));
+    const checkpoint = await Effect.runPromise(readCheckpoint(latest!));
+    assert.ok(checkpoint.step >= 3);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});

@@ -40,3 +40,7 @@ Deno.test("mergeConfig: flags override nested fields, undefined flags leave the 
     data: { source: "x" },
   });
 });
+
+Deno.test("mergeConfig: undefined flags never reach a section the file lacks", () => {
+  assert.deepEqual(mergeConfig({}, { data: { source: "x", workers: undefined } }), { data: { source: "x" } });
+});
