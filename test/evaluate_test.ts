@@ -352,3 +352,90 @@ Deno.test("evaluate: clear tagged errors", async (t) => {
 });
 
 globalThis.addEventListener("unload", () => Deno.removeSync(data, { recursive: true }));
+
+Deno.test("eval/extract/export CLI: --json line, .npy output, an export evaluates like its checkpoint, one-line errors", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "swav-eval-cli-" });
+  const run = `${folder}/run`;
+  await Deno.mkdir(run);
+  const { dispose } = await writeRun(run, await tinyConfig());
+  dispose();
+  // cli/main.ts wires these commands in; a runner of our own keeps this test independent of it.
+  const commands = new URL("../cli/eval_commands.ts", import.meta.url).href;
+  await Deno.writeTextFile(
+    `${folder}/runner.ts`,
+    [
+      `import { NodeRuntime, NodeServices } from "@effect/platform-node";`,
+      `import { Effect } from "effect";`,
+      `import { Command } from "effect/cli";`,
+      `import { evalCommand, exportCommand, extractCommand } from "${commands}";`,
+      `Command.make("swav").pipe(Command.withSubcommands([evalCommand, extractCommand, exportCommand]),`,
+      `  Command.run({ version: "0" }), Effect.provide(NodeServices.layer), NodeRuntime.runMain);`,
+    ].join("\n"),
+  );
+  const swav = async (...args: string[]) => {
+    const output = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "--allow-all",
+        `--config=${new URL("../deno.json", import.meta.url).pathname}`,
+        `${folder}/runner.ts`,
+        ...args,
+      ],
+      env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = (b: Uint8Array) => new TextDecoder().decode(b);
+    return { code: output.code, stdout: text(output.stdout), stderr: text(output.stderr) };
+  };
+  try {
+    const knn = await swav("eval", "--checkpoint", run, "--method", "knn", "--json", "--workers", "0");
+    assert.equal(knn.code, 0, knn.stderr);
+    const line = JSON.parse(knn.stdout.trim().split("\n").at(-1)!);
+    assert.equal(line.method, "knn");
+    assert.ok(line.top1 >= 0 && line.top1 <= 1 && line.top5 >= line.top1);
+    assert.match(knn.stderr, /test features 30\/30/);
+
+    const exported = await swav("export", "--checkpoint", run, "--out", `${folder}/encoder`);
+    assert.equal(exported.code, 0, exported.stderr);
+    const viaExport = await swav(
+      "eval",
+      "--checkpoint",
+      `${folder}/encoder`,
+      "--train",
+      `${data}/demo:train`,
+      "--test",
+      `${data}/demo:test`,
+      "--method",
+      "knn",
+      "--k",
+      "5",
+      "--json",
+    );
+    assert.equal(viaExport.code, 0, viaExport.stderr);
+    const exportLine = JSON.parse(viaExport.stdout.trim().split("\n").at(-1)!);
+    assert.equal(exportLine.top1, line.top1);
+    assert.equal(exportLine.top5, line.top5);
+
+    const extracted = await swav(
+      "extract",
+      "--checkpoint",
+      run,
+      "--data",
+      `${data}/demo:test`,
+      "--out",
+      `${folder}/f`,
+    );
+    assert.equal(extracted.code, 0, extracted.stderr);
+    assert.deepEqual([...(await readNpy(`${folder}/f/features.npy`)).shape], [30, 32]);
+
+    const missing = await swav("eval", "--checkpoint", `${folder}/nothing`, "--method", "linear");
+    assert.equal(missing.code, 1);
+    assert.match(missing.stderr, /^error: CheckpointError: checkpoint .*nothing: no such file or folder\n$/m);
+    const unlabelled = await swav("eval", "--checkpoint", run, "--test", `${data}/flat`);
+    assert.equal(unlabelled.code, 1);
+    assert.match(unlabelled.stderr, /error: EvaluationError: the test source .*flat is unlabelled/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
