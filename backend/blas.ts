@@ -207,7 +207,9 @@ export class Scratch {
   #data = new Float32Array(0);
   /** A view of at least `size` floats (contents undefined). */
   get(size: number): Float32Array {
-    if (this.#data.length < size) this.#data = new Float32Array(Math.max(size, Math.ceil(this.#data.length * 1.5)));
+    if (this.#data.length < size) {
+      this.#data = new Float32Array(Math.max(size, Math.ceil(this.#data.length * 1.5)));
+    }
     return this.#data.subarray(0, size);
   }
   /** Frees the memory. */

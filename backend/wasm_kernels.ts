@@ -491,25 +491,38 @@ const isPointwise = (g: ConvGeometry) =>
 const imagesPerChunk = (g: ConvGeometry) =>
   Math.max(1, Math.min(g.n, Math.floor(CHUNK_FLOATS / (g.oh * g.ow * g.kh * g.kw * g.ci))));
 
-/** Column rows of images [n0, n1): row ((n − n0)·OH + oh)·OW + ow, column (kh·KW + kw)·Ci + ci. */
+/**
+ * Column rows of images [n0, n1): row ((n − n0)·OH + oh)·OW + ow, column (kh·KW + kw)·Ci + ci.
+ * Where a filter row lies wholly inside the image (dilation 1), its KW·Ci values
+ * are one contiguous stretch of x, copied in one loop (the common case).
+ */
 export const im2col = (x: Float32Array, g: ConvGeometry, n0: number, n1: number, col: Float32Array): void => {
   const { h, w, ci, oh, ow, kh, kw, sh, sw, dh, dw, top, left } = g;
   const k = kh * kw * ci;
+  const span = kw * ci;
+  const dense = dw === 1;
   let dst = 0;
   for (let n = n0; n < n1; n++) {
     const base = n * h * w * ci;
     for (let y = 0; y < oh; y++) {
       for (let xo = 0; xo < ow; xo++) {
+        const iw0 = xo * sw - left;
+        const inside = dense && iw0 >= 0 && iw0 + kw <= w;
         for (let i = 0; i < kh; i++) {
           const ih = y * sh - top + i * dh;
-          let d = dst + i * kw * ci;
+          let d = dst + i * span;
           if (ih < 0 || ih >= h) {
-            col.fill(0, d, d + kw * ci);
+            col.fill(0, d, d + span);
             continue;
           }
           const rowBase = base + ih * w * ci;
+          if (inside) {
+            const s = rowBase + iw0 * ci;
+            for (let c = 0; c < span; c++) col[d + c] = x[s + c]!;
+            continue;
+          }
           for (let j = 0; j < kw; j++, d += ci) {
-            const iw = xo * sw - left + j * dw;
+            const iw = iw0 + j * dw;
             if (iw < 0 || iw >= w) {
               for (let c = 0; c < ci; c++) col[d + c] = 0;
               continue;
@@ -525,21 +538,36 @@ export const im2col = (x: Float32Array, g: ConvGeometry, n0: number, n1: number,
 };
 
 /** The adjoint of im2col: adds the column rows of images [n0, n1) into dx (which the caller zeroed). */
-export const col2imAdd = (col: Float32Array, g: ConvGeometry, n0: number, n1: number, dx: Float32Array): void => {
+export const col2imAdd = (
+  col: Float32Array,
+  g: ConvGeometry,
+  n0: number,
+  n1: number,
+  dx: Float32Array,
+): void => {
   const { h, w, ci, oh, ow, kh, kw, sh, sw, dh, dw, top, left } = g;
   const k = kh * kw * ci;
+  const span = kw * ci;
+  const dense = dw === 1;
   let src = 0;
   for (let n = n0; n < n1; n++) {
     const base = n * h * w * ci;
     for (let y = 0; y < oh; y++) {
       for (let xo = 0; xo < ow; xo++) {
+        const iw0 = xo * sw - left;
+        const inside = dense && iw0 >= 0 && iw0 + kw <= w;
         for (let i = 0; i < kh; i++) {
           const ih = y * sh - top + i * dh;
           if (ih < 0 || ih >= h) continue;
           const rowBase = base + ih * w * ci;
-          let s = src + i * kw * ci;
+          let s = src + i * span;
+          if (inside) {
+            const d = rowBase + iw0 * ci;
+            for (let c = 0; c < span; c++) dx[d + c] += col[s + c]!;
+            continue;
+          }
           for (let j = 0; j < kw; j++, s += ci) {
-            const iw = xo * sw - left + j * dw;
+            const iw = iw0 + j * dw;
             if (iw < 0 || iw >= w) continue;
             const d = rowBase + iw * ci;
             for (let c = 0; c < ci; c++) dx[d + c] += col[s + c]!;
@@ -594,7 +622,21 @@ const blasConv2D = (
   const wPtr = pointerAt(buffer, offsetOf(backend, filter));
   if (isPointwise(g)) {
     const rows = g.n * g.h * g.w;
-    blas.sgemm(false, false, rows, g.co, k, 1, pointerAt(buffer, xOff), k, wPtr, g.co, 0, pointerAt(buffer, outOff), g.co);
+    blas.sgemm(
+      false,
+      false,
+      rows,
+      g.co,
+      k,
+      1,
+      pointerAt(buffer, xOff),
+      k,
+      wPtr,
+      g.co,
+      0,
+      pointerAt(buffer, outOff),
+      g.co,
+    );
     return out;
   }
   const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
@@ -625,180 +667,213 @@ const blasConv2D = (
   return out;
 };
 
-const blasConv2DBackpropFilter = (blas: Blas, scratch: Scratch, fallback: KernelFunc) =>
-(args: Parameters<KernelFunc>[0]): TensorInfo => {
-  const backend = args.backend as WasmBackendLike;
-  const attrs = args.attrs as unknown as tf.Conv2DBackpropFilterAttrs & { dilations?: number | [number, number] };
-  const x = args.inputs["x"]!;
-  const dy = args.inputs["dy"]!;
-  if (
-    !blasEnabled() || !blasKernelOptions.conv2DBackpropFilter || x.dtype !== "float32" ||
-    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
-  ) return fallback(args);
-  const convInfo = tf.backend_util.computeConv2DInfo(
-    x.shape as [number, number, number, number],
-    attrs.filterShape as [number, number, number, number],
-    attrs.strides,
-    attrs.dilations ?? 1,
-    attrs.pad,
-    attrs.dimRoundingMode,
-  );
-  const g = geometry(convInfo);
-  const k = g.kh * g.kw * g.ci;
-  const out = backend.makeOutput([...attrs.filterShape], "float32");
-  const buffer = backend.wasm.HEAPF32.buffer;
-  const dwPtr = pointerAt(buffer, offsetOf(backend, out));
-  const xOff = offsetOf(backend, x);
-  const dyOff = offsetOf(backend, dy);
-  if (g.n * g.oh * g.ow === 0) {
-    new Float32Array(buffer, offsetOf(backend, out), k * g.co).fill(0);
-    return out;
-  }
-  if (isPointwise(g)) {
-    const rows = g.n * g.h * g.w;
-    blas.sgemm(true, false, k, g.co, rows, 1, pointerAt(buffer, xOff), k, pointerAt(buffer, dyOff), g.co, 0, dwPtr, g.co);
-    return out;
-  }
-  const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
-  const per = imagesPerChunk(g);
-  const rowsPerImage = g.oh * g.ow;
-  const col = scratch.get(per * rowsPerImage * k);
-  const colPtr = Deno.UnsafePointer.of(col);
-  for (let n0 = 0; n0 < g.n; n0 += per) {
-    const n1 = Math.min(g.n, n0 + per);
-    im2col(xs, g, n0, n1, col);
-    blas.sgemm(
-      true,
-      false,
-      k,
-      g.co,
-      (n1 - n0) * rowsPerImage,
-      1,
-      colPtr,
-      k,
-      pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
-      g.co,
-      n0 === 0 ? 0 : 1,
-      dwPtr,
-      g.co,
+const blasConv2DBackpropFilter =
+  (blas: Blas, scratch: Scratch, fallback: KernelFunc) => (args: Parameters<KernelFunc>[0]): TensorInfo => {
+    const backend = args.backend as WasmBackendLike;
+    const attrs = args.attrs as unknown as tf.Conv2DBackpropFilterAttrs & {
+      dilations?: number | [number, number];
+    };
+    const x = args.inputs["x"]!;
+    const dy = args.inputs["dy"]!;
+    if (
+      !blasEnabled() || !blasKernelOptions.conv2DBackpropFilter || x.dtype !== "float32" ||
+      (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+    ) return fallback(args);
+    const convInfo = tf.backend_util.computeConv2DInfo(
+      x.shape as [number, number, number, number],
+      attrs.filterShape as [number, number, number, number],
+      attrs.strides,
+      attrs.dilations ?? 1,
+      attrs.pad,
+      attrs.dimRoundingMode,
     );
-  }
-  return out;
-};
+    const g = geometry(convInfo);
+    const k = g.kh * g.kw * g.ci;
+    const out = backend.makeOutput([...attrs.filterShape], "float32");
+    const buffer = backend.wasm.HEAPF32.buffer;
+    const dwPtr = pointerAt(buffer, offsetOf(backend, out));
+    const xOff = offsetOf(backend, x);
+    const dyOff = offsetOf(backend, dy);
+    if (g.n * g.oh * g.ow === 0) {
+      new Float32Array(buffer, offsetOf(backend, out), k * g.co).fill(0);
+      return out;
+    }
+    if (isPointwise(g)) {
+      const rows = g.n * g.h * g.w;
+      blas.sgemm(
+        true,
+        false,
+        k,
+        g.co,
+        rows,
+        1,
+        pointerAt(buffer, xOff),
+        k,
+        pointerAt(buffer, dyOff),
+        g.co,
+        0,
+        dwPtr,
+        g.co,
+      );
+      return out;
+    }
+    const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
+    const per = imagesPerChunk(g);
+    const rowsPerImage = g.oh * g.ow;
+    const col = scratch.get(per * rowsPerImage * k);
+    const colPtr = Deno.UnsafePointer.of(col);
+    for (let n0 = 0; n0 < g.n; n0 += per) {
+      const n1 = Math.min(g.n, n0 + per);
+      im2col(xs, g, n0, n1, col);
+      blas.sgemm(
+        true,
+        false,
+        k,
+        g.co,
+        (n1 - n0) * rowsPerImage,
+        1,
+        colPtr,
+        k,
+        pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
+        g.co,
+        n0 === 0 ? 0 : 1,
+        dwPtr,
+        g.co,
+      );
+    }
+    return out;
+  };
 
-const blasConv2DBackpropInput = (blas: Blas, scratch: Scratch, fallback: KernelFunc) =>
-(args: Parameters<KernelFunc>[0]): TensorInfo => {
-  const backend = args.backend as WasmBackendLike;
-  const attrs = args.attrs as unknown as tf.Conv2DBackpropInputAttrs & { dilations?: number | [number, number] };
-  const dy = args.inputs["dy"]!;
-  const filter = args.inputs["filter"]!;
-  if (
-    !blasEnabled() || !blasKernelOptions.conv2DBackpropInput || dy.dtype !== "float32" ||
-    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
-  ) return fallback(args);
-  const convInfo = tf.backend_util.computeConv2DInfo(
-    attrs.inputShape as [number, number, number, number],
-    filter.shape as [number, number, number, number],
-    attrs.strides,
-    attrs.dilations ?? 1,
-    attrs.pad,
-    attrs.dimRoundingMode,
-  );
-  const g = geometry(convInfo);
-  const k = g.kh * g.kw * g.ci;
-  const out = backend.makeOutput([...attrs.inputShape], "float32");
-  const buffer = backend.wasm.HEAPF32.buffer;
-  const outOff = offsetOf(backend, out);
-  const dyOff = offsetOf(backend, dy);
-  const wPtr = pointerAt(buffer, offsetOf(backend, filter));
-  if (isPointwise(g)) {
-    const rows = g.n * g.h * g.w;
-    blas.sgemm(false, true, rows, k, g.co, 1, pointerAt(buffer, dyOff), g.co, wPtr, g.co, 0, pointerAt(buffer, outOff), k);
-    return out;
-  }
-  const dx = new Float32Array(buffer, outOff, g.n * g.h * g.w * g.ci);
-  dx.fill(0);
-  if (g.n * g.oh * g.ow === 0) return out;
-  const per = imagesPerChunk(g);
-  const rowsPerImage = g.oh * g.ow;
-  const col = scratch.get(per * rowsPerImage * k);
-  const colPtr = Deno.UnsafePointer.of(col);
-  for (let n0 = 0; n0 < g.n; n0 += per) {
-    const n1 = Math.min(g.n, n0 + per);
-    const rows = (n1 - n0) * rowsPerImage;
-    blas.sgemm(
-      false,
-      true,
-      rows,
-      k,
-      g.co,
-      1,
-      pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
-      g.co,
-      wPtr,
-      g.co,
-      0,
-      colPtr,
-      k,
+const blasConv2DBackpropInput =
+  (blas: Blas, scratch: Scratch, fallback: KernelFunc) => (args: Parameters<KernelFunc>[0]): TensorInfo => {
+    const backend = args.backend as WasmBackendLike;
+    const attrs = args.attrs as unknown as tf.Conv2DBackpropInputAttrs & {
+      dilations?: number | [number, number];
+    };
+    const dy = args.inputs["dy"]!;
+    const filter = args.inputs["filter"]!;
+    if (
+      !blasEnabled() || !blasKernelOptions.conv2DBackpropInput || dy.dtype !== "float32" ||
+      (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+    ) return fallback(args);
+    const convInfo = tf.backend_util.computeConv2DInfo(
+      attrs.inputShape as [number, number, number, number],
+      filter.shape as [number, number, number, number],
+      attrs.strides,
+      attrs.dilations ?? 1,
+      attrs.pad,
+      attrs.dimRoundingMode,
     );
-    col2imAdd(col, g, n0, n1, dx);
-  }
-  return out;
-};
+    const g = geometry(convInfo);
+    const k = g.kh * g.kw * g.ci;
+    const out = backend.makeOutput([...attrs.inputShape], "float32");
+    const buffer = backend.wasm.HEAPF32.buffer;
+    const outOff = offsetOf(backend, out);
+    const dyOff = offsetOf(backend, dy);
+    const wPtr = pointerAt(buffer, offsetOf(backend, filter));
+    if (isPointwise(g)) {
+      const rows = g.n * g.h * g.w;
+      blas.sgemm(
+        false,
+        true,
+        rows,
+        k,
+        g.co,
+        1,
+        pointerAt(buffer, dyOff),
+        g.co,
+        wPtr,
+        g.co,
+        0,
+        pointerAt(buffer, outOff),
+        k,
+      );
+      return out;
+    }
+    const dx = new Float32Array(buffer, outOff, g.n * g.h * g.w * g.ci);
+    dx.fill(0);
+    if (g.n * g.oh * g.ow === 0) return out;
+    const per = imagesPerChunk(g);
+    const rowsPerImage = g.oh * g.ow;
+    const col = scratch.get(per * rowsPerImage * k);
+    const colPtr = Deno.UnsafePointer.of(col);
+    for (let n0 = 0; n0 < g.n; n0 += per) {
+      const n1 = Math.min(g.n, n0 + per);
+      const rows = (n1 - n0) * rowsPerImage;
+      blas.sgemm(
+        false,
+        true,
+        rows,
+        k,
+        g.co,
+        1,
+        pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
+        g.co,
+        wPtr,
+        g.co,
+        0,
+        colPtr,
+        k,
+      );
+      col2imAdd(col, g, n0, n1, dx);
+    }
+    return out;
+  };
 
-const blasBatchMatMul = (sgemm: Sgemm, fallback: KernelFunc) => (args: Parameters<KernelFunc>[0]): TensorInfo => {
-  const backend = args.backend as WasmBackendLike;
-  const attrs = args.attrs as unknown as tf.BatchMatMulAttrs;
-  const a = args.inputs["a"]!;
-  const b = args.inputs["b"]!;
-  if (!blasEnabled() || !blasKernelOptions.batchMatMul || a.dtype !== "float32" || b.dtype !== "float32") {
-    return fallback(args);
-  }
-  const ta = attrs.transposeA;
-  const tb = attrs.transposeB;
-  const ar = a.shape.length;
-  const br = b.shape.length;
-  const m = ta ? a.shape[ar - 1]! : a.shape[ar - 2]!;
-  const k = ta ? a.shape[ar - 2]! : a.shape[ar - 1]!;
-  const kb = tb ? b.shape[br - 1]! : b.shape[br - 2]!;
-  const n = tb ? b.shape[br - 2]! : b.shape[br - 1]!;
-  const batchA = a.shape.slice(0, -2).reduce((p, q) => p * q, 1);
-  const batchB = b.shape.slice(0, -2).reduce((p, q) => p * q, 1);
-  // Plain batching only (equal batches, or one side shared); other broadcasts go to the wasm kernel.
-  const outer = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2));
-  const batch = outer.reduce((p, q) => p * q, 1);
-  if (k !== kb || !((batchA === batch || batchA === 1) && (batchB === batch || batchB === 1))) {
-    return fallback(args);
-  }
-  const out = backend.makeOutput([...outer, m, n], "float32");
-  if (m * n * batch === 0) return out;
-  const buffer = backend.wasm.HEAPF32.buffer;
-  const aOff = offsetOf(backend, a);
-  const bOff = offsetOf(backend, b);
-  const outOff = offsetOf(backend, out);
-  if (k === 0) {
-    new Float32Array(buffer, outOff, batch * m * n).fill(0);
+const blasBatchMatMul =
+  (sgemm: Sgemm, fallback: KernelFunc) => (args: Parameters<KernelFunc>[0]): TensorInfo => {
+    const backend = args.backend as WasmBackendLike;
+    const attrs = args.attrs as unknown as tf.BatchMatMulAttrs;
+    const a = args.inputs["a"]!;
+    const b = args.inputs["b"]!;
+    if (!blasEnabled() || !blasKernelOptions.batchMatMul || a.dtype !== "float32" || b.dtype !== "float32") {
+      return fallback(args);
+    }
+    const ta = attrs.transposeA;
+    const tb = attrs.transposeB;
+    const ar = a.shape.length;
+    const br = b.shape.length;
+    const m = ta ? a.shape[ar - 1]! : a.shape[ar - 2]!;
+    const k = ta ? a.shape[ar - 2]! : a.shape[ar - 1]!;
+    const kb = tb ? b.shape[br - 1]! : b.shape[br - 2]!;
+    const n = tb ? b.shape[br - 2]! : b.shape[br - 1]!;
+    const batchA = a.shape.slice(0, -2).reduce((p, q) => p * q, 1);
+    const batchB = b.shape.slice(0, -2).reduce((p, q) => p * q, 1);
+    // Plain batching only (equal batches, or one side shared); other broadcasts go to the wasm kernel.
+    const outer = tf.backend_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2));
+    const batch = outer.reduce((p, q) => p * q, 1);
+    if (k !== kb || !((batchA === batch || batchA === 1) && (batchB === batch || batchB === 1))) {
+      return fallback(args);
+    }
+    const out = backend.makeOutput([...outer, m, n], "float32");
+    if (m * n * batch === 0) return out;
+    const buffer = backend.wasm.HEAPF32.buffer;
+    const aOff = offsetOf(backend, a);
+    const bOff = offsetOf(backend, b);
+    const outOff = offsetOf(backend, out);
+    if (k === 0) {
+      new Float32Array(buffer, outOff, batch * m * n).fill(0);
+      return out;
+    }
+    for (let i = 0; i < batch; i++) {
+      sgemm(
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        1,
+        pointerAt(buffer, aOff + (batchA === 1 ? 0 : i * m * k * 4)),
+        ta ? m : k,
+        pointerAt(buffer, bOff + (batchB === 1 ? 0 : i * k * n * 4)),
+        tb ? k : n,
+        0,
+        pointerAt(buffer, outOff + i * m * n * 4),
+        n,
+      );
+    }
     return out;
-  }
-  for (let i = 0; i < batch; i++) {
-    sgemm(
-      ta,
-      tb,
-      m,
-      n,
-      k,
-      1,
-      pointerAt(buffer, aOff + (batchA === 1 ? 0 : i * m * k * 4)),
-      ta ? m : k,
-      pointerAt(buffer, bOff + (batchB === 1 ? 0 : i * k * n * 4)),
-      tb ? k : n,
-      0,
-      pointerAt(buffer, outOff + i * m * n * 4),
-      n,
-    );
-  }
-  return out;
-};
+  };
 
 let blasRegistered = false;
 

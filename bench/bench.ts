@@ -119,7 +119,9 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     "--prototypes",
   ]);
   for (const a of args) {
-    if (a.startsWith("--") && !known.has(a)) throw new Error(`unknown flag ${a} (known: ${[...known].join(" ")})`);
+    if (a.startsWith("--") && !known.has(a)) {
+      throw new Error(`unknown flag ${a} (known: ${[...known].join(" ")})`);
+    }
   }
   const stage = value("--stage");
   if (stage !== undefined && !(stageNames as readonly string[]).includes(stage)) {
@@ -223,7 +225,13 @@ const makeFixture = (o: BenchOptions): Fixture => {
   const crops = o.crops.map(([n, s]) =>
     tf.randomNormal([n * o.batch, s, s, 3], 0, 1, "float32", 7 + s) as tf.Tensor4D
   );
-  const optimiser = new LarcSgd({ momentum: 0.9, weightDecay: 1e-6, trustCoefficient: 0.001, eps: 1e-8, clip: false });
+  const optimiser = new LarcSgd({
+    momentum: 0.9,
+    weightDecay: 1e-6,
+    trustCoefficient: 0.001,
+    eps: 1e-8,
+    clip: false,
+  });
   return {
     config,
     model,
@@ -262,7 +270,12 @@ export const runBench = async (
 ): Promise<StageResult[]> => {
   const results: StageResult[] = [];
   const report = (stage: StageName, ms: number) => {
-    const r = { stage, ms: Number(ms.toFixed(3)), images_per_s: Number((o.batch / (ms / 1000)).toFixed(2)), reps: o.reps };
+    const r = {
+      stage,
+      ms: Number(ms.toFixed(3)),
+      images_per_s: Number((o.batch / (ms / 1000)).toFixed(2)),
+      reps: o.reps,
+    };
     results.push(r);
     onResult(r);
   };
@@ -430,7 +443,9 @@ if (import.meta.main) {
       console.log(JSON.stringify({ ...r, backend, threads: options.threads, blas: header.blas }));
     } else {
       console.log(
-        `| ${r.stage.padEnd(16)} | ${r.ms.toFixed(2).padStart(9)} | ${r.images_per_s.toFixed(1).padStart(9)} |`,
+        `| ${r.stage.padEnd(16)} | ${r.ms.toFixed(2).padStart(9)} | ${
+          r.images_per_s.toFixed(1).padStart(9)
+        } |`,
       );
     }
   });

@@ -1,0 +1,198 @@
+/**
+ * OpenBLAS kernels on wasm (backend/blas.ts, backend/wasm_kernels.ts): each
+ * matches the plain wasm kernel (XNNPACK / the polyphase and swapped-axes
+ * fallbacks) on fresh random shapes, and a whole training step's loss and
+ * gradients match with and without BLAS. Skipped (with a note) where OpenBLAS
+ * is not installed.
+ */
+import * as tf from "@tensorflow/tfjs";
+import assert from "node:assert/strict";
+import { blasInfo, configureBlas, loadBlas } from "../backend/blas.ts";
+import { blasKernelOptions, im2col } from "../backend/wasm_kernels.ts";
+import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
+import { swavParts } from "../pipelines/pretrain.ts";
+import { forwardBackward } from "../pipelines/train_step.ts";
+import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
+import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
+
+const hasBlas = loadBlas() !== undefined;
+if (!hasBlas) console.warn(`blas_test: OpenBLAS not found (${blasInfo().reason}); BLAS cases skipped`);
+
+/** float32 tolerance for sums of up to a few thousand products in another order. */
+const TOLERANCE = 2e-5;
+
+/** Runs `f` with the BLAS kernels on and off; returns both results' values. */
+const bothWays = async (f: () => tf.Tensor): Promise<[Float32Array, Float32Array]> => {
+  const run = async (on: boolean) => {
+    configureBlas({ enabled: on });
+    const out = f();
+    const data = (await out.data()) as Float32Array;
+    out.dispose();
+    return data;
+  };
+  try {
+    return [await run(true), await run(false)];
+  } finally {
+    configureBlas({ enabled: true });
+  }
+};
+
+let seed = (Date.now() % 100000) + 1;
+const int = (low: number, high: number) => {
+  seed = (seed * 16807) % 2147483647;
+  return low + (seed % (high - low + 1));
+};
+
+Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, async (t) => {
+  await useBackend("wasm");
+  console.log(`blas_test seed ${seed}`);
+  await t.step("im2col lays out KH x KW x Ci columns, zeros in the padding", () => {
+    // 1 image 3x3x2, 2x2 filter, stride 1, pad top/left 1: first row reads (−1,−1), (−1,0), (0,−1), (0,0).
+    const x = Float32Array.from({ length: 18 }, (_, i) => i + 1);
+    const g = {
+      n: 1,
+      h: 3,
+      w: 3,
+      ci: 2,
+      oh: 3,
+      ow: 3,
+      co: 1,
+      kh: 2,
+      kw: 2,
+      sh: 1,
+      sw: 1,
+      dh: 1,
+      dw: 1,
+      top: 1,
+      left: 1,
+    };
+    const col = new Float32Array(9 * 8);
+    im2col(x, g, 0, 1, col);
+    assert.deepEqual([...col.subarray(0, 8)], [0, 0, 0, 0, 0, 0, 1, 2]);
+    // Output (1, 1) reads rows 0..1, columns 0..1: pixels 0, 1, 3, 4.
+    assert.deepEqual([...col.subarray(4 * 8, 5 * 8)], [1, 2, 3, 4, 7, 8, 9, 10]);
+  });
+
+  await t.step("conv2d forward and both gradients on random shapes", async () => {
+    await assertNoTensorLeak("conv", async () => {
+      for (let trial = 0; trial < 14; trial++) {
+        const n = trial === 0 ? 1 : int(1, 5);
+        const k = [1, 2, 3, 5][int(0, 3)]!;
+        const stride = int(1, 3);
+        const h = int(k, 13);
+        const w = int(k, 13);
+        const ci = int(1, 9);
+        const co = int(1, 9);
+        const pad = (["same", "valid", int(0, 2)] as const)[int(0, 2)]!;
+        const x = tf.randomNormal([n, h, w, ci]) as tf.Tensor4D;
+        const filter = tf.randomNormal([k, k, ci, co]) as tf.Tensor4D;
+        const y = tf.conv2d(x, filter, stride, pad);
+        const dy = tf.randomNormal(y.shape) as tf.Tensor4D;
+        const label = `x [${x.shape}] k ${k} stride ${stride} pad ${pad}`;
+        const cases: [string, () => tf.Tensor][] = [
+          ["forward", () => tf.conv2d(x, filter, stride, pad)],
+          ["input gradient", () => tf.conv2dTranspose(dy, filter, x.shape, stride, pad)],
+          [
+            "filter gradient",
+            () =>
+              tf.grad((f: tf.Tensor) => tf.sum(tf.mul(tf.conv2d(x, f as tf.Tensor4D, stride, pad), dy)))(
+                filter,
+              ),
+          ],
+        ];
+        for (const [name, f] of cases) {
+          const [fast, plain] = await bothWays(f);
+          const error = relativeError(fast, plain);
+          assert.ok(error < TOLERANCE, `${name} ${label}: relative error ${error}`);
+        }
+        tf.dispose([x, filter, y, dy]);
+      }
+    });
+  });
+
+  await t.step("matMul with every transpose, batch 1 and batched", async () => {
+    await assertNoTensorLeak("matMul", async () => {
+      for (let trial = 0; trial < 10; trial++) {
+        const batch = trial < 4 ? 0 : int(1, 3);
+        const [m, k, n] = [int(1, 40), int(1, 40), int(1, 40)];
+        const ta = int(0, 1) === 1;
+        const tb = int(0, 1) === 1;
+        const aShape = [...(batch ? [batch] : []), ...(ta ? [k, m] : [m, k])];
+        const bShape = [...(batch && trial % 2 ? [batch] : []), ...(tb ? [n, k] : [k, n])];
+        const a = tf.randomNormal(aShape);
+        const b = tf.randomNormal(bShape);
+        const [fast, plain] = await bothWays(() => tf.matMul(a, b, ta, tb));
+        const error = relativeError(fast, plain);
+        assert.ok(error < TOLERANCE, `matMul [${aShape}] x [${bShape}] ${ta} ${tb}: relative error ${error}`);
+        tf.dispose([a, b]);
+      }
+    });
+  });
+});
+
+Deno.test(
+  "a training step's loss and gradients match with and without BLAS",
+  { ignore: !hasBlas },
+  async () => {
+    await useBackend("wasm");
+    const options = parseBenchArgs([
+      "--width",
+      "8",
+      "--batch",
+      "8",
+      "--crops",
+      "2x16+2x8",
+      "--hidden",
+      "64",
+      "--out",
+      "16",
+      "--prototypes",
+      "30",
+    ]);
+    const config = benchRunConfig(options);
+    const model = makeSwavModel(config.model, 3);
+    const crops = options.crops.map(([n, s], i) =>
+      tf.randomNormal([n * options.batch, s, s, 3], 0, 1, "float32", 20 + i) as tf.Tensor4D
+    );
+    const variables = trainableVariables(model);
+    const parts = swavParts(model, config, options.batch);
+    const run = async (on: boolean) => {
+      configureBlas({ enabled: on });
+      const tape = forwardBackward(parts, crops, variables);
+      const loss = (await tape.loss.data())[0]!;
+      const grads = await Promise.all(
+        variables.map(async (v) => (await tape.grads[v.name]!.data()) as Float32Array),
+      );
+      tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
+      return { loss, grads };
+    };
+    try {
+      await assertNoTensorLeak("step", async () => {
+        const fast = await run(true);
+        const plain = await run(false);
+        assert.ok(
+          Math.abs(fast.loss - plain.loss) < 1e-5 * Math.abs(plain.loss),
+          `loss ${fast.loss} vs ${plain.loss}`,
+        );
+        const norm = (a: ArrayLike<number>) => Math.sqrt(Array.from(a).reduce((s, x) => s + x * x, 0));
+        const largest = Math.max(...plain.grads.map(norm));
+        variables.forEach((v, i) => {
+          // A bias followed by BatchNorm has a zero gradient in exact arithmetic (rounding noise here),
+          // so each difference is measured against max(‖g‖, 1e-3 · largest ‖g‖); BatchNorm's backward
+          // also subtracts near-equal terms, hence 1e-3 rather than the kernels' 2e-5.
+          const diff = norm(fast.grads[i]!.map((x, j) => x - plain.grads[i]![j]!));
+          const scale = Math.max(norm(plain.grads[i]!), 1e-3 * largest);
+          assert.ok(
+            diff / scale < 1e-3,
+            `gradient of ${v.name} [${v.shape}]: relative error ${diff / scale}`,
+          );
+        });
+      });
+    } finally {
+      configureBlas({ enabled: true });
+      tf.dispose(crops);
+      disposeModel(model);
+    }
+    assert.ok(Object.values(blasKernelOptions).every((on) => on));
+  },
+);
