@@ -197,3 +197,16 @@ Deno.test("a custom pipeline (hard codes instead of Sinkhorn) runs through the s
     );
   });
 });
+
+Deno.test("the optional kNN check runs at epoch ends on the labelled splits", async () => {
+  await withRunFolder(async (out) => {
+    const reports: { epoch: number; knnTop1?: number }[] = [];
+    const config = await decode(tinyConfig(out, { train: { epochs: 2, knnEvery: 2, knnK: 5 } }));
+    const exit = await run(config, { hooks: { onEpoch: (r) => reports.push(r) } });
+    assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
+    assert.equal(reports.length, 2);
+    assert.equal(reports[0]!.knnTop1, undefined, "not due at epoch 1");
+    const top1 = reports[1]!.knnTop1;
+    assert.ok(top1 !== undefined && top1 >= 0 && top1 <= 1, `kNN top-1 ${top1}`);
+  });
+});
