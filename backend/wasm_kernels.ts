@@ -440,10 +440,16 @@ export const blasKernelOptions = {
   conv2DBackpropFilter: true,
   conv2DBackpropInput: true,
   batchMatMul: true,
+  /**
+   * Conv2D and Conv2DBackpropInput use BLAS only where the column width
+   * KH·KW·Ci is at least this (1x1 stride-1 convolutions, which need no column
+   * buffer, always do): for thin inputs the JS im2col/col2im copies cost more
+   * than XNNPACK's whole convolution. The filter gradient always gains.
+   */
+  minColumns: 256,
+  /** Floats of im2col buffer per chunk. */
+  chunkFloats: 1 << 22,
 };
-
-/** Floats of im2col buffer per chunk (16 MB). */
-const CHUNK_FLOATS = 1 << 22;
 
 /** Convolution geometry in NHWC. */
 interface ConvGeometry {
@@ -487,9 +493,9 @@ const isPointwise = (g: ConvGeometry) =>
   g.kh === 1 && g.kw === 1 && g.sh === 1 && g.sw === 1 && g.top === 0 && g.left === 0 &&
   g.oh === g.h && g.ow === g.w;
 
-/** Images per chunk so that a chunk's column buffer holds at most CHUNK_FLOATS. */
+/** Images per chunk so that a chunk's column buffer holds at most `chunkFloats`. */
 const imagesPerChunk = (g: ConvGeometry) =>
-  Math.max(1, Math.min(g.n, Math.floor(CHUNK_FLOATS / (g.oh * g.ow * g.kh * g.kw * g.ci))));
+  Math.max(1, Math.min(g.n, Math.floor(blasKernelOptions.chunkFloats / (g.oh * g.ow * g.kh * g.kw * g.ci))));
 
 /**
  * Column rows of images [n0, n1): row ((n − n0)·OH + oh)·OW + ow, column (kh·KW + kw)·Ci + ci.
@@ -613,6 +619,7 @@ const blasConv2D = (
     attrs.dimRoundingMode,
   );
   const g = geometry(convInfo);
+  if (!isPointwise(g) && g.kh * g.kw * g.ci < blasKernelOptions.minColumns) return fallback(args);
   const out = backend.makeOutput(convInfo.outShape, "float32");
   if (g.n * g.oh * g.ow * g.co === 0) return out;
   const k = g.kh * g.kw * g.ci;
@@ -766,6 +773,7 @@ const blasConv2DBackpropInput =
     );
     const g = geometry(convInfo);
     const k = g.kh * g.kw * g.ci;
+    if (!isPointwise(g) && k < blasKernelOptions.minColumns) return fallback(args);
     const out = backend.makeOutput([...attrs.inputShape], "float32");
     const buffer = backend.wasm.HEAPF32.buffer;
     const outOff = offsetOf(backend, out);
