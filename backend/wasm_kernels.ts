@@ -619,7 +619,12 @@ const blasConv2D = (
     attrs.dimRoundingMode,
   );
   const g = geometry(convInfo);
-  if (!isPointwise(g) && g.kh * g.kw * g.ci < blasKernelOptions.minColumns) return fallback(args);
+  // XNNPACK (tfjs-backend-wasm 4.22) returns wrong values when the stride exceeds the filter
+  // extent with 'same' padding (e.g. 2x2 filter, stride 3): those always take this kernel.
+  const strideBeyondFilter = g.sh > (g.kh - 1) * g.dh + 1 || g.sw > (g.kw - 1) * g.dw + 1;
+  if (!isPointwise(g) && !strideBeyondFilter && g.kh * g.kw * g.ci < blasKernelOptions.minColumns) {
+    return fallback(args);
+  }
   const out = backend.makeOutput(convInfo.outShape, "float32");
   if (g.n * g.oh * g.ow * g.co === 0) return out;
   const k = g.kh * g.kw * g.ci;
