@@ -47,7 +47,12 @@ const symbols = {
 
 /** Library names tried in order (sonames resolve through ld.so.cache, as `ldconfig -p` shows them). */
 const candidates = (): string[] => {
-  const env = Deno.env.get("SWAV_BLAS_LIB");
+  let env: string | undefined;
+  try {
+    env = Deno.env.get("SWAV_BLAS_LIB");
+  } catch {
+    env = undefined; // no --allow-env
+  }
   return [
     ...(env ? [env] : []),
     "libopenblas.so.0",

@@ -27,7 +27,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema } from "effect";
 import { Image } from "imagescript";
-import { blasInfo, configureBlas } from "../backend/blas.ts";
+import { blasInfo, configureBlas, defaultThreads } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import { type BackendName, backendNames } from "../backend/tensor_backend.ts";
 import { wasmKernelOptions } from "../backend/wasm_kernels.ts";
@@ -80,12 +80,6 @@ export const parseCrops = (text: string): [number, number][] =>
     if (match === null) throw new Error(`--crops: '${part}' is not COUNTxSIZE (e.g. 2x32+4x16)`);
     return [Number(match[1]), Number(match[2])];
   });
-
-const defaultThreads = (): number => {
-  const env = Deno.env.get("SWAV_THREADS");
-  if (env !== undefined && env !== "") return Number(env);
-  return navigator.hardwareConcurrency ?? 1;
-};
 
 /** Parses the command line; throws with a readable message on a bad flag. */
 export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
@@ -176,7 +170,6 @@ const settle = async (tensors: readonly tf.Tensor[]): Promise<void> => {
 
 /** The run config the step uses (the pretrain pipeline's own parts). */
 export const benchRunConfig = (o: BenchOptions): RunConfig => {
-  const small = o.crops.length > 1;
   return Effect.runSync(decodeRunConfig({
     multicrop: {
       nmbCrops: o.crops.map(([n]) => n),
@@ -184,7 +177,8 @@ export const benchRunConfig = (o: BenchOptions): RunConfig => {
       // The CIFAR-like profile: large crops area (0.14, 1), small ones (0.08, 0.4).
       minScaleCrops: o.crops.map((_, g) => (g === 0 ? 0.14 : 0.08)),
       maxScaleCrops: o.crops.map((_, g) => (g === 0 ? 1 : 0.4)),
-      blur: !small && false,
+      // Blur off, as the small-image profile (stages/multicrop.ts smallImageProfile) and the torch reference.
+      blur: false,
     },
     model: {
       arch: o.arch,

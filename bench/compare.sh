@@ -24,9 +24,9 @@ trap 'rm -rf "$tmp"' EXIT
 echo "load before: $(uptime)"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; threads $threads"
 /usr/bin/time -v "${deno[@]}" run --allow-read --allow-write --allow-env --allow-ffi --allow-sys \
-  bench/bench.ts --json "${args[@]}" >"$tmp/ours.jsonl" 2>"$tmp/ours.time"
+  bench/bench.ts --json "${args[@]}" >"$tmp/ours.jsonl" 2>"$tmp/ours.time" || { cat "$tmp/ours.time" >&2; exit 1; }
 OMP_NUM_THREADS="$threads" /usr/bin/time -v /usr/bin/python3 bench/torch_step.py "${args[@]}" \
-  >"$tmp/torch.jsonl" 2>"$tmp/torch.time"
+  >"$tmp/torch.jsonl" 2>"$tmp/torch.time" || { cat "$tmp/torch.time" >&2; exit 1; }
 echo "load after:  $(uptime)"
 
 /usr/bin/python3 - "$tmp" <<'PY'
