@@ -18,7 +18,17 @@
  * replaced by a forward convolution too (see `planInputGrad`).
  */
 import * as tf from "@tensorflow/tfjs";
-import { type Blas, blasEnabled, loadBlas, pointerAt, Scratch } from "./blas.ts";
+import {
+  type Blas,
+  blasEnabled,
+  type Dnnl,
+  type DnnlConvShape,
+  type DnnlDirection,
+  loadBlas,
+  loadDnnl,
+  pointerAt,
+  Scratch,
+} from "./blas.ts";
 
 type TensorInfo = tf.TensorInfo;
 // The kernel functions of one backend, called directly (not through the engine,
@@ -440,6 +450,8 @@ export const blasKernelOptions = {
   conv2DBackpropFilter: true,
   conv2DBackpropInput: true,
   batchMatMul: true,
+  /** Convolutions through oneDNN (libdnnl2) first, where it loads; im2col + OpenBLAS otherwise. */
+  dnnl: true,
   /**
    * Conv2D and Conv2DBackpropInput use BLAS only where the column width
    * KH·KW·Ci is at least this (1x1 stride-1 convolutions, which need no column
@@ -591,6 +603,42 @@ const offsetOf = (backend: WasmBackendLike, info: TensorInfo): number =>
 
 type Sgemm = Blas["sgemm"];
 
+const dnnlShape = (c: tf.backend_util.Conv2DInfo): DnnlConvShape => ({
+  ...geometry(c),
+  bottom: c.padInfo.bottom,
+  right: c.padInfo.right,
+});
+
+/**
+ * Runs the convolution through oneDNN into a fresh output of `outShape`;
+ * undefined when oneDNN is off or refuses the shape (nothing allocated then).
+ * `inputs` are the two operands in the order of `Dnnl.run` for the direction.
+ */
+const viaDnnl = (
+  backend: WasmBackendLike,
+  direction: DnnlDirection,
+  convInfo: tf.backend_util.Conv2DInfo,
+  outShape: number[],
+  a: TensorInfo,
+  b: TensorInfo,
+): TensorInfo | undefined => {
+  if (!blasKernelOptions.dnnl) return undefined;
+  const dnnl: Dnnl | undefined = loadDnnl();
+  if (dnnl === undefined) return undefined;
+  const out = backend.makeOutput(outShape, "float32");
+  const buffer = backend.wasm.HEAPF32.buffer;
+  const p = (info: TensorInfo) => pointerAt(buffer, offsetOf(backend, info));
+  // Operand order of Dnnl.run: (x | dx, w | dw, y | dy).
+  const ran = direction === "forward"
+    ? dnnl.run(direction, dnnlShape(convInfo), p(a), p(b), p(out))
+    : direction === "backwardData"
+    ? dnnl.run(direction, dnnlShape(convInfo), p(out), p(b), p(a))
+    : dnnl.run(direction, dnnlShape(convInfo), p(a), p(out), p(b));
+  if (ran) return out;
+  backend.disposeData(out.dataId);
+  return undefined;
+};
+
 const blasConv2D = (
   blas: Blas,
   scratch: Scratch,
@@ -619,6 +667,10 @@ const blasConv2D = (
     attrs.dimRoundingMode,
   );
   const g = geometry(convInfo);
+  if (g.n * g.oh * g.ow * g.co > 0) {
+    const viaOneDnn = viaDnnl(backend, "forward", convInfo, convInfo.outShape, x, filter);
+    if (viaOneDnn !== undefined) return viaOneDnn;
+  }
   // XNNPACK (tfjs-backend-wasm 4.22) returns wrong values when the stride exceeds the filter
   // extent with 'same' padding (e.g. 2x2 filter, stride 3): those always take this kernel.
   const strideBeyondFilter = g.sh > (g.kh - 1) * g.dh + 1 || g.sw > (g.kw - 1) * g.dw + 1;
@@ -701,6 +753,11 @@ const blasConv2DBackpropFilter =
     );
     const g = geometry(convInfo);
     const k = g.kh * g.kw * g.ci;
+    if (g.n * g.oh * g.ow > 0) {
+      // (x, dy) -> dW
+      const viaOneDnn = viaDnnl(backend, "backwardWeights", convInfo, [...attrs.filterShape], x, dy);
+      if (viaOneDnn !== undefined) return viaOneDnn;
+    }
     const out = backend.makeOutput([...attrs.filterShape], "float32");
     const buffer = backend.wasm.HEAPF32.buffer;
     const dwPtr = pointerAt(buffer, offsetOf(backend, out));
@@ -778,6 +835,11 @@ const blasConv2DBackpropInput =
     );
     const g = geometry(convInfo);
     const k = g.kh * g.kw * g.ci;
+    if (g.n * g.oh * g.ow > 0) {
+      // (dy, W) -> dx
+      const viaOneDnn = viaDnnl(backend, "backwardData", convInfo, [...attrs.inputShape], dy, filter);
+      if (viaOneDnn !== undefined) return viaOneDnn;
+    }
     if (!isPointwise(g) && k < blasKernelOptions.minColumns) return fallback(args);
     const out = backend.makeOutput([...attrs.inputShape], "float32");
     const buffer = backend.wasm.HEAPF32.buffer;

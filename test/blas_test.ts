@@ -7,7 +7,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
-import { blasInfo, configureBlas, loadBlas } from "../backend/blas.ts";
+import { blasInfo, configureBlas, dnnlInfo, loadBlas } from "../backend/blas.ts";
 import { blasKernelOptions, im2col } from "../backend/wasm_kernels.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
@@ -16,6 +16,7 @@ import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
 const hasBlas = loadBlas() !== undefined;
+console.log(`oneDNN: ${JSON.stringify(dnnlInfo())}`);
 if (!hasBlas) console.warn(`blas_test: OpenBLAS not found (${blasInfo().reason}); BLAS cases skipped`);
 
 /** float32 tolerance for sums of up to a few thousand products in another order. */
@@ -93,6 +94,8 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
       for (let trial = 0; trial < 14; trial++) {
         blasKernelOptions.minColumns = 0;
         blasKernelOptions.chunkFloats = trial % 2 ? 1 : saved.chunkFloats;
+        // Half the trials through oneDNN (where it loads), half through im2col + OpenBLAS.
+        blasKernelOptions.dnnl = trial % 4 < 2;
         const n = trial === 0 ? 1 : int(1, 5);
         const k = [1, 2, 3, 5][int(0, 3)]!;
         const stride = int(1, 3);
