@@ -13,6 +13,7 @@ import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { evaluate, evaluationJson, exportCheckpointEncoder, extractToFolder } from "../pipelines/evaluate.ts";
+import { reportFailure } from "./report.ts";
 
 const checkpointFlag = Flag.String("checkpoint").pipe(
   Flag.withDescription(
@@ -34,21 +35,6 @@ const workersFlag = Flag.Int("workers").pipe(
 
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then auto (the layer reads the variable). */
 const backendLayer = (flag: Option.Option<BackendName>) => TensorBackend.layer(Option.getOrUndefined(flag));
-
-/** Prints an error's message on one line (tag first) and sets exit code 1. */
-const reportFailure = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
-  effect.pipe(
-    Effect.catch((error: unknown) =>
-      Effect.sync(() => {
-        const message = error instanceof Error ? error.message : String(error);
-        const tag = typeof error === "object" && error !== null && "_tag" in error
-          ? `${String(error._tag)}: `
-          : "";
-        console.error(`error: ${tag}${message.split("\n")[0]}`);
-        Deno.exitCode = 1;
-      })
-    ),
-  );
 
 /** Progress lines on stderr: rewritten in place on a terminal, every 10 s (and at the end) otherwise. */
 const progressPrinter = () => {

@@ -14,6 +14,8 @@ import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
 import { runDemo } from "../pipelines/demo.ts";
 import { progressHooks } from "./progress.ts";
+import { reportFailure } from "./report.ts";
+import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
 
 const configFlag = Flag.String("config").pipe(
   Flag.withDescription("JSON config file (any subset of the fields)"),
@@ -83,21 +85,6 @@ const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
     Option.isSome(flag)
       ? flag.value as BackendName
       : (Deno.env.get("SWAV_BACKEND") as BackendName | undefined) ?? config.train.backend,
-  );
-
-/** Prints an error's message on one line and exits 1. */
-const reportFailure = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
-  effect.pipe(
-    Effect.catch((error: unknown) =>
-      Effect.sync(() => {
-        const message = error instanceof Error ? error.message : String(error);
-        const tag = typeof error === "object" && error !== null && "_tag" in error
-          ? `${String(error._tag)}: `
-          : "";
-        console.error(`error: ${tag}${message}`);
-        Deno.exitCode = 1;
-      })
-    ),
   );
 
 const pretrainCommand = Command.make("pretrain", {
@@ -177,7 +164,7 @@ const demoCommand = Command.make("demo", {
 
 export const cli = Command.make("swav").pipe(
   Command.withDescription("SwAV self-supervised representation learning"),
-  Command.withSubcommands([pretrainCommand, demoCommand]),
+  Command.withSubcommands([pretrainCommand, demoCommand, evalCommand, extractCommand, exportCommand]),
 );
 
 if (import.meta.main) {
