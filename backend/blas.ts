@@ -373,6 +373,13 @@ export const loadDnnl = (): Dnnl | undefined => {
     return undefined;
   }
   const name = envFlag("SWAV_DNNL_LIB") || "libdnnl.so.2";
+  // OpenMP workers that spin after each convolution take the core the main thread needs for the
+  // (single-threaded wasm) ops in between; passive waiting is read by libgomp when it loads.
+  try {
+    if (Deno.env.get("OMP_WAIT_POLICY") === undefined) Deno.env.set("OMP_WAIT_POLICY", "PASSIVE");
+  } catch {
+    // no --allow-env: libgomp's default
+  }
   try {
     const lib = Deno.dlopen(name, dnnlSymbols);
     const d = lib.symbols;

@@ -27,7 +27,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema } from "effect";
 import { Image } from "imagescript";
-import { blasInfo, configureBlas, defaultThreads } from "../backend/blas.ts";
+import { blasInfo, configureBlas, defaultThreads, dnnlInfo } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import { type BackendName, backendNames } from "../backend/tensor_backend.ts";
 import { wasmKernelOptions } from "../backend/wasm_kernels.ts";
@@ -421,20 +421,23 @@ if (import.meta.main) {
     backend,
     threads: options.threads,
     blas: blas.active ? blas.library : "off",
+    dnnl: blas.active && dnnlInfo().active ? dnnlInfo().library : "off",
     tfjs: tf.version.tfjs,
     config: describe(options),
     fastConv2DBackpropInput: wasmKernelOptions.fastConv2DBackpropInput,
   };
   if (!options.json) {
     console.log(
-      `backend ${backend}, blas ${header.blas}, threads ${options.threads}, reps ${options.reps}\n${header.config}\n`,
+      `backend ${backend}, blas ${header.blas}, dnnl ${header.dnnl}, threads ${options.threads}, reps ${options.reps}\n${header.config}\n`,
     );
     console.log(`| ${"stage".padEnd(16)} | ${"ms".padStart(9)} | ${"images/s".padStart(9)} |`);
     console.log(`| ${"-".repeat(16)} | --------: | --------: |`);
   }
   const results = await runBench(options, (r) => {
     if (options.json) {
-      console.log(JSON.stringify({ ...r, backend, threads: options.threads, blas: header.blas }));
+      console.log(
+        JSON.stringify({ ...r, backend, threads: options.threads, blas: header.blas, dnnl: header.dnnl }),
+      );
     } else {
       console.log(
         `| ${r.stage.padEnd(16)} | ${r.ms.toFixed(2).padStart(9)} | ${
