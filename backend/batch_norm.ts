@@ -80,7 +80,7 @@ const channelMean = (view: ChannelView, t: tf.Tensor): tf.Tensor1D => {
 
 /** What `batchNormTrain` returns. */
 export interface BatchNormTrainOutput<T extends tf.Tensor> {
-  /** gamma·(x − mean)/√(var + eps) + beta; gradients flow to x, gamma, beta. */
+  /** gamma·(x − mean)/√(var + eps) + beta (then ReLU with `relu: true`); gradients flow to x, gamma, beta. */
   readonly y: T;
   /** Batch mean per channel [C] (carries no gradient; for running statistics). */
   readonly mean: tf.Tensor1D;
@@ -90,15 +90,18 @@ export interface BatchNormTrainOutput<T extends tf.Tensor> {
 
 /**
  * BatchNorm over all axes but the last of x ([N, H, W, C], [N, C], ...) with
- * this batch's statistics, as torch's train mode normalises. All three outputs
- * belong to the caller's scope (a tf.tidy disposes them as usual).
+ * this batch's statistics, as torch's train mode normalises, optionally fused
+ * with the ReLU that follows it. All three outputs belong to the caller's scope
+ * (a tf.tidy disposes them as usual).
  */
 export const batchNormTrain = <T extends tf.Tensor>(
   x: T,
   gamma: tf.Tensor1D,
   beta: tf.Tensor1D,
   epsilon: number,
+  options: { readonly relu?: boolean } = {},
 ): BatchNormTrainOutput<T> => {
+  const relu = options.relu ?? false;
   const shape = x.shape;
   const view = channelView(shape);
   const count = view.count;
@@ -117,26 +120,43 @@ export const batchNormTrain = <T extends tf.Tensor>(
     const variance = channelMean(view, tf.mul(centred, centred));
     const invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
     const xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
-    const y = tf.add(tf.mul(xhat, rowOf(view, gammaIn)), rowOf(view, betaIn)).reshape(shape);
+    const normalised = tf.add(tf.mul(xhat, rowOf(view, gammaIn)), rowOf(view, betaIn));
+    const yv = relu ? tf.relu(normalised) : normalised;
     stats = { mean: tf.keep(mean), variance: tf.keep(variance) };
-    save([xhat, invStd, gammaIn]);
+    // Saved for the backward: x itself (alive anyway, as the convolution's output) and the
+    // output (alive anyway, as the next layer's input), not xhat: the gradient tape keeps
+    // every saved tensor until the backward pass ends, so recomputing xhat there halves the
+    // full-size tensors a conv + BatchNorm + ReLU unit holds (4 -> 2).
+    save([xv, yv, mean, invStd, gammaIn]);
     return {
-      value: y as T,
-      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-        const [sxhat, sInvStd, sGamma] = saved as [tf.Tensor2D, tf.Tensor1D, tf.Tensor1D];
-        const dyv = dy.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
-        // Means rather than sums: dbeta/N and dgamma/N are what dx needs.
-        const dbetaMean = channelMean(view, dyv);
-        const dgammaMean = channelMean(view, tf.mul(dyv, sxhat));
-        const a = tf.mul(sGamma, sInvStd); // gamma·invstd
-        const xhatCoef = tf.mul(a, tf.neg(dgammaMean)); // −gamma·invstd·dgamma/N
-        const shift = tf.mul(a, tf.neg(dbetaMean)); // −gamma·invstd·dbeta/N
-        const dx = tf.add(
-          tf.add(tf.mul(dyv, rowOf(view, a)), tf.mul(sxhat, rowOf(view, xhatCoef))),
-          rowOf(view, shift),
-        ).reshape(shape);
-        return [dx, tf.mul(dgammaMean, count), tf.mul(dbetaMean, count)];
-      },
+      value: yv.reshape(shape) as T,
+      // tf.customGrad calls gradFunc outside any tidy, so its temporaries would live until the
+      // whole backward pass ends: the tidy frees them as soon as dx, dgamma and dbeta exist.
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) =>
+        tf.tidy(() => {
+          const [sx, sy, sMean, sInvStd, sGamma] = saved as [
+            tf.Tensor2D,
+            tf.Tensor2D,
+            tf.Tensor1D,
+            tf.Tensor1D,
+            tf.Tensor1D,
+          ];
+          const sxhat = tf.mul(tf.sub(sx, rowOf(view, sMean)), rowOf(view, sInvStd)) as tf.Tensor2D;
+          const dyRaw = dy.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
+          // ReLU's gradient: pass dy where the output is positive.
+          const dyv = relu ? tf.mul(dyRaw, tf.step(sy)) as tf.Tensor2D : dyRaw;
+          // Means rather than sums: dbeta/N and dgamma/N are what dx needs.
+          const dbetaMean = channelMean(view, dyv);
+          const dgammaMean = channelMean(view, tf.mul(dyv, sxhat));
+          const a = tf.mul(sGamma, sInvStd); // gamma·invstd
+          const xhatCoef = tf.mul(a, tf.neg(dgammaMean)); // −gamma·invstd·dgamma/N
+          const shift = tf.mul(a, tf.neg(dbetaMean)); // −gamma·invstd·dbeta/N
+          const dx = tf.add(
+            tf.add(tf.mul(dyv, rowOf(view, a)), tf.mul(sxhat, rowOf(view, xhatCoef))),
+            rowOf(view, shift),
+          ).reshape(shape);
+          return [dx, tf.mul(dgammaMean, count), tf.mul(dbetaMean, count)];
+        }),
     };
   });
   const y = op(x, gamma, beta) as T;

@@ -65,7 +65,7 @@ export const projectionForward = (
   tf.tidy(() => {
     if (config.hidden === 0) return l2Normalize(linear(params, "projection_head", features));
     const hidden = linear(params, "projection_head.0", features);
-    const activated = tf.relu(batchNorm(params, "projection_head.1", hidden, options));
+    const activated = batchNorm(params, "projection_head.1", hidden, options, true);
     return l2Normalize(linear(params, "projection_head.3", activated));
   });
 

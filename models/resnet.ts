@@ -183,7 +183,8 @@ export interface ForwardOptions {
 
 /**
  * BatchNorm over all axes but the last (NHWC conv outputs, or [N, C] for
- * BatchNorm1d), with torch's semantics: in train mode normalise with the biased
+ * BatchNorm1d), followed by a ReLU when `relu` is true (fused in train mode, which
+ * halves the tensors the gradient tape holds), with torch's semantics: in train mode normalise with the biased
  * batch variance and update the running variance with the unbiased one.
  */
 export const batchNorm = <T extends tf.Tensor>(
@@ -191,6 +192,7 @@ export const batchNorm = <T extends tf.Tensor>(
   name: string,
   x: T,
   options: ForwardOptions,
+  relu = false,
 ): T => {
   // tf.batchNorm's gradient needs explicit offset and scale.
   const scale = params(`${name}.weight`) as tf.Tensor1D;
@@ -198,7 +200,8 @@ export const batchNorm = <T extends tf.Tensor>(
   if (!options.training) {
     const mean = params(`${name}.running_mean`) as tf.Tensor1D;
     const variance = params(`${name}.running_var`) as tf.Tensor1D;
-    return tf.batchNorm(x, mean, variance, offset, scale, BN_EPS) as T;
+    const y = tf.batchNorm(x, mean, variance, offset, scale, BN_EPS) as T;
+    return relu ? tf.relu(y) : y;
   }
   const count = x.size / x.shape[x.rank - 1]!;
   if (count < 2) {
@@ -208,7 +211,7 @@ export const batchNorm = <T extends tf.Tensor>(
   }
   // The closed-form backward (backend/batch_norm.ts): tf.batchNorm's gradient tiles every statistic
   // to the activation's shape, which made BatchNorm the largest cost of a wasm training step.
-  const { y, mean, variance } = batchNormTrain(x, scale, offset, BN_EPS);
+  const { y, mean, variance } = batchNormTrain(x, scale, offset, BN_EPS, { relu });
   if (options.updateRunningStats ?? true) updateRunningStats(params, name, mean, variance, count);
   return y;
 };
@@ -245,12 +248,12 @@ const block = (params: ParamLookup, b: BlockPlan, x: tf.Tensor4D, options: Forwa
   const p = b.prefix;
   let y: tf.Tensor4D;
   if (b.kind === "basic") {
-    y = tf.relu(batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, b.stride, 1), options));
+    y = batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, b.stride, 1), options, true);
     y = batchNorm(params, `${p}.bn2`, conv(params, `${p}.conv2.weight`, y, 1, 1), options);
   } else {
     // torchvision v1.5 / SwAV: the stride sits on the 3x3 convolution.
-    y = tf.relu(batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, 1, 0), options));
-    y = tf.relu(batchNorm(params, `${p}.bn2`, conv(params, `${p}.conv2.weight`, y, b.stride, 1), options));
+    y = batchNorm(params, `${p}.bn1`, conv(params, `${p}.conv1.weight`, x, 1, 0), options, true);
+    y = batchNorm(params, `${p}.bn2`, conv(params, `${p}.conv2.weight`, y, b.stride, 1), options, true);
     y = batchNorm(params, `${p}.bn3`, conv(params, `${p}.conv3.weight`, y, 1, 0), options);
   }
   const shortcut = b.downsample
@@ -280,7 +283,7 @@ export const backboneForward = (
       throw new Error(`backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`);
     }
     let y = conv(params, "backbone.conv1.weight", x, plan.stemStride, plan.stemPad);
-    y = tf.relu(batchNorm(params, "backbone.bn1", y, options));
+    y = batchNorm(params, "backbone.bn1", y, options, true);
     // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.
     if (plan.maxPool) y = tf.maxPool(y, 3, 2, 1);
     for (const b of plan.blocks) y = block(params, b, y, options);

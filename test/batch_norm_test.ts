@@ -183,3 +183,35 @@ Deno.test("batchNormTrain: statistics carry no gradient, mismatched gamma is rej
     tf.dispose([x, gamma, beta, r, plain!, withStats!, wrongGamma]);
   });
 });
+
+Deno.test("batchNormTrain with relu: true matches tf.relu(tf.batchNorm) and its cpu gradient", async (t) => {
+  const oursRelu = (x: tf.Tensor, g: tf.Tensor1D, b: tf.Tensor1D) =>
+    batchNormTrain(x, g, b, EPS, { relu: true });
+  const tfjsRelu = (x: tf.Tensor, g: tf.Tensor1D, b: tf.Tensor1D) => {
+    const out = tfjs(x, g, b);
+    return { ...out, y: tf.relu(out.y) };
+  };
+  for (const backend of ["wasm", "cpu"] as const) {
+    for (const shape of shapes()) {
+      await t.step(`${backend} [${shape}]`, async () => {
+        const c = makeCase(shape);
+        await initBackend("cpu");
+        const reference = await run(c, tfjsRelu);
+        await initBackend(backend);
+        const got = await assertNoTensorLeak("batchNormTrain relu", () => run(c, oursRelu));
+        // Same tolerances as above: float32 against float32 with other summation orders.
+        for (
+          const [label, a, b, tol] of [
+            ["y", got.y, reference.y, 1e-5],
+            ["dx", got.dx, reference.dx, 1e-4],
+            ["dgamma", got.dgamma, reference.dgamma, 1e-4],
+            ["dbeta", got.dbeta, reference.dbeta, 1e-4],
+          ] as const
+        ) {
+          const e = relativeError(a, b);
+          assert.ok(e < tol, `${label}: relative error ${e} ≥ ${tol}`);
+        }
+      });
+    }
+  }
+});
