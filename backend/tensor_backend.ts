@@ -47,6 +47,14 @@ interface GpuAdapterLike {
 export const probeWebGpu = async (): Promise<{ fallback: boolean; description: string } | null> => {
   const gpu = (globalThis.navigator as { gpu?: { requestAdapter(): Promise<GpuAdapterLike | null> } }).gpu;
   if (gpu === undefined) return null;
+  // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid or not set" on every adapter request
+  // when the variable is unset (common in containers and CI); compute needs no display, so any
+  // writable folder silences it.
+  try {
+    if (!Deno.env.get("XDG_RUNTIME_DIR")) Deno.env.set("XDG_RUNTIME_DIR", Deno.env.get("TMPDIR") ?? "/tmp");
+  } catch {
+    // No --allow-env: the message stays, nothing else changes.
+  }
   try {
     const adapter = await gpu.requestAdapter();
     if (adapter === null) return null;
