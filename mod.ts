@@ -86,6 +86,16 @@ export { forwardBackward, type TrainStepParts } from "./pipelines/train_step.ts"
 export { NonFiniteLoss, pretrain, type PretrainOptions, swavParts } from "./pipelines/pretrain.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
 export { knnClassify } from "./pipelines/knn.ts";
+export {
+  evaluate,
+  type Evaluation,
+  EvaluationError,
+  extractToFolder,
+  loadForEvaluation,
+} from "./pipelines/evaluate.ts";
+export { trainLinearProbe } from "./pipelines/linear_probe.ts";
+export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
+export { decodeNpy, encodeNpy, readNpy, writeNpy } from "./data/npy.ts";
 export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
 
 // Randomness keyed by (seed, epoch, sample index)
