@@ -289,6 +289,12 @@ const conv2DBackpropInputVia = (original: tf.KernelConfig | undefined) => {
       stride,
       convInfo.padInfo.left,
     );
+    if (h.near < 0 || h.far < 0 || w.near < 0 || w.far < 0) {
+      // Padding wider than the filter's reach on a strided axis (e.g. a 1x1 filter, stride 3, pad 1):
+      // the plan would need negative padding. Rare, and never in a ResNet: take the original kernel.
+      if (original === undefined) throw new Error("Conv2DBackpropInput: no fallback kernel");
+      return (original.kernelFunc as unknown as KernelFunc)(args);
+    }
     const [batch, inH, inW, inC] = [
       convInfo.batchSize,
       convInfo.inHeight,

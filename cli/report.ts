@@ -10,7 +10,8 @@ export const reportFailure = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
         const tag = typeof error === "object" && error !== null && "_tag" in error
           ? `${String(error._tag)}: `
           : "";
-        console.error(`error: ${tag}${message.split("\n")[0]}`);
+        // One line, all of it: schema errors put the offending field's path on a second line.
+        console.error(`error: ${tag}${message.trim().replace(/\s*\n\s*/g, " ")}`);
         Deno.exitCode = 1;
       })
     ),
