@@ -12,7 +12,7 @@ import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { openSource } from "../data/sources.ts";
 import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
-import { runDemo } from "../pipelines/demo.ts";
+import { demoConfig, runDemo } from "../pipelines/demo.ts";
 import { progressHooks } from "./progress.ts";
 import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
@@ -67,10 +67,20 @@ const overrides = (flags: {
  * set's defaults where neither says (config/data_defaults.ts), then the
  * schema's defaults; validated once, naming the file in errors.
  */
-const resolveConfig = (file: Option.Option<string>, flagOverrides: unknown) =>
+const resolveConfig = (
+  file: Option.Option<string>,
+  flagOverrides: { data?: { source?: string | undefined } },
+) =>
   Effect.gen(function* () {
     const name = Option.getOrElse(file, () => "command line");
-    const raw = mergeConfig(Option.isSome(file) ? yield* readRawConfig(file.value) : {}, flagOverrides);
+    // Without a config file, the built-in data set trains with the demo's recipe (sized for a CPU);
+    // other sources start from the schema's defaults (the paper's recipe).
+    const base = Option.isSome(file)
+      ? yield* readRawConfig(file.value)
+      : isBuiltinDemo(flagOverrides)
+      ? demoConfig
+      : {};
+    const raw = mergeConfig(base, flagOverrides);
     const provisional = yield* decodeRunConfig(raw, name);
     const source = yield* openSource(
       yield* resolveSourceSpec(provisional.data.source),
@@ -78,6 +88,12 @@ const resolveConfig = (file: Option.Option<string>, flagOverrides: unknown) =>
     );
     return yield* decodeRunConfig(withDataDefaults(raw, factsOf(source)), name);
   });
+
+/** True when the flags name no data source, or the built-in one. */
+const isBuiltinDemo = (flagOverrides: { data?: { source?: string | undefined } }): boolean => {
+  const source = flagOverrides.data?.source;
+  return source === undefined || source.startsWith("builtin:demo");
+};
 
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then the config's (default auto). */
 const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
