@@ -469,24 +469,8 @@ export const blasKernelOptions = {
   chunkFloats: 1 << 22,
 };
 
-/** Convolution geometry in NHWC. */
-interface ConvGeometry {
-  readonly n: number;
-  readonly h: number;
-  readonly w: number;
-  readonly ci: number;
-  readonly oh: number;
-  readonly ow: number;
-  readonly co: number;
-  readonly kh: number;
-  readonly kw: number;
-  readonly sh: number;
-  readonly sw: number;
-  readonly dh: number;
-  readonly dw: number;
-  readonly top: number;
-  readonly left: number;
-}
+/** Convolution geometry in NHWC (the oneDNN shape without its far paddings). */
+type ConvGeometry = Omit<DnnlConvShape, "bottom" | "right">;
 
 const geometry = (c: tf.backend_util.Conv2DInfo): ConvGeometry => ({
   n: c.batchSize,

@@ -17,6 +17,29 @@ const swav = async (...args: string[]) => {
   };
 };
 
+/** A tiny labelled data set under `folder/data` and a config for it at `folder/tiny.json`. */
+const writeTinyRun = async (
+  folder: string,
+  options: { perClassTrain: number; seed: number; train: Record<string, unknown> },
+) => {
+  await writeDemoDataset({
+    folder: `${folder}/data`,
+    perClassTrain: options.perClassTrain,
+    perClassTest: 2,
+    size: 16,
+    seed: options.seed,
+  });
+  await Deno.writeTextFile(
+    `${folder}/tiny.json`,
+    JSON.stringify({
+      data: { source: `${folder}/data:train`, workers: 1 },
+      multicrop: { nmbCrops: [2], sizeCrops: [16], minScaleCrops: [0.3], maxScaleCrops: [1], blur: false },
+      model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
+      train: options.train,
+    }),
+  );
+};
+
 Deno.test("pretrain CLI: bad input fails with one line naming the problem, exit code 1", async (t) => {
   const folder = await Deno.makeTempDir();
   try {
@@ -51,22 +74,7 @@ Deno.test("pretrain CLI: bad input fails with one line naming the problem, exit 
 Deno.test("pretrain CLI: a short run, then --resume continues from its checkpoint", async () => {
   const folder = await Deno.makeTempDir();
   try {
-    await writeDemoDataset({
-      folder: `${folder}/data`,
-      perClassTrain: 4,
-      perClassTest: 2,
-      size: 16,
-      seed: 5,
-    });
-    await Deno.writeTextFile(
-      `${folder}/tiny.json`,
-      JSON.stringify({
-        data: { source: `${folder}/data:train`, workers: 1 },
-        multicrop: { nmbCrops: [2], sizeCrops: [16], minScaleCrops: [0.3], maxScaleCrops: [1], blur: false },
-        model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
-        train: { epochs: 2, batchSize: 8 },
-      }),
-    );
+    await writeTinyRun(folder, { perClassTrain: 4, seed: 5, train: { epochs: 2, batchSize: 8 } });
     const first = await swav(
       "pretrain",
       "--config",
@@ -102,22 +110,11 @@ Deno.test("pretrain CLI: a short run, then --resume continues from its checkpoin
 Deno.test("pretrain CLI: Ctrl-C stops cleanly, leaving only complete checkpoints", async () => {
   const folder = await Deno.makeTempDir();
   try {
-    await writeDemoDataset({
-      folder: `${folder}/data`,
+    await writeTinyRun(folder, {
       perClassTrain: 8,
-      perClassTest: 2,
-      size: 16,
       seed: 6,
+      train: { epochs: 1000, batchSize: 8, checkpointEvery: 1 },
     });
-    await Deno.writeTextFile(
-      `${folder}/tiny.json`,
-      JSON.stringify({
-        data: { source: `${folder}/data:train`, workers: 1 },
-        multicrop: { nmbCrops: [2], sizeCrops: [16], minScaleCrops: [0.3], maxScaleCrops: [1], blur: false },
-        model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
-        train: { epochs: 1000, batchSize: 8, checkpointEvery: 1 },
-      }),
-    );
     const child = new Deno.Command(Deno.execPath(), {
       args: [
         "run",
