@@ -15,6 +15,7 @@ Run (same threads as ours, e.g. 2):
 Prints and appends one JSON line per epoch: {"epoch", "loss", "knn_top1", "knn_top5", "seconds"}.
 """
 import argparse
+import sys
 import gzip
 import json
 import math
@@ -37,6 +38,8 @@ p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after t
 p.add_argument("--workers", type=int, default=1)
 p.add_argument("--seed", type=int, default=31)
 p.add_argument("--out", default="")
+p.add_argument("--baselines", action="store_true",
+               help="print kNN of raw pixels and of the untrained network (this seed's init), then exit")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
@@ -174,10 +177,16 @@ def features(model, images):
     return torch.cat(out)
 
 
+def pixels(images):
+    return torch.from_numpy(np.array(images)).float().div(255).sub(MEAN).div(STD).reshape(len(images), -1)
+
+
 @torch.no_grad()
 def knn(model, k=200, t=0.1, classes=10):
-    bank = F.normalize(features(model, train_x), dim=1)
-    query = F.normalize(features(model, test_x), dim=1)
+    """Weighted kNN on the backbone's features, or on raw pixels when model is None."""
+    embed = pixels if model is None else (lambda images: features(model, images))
+    bank = F.normalize(embed(train_x), dim=1)
+    query = F.normalize(embed(test_x), dim=1)
     labels = torch.from_numpy(train_y)
     truth = torch.from_numpy(test_y)
     top1 = top5 = 0
@@ -193,6 +202,15 @@ def knn(model, k=200, t=0.1, classes=10):
 
 
 model = SwAV()
+if args.baselines:
+    for name, baseline in (("raw_pixels", None), ("random_init", model)):
+        top1, top5 = knn(baseline)
+        line = {"baseline": name, "knn_top1": top1, "knn_top5": top5, "seed": args.seed}
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+    sys.exit(0)
 loader = torch.utils.data.DataLoader(MultiCrop(), batch_size=args.batch_size, shuffle=True, drop_last=True,
                                      num_workers=args.workers, persistent_workers=args.workers > 0)
 iters = len(loader)
