@@ -83,7 +83,18 @@ export {
 // Pipelines
 export { decodeRunConfig, loadRunConfig, RunConfig, type RunConfigInput } from "./config/config.ts";
 export { forwardBackward, type TrainStepParts } from "./pipelines/train_step.ts";
-export { NonFiniteLoss, pretrain, type PretrainOptions, swavParts } from "./pipelines/pretrain.ts";
+export { pretrain, type PretrainOptions, swavParts } from "./pipelines/pretrain.ts";
+export {
+  codeStatisticsStage,
+  collateStage,
+  finiteLossStage,
+  NonFiniteLoss,
+  optimiseStepStage,
+  swappedPredictionStage,
+  swavTrainStep,
+  TrainingState,
+  updateQueueStage,
+} from "./pipelines/swav_step.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
 export { knnClassify } from "./pipelines/knn.ts";
 export {

@@ -51,6 +51,8 @@ export const SwavConfig = Schema.Struct({
   freezePrototypesIters: withDefault(NonNegativeInt, 313),
 });
 
+export type SwavConfig = typeof SwavConfig.Type;
+
 /** LARC-wrapped SGD with a warm-up and cosine schedule. */
 export const OptimConfig = Schema.Struct({
   baseLr: withDefault(Positive, 0.6),

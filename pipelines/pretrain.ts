@@ -12,25 +12,19 @@
  * before the update, so the last checkpoint and the weights stay good.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect, Ref, Schema, Stream } from "effect";
+import { Effect, Ref, Stream } from "effect";
 import { TensorBackend } from "../backend/tensor_backend.ts";
-import { scoped } from "../backend/resources.ts";
 import type { RunConfig } from "../config/config.ts";
 import { makeLoader, multicropPrepare } from "../data/loader.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
-import { PROTOTYPES_WEIGHT } from "../models/head.ts";
-import { normalisePrototypes } from "../models/prototypes.ts";
 import { checkFitsBackend } from "../stages/encode.ts";
-import { collateCrops } from "../stages/multicrop.ts";
 import { learningRateAt, type LrSchedule, makeLarcSgd, scheduleFromEpochs } from "../stages/optimise.ts";
 import { assignmentCodes, swappedLossFromCodes } from "../stages/swapped_loss.ts";
 import {
   type EmbeddingQueue,
   makeQueue,
-  push as pushQueue,
   queueActiveAt,
-  queueScores as scoreQueue,
   restore as restoreQueue,
   serialise as serialiseQueue,
 } from "../state/queue.ts";
@@ -43,15 +37,11 @@ import {
 } from "./checkpoint.ts";
 import { extractFeatures } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
-import { codeStatistics, forwardBackward, type TrainStepParts } from "./train_step.ts";
+import type { TrainStepParts } from "./train_step.ts";
+import { swavTrainStep, TrainingState } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
-/** The loss stopped being a finite number: the run stops before applying the update. */
-export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFiniteLoss", {
-  step: Schema.Number,
-  loss: Schema.Number,
-  message: Schema.String,
-}) {}
+export { NonFiniteLoss } from "./swav_step.ts";
 
 /** One line of `metrics.jsonl`. */
 export interface StepMetrics {
@@ -237,7 +227,6 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
     const model = yield* scopedModel(config.model, trainConfig.seed);
     const variables = trainableByName(model);
-    const variableList = Object.values(variables);
     const optimiser = yield* makeLarcSgd({
       momentum: config.optim.momentum,
       weightDecay: config.optim.weightDecay,
@@ -246,6 +235,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       clip: false,
     });
     const parts = (options.parts ?? swavParts)(model, config, batchSize);
+    const trainStep = swavTrainStep(config);
     const stepsPerEpoch = loader.batchesPerEpoch;
     const schedule: LrSchedule = scheduleFromEpochs({
       epochs: trainConfig.epochs,
@@ -273,6 +263,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         }
         return queue;
       });
+
+    const trainingState = TrainingState.of({ model, variables, parts, optimiser, queue: () => queue });
 
     // Where we start: fresh, or from the latest checkpoint.
     let step = 0;
@@ -410,34 +402,11 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           Effect.scoped(Effect.gen(function* () {
             const t0 = performance.now();
             const lr = learningRateAt(step, schedule);
-            const crops = yield* scoped(() => collateCrops(batch.views, config.multicrop));
-            // Off the tape: unit-norm prototypes before the forward pass, as the reference does.
-            const prototypes = model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
-            normalisePrototypes(prototypes);
-            // Off the tape: the queue's scores with the current prototypes (undefined until it is full).
-            const queueScores = queue === undefined ? undefined : yield* scoreQueue(queue, prototypes);
-            const tape = yield* scoped(() => forwardBackward(parts, crops, variableList, { queueScores }));
-            const loss = (yield* Effect.promise(() => tape.loss.data()))[0]!;
-            if (!Number.isFinite(loss)) {
-              return yield* new NonFiniteLoss({
-                step,
-                loss,
-                message:
-                  `loss became ${loss} at step ${step} (epoch ${
-                    epoch + 1
-                  }); the update was not applied and ` +
-                  `the last checkpoint is intact. Try a lower optim.baseLr, a larger swav.epsilon, or a larger batch.`,
-              });
-            }
-            const grads: tf.NamedTensorMap = {};
-            for (const [name, variable] of Object.entries(variables)) {
-              const g = tape.grads[variable.name];
-              if (g !== undefined) grads[name] = g;
-            }
-            const frozen = step < swav.freezePrototypesIters;
-            optimiser.step(variables, grads, lr, (name) => frozen && name === PROTOTYPES_WEIGHT);
-            if (queue !== undefined) yield* pushQueue(queue, tape.embeddings);
-            const stats = yield* Effect.promise(() => codeStatistics(tape.codes));
+            // The step, stage by stage (pipelines/swav_step.ts): collate, encode -> sinkhorn -> swappedLoss
+            // in one tape, finite-loss guard, LARC-SGD, queue update, code statistics.
+            const { loss, ...stats } = yield* trainStep({ batch, step, epoch, lr }).pipe(
+              Effect.provideService(TrainingState, trainingState),
+            );
             step += 1;
             batchIndex += 1;
             lastLoss = loss;
