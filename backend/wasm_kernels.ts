@@ -629,6 +629,29 @@ const viaDnnl = (
   return undefined;
 };
 
+/** Geometry of an NHWC convolution from a kernel's shapes and attributes (the native kernels' common start). */
+const nhwcConvInfo = (
+  inputShape: readonly number[],
+  filterShape: readonly number[],
+  attrs: {
+    strides: number | [number, number];
+    dilations?: number | [number, number];
+    pad: tf.Conv2DAttrs["pad"];
+    dimRoundingMode?: "floor" | "round" | "ceil";
+  },
+) =>
+  tf.backend_util.computeConv2DInfo(
+    inputShape as [number, number, number, number],
+    filterShape as [number, number, number, number],
+    attrs.strides,
+    attrs.dilations ?? 1,
+    attrs.pad,
+    attrs.dimRoundingMode,
+  );
+
+/** True unless the kernel was asked for a layout other than NHWC. */
+const isNhwc = (dataFormat: string | undefined): boolean => dataFormat === undefined || dataFormat === "NHWC";
+
 const blasConv2D = (
   blas: Blas,
   scratch: Scratch,
@@ -646,16 +669,9 @@ const blasConv2D = (
       args.inputs["preluActivationWeights"] === undefined);
   if (
     !blasEnabled() || !blasKernelOptions.conv2D || !plain || x.dtype !== "float32" ||
-    (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+    !isNhwc(attrs.dataFormat)
   ) return fallback(args);
-  const convInfo = tf.backend_util.computeConv2DInfo(
-    x.shape as [number, number, number, number],
-    filter.shape as [number, number, number, number],
-    attrs.strides,
-    attrs.dilations,
-    attrs.pad,
-    attrs.dimRoundingMode,
-  );
+  const convInfo = nhwcConvInfo(x.shape, filter.shape, attrs);
   const g = geometry(convInfo);
   if (g.n * g.oh * g.ow * g.co > 0) {
     const viaOneDnn = viaDnnl(backend, "forward", convInfo, convInfo.outShape, x, filter);
@@ -731,16 +747,9 @@ const blasConv2DBackpropFilter =
     const dy = args.inputs["dy"]!;
     if (
       !blasEnabled() || !blasKernelOptions.conv2DBackpropFilter || x.dtype !== "float32" ||
-      (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+      !isNhwc(attrs.dataFormat)
     ) return fallback(args);
-    const convInfo = tf.backend_util.computeConv2DInfo(
-      x.shape as [number, number, number, number],
-      attrs.filterShape as [number, number, number, number],
-      attrs.strides,
-      attrs.dilations ?? 1,
-      attrs.pad,
-      attrs.dimRoundingMode,
-    );
+    const convInfo = nhwcConvInfo(x.shape, attrs.filterShape, attrs);
     const g = geometry(convInfo);
     const k = g.kh * g.kw * g.ci;
     if (g.n * g.oh * g.ow > 0) {
@@ -813,16 +822,9 @@ const blasConv2DBackpropInput =
     const filter = args.inputs["filter"]!;
     if (
       !blasEnabled() || !blasKernelOptions.conv2DBackpropInput || dy.dtype !== "float32" ||
-      (attrs.dataFormat !== undefined && attrs.dataFormat !== "NHWC")
+      !isNhwc(attrs.dataFormat)
     ) return fallback(args);
-    const convInfo = tf.backend_util.computeConv2DInfo(
-      attrs.inputShape as [number, number, number, number],
-      filter.shape as [number, number, number, number],
-      attrs.strides,
-      attrs.dilations ?? 1,
-      attrs.pad,
-      attrs.dimRoundingMode,
-    );
+    const convInfo = nhwcConvInfo(attrs.inputShape, filter.shape, attrs);
     const g = geometry(convInfo);
     const k = g.kh * g.kw * g.ci;
     if (g.n * g.oh * g.ow > 0) {
