@@ -294,6 +294,17 @@ const dnnlSymbols = {
   dnnl_memory_set_data_handle: { parameters: ["pointer", "pointer"], result: "i32" },
   dnnl_primitive_execute: { parameters: ["pointer", "pointer", "i32", "pointer"], result: "i32" },
   dnnl_stream_wait: { parameters: ["pointer"], result: "i32" },
+  dnnl_memory_desc_init_by_tag: {
+    parameters: ["pointer", "i32", "pointer", "i32", "i32"],
+    result: "i32",
+  },
+  dnnl_primitive_desc_query_md: { parameters: ["pointer", "i32", "i32"], result: "pointer" },
+  dnnl_memory_desc_equal: { parameters: ["pointer", "pointer"], result: "i32" },
+  dnnl_memory_desc_get_size: { parameters: ["pointer"], result: "usize" },
+  dnnl_reorder_primitive_desc_create: {
+    parameters: ["pointer", "pointer", "pointer", "pointer", "pointer", "pointer"],
+    result: "i32",
+  },
 } as const;
 
 /** dnnl enums (stable across v1/v2). */
@@ -308,6 +319,11 @@ const ARG_WEIGHTS = 33;
 const ARG_DIFF_SRC = 129;
 const ARG_DIFF_DST = 145;
 const ARG_DIFF_WEIGHTS = 161;
+const ARG_FROM = 1;
+const ARG_TO = 17;
+const DNNL_FORMAT_TAG_ANY = 1;
+const QUERY_WEIGHTS_MD = 131;
+const QUERY_DIFF_WEIGHTS_MD = 132;
 /** Generous sizes for the opaque descriptor structs (v2.6: memory desc ~1 KB, op desc a few KB). */
 const MEMORY_DESC_BYTES = 4096;
 const OP_DESC_BYTES = 16384;
@@ -430,11 +446,42 @@ export const loadDnnl = (): Dnnl | undefined => {
       return handle(s);
     };
 
+    /** Executes a primitive on the stream with exec args `{id, memory}` (16 bytes each with padding). */
+    const execArgs = (pairs: readonly (readonly [number, Deno.PointerValue])[]): BigUint64Array => {
+      const args = new BigUint64Array(2 * pairs.length);
+      const ints = new Int32Array(args.buffer);
+      pairs.forEach(([id, memory], i) => {
+        ints[i * 4] = id;
+        args[i * 2 + 1] = BigInt(Deno.UnsafePointer.value(memory));
+      });
+      return args;
+    };
+
+    /**
+     * Weights in the layout the convolution chose. Convolutions created on plain HWIO weights
+     * fall back to oneDNN's im2col + gemm; with the weights' format left to oneDNN (`any`) it
+     * picks its direct JIT kernels (blocked weights, e.g. OIhw16i16o) on the same NHWC
+     * activations, about 3x faster here. The weights are small, so reordering them on each call
+     * costs little.
+     */
+    interface WeightsReorder {
+      readonly primitive: Deno.PointerValue;
+      readonly args: BigUint64Array;
+      /** The plain HWIO side of the reorder: its data handle is the caller's pointer. */
+      readonly plain: Deno.PointerValue;
+      /** Kept alive: the blocked copy's storage (oneDNN holds a raw pointer to it). */
+      readonly storage: Uint8Array;
+    }
+
     interface Plan {
       readonly primitive: Deno.PointerValue;
-      /** Memory objects in the order of `args`, and the exec-arg array pointing at them. */
-      readonly memories: Deno.PointerValue[];
       readonly args: BigUint64Array;
+      /** Memory objects whose handles are the caller's x, w (when no reorder) and y. */
+      readonly x: Deno.PointerValue;
+      readonly w: Deno.PointerValue | undefined;
+      readonly y: Deno.PointerValue;
+      /** Before the convolution (forward, backward data) or after it (backward weights). */
+      readonly reorder: WeightsReorder | undefined;
     }
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
@@ -442,6 +489,17 @@ export const loadDnnl = (): Dnnl | undefined => {
     const build = (direction: DnnlDirection, g: DnnlConvShape, key: string): Plan => {
       const src = memoryDesc([g.n, g.ci, g.h, g.w], [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci]);
       const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
+      const anyWts = new Uint8Array(MEMORY_DESC_BYTES);
+      ok(
+        d.dnnl_memory_desc_init_by_tag(
+          ptr(anyWts),
+          4,
+          ptr(dims([g.co, g.ci, g.kh, g.kw])),
+          DNNL_F32,
+          DNNL_FORMAT_TAG_ANY,
+        ),
+        "dnnl_memory_desc_init_by_tag",
+      );
       const dst = memoryDesc([g.n, g.co, g.oh, g.ow], [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co]);
       const strides = dims([g.sh, g.sw]);
       const dilates = dims([g.dh - 1, g.dw - 1]);
@@ -456,7 +514,7 @@ export const loadDnnl = (): Dnnl | undefined => {
             DNNL_FORWARD_TRAINING,
             DNNL_CONVOLUTION_DIRECT,
             ptr(src),
-            ptr(wts),
+            ptr(anyWts),
             null,
             ptr(dst),
             ptr(strides),
@@ -470,19 +528,14 @@ export const loadDnnl = (): Dnnl | undefined => {
         forwardPds.set(key, forwardPd);
       }
       let pd = forwardPd;
-      let argIds: number[];
-      let mds: Uint8Array[];
-      if (direction === "forward") {
-        argIds = [ARG_SRC, ARG_WEIGHTS, ARG_DST];
-        mds = [src, wts, dst];
-      } else if (direction === "backwardData") {
+      if (direction === "backwardData") {
         const desc = new Uint8Array(OP_DESC_BYTES);
         ok(
           d.dnnl_dilated_convolution_backward_data_desc_init(
             ptr(desc),
             DNNL_CONVOLUTION_DIRECT,
             ptr(src),
-            ptr(wts),
+            ptr(anyWts),
             ptr(dst),
             ptr(strides),
             ptr(dilates),
@@ -492,16 +545,14 @@ export const loadDnnl = (): Dnnl | undefined => {
           "dnnl convolution backward data desc",
         );
         pd = primitiveDesc(desc, forwardPd);
-        argIds = [ARG_DIFF_SRC, ARG_WEIGHTS, ARG_DIFF_DST];
-        mds = [src, wts, dst];
-      } else {
+      } else if (direction === "backwardWeights") {
         const desc = new Uint8Array(OP_DESC_BYTES);
         ok(
           d.dnnl_dilated_convolution_backward_weights_desc_init(
             ptr(desc),
             DNNL_CONVOLUTION_DIRECT,
             ptr(src),
-            ptr(wts),
+            ptr(anyWts),
             null,
             ptr(dst),
             ptr(strides),
@@ -512,18 +563,48 @@ export const loadDnnl = (): Dnnl | undefined => {
           "dnnl convolution backward weights desc",
         );
         pd = primitiveDesc(desc, forwardPd);
-        argIds = [ARG_SRC, ARG_DIFF_WEIGHTS, ARG_DIFF_DST];
-        mds = [src, wts, dst];
       }
-      const memories = mds.map(memory);
-      // dnnl_exec_arg_t = { int arg; dnnl_memory_t memory } = 16 bytes with padding.
-      const args = new BigUint64Array(2 * argIds.length);
-      const ints = new Int32Array(args.buffer);
-      argIds.forEach((id, i) => {
-        ints[i * 4] = id;
-        args[i * 2 + 1] = BigInt(Deno.UnsafePointer.value(memories[i]!));
-      });
-      return { primitive: primitive(pd), memories, args };
+      const weightsOut = direction === "backwardWeights";
+      const chosen = d.dnnl_primitive_desc_query_md(
+        pd,
+        weightsOut ? QUERY_DIFF_WEIGHTS_MD : QUERY_WEIGHTS_MD,
+        0,
+      );
+      if (chosen === null) throw new Error("dnnl: no weights memory desc");
+      const x = memory(src);
+      const y = memory(dst);
+      let w: Deno.PointerValue | undefined;
+      let reorder: WeightsReorder | undefined;
+      let convWeights: Deno.PointerValue;
+      if (d.dnnl_memory_desc_equal(chosen, ptr(wts)) !== 0) {
+        w = memory(wts);
+        convWeights = w;
+      } else {
+        const storage = new Uint8Array(Number(d.dnnl_memory_desc_get_size(chosen)));
+        const s = slot();
+        ok(d.dnnl_memory_create(ptr(s), chosen, engine, ptr(storage)), "dnnl_memory_create");
+        convWeights = handle(s);
+        const plain = memory(wts);
+        const [from, to] = weightsOut ? [chosen, ptr(wts)] : [ptr(wts), chosen];
+        const rs = slot();
+        ok(
+          d.dnnl_reorder_primitive_desc_create(ptr(rs), from, engine, to, engine, null),
+          "dnnl reorder desc",
+        );
+        const [fromMemory, toMemory] = weightsOut ? [convWeights, plain] : [plain, convWeights];
+        reorder = {
+          primitive: primitive(handle(rs)),
+          args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
+          plain,
+          storage,
+        };
+      }
+      const args = direction === "forward"
+        ? execArgs([[ARG_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DST, y]])
+        : direction === "backwardData"
+        ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DIFF_DST, y]])
+        : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, convWeights], [ARG_DIFF_DST, y]]);
+      return { primitive: primitive(pd), args, x, w, y, reorder };
     };
 
     dnnlLoaded = {
@@ -560,10 +641,20 @@ export const loadDnnl = (): Dnnl | undefined => {
           plans.set(key, plan);
         }
         if (plan === null) return false;
-        d.dnnl_memory_set_data_handle(plan.memories[0]!, x);
-        d.dnnl_memory_set_data_handle(plan.memories[1]!, w);
-        d.dnnl_memory_set_data_handle(plan.memories[2]!, y);
-        ok(d.dnnl_primitive_execute(plan.primitive, stream, 3, ptr(plan.args)), "dnnl_primitive_execute");
+        const execute = (p: Deno.PointerValue, args: BigUint64Array) =>
+          ok(d.dnnl_primitive_execute(p, stream, args.length / 2, ptr(args)), "dnnl_primitive_execute");
+        d.dnnl_memory_set_data_handle(plan.x, x);
+        d.dnnl_memory_set_data_handle(plan.y, y);
+        const reorder = plan.reorder;
+        if (reorder === undefined) d.dnnl_memory_set_data_handle(plan.w!, w);
+        else d.dnnl_memory_set_data_handle(reorder.plain, w);
+        if (reorder !== undefined && direction !== "backwardWeights") {
+          execute(reorder.primitive, reorder.args);
+        }
+        execute(plan.primitive, plan.args);
+        if (reorder !== undefined && direction === "backwardWeights") {
+          execute(reorder.primitive, reorder.args);
+        }
         ok(d.dnnl_stream_wait(stream), "dnnl_stream_wait");
         return true;
       },
