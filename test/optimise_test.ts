@@ -118,85 +118,94 @@ Deno.test("learningRateAt", async (t) => {
   });
 });
 
+/** Every fixture case of core.json (apex LARC + torch SGD in float64), step by step. */
+const checkAgainstFixture = async (fused: boolean): Promise<void> => {
+  for (const c of fixture.optimiser) {
+    await assertNoTensorLeak(c.name, async () => {
+      const variables = variablesFrom(c.shapes, c.initial);
+      const optimiser = new LarcSgd({ ...c }, fused);
+      for (const [it, step] of c.steps.entries()) {
+        const grads = gradsFrom(c.shapes, step.grads);
+        optimiser.step(
+          variables,
+          grads,
+          step.lr,
+          (name) => it < c.freezePrototypesIters && name === "prototypes",
+        );
+        tf.dispose(grads);
+        for (const [name, v] of Object.entries(variables)) {
+          const got = await values(v);
+          const err = relativeError(got, step.params[name]!);
+          assert.ok(err < PARAM_TOLERANCE, `${c.name}, step ${it}, ${name}: rel err ${err}`);
+          // our start is the float32-rounded initial value; torch's the float64 one
+          const start32 = Float32Array.from(c.initial[name]!);
+          const change = got.map((x, i) => x - start32[i]!);
+          const refChange = step.params[name]!.map((x, i) => x - c.initial[name]![i]!);
+          const changeErr = relativeError(change, refChange);
+          assert.ok(
+            changeErr < CHANGE_TOLERANCE,
+            `${c.name}, step ${it}, ${name}: change rel err ${changeErr}`,
+          );
+        }
+        // the momentum buffer of frozen prototypes is not touched
+        if (it < c.freezePrototypesIters) {
+          assert.ok(!optimiser.slotNames.includes("prototypes"));
+        }
+      }
+      optimiser.dispose();
+      tf.dispose(Object.values(variables));
+    });
+  }
+};
+
+/** Fresh random parameters and gradients against the float64 transcription `larcSgd64`. */
+const checkAgainstTranscription = async (fused: boolean): Promise<void> => {
+  await assertNoTensorLeak("random", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 40 }),
+        fc.record({
+          momentum: fc.constantFrom(0, 0.9),
+          weightDecay: fc.constantFrom(0, 1e-6, 0.01),
+          trustCoefficient: fc.constantFrom(0.001, 0.02),
+          eps: fc.constant(1e-8),
+          clip: fc.boolean(),
+        }),
+        fc.integer(),
+        async (size, options, seed) => {
+          const param = owned(() => tf.randomNormal([size], 0, 1, "float32", seed));
+          const p64 = await values(param);
+          const buf64 = new Float64Array(size);
+          const optimiser = new LarcSgd(options, fused);
+          for (let it = 0; it < 4; it++) {
+            const lr = 0.1 + it * 0.2;
+            const grad = tf.randomNormal([size], 0, 0.5, "float32", seed + it + 1);
+            const g = await values(grad);
+            optimiser.step({ w: param }, { w: grad }, lr);
+            larcSgd64(p64, g, buf64, lr, options);
+            grad.dispose();
+          }
+          const got = await values(param);
+          optimiser.dispose();
+          param.dispose();
+          assert.ok(relativeError(got, p64) < PARAM_TOLERANCE, `rel err ${relativeError(got, p64)}`);
+        },
+      ),
+      { numRuns: 30 },
+    );
+  });
+};
+
 Deno.test("LarcSgd", async (t) => {
   await t.step(
     "matches apex LARC + torch SGD (float64) over several steps, with frozen prototypes",
-    async () => {
-      for (const c of fixture.optimiser) {
-        await assertNoTensorLeak(c.name, async () => {
-          const variables = variablesFrom(c.shapes, c.initial);
-          const optimiser = new LarcSgd({ ...c });
-          for (const [it, step] of c.steps.entries()) {
-            const grads = gradsFrom(c.shapes, step.grads);
-            optimiser.step(
-              variables,
-              grads,
-              step.lr,
-              (name) => it < c.freezePrototypesIters && name === "prototypes",
-            );
-            tf.dispose(grads);
-            for (const [name, v] of Object.entries(variables)) {
-              const got = await values(v);
-              const err = relativeError(got, step.params[name]!);
-              assert.ok(err < PARAM_TOLERANCE, `${c.name}, step ${it}, ${name}: rel err ${err}`);
-              // our start is the float32-rounded initial value; torch's the float64 one
-              const start32 = Float32Array.from(c.initial[name]!);
-              const change = got.map((x, i) => x - start32[i]!);
-              const refChange = step.params[name]!.map((x, i) => x - c.initial[name]![i]!);
-              const changeErr = relativeError(change, refChange);
-              assert.ok(
-                changeErr < CHANGE_TOLERANCE,
-                `${c.name}, step ${it}, ${name}: change rel err ${changeErr}`,
-              );
-            }
-            // the momentum buffer of frozen prototypes is not touched
-            if (it < c.freezePrototypesIters) {
-              assert.ok(!optimiser.slotNames.includes("prototypes"));
-            }
-          }
-          optimiser.dispose();
-          tf.dispose(Object.values(variables));
-        });
-      }
-    },
+    () => checkAgainstFixture(true),
   );
 
-  await t.step("fresh random parameters and gradients: equals a float64 transcription", async () => {
-    await assertNoTensorLeak("random", async () => {
-      await fc.assert(
-        fc.asyncProperty(
-          fc.integer({ min: 1, max: 40 }),
-          fc.record({
-            momentum: fc.constantFrom(0, 0.9),
-            weightDecay: fc.constantFrom(0, 1e-6, 0.01),
-            trustCoefficient: fc.constantFrom(0.001, 0.02),
-            eps: fc.constant(1e-8),
-            clip: fc.boolean(),
-          }),
-          fc.integer(),
-          async (size, options, seed) => {
-            const param = owned(() => tf.randomNormal([size], 0, 1, "float32", seed));
-            const p64 = await values(param);
-            const buf64 = new Float64Array(size);
-            const optimiser = new LarcSgd(options);
-            for (let it = 0; it < 4; it++) {
-              const lr = 0.1 + it * 0.2;
-              const grad = tf.randomNormal([size], 0, 0.5, "float32", seed + it + 1);
-              const g = await values(grad);
-              optimiser.step({ w: param }, { w: grad }, lr);
-              larcSgd64(p64, g, buf64, lr, options);
-              grad.dispose();
-            }
-            const got = await values(param);
-            optimiser.dispose();
-            param.dispose();
-            assert.ok(relativeError(got, p64) < PARAM_TOLERANCE, `rel err ${relativeError(got, p64)}`);
-          },
-        ),
-        { numRuns: 30 },
-      );
-    });
-  });
+  await t.step(
+    "fresh random parameters and gradients: equals a float64 transcription",
+    () => checkAgainstTranscription(true),
+  );
 
   await t.step("serialise then restore continues exactly", async () => {
     await assertNoTensorLeak("serialise", async () => {
@@ -341,4 +350,70 @@ Deno.test("optimise stage", async (t) => {
       assert.match(String(failed.cause), new RegExp(field));
     }
   });
+});
+
+Deno.test("LarcSgd on the wasm backend: the fused one-pass update", async (t) => {
+  const previous = tf.getBackend();
+  await initBackend("wasm");
+  try {
+    await t.step(
+      "fused: matches apex LARC + torch SGD (float64), with frozen prototypes",
+      () => checkAgainstFixture(true),
+    );
+    await t.step(
+      "fused: fresh random parameters and gradients equal a float64 transcription",
+      () => checkAgainstTranscription(true),
+    );
+    await t.step("tensor-op version on wasm: the same references", async () => {
+      await checkAgainstFixture(false);
+      await checkAgainstTranscription(false);
+    });
+    await t.step("fused and tensor-op agree on large random parameters over 20 steps", async () => {
+      await assertNoTensorLeak("fused vs tensor ops", async () => {
+        const seed = Date.now() % 100000;
+        const shapes = { conv: [3, 3, 16, 32], dense: [257, 129], bias: [129], zero: [7] };
+        const make = () =>
+          Object.fromEntries(
+            Object.entries(shapes).map(([name, shape], i) => [
+              name,
+              owned(() =>
+                name === "zero" ? tf.zeros(shape) : tf.randomNormal(shape, 0, 1, "float32", seed + i)
+              ),
+            ]),
+          );
+        const [fusedVars, plainVars] = [make(), make()];
+        const options = { momentum: 0.9, weightDecay: 1e-4, trustCoefficient: 0.02, eps: 1e-8, clip: false };
+        const fused = new LarcSgd(options, true);
+        const plain = new LarcSgd(options, false);
+        const counts: number[] = [];
+        for (let it = 0; it < 20; it++) {
+          const grads = tf.tidy(() =>
+            Object.fromEntries(
+              Object.entries(shapes).map(([name, shape], i) => [
+                name,
+                tf.randomNormal(shape, 0, 0.1, "float32", seed + 100 * it + i),
+              ]),
+            )
+          );
+          fused.step(fusedVars, grads, 0.5, (name) => it < 3 && name === "bias");
+          plain.step(plainVars, grads, 0.5, (name) => it < 3 && name === "bias");
+          tf.dispose(Object.values(grads));
+          counts.push(tf.memory().numTensors);
+        }
+        for (const name of Object.keys(shapes)) {
+          const err = relativeError(await values(fusedVars[name]!), await values(plainVars[name]!));
+          // float64 sums and products against float32 tensor ops: a few float32 ulps per step.
+          assert.ok(err < 1e-5, `seed ${seed}, ${name}: fused vs tensor ops rel err ${err}`);
+        }
+        // Flat once every slot exists (the bias's first update is step 3).
+        const settled = counts.slice(3);
+        assert.ok(settled.every((n) => n === settled[0]), `live tensors drifted: ${counts}`);
+        fused.dispose();
+        plain.dispose();
+        tf.dispose([...Object.values(fusedVars), ...Object.values(plainVars)]);
+      });
+    });
+  } finally {
+    await tf.setBackend(previous);
+  }
 });
