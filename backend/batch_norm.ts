@@ -23,6 +23,7 @@
  *   (~30x slower on fresh tensors).
  */
 import * as tf from "@tensorflow/tfjs";
+import { BATCH_NORM_TRAIN, BATCH_NORM_TRAIN_GRAD, nativeBatchNormActive } from "./wasm_kernels.ts";
 
 /** Broadcast rows shorter than this are slow in tfjs-backend-wasm's binary ops. */
 const MIN_ROW = 256;
@@ -108,6 +109,7 @@ export const batchNormTrain = <T extends tf.Tensor>(
   if (gamma.size !== view.channels || beta.size !== view.channels) {
     throw new Error(`batchNormTrain: gamma/beta of size ${gamma.size}/${beta.size} for input [${shape}]`);
   }
+  if (nativeBatchNormActive()) return nativeBatchNormTrain(x, gamma, beta, epsilon, relu);
   // The statistics leave the custom gradient's forward (which runs in its own
   // tidy, off the tape) kept; they are cloned into the caller's scope below.
   let stats: { mean: tf.Tensor1D; variance: tf.Tensor1D } | undefined;
@@ -157,6 +159,57 @@ export const batchNormTrain = <T extends tf.Tensor>(
           ).reshape(shape);
           return [dx, tf.mul(dgammaMean, count), tf.mul(dbetaMean, count)];
         }),
+    };
+  });
+  const y = op(x, gamma, beta) as T;
+  const kept = stats!;
+  const mean = tf.clone(kept.mean);
+  const variance = tf.clone(kept.variance);
+  kept.mean.dispose();
+  kept.variance.dispose();
+  return { y, mean, variance };
+};
+
+/**
+ * The same op through oneDNN's batch-normalisation primitives (backend/wasm_kernels.ts):
+ * one kernel forward (statistics, normalisation, ReLU) and one backward. The forward
+ * saves x, the statistics and, with ReLU, oneDNN's bit mask of the positive outputs.
+ */
+const nativeBatchNormTrain = <T extends tf.Tensor>(
+  x: T,
+  gamma: tf.Tensor1D,
+  beta: tf.Tensor1D,
+  epsilon: number,
+  relu: boolean,
+): BatchNormTrainOutput<T> => {
+  const attrs = { epsilon, relu } as unknown as tf.NamedAttrMap;
+  let stats: { mean: tf.Tensor1D; variance: tf.Tensor1D } | undefined;
+  const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+    const [xIn, gammaIn, betaIn] = args as [tf.Tensor, tf.Tensor1D, tf.Tensor1D];
+    const save = args[3] as tf.GradSaveFunc;
+    const [y, mean, variance, workspace] = tf.engine().runKernel(
+      BATCH_NORM_TRAIN,
+      { x: xIn, gamma: gammaIn, beta: betaIn },
+      attrs,
+    ) as tf.Tensor[];
+    stats = { mean: tf.keep(mean as tf.Tensor1D), variance: tf.keep(variance as tf.Tensor1D) };
+    const saved = [xIn, mean!, variance!, gammaIn, betaIn];
+    save(workspace === undefined ? saved : [...saved, workspace]);
+    return {
+      value: y as T,
+      gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+        const [sx, sMean, sVariance, sGamma, sBeta, sWorkspace] = saved;
+        const inputs: tf.NamedTensorMap = {
+          x: sx!,
+          mean: sMean!,
+          variance: sVariance!,
+          gamma: sGamma!,
+          beta: sBeta!,
+          dy,
+        };
+        if (sWorkspace !== undefined) inputs.workspace = sWorkspace;
+        return tf.engine().runKernel(BATCH_NORM_TRAIN_GRAD, inputs, attrs) as tf.Tensor[];
+      },
     };
   });
   const y = op(x, gamma, beta) as T;

@@ -294,6 +294,14 @@ const dnnlSymbols = {
   dnnl_memory_set_data_handle: { parameters: ["pointer", "pointer"], result: "i32" },
   dnnl_primitive_execute: { parameters: ["pointer", "pointer", "i32", "pointer"], result: "i32" },
   dnnl_stream_wait: { parameters: ["pointer"], result: "i32" },
+  dnnl_batch_normalization_forward_desc_init: {
+    parameters: ["pointer", "i32", "pointer", "f32", "u32"],
+    result: "i32",
+  },
+  dnnl_batch_normalization_backward_desc_init: {
+    parameters: ["pointer", "i32", "pointer", "pointer", "f32", "u32"],
+    result: "i32",
+  },
   dnnl_memory_desc_init_by_tag: {
     parameters: ["pointer", "i32", "pointer", "i32", "i32"],
     result: "i32",
@@ -323,6 +331,18 @@ const ARG_FROM = 1;
 const ARG_TO = 17;
 const DNNL_FORMAT_TAG_ANY = 1;
 const QUERY_WEIGHTS_MD = 131;
+const QUERY_EXEC_ARG_MD = 255;
+const DNNL_BACKWARD = 128;
+const DNNL_FUSE_NORM_RELU = 0x4;
+const DNNL_USE_SCALE = 0x8;
+const DNNL_USE_SHIFT = 0x10;
+const ARG_MEAN = 49;
+const ARG_VARIANCE = 50;
+const ARG_SCALE = 51;
+const ARG_SHIFT = 52;
+const ARG_WORKSPACE = 64;
+const ARG_DIFF_SCALE = 255;
+const ARG_DIFF_SHIFT = 256;
 const QUERY_DIFF_WEIGHTS_MD = 132;
 /** Generous sizes for the opaque descriptor structs (v2.6: memory desc ~1 KB, op desc a few KB). */
 const MEMORY_DESC_BYTES = 4096;
@@ -365,6 +385,56 @@ export interface Dnnl {
     w: Deno.PointerValue,
     y: Deno.PointerValue,
   ): boolean;
+  /**
+   * Batch normalisation in training mode over `rows` rows of `channels` values
+   * (NHWC flattened: statistics per channel over every row), with scale and
+   * shift, optionally followed by ReLU (whose backward then needs the workspace).
+   */
+  readonly batchNorm: DnnlBatchNorm;
+}
+
+/** Pointers of one batch-norm forward call; `workspace` only with relu (`workspaceBytes` bytes). */
+export interface BatchNormForwardPointers {
+  readonly x: Deno.PointerValue;
+  readonly gamma: Deno.PointerValue;
+  readonly beta: Deno.PointerValue;
+  readonly y: Deno.PointerValue;
+  readonly mean: Deno.PointerValue;
+  readonly variance: Deno.PointerValue;
+  readonly workspace: Deno.PointerValue | undefined;
+}
+
+export interface BatchNormBackwardPointers {
+  readonly x: Deno.PointerValue;
+  readonly mean: Deno.PointerValue;
+  readonly variance: Deno.PointerValue;
+  readonly gamma: Deno.PointerValue;
+  readonly beta: Deno.PointerValue;
+  readonly workspace: Deno.PointerValue | undefined;
+  readonly dy: Deno.PointerValue;
+  readonly dx: Deno.PointerValue;
+  readonly dgamma: Deno.PointerValue;
+  readonly dbeta: Deno.PointerValue;
+}
+
+export interface BatchNormShape {
+  /** Values per channel: N·H·W. */
+  readonly rows: number;
+  /** H and W of NHWC data (1 and 1 for [N, C]). */
+  readonly height: number;
+  readonly width: number;
+  readonly channels: number;
+  readonly epsilon: number;
+  readonly relu: boolean;
+}
+
+export interface DnnlBatchNorm {
+  /** Bytes of the ReLU workspace the forward writes and the backward reads (0 without relu). */
+  workspaceBytes(shape: BatchNormShape): number;
+  /** y = [relu](gamma (x − mean)/√(var + eps) + beta), with the batch mean and biased variance. */
+  forward(shape: BatchNormShape, p: BatchNormForwardPointers): void;
+  /** dx, dgamma, dbeta from dy (the gradient of y) and the forward's statistics. */
+  backward(shape: BatchNormShape, p: BatchNormBackwardPointers): void;
 }
 
 let dnnlLoaded: Dnnl | undefined;
@@ -607,8 +677,142 @@ export const loadDnnl = (): Dnnl | undefined => {
       return { primitive: primitive(pd), args, x, w, y, reorder };
     };
 
+    /** A primitive whose every argument is a memory object made from the descriptor it queries. */
+    interface ArgPlan {
+      readonly primitive: Deno.PointerValue;
+      readonly memories: ReadonlyMap<number, Deno.PointerValue>;
+      readonly args: BigUint64Array;
+      readonly workspaceBytes: number;
+    }
+    const argPlan = (pd: Deno.PointerValue, argIds: readonly number[]): ArgPlan => {
+      const memories = new Map<number, Deno.PointerValue>();
+      for (const id of argIds) {
+        const md = d.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, id);
+        if (md === null) throw new Error(`dnnl: no memory desc for argument ${id}`);
+        const s = slot();
+        ok(d.dnnl_memory_create(ptr(s), md, engine, null), "dnnl_memory_create");
+        memories.set(id, handle(s));
+      }
+      const workspace = argIds.includes(ARG_WORKSPACE)
+        ? Number(
+          d.dnnl_memory_desc_get_size(d.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WORKSPACE)),
+        )
+        : 0;
+      return {
+        primitive: primitive(pd),
+        memories,
+        args: execArgs(argIds.map((id) => [id, memories.get(id)!] as const)),
+        workspaceBytes: workspace,
+      };
+    };
+    const runPlan = (plan: ArgPlan, pointers: ReadonlyMap<number, Deno.PointerValue>) => {
+      for (const [id, memory] of plan.memories) d.dnnl_memory_set_data_handle(memory, pointers.get(id)!);
+      ok(
+        d.dnnl_primitive_execute(plan.primitive, stream, plan.args.length / 2, ptr(plan.args)),
+        "dnnl_primitive_execute",
+      );
+      ok(d.dnnl_stream_wait(stream), "dnnl_stream_wait");
+    };
+
+    const bnPlans = new Map<string, { forward: ArgPlan; backward: ArgPlan }>();
+    const bnPlan = (shape: BatchNormShape) => {
+      const key =
+        `${shape.rows},${shape.height},${shape.width},${shape.channels},${shape.epsilon},${shape.relu}`;
+      let plan = bnPlans.get(key);
+      if (plan !== undefined) return plan;
+      // NHWC (oneDNN's nspc: its JIT kernels), [rows, C] as N = rows, H = W = 1.
+      const { channels: c, height: h, width: w } = shape;
+      const n = shape.rows / (h * w);
+      const data = memoryDesc([n, c, h, w], [h * w * c, 1, w * c, c]);
+      const flags = DNNL_USE_SCALE | DNNL_USE_SHIFT | (shape.relu ? DNNL_FUSE_NORM_RELU : 0);
+      const fdesc = new Uint8Array(OP_DESC_BYTES);
+      ok(
+        d.dnnl_batch_normalization_forward_desc_init(
+          ptr(fdesc),
+          DNNL_FORWARD_TRAINING,
+          ptr(data),
+          shape.epsilon,
+          flags,
+        ),
+        "dnnl batch normalization forward desc",
+      );
+      const forwardPd = primitiveDesc(fdesc, null);
+      const bdesc = new Uint8Array(OP_DESC_BYTES);
+      ok(
+        d.dnnl_batch_normalization_backward_desc_init(
+          ptr(bdesc),
+          DNNL_BACKWARD,
+          ptr(data),
+          ptr(data),
+          shape.epsilon,
+          flags,
+        ),
+        "dnnl batch normalization backward desc",
+      );
+      const backwardPd = primitiveDesc(bdesc, forwardPd);
+      const workspace = shape.relu ? [ARG_WORKSPACE] : [];
+      plan = {
+        forward: argPlan(forwardPd, [
+          ARG_SRC,
+          ARG_DST,
+          ARG_MEAN,
+          ARG_VARIANCE,
+          ARG_SCALE,
+          // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
+          ARG_SHIFT,
+          ...workspace,
+        ]),
+        backward: argPlan(backwardPd, [
+          ARG_SRC,
+          ARG_MEAN,
+          ARG_VARIANCE,
+          ARG_DIFF_DST,
+          ARG_SCALE,
+          // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
+          ARG_SHIFT,
+          ...workspace,
+          ARG_DIFF_SRC,
+          ARG_DIFF_SCALE,
+          ARG_DIFF_SHIFT,
+        ]),
+      };
+      bnPlans.set(key, plan);
+      return plan;
+    };
+    const batchNorm: DnnlBatchNorm = {
+      workspaceBytes: (shape) => bnPlan(shape).forward.workspaceBytes,
+      forward: (shape, p) => {
+        const pointers = new Map<number, Deno.PointerValue>([
+          [ARG_SRC, p.x],
+          [ARG_DST, p.y],
+          [ARG_MEAN, p.mean],
+          [ARG_VARIANCE, p.variance],
+          [ARG_SCALE, p.gamma],
+          [ARG_SHIFT, p.beta],
+        ]);
+        if (shape.relu) pointers.set(ARG_WORKSPACE, p.workspace!);
+        runPlan(bnPlan(shape).forward, pointers);
+      },
+      backward: (shape, p) => {
+        const pointers = new Map<number, Deno.PointerValue>([
+          [ARG_SRC, p.x],
+          [ARG_MEAN, p.mean],
+          [ARG_VARIANCE, p.variance],
+          [ARG_DIFF_DST, p.dy],
+          [ARG_SCALE, p.gamma],
+          [ARG_SHIFT, p.beta],
+          [ARG_DIFF_SRC, p.dx],
+          [ARG_DIFF_SCALE, p.dgamma],
+          [ARG_DIFF_SHIFT, p.dbeta],
+        ]);
+        if (shape.relu) pointers.set(ARG_WORKSPACE, p.workspace!);
+        runPlan(bnPlan(shape).backward, pointers);
+      },
+    };
+
     dnnlLoaded = {
       library: name,
+      batchNorm,
       run: (direction, g, x, w, y) => {
         const shapeKey = [
           g.n,

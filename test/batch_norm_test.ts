@@ -6,7 +6,9 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { batchNormTrain } from "../backend/batch_norm.ts";
+import { loadDnnl } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
+import { blasKernelOptions, nativeBatchNormActive } from "../backend/wasm_kernels.ts";
 import { assertNoTensorLeak, relativeError } from "./_helpers.ts";
 
 const EPS = 1e-5;
@@ -117,6 +119,24 @@ const tfjs = (x: tf.Tensor, g: tf.Tensor1D, b: tf.Tensor1D) => {
   return { y: tf.batchNorm(x, mean as tf.Tensor1D, variance as tf.Tensor1D, b, g, EPS), mean, variance };
 };
 
+/**
+ * The implementations under test: oneDNN's primitives (wasm with oneDNN, as CI installs libdnnl2),
+ * the tensor-op closed form on wasm, and on cpu.
+ */
+const variants = [
+  { label: "wasm oneDNN", backend: "wasm", native: true },
+  { label: "wasm ops", backend: "wasm", native: false },
+  { label: "cpu", backend: "cpu", native: false },
+] as const;
+
+/** Switches to the variant's backend and batch-norm path, and checks the path is the one asked for. */
+const useVariant = async (v: (typeof variants)[number]): Promise<void> => {
+  await initBackend(v.backend);
+  blasKernelOptions.batchNorm = v.native;
+  const expected = v.native && loadDnnl() !== undefined;
+  assert.equal(nativeBatchNormActive(), expected, `${v.label}: oneDNN batch norm active`);
+};
+
 const shapes = (): number[][] => {
   const r = (lo: number, hi: number) => lo + Math.floor(Math.random() * (hi - lo + 1));
   return [
@@ -133,14 +153,14 @@ const shapes = (): number[][] => {
 };
 
 Deno.test("batchNormTrain matches tf.batchNorm, the cpu gradient and float64", async (t) => {
-  for (const backend of ["wasm", "cpu"] as const) {
+  for (const variant of variants) {
     for (const shape of shapes()) {
-      await t.step(`${backend} [${shape}]`, async () => {
+      await t.step(`${variant.label} [${shape}]`, async () => {
         const c = makeCase(shape);
         const ref = reference(c);
         await initBackend("cpu");
         const cpuTfjs = await run(c, tfjs);
-        await initBackend(backend);
+        await useVariant(variant);
         const got = await assertNoTensorLeak("batchNormTrain", () => run(c, ours));
         const check = (label: string, a: ArrayLike<number>, b: ArrayLike<number>, tol: number) => {
           const e = relativeError(a, b);
@@ -191,13 +211,13 @@ Deno.test("batchNormTrain with relu: true matches tf.relu(tf.batchNorm) and its 
     const out = tfjs(x, g, b);
     return { ...out, y: tf.relu(out.y) };
   };
-  for (const backend of ["wasm", "cpu"] as const) {
+  for (const variant of variants) {
     for (const shape of shapes()) {
-      await t.step(`${backend} [${shape}]`, async () => {
+      await t.step(`${variant.label} [${shape}]`, async () => {
         const c = makeCase(shape);
         await initBackend("cpu");
         const reference = await run(c, tfjsRelu);
-        await initBackend(backend);
+        await useVariant(variant);
         const got = await assertNoTensorLeak("batchNormTrain relu", () => run(c, oursRelu));
         // Same tolerances as above: float32 against float32 with other summation orders.
         for (
