@@ -206,7 +206,8 @@ def main():
         sys.exit(f"--stage: unknown stage {args.stage!r} (one of {', '.join(STAGES)})")
 
     def report(stage, ms):
-        print(json.dumps({"stage": stage, "ms": round(ms, 3), "images_per_s": round(bs / (ms / 1000), 2),
+        print(json.dumps({"stage": stage, "ms": round(ms, 3),
+                          "images_per_s": round(bs / (ms / 1000), 2) if ms > 0 else None,
                           "reps": args.reps, "backend": "torch", "threads": threads, "torch": torch.__version__}),
               flush=True)
 

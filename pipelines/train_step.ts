@@ -13,6 +13,7 @@
  * encoder, another loss, no queue) without touching the rest.
  */
 import * as tf from "@tensorflow/tfjs";
+import { leanVariableGrads } from "../backend/lean_gradients.ts";
 
 /** The three pieces that run inside the gradient tape. */
 export interface TrainStepParts {
@@ -54,13 +55,14 @@ export const forwardBackward = (
 ): TapeOutputs => {
   let kept: tf.Tensor2D | undefined;
   let codes: tf.Tensor2D[] = [];
-  const { value, grads } = tf.variableGrads(() => {
+  // tf.variableGrads' walk, freeing each gradient and saved activation after its last use.
+  const { value, grads } = leanVariableGrads(() => {
     const { embeddings, scores } = parts.encode(crops);
     // The gradient boundary: assign sees the scores but returns codes with no gradient.
     codes = parts.assign(scores, options.queueScores).map((c) => tf.keep(c));
     kept = tf.keep(embeddings);
     return parts.loss(scores, codes);
-  }, variables as tf.Variable[]);
+  }, variables);
   return { loss: value, grads, embeddings: kept!, codes };
 };
 
