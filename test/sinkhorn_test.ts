@@ -3,7 +3,14 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit } from "effect";
 import { backendFromEnv, initBackend } from "../backend/tensor_backend.ts";
-import { sinkhornKnopp, sinkhornStage } from "../stages/sinkhorn.ts";
+import {
+  type ComputePath,
+  hostBackendActive,
+  PLAIN_DOMAIN_MAX_SPREAD,
+  plainDomainCodes,
+  sinkhornKnopp,
+  sinkhornStage,
+} from "../stages/sinkhorn.ts";
 import { configure } from "../stages/stage.ts";
 import { assertNoTensorLeak, relativeError, values } from "./_helpers.ts";
 
@@ -21,6 +28,15 @@ const fixture = JSON.parse(await Deno.readTextFile(new URL("./fixtures/core.json
 };
 
 await initBackend(backendFromEnv() ?? "cpu");
+
+/**
+ * Both implementations, run by every property below: "auto" is the float64 host
+ * path on the wasm and cpu backends (the default here is cpu; SWAV_BACKEND=wasm
+ * runs the file on wasm), and "tensor" forces the log-domain tensor-op path.
+ */
+const paths: readonly ComputePath[] = ["auto", "tensor"];
+const label = (path: ComputePath): string =>
+  path === "tensor" ? "tensor path" : hostBackendActive() ? "host path" : "auto (tensor) path";
 
 /**
  * Norm-wise relative error allowed against float64: float32 rounding of the
@@ -66,8 +82,10 @@ const sinkhorn64 = (
   return lq.map((v) => Math.exp(v + Math.log(b)));
 };
 
-const scoresArb = (maxRows: number, maxK: number) =>
-  fc.tuple(fc.integer({ min: 2, max: maxRows }), fc.integer({ min: 2, max: maxK })).chain(([b, k]) =>
+const scoresArb = (maxRows: number, maxK: number, minSize = 2) =>
+  fc.tuple(fc.integer({ min: minSize, max: maxRows }), fc.integer({ min: minSize, max: maxK })).chain((
+    [b, k],
+  ) =>
     fc.record({
       b: fc.constant(b),
       k: fc.constant(k),
@@ -75,66 +93,230 @@ const scoresArb = (maxRows: number, maxK: number) =>
     })
   );
 
+/** The codes of `scores` [b, k] by `path`, read back as float64; no tensor is left. */
+const codesOf = async (
+  scores: ArrayLike<number>,
+  b: number,
+  k: number,
+  options: { epsilon: number; iterations: number },
+  path: ComputePath,
+): Promise<Float64Array> => {
+  const input = tf.tensor2d(Float32Array.from(scores), [b, k]);
+  const codes = sinkhornKnopp(input, options, path);
+  const got = await values(codes);
+  tf.dispose([input, codes]);
+  return got;
+};
+
+/** Whether the host path computes these scores itself (no fallback to the log domain). */
+const hostComputes = (scores: ArrayLike<number>, b: number, k: number, epsilon: number): boolean =>
+  hostBackendActive() &&
+  plainDomainCodes(Float32Array.from(scores), b, k, { epsilon, iterations: 1 }) !== undefined;
+
+/**
+ * Norm-wise relative error allowed for the host path against float64: the
+ * iteration runs in float64 (~1e-13 here), so what remains is the float32
+ * rounding of the output, at most 2^-24 ≈ 6e-8 relative per entry.
+ */
+const HOST_TOLERANCE = 1e-7;
+
+/**
+ * The tensor path's error against float64 at 0 iterations, where no final
+ * softmax re-normalises the rows: the codes are exp(log Q + log B) with log Q in
+ * float32, of magnitude up to (max − min) / eps + log(B·K), and a few roundings
+ * of that exponent (each ≤ 2^-24 of it) become relative errors of the codes.
+ * Measured: up to 4.2e-6 on wasm for sparse scores at ±1 ([20, 20], eps 0.1),
+ * where tolerance(0.1) is 2e-6 and this bound 7.9e-6.
+ */
+const zeroIterationTolerance = (scores: readonly number[], b: number, k: number, epsilon: number): number => {
+  const f = Float32Array.from(scores);
+  const spread = (Math.max(...f) - Math.min(...f)) / epsilon;
+  return 1e-6 + 4 * 2 ** -24 * (spread + Math.log(b * k) + Math.log(b));
+};
+
 Deno.test("sinkhornKnopp", async (t) => {
-  await t.step("matches the float64 reference fixtures (direct and log-domain)", async () => {
-    await assertNoTensorLeak("fixtures", async () => {
-      assert.ok(fixture.sinkhorn.some((c) => c.source === "log-domain" && c.epsilon <= 0.001));
-      for (const c of fixture.sinkhorn) {
-        const scores = tf.tensor2d(c.scores, [c.rows, c.k]);
-        const codes = sinkhornKnopp(scores, { epsilon: c.epsilon, iterations: c.iterations });
-        const got = await values(codes);
-        tf.dispose([scores, codes]);
-        const err = relativeError(got, c.codes);
-        assert.ok(
-          err < tolerance(c.epsilon),
-          `B=${c.rows} K=${c.k} eps=${c.epsilon} it=${c.iterations}: rel err ${err} >= ${
-            tolerance(c.epsilon)
-          }`,
+  for (const path of paths) {
+    await t.step(
+      `${label(path)}: matches the float64 reference fixtures (direct and log-domain)`,
+      async () => {
+        await assertNoTensorLeak("fixtures", async () => {
+          assert.ok(fixture.sinkhorn.some((c) => c.source === "log-domain" && c.epsilon <= 0.001));
+          for (const c of fixture.sinkhorn) {
+            const got = await codesOf(c.scores, c.rows, c.k, c, path);
+            const err = relativeError(got, c.codes);
+            assert.ok(
+              err < tolerance(c.epsilon),
+              `B=${c.rows} K=${c.k} eps=${c.epsilon} it=${c.iterations}: rel err ${err} >= ${
+                tolerance(c.epsilon)
+              }`,
+            );
+            if (path === "auto" && hostComputes(c.scores, c.rows, c.k, c.epsilon)) {
+              // against float64 on the same float32-rounded scores: only the output's rounding remains
+              const ref = sinkhorn64(Float32Array.from(c.scores), c.rows, c.k, c.epsilon, c.iterations);
+              const hostErr = relativeError(got, ref);
+              assert.ok(hostErr < HOST_TOLERANCE, `host B=${c.rows} K=${c.k} eps=${c.epsilon}: ${hostErr}`);
+            }
+          }
+        });
+      },
+    );
+  }
+
+  await t.step(
+    "fresh random scores: both paths equal a float64 log-domain iteration, rows sum to 1",
+    async () => {
+      await assertNoTensorLeak("random", async () => {
+        await fc.assert(
+          fc.asyncProperty(
+            scoresArb(40, 40, 1),
+            fc.constantFrom(0.1, 0.05, 0.02, 0.005, 0.001),
+            fc.integer({ min: 1, max: 6 }),
+            async ({ b, k, scores }, epsilon, iterations) => {
+              // the reference in float64 on the same float32-rounded inputs
+              const ref = sinkhorn64(Float32Array.from(scores), b, k, epsilon, iterations);
+              for (const path of paths) {
+                const got = await codesOf(scores, b, k, { epsilon, iterations }, path);
+                const err = relativeError(got, ref);
+                // the host path, where it computes, is float64 up to the output's float32 rounding
+                const bound = path === "auto" && hostComputes(scores, b, k, epsilon)
+                  ? HOST_TOLERANCE
+                  : tolerance(epsilon);
+                assert.ok(
+                  err < bound,
+                  `${label(path)} b=${b} k=${k} eps=${epsilon}: rel err ${err} >= ${bound}`,
+                );
+                for (let r = 0; r < b; r++) {
+                  let sum = 0;
+                  for (let j = 0; j < k; j++) sum += got[r * k + j]!;
+                  assert.ok(Math.abs(sum - 1) < 1e-5, `${label(path)}: row ${r} sums to ${sum}`);
+                }
+              }
+            },
+          ),
+          { numRuns: 60 },
         );
+      });
+    },
+  );
+
+  await t.step(
+    "host and log-domain tensor paths agree, iterations 0 and B = 1 or K = 1 included",
+    async () => {
+      await assertNoTensorLeak("host vs tensor", async () => {
+        await fc.assert(
+          fc.asyncProperty(
+            scoresArb(24, 24, 1),
+            fc.constantFrom(0.1, 0.05, 0.02, 0.01, 0.005),
+            fc.integer({ min: 0, max: 5 }),
+            async ({ b, k, scores }, epsilon, iterations) => {
+              const ref = sinkhorn64(Float32Array.from(scores), b, k, epsilon, iterations);
+              const host = await codesOf(scores, b, k, { epsilon, iterations }, "auto");
+              const tensor = await codesOf(scores, b, k, { epsilon, iterations }, "tensor");
+              // Each against float64: the host path (computing itself here, spread / eps
+              // <= 400) to its output's float32 rounding, the tensor path to the rounding
+              // of its float32 exponents, amplified by exp.
+              const tensorBound = iterations === 0
+                ? zeroIterationTolerance(scores, b, k, epsilon)
+                : tolerance(epsilon);
+              if (hostBackendActive()) {
+                const hostErr = relativeError(host, ref);
+                assert.ok(
+                  hostErr < HOST_TOLERANCE,
+                  `host b=${b} k=${k} eps=${epsilon} it=${iterations}: ${hostErr}`,
+                );
+              }
+              const tensorErr = relativeError(tensor, ref);
+              assert.ok(
+                tensorErr < tensorBound,
+                `tensor b=${b} k=${k} eps=${epsilon} it=${iterations}: ${tensorErr}`,
+              );
+              // and so to each other, within the sum of the two
+              const err = relativeError(host, tensor);
+              const bound = tensorBound + HOST_TOLERANCE;
+              assert.ok(err < bound, `b=${b} k=${k} eps=${epsilon} it=${iterations}: ${err} >= ${bound}`);
+              if (iterations === 0) {
+                // Q · B after the global normalisation: the entries sum to B
+                const total = host.reduce((a, x) => a + x, 0);
+                assert.ok(Math.abs(total - b) < 1e-5 * b, `total ${total} vs ${b}`);
+              }
+            },
+          ),
+          { numRuns: 80 },
+        );
+        // the edge cases, explicitly: a single sample, a single prototype, both
+        for (const [b, k] of [[1, 7], [9, 1], [1, 1]] as const) {
+          const scores = Array.from({ length: b * k }, (_, i) => Math.sin(3 * i + 1));
+          for (const iterations of [0, 1, 3]) {
+            const ref = sinkhorn64(Float32Array.from(scores), b, k, 0.05, iterations);
+            for (const path of paths) {
+              const got = await codesOf(scores, b, k, { epsilon: 0.05, iterations }, path);
+              const err = relativeError(got, ref);
+              assert.ok(err < tolerance(0.05), `${label(path)} [${b}, ${k}] it=${iterations}: ${err}`);
+            }
+          }
+        }
+      });
+    },
+  );
+
+  await t.step("the host path falls back to the log domain where the plain one could underflow", async () => {
+    await assertNoTensorLeak("fallback", async () => {
+      // eps 0.001 with scores spanning ±1: (max − min) / eps = 2000 > 600
+      const b = 16;
+      const k = 24;
+      const scores = Array.from({ length: b * k }, (_, i) => (i === 0 ? 1 : i === 1 ? -1 : Math.sin(7 * i)));
+      const options = { epsilon: 0.001, iterations: 3 };
+      assert.equal(plainDomainCodes(Float32Array.from(scores), b, k, options), undefined);
+      const auto = await codesOf(scores, b, k, options, "auto");
+      const tensor = await codesOf(scores, b, k, options, "tensor");
+      assert.ok(auto.every(Number.isFinite), "non-finite code");
+      assert.deepEqual([...auto], [...tensor]);
+      // non-finite scores fall back too (to whatever the log domain gives)
+      for (const bad of [NaN, Infinity, -Infinity]) {
+        const withBad = Float32Array.from(scores.map((s) => s * 0.1));
+        withBad[5] = bad;
+        assert.equal(plainDomainCodes(withBad, b, k, { epsilon: 0.05, iterations: 3 }), undefined, `${bad}`);
       }
+      // just inside the limit, the host path computes, to float32 rounding of float64
+      const inside = { epsilon: 2 / (PLAIN_DOMAIN_MAX_SPREAD - 1), iterations: 4 };
+      const codes = plainDomainCodes(Float32Array.from(scores), b, k, inside);
+      assert.ok(codes !== undefined);
+      const ref = sinkhorn64(Float32Array.from(scores), b, k, inside.epsilon, inside.iterations);
+      assert.ok(relativeError(codes, ref) < HOST_TOLERANCE, `${relativeError(codes, ref)}`);
     });
   });
 
-  await t.step("fresh random scores: equals a float64 log-domain iteration, rows sum to 1", async () => {
-    await assertNoTensorLeak("random", async () => {
-      await fc.assert(
-        fc.asyncProperty(
-          scoresArb(40, 40),
-          fc.constantFrom(0.1, 0.05, 0.02, 0.005, 0.001),
-          fc.integer({ min: 1, max: 6 }),
-          async ({ b, k, scores }, epsilon, iterations) => {
-            const input = tf.tensor2d(scores, [b, k]);
-            const codes = sinkhornKnopp(input, { epsilon, iterations });
-            const got = await values(codes);
-            tf.dispose([input, codes]);
-            // the reference in float64 on the same float32-rounded inputs
-            const ref = sinkhorn64(Float32Array.from(scores), b, k, epsilon, iterations);
-            const err = relativeError(got, ref);
-            assert.ok(err < tolerance(epsilon), `b=${b} k=${k} eps=${epsilon}: rel err ${err}`);
-            for (let r = 0; r < b; r++) {
-              let sum = 0;
-              for (let j = 0; j < k; j++) sum += got[r * k + j]!;
-              assert.ok(Math.abs(sum - 1) < 1e-5, `row ${r} sums to ${sum}`);
-            }
-          },
-        ),
-        { numRuns: 60 },
-      );
-    });
-  });
+  await t.step(
+    "sinkhornKnopp takes the host path on wasm and cpu: its codes are plainDomainCodes'",
+    async () => {
+      await assertNoTensorLeak("wiring", async () => {
+        const scores = Array.from({ length: 12 * 10 }, (_, i) => Math.cos(5 * i));
+        const options = { epsilon: 0.05, iterations: 3 };
+        const expected = plainDomainCodes(Float32Array.from(scores), 12, 10, options)!;
+        const got = await codesOf(scores, 12, 10, options, "auto");
+        const tensor = await codesOf(scores, 12, 10, options, "tensor");
+        if (hostBackendActive()) assert.deepEqual([...got], [...expected]);
+        else assert.deepEqual([...got], [...tensor]);
+        assert.notDeepEqual([...expected], [...tensor]); // the two paths round differently
+      });
+    },
+  );
 
   await t.step("column marginals converge to B/K (each prototype gets an equal share)", async () => {
     await assertNoTensorLeak("marginals", async () => {
       await fc.assert(
         fc.asyncProperty(scoresArb(32, 16), async ({ b, k, scores }) => {
-          const input = tf.tensor2d(scores, [b, k]);
-          // eps 0.1 on |s| <= 1 converges fast; 300 iterations reach float32 precision
-          const codes = sinkhornKnopp(input, { epsilon: 0.1, iterations: 300 });
-          const colSums = tf.sum(codes, 0);
-          const got = await values(colSums);
-          tf.dispose([input, codes, colSums]);
-          for (let j = 0; j < k; j++) {
-            assert.ok(Math.abs(got[j]! - b / k) < 1e-3 * (b / k), `column ${j}: ${got[j]} vs ${b / k}`);
+          for (const path of paths) {
+            // eps 0.1 on |s| <= 1 converges fast; 300 iterations reach float32 precision
+            const got = await codesOf(scores, b, k, { epsilon: 0.1, iterations: 300 }, path);
+            for (let j = 0; j < k; j++) {
+              let col = 0;
+              for (let r = 0; r < b; r++) col += got[r * k + j]!;
+              assert.ok(
+                Math.abs(col - b / k) < 1e-3 * (b / k),
+                `${label(path)} column ${j}: ${col} vs ${b / k}`,
+              );
+            }
           }
         }),
         { numRuns: 25 },
@@ -150,15 +332,17 @@ Deno.test("sinkhornKnopp", async (t) => {
           fc.double({ min: -5, max: 5, noNaN: true }),
           fc.constantFrom(0.05, 0.01),
           async ({ b, k, scores }, shift, epsilon) => {
-            const input = tf.tensor2d(scores, [b, k]);
-            const shifted = tf.add(input, shift) as tf.Tensor2D;
-            const a = sinkhornKnopp(input, { epsilon, iterations: 3 });
-            const c = sinkhornKnopp(shifted, { epsilon, iterations: 3 });
-            const [va, vc] = [await values(a), await values(c)];
-            tf.dispose([input, shifted, a, c]);
-            // the shift is rounded to float32 with the scores: |s + c| <= 6
-            const err = relativeError(vc, va);
-            assert.ok(err < 6 * 2e-7 / epsilon + 1e-6, `shift ${shift}: rel err ${err}`);
+            for (const path of paths) {
+              const input = tf.tensor2d(scores, [b, k]);
+              const shifted = tf.add(input, shift) as tf.Tensor2D;
+              const a = sinkhornKnopp(input, { epsilon, iterations: 3 }, path);
+              const c = sinkhornKnopp(shifted, { epsilon, iterations: 3 }, path);
+              const [va, vc] = [await values(a), await values(c)];
+              tf.dispose([input, shifted, a, c]);
+              // the shift is rounded to float32 with the scores: |s + c| <= 6
+              const err = relativeError(vc, va);
+              assert.ok(err < 6 * 2e-7 / epsilon + 1e-6, `${label(path)} shift ${shift}: rel err ${err}`);
+            }
           },
         ),
         { numRuns: 30 },
@@ -174,12 +358,11 @@ Deno.test("sinkhornKnopp", async (t) => {
           fc.integer({ min: 1, max: 10 }),
           async ({ b, k, scores }, iterations) => {
             const extreme = scores.map((s) => (s > 0.5 ? 1 : s < -0.5 ? -1 : s));
-            const input = tf.tensor2d(extreme, [b, k]);
-            const codes = sinkhornKnopp(input, { epsilon: 0.001, iterations });
-            const got = await values(codes);
-            tf.dispose([input, codes]);
-            assert.ok(got.every(Number.isFinite), "non-finite code");
-            assert.ok(got.every((v) => v >= 0 && v <= 1 + 1e-5), "code outside [0, 1]");
+            for (const path of paths) {
+              const got = await codesOf(extreme, b, k, { epsilon: 0.001, iterations }, path);
+              assert.ok(got.every(Number.isFinite), `${label(path)}: non-finite code`);
+              assert.ok(got.every((v) => v >= 0 && v <= 1 + 1e-5), `${label(path)}: code outside [0, 1]`);
+            }
           },
         ),
         { numRuns: 30 },
@@ -187,32 +370,33 @@ Deno.test("sinkhornKnopp", async (t) => {
     });
   });
 
-  await t.step("carries no gradient and records nothing on the tape", async () => {
-    await assertNoTensorLeak("gradient", async () => {
-      const scores = tf.randomUniform([6, 5], -1, 1, "float32", 7) as tf.Tensor2D;
-      const weight = tf.randomUniform([6, 5], 0, 1, "float32", 8);
-      // d/ds [Σ codes(s)·w + Σ s] is exactly ones when no gradient flows through the codes.
-      const grad = tf.grad((s: tf.Tensor) =>
-        tf.add(
-          tf.sum(tf.mul(sinkhornKnopp(s as tf.Tensor2D, { epsilon: 0.05, iterations: 3 }), weight)),
-          tf.sum(s),
-        )
-      )(scores);
-      const g = await values(grad);
-      tf.dispose([scores, weight, grad]);
-      assert.deepEqual([...g], new Array(30).fill(1));
+  for (const path of paths) {
+    await t.step(`${label(path)}: carries no gradient and records nothing on the tape`, async () => {
+      await assertNoTensorLeak("gradient", async () => {
+        const scores = tf.randomUniform([6, 5], -1, 1, "float32", 7) as tf.Tensor2D;
+        const weight = tf.randomUniform([6, 5], 0, 1, "float32", 8);
+        // d/ds [Σ codes(s)·w + Σ s] is exactly ones when no gradient flows through the codes.
+        const grad = tf.grad((s: tf.Tensor) =>
+          tf.add(
+            tf.sum(tf.mul(sinkhornKnopp(s as tf.Tensor2D, { epsilon: 0.05, iterations: 3 }, path), weight)),
+            tf.sum(s),
+          )
+        )(scores);
+        const g = await values(grad);
+        tf.dispose([scores, weight, grad]);
+        assert.deepEqual([...g], new Array(30).fill(1));
+      });
     });
-  });
+  }
 
   await t.step("0 iterations returns the globally normalised Q times B, as the reference", async () => {
     const c = fixture.sinkhorn.find((x) => x.iterations === 0)!;
     await assertNoTensorLeak("zero iterations", async () => {
-      const scores = tf.tensor2d(c.scores, [c.rows, c.k]);
-      const codes = sinkhornKnopp(scores, { epsilon: c.epsilon, iterations: 0 });
-      const total = tf.sum(codes);
-      const sum = (await values(total))[0]!;
-      tf.dispose([scores, codes, total]);
-      assert.ok(Math.abs(sum - c.rows) < 1e-4 * c.rows, `total ${sum} vs ${c.rows}`);
+      for (const path of paths) {
+        const got = await codesOf(c.scores, c.rows, c.k, { epsilon: c.epsilon, iterations: 0 }, path);
+        const sum = got.reduce((a, x) => a + x, 0);
+        assert.ok(Math.abs(sum - c.rows) < 1e-4 * c.rows, `${label(path)}: total ${sum} vs ${c.rows}`);
+      }
     });
   });
 });
