@@ -36,6 +36,21 @@ interface EngineInternals {
   scopedRun<T>(start: () => void, end: () => void, f: () => T): T;
 }
 
+/**
+ * Tensors whose gradient is zero by construction (the outputs of ops that
+ * detach: `withoutGradient`). The walk treats them as constants: the ops that
+ * made them and everything computed from them alone are left out, so no zero
+ * gradient is computed and carried back (for SwAV's codes: their split,
+ * concat and zeros on every step).
+ */
+const constants = new WeakSet<tf.Tensor>();
+
+/** Declares `t`'s gradient zero: `leanVariableGrads` propagates nothing through it. */
+export const markConstant = <T extends tf.Tensor>(t: T): T => {
+  constants.add(t);
+  return t;
+};
+
 const engineInternals = (): EngineInternals | undefined => {
   const engine = tf.engine() as unknown as Partial<EngineInternals>;
   const ok = engine.state !== undefined && typeof engine.state.gradientDepth === "number" &&
@@ -46,15 +61,17 @@ const engineInternals = (): EngineInternals | undefined => {
 
 /**
  * The nodes on a path from some x to y, each with only its inputs that depend
- * on an x (TF.js's `getFilteredNodesXToY`, which tfjs-core does not export).
+ * on an x (TF.js's `getFilteredNodesXToY`, which tfjs-core does not export),
+ * where a constant (`markConstant`) depends on nothing.
  */
 const nodesFromXToY = (tape: readonly TapeNode[], xs: readonly tf.Tensor[], y: tf.Tensor): TapeNode[] => {
   const fromX = new Set(xs.map((x) => x.id));
   const nodesFromX = new Set<number>();
   for (const node of tape) {
     if (Object.values(node.inputs).some((input) => fromX.has(input.id))) {
-      for (const output of node.outputs) fromX.add(output.id);
-      nodesFromX.add(node.id);
+      const live = node.outputs.filter((output) => !constants.has(output));
+      for (const output of live) fromX.add(output.id);
+      if (live.length > 0) nodesFromX.add(node.id);
     }
   }
   const toY = new Set([y.id]);

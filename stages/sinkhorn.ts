@@ -25,6 +25,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
+import { markConstant } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
 import { defineStage } from "./stage.ts";
 
@@ -51,7 +52,8 @@ export const withoutGradient = <T extends tf.Tensor>(
     const value = tensors.includes(out) ? out.clone() : out;
     return { value, gradFunc: () => tensors.map((t) => tf.zerosLike(t)) };
   });
-  return op(...inputs) as T;
+  // Marked for the training step's gradient walk, which then skips it and what is computed from it.
+  return markConstant(op(...inputs) as T);
 };
 
 /**

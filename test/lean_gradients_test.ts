@@ -7,6 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
+import { withoutGradient } from "../stages/sinkhorn.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
@@ -96,5 +97,43 @@ Deno.test("leanVariableGrads: pass-through gradients, side outputs, unreachable 
     assert.deepEqual(Object.keys(lean.grads).sort(), ["lean_a", "lean_b"]);
     for (const name of ["lean_a", "lean_b"]) assert.deepEqual(lean.grads[name], standard.grads[name], name);
     tf.dispose([a, b, unused]);
+  });
+});
+
+Deno.test("leanVariableGrads: a withoutGradient output is a constant the walk leaves out", async () => {
+  await useBackend("wasm");
+  await assertNoTensorLeak("constants", async () => {
+    const w = tf.tidy(() =>
+      tf.variable(tf.randomNormal([16, 8], 0, 1, "float32", Date.now() % 1000), true, "lean_w")
+    );
+    const f = () => {
+      const s = tf.matMul(w, w, false, true); // [16, 16], depends on w
+      const detached = withoutGradient((x) => tf.softmax(tf.mul(x, 3)), [s]);
+      const [a, b] = tf.split(tf.concat([detached, detached], 1), 2, 1);
+      return tf.sum(tf.mul(s, tf.add(a!, b!))) as tf.Scalar;
+    };
+    const kernels = async (grads: Grads) => {
+      let result: Awaited<ReturnType<typeof read>> | undefined;
+      const info = await tf.profile(async () => {
+        result = await read(grads(f, [w]));
+      });
+      return { ...result!, names: info.kernels.map((k) => k.name) };
+    };
+    const standard = await kernels(tf.variableGrads as Grads);
+    const lean = await kernels(leanVariableGrads as Grads);
+    assert.equal(lean.value, standard.value);
+    assert.deepEqual(lean.grads["lean_w"], standard.grads["lean_w"]);
+    // The standard walk runs the split's and concat's gradients (a Concat and a SplitV) back to the
+    // detached op, which returns zeros; the lean walk stops at the constant.
+    const count = (names: string[], name: string) => names.filter((n) => n === name).length;
+    assert.ok(
+      count(standard.names, "SplitV") > count(lean.names, "SplitV"),
+      "the split of the concat's gradient",
+    );
+    assert.ok(
+      lean.names.length < standard.names.length,
+      `${lean.names.length} vs ${standard.names.length} kernels`,
+    );
+    w.dispose();
   });
 });
