@@ -437,6 +437,14 @@ export interface DnnlBatchNorm {
   backward(shape: BatchNormShape, p: BatchNormBackwardPointers): void;
 }
 
+/**
+ * How oneDNN convolutions take their weights: `any` lets oneDNN choose their
+ * layout (its direct JIT kernels, the weights reordered on each call), `plain`
+ * passes TF.js's HWIO as is (oneDNN then runs im2col + gemm, ~3x slower here).
+ * `plain` exists for before/after measurements (bench/step_variants.ts).
+ */
+export const dnnlOptions: { weightsLayout: "any" | "plain" } = { weightsLayout: "any" };
+
 let dnnlLoaded: Dnnl | undefined;
 let dnnlTried = false;
 let dnnlFailure: string | undefined;
@@ -559,17 +567,20 @@ export const loadDnnl = (): Dnnl | undefined => {
     const build = (direction: DnnlDirection, g: DnnlConvShape, key: string): Plan => {
       const src = memoryDesc([g.n, g.ci, g.h, g.w], [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci]);
       const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
-      const anyWts = new Uint8Array(MEMORY_DESC_BYTES);
-      ok(
-        d.dnnl_memory_desc_init_by_tag(
-          ptr(anyWts),
-          4,
-          ptr(dims([g.co, g.ci, g.kh, g.kw])),
-          DNNL_F32,
-          DNNL_FORMAT_TAG_ANY,
-        ),
-        "dnnl_memory_desc_init_by_tag",
-      );
+      let anyWts = wts;
+      if (dnnlOptions.weightsLayout === "any") {
+        anyWts = new Uint8Array(MEMORY_DESC_BYTES);
+        ok(
+          d.dnnl_memory_desc_init_by_tag(
+            ptr(anyWts),
+            4,
+            ptr(dims([g.co, g.ci, g.kh, g.kw])),
+            DNNL_F32,
+            DNNL_FORMAT_TAG_ANY,
+          ),
+          "dnnl_memory_desc_init_by_tag",
+        );
+      }
       const dst = memoryDesc([g.n, g.co, g.oh, g.ow], [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co]);
       const strides = dims([g.sh, g.sw]);
       const dilates = dims([g.dh - 1, g.dw - 1]);
@@ -834,11 +845,11 @@ export const loadDnnl = (): Dnnl | undefined => {
             .bottom,
           g.right,
         ].join(",");
-        const key = `${direction}:${shapeKey}`;
+        const key = `${direction}:${dnnlOptions.weightsLayout}:${shapeKey}`;
         let plan = plans.get(key);
         if (plan === undefined) {
           try {
-            plan = build(direction, g, shapeKey);
+            plan = build(direction, g, `${dnnlOptions.weightsLayout}:${shapeKey}`);
           } catch {
             plan = null; // a shape oneDNN does not take: the caller falls back, every time
           }

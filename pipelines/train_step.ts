@@ -44,6 +44,14 @@ export interface TapeOutputs {
 }
 
 /**
+ * `leanBackward: false` runs TF.js's own `tf.variableGrads` (every gradient and
+ * saved tensor kept to the end of the backward pass): the same gradients with
+ * about twice the peak memory; kept for before/after measurements
+ * (bench/step_variants.ts).
+ */
+export const trainStepOptions = { leanBackward: true };
+
+/**
  * Runs encode, assign and loss inside one gradient tape over `variables`.
  * Every returned tensor is owned by the caller.
  */
@@ -56,13 +64,14 @@ export const forwardBackward = (
   let kept: tf.Tensor2D | undefined;
   let codes: tf.Tensor2D[] = [];
   // tf.variableGrads' walk, freeing each gradient and saved activation after its last use.
-  const { value, grads } = leanVariableGrads(() => {
+  const variableGrads = trainStepOptions.leanBackward ? leanVariableGrads : tf.variableGrads;
+  const { value, grads } = variableGrads(() => {
     const { embeddings, scores } = parts.encode(crops);
     // The gradient boundary: assign sees the scores but returns codes with no gradient.
     codes = parts.assign(scores, options.queueScores).map((c) => tf.keep(c));
     kept = tf.keep(embeddings);
     return parts.loss(scores, codes);
-  }, variables);
+  }, variables as tf.Variable[]);
   return { loss: value, grads, embeddings: kept!, codes };
 };
 

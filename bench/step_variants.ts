@@ -1,0 +1,142 @@
+/**
+ * Before/after of each training-step optimisation, in one process, variants
+ * alternated round by round (timings on a shared machine drift; alternating
+ * keeps the comparison fair). The benchmark configuration of bench/bench.ts.
+ *
+ *   deno run -A bench/step_variants.ts [--threads N] [--rounds 3] [--reps 3] [bench.ts model flags]
+ *
+ * Variants: the current step, then the current step with one optimisation
+ * turned back off, then all of them off:
+ *   conv weights plain  oneDNN convolutions on TF.js's HWIO weights (im2col + gemm)
+ *   batch norm ops      training batch norm as wasm tensor ops (closed-form backward)
+ *   LARC ops            LARC-SGD as ~15 tensor ops per parameter
+ *   variableGrads       TF.js's own backward (keeps every gradient to the end)
+ * Prints per variant the median step ms over rounds (each round the median of
+ * --reps steps) and the peak tensor bytes of one step (tf.profile).
+ */
+import * as tf from "@tensorflow/tfjs";
+import { configureBlas, dnnlOptions } from "../backend/blas.ts";
+import { initBackend } from "../backend/tensor_backend.ts";
+import { blasKernelOptions } from "../backend/wasm_kernels.ts";
+import { PROTOTYPES_WEIGHT } from "../models/head.ts";
+import { disposeModel, makeSwavModel } from "../models/model.ts";
+import { normalisePrototypes } from "../models/prototypes.ts";
+import { swavParts } from "../pipelines/pretrain.ts";
+import { forwardBackward, trainStepOptions } from "../pipelines/train_step.ts";
+import { LarcSgd } from "../stages/optimise.ts";
+import { benchRunConfig, parseBenchArgs } from "./bench.ts";
+
+interface Variant {
+  readonly name: string;
+  readonly weightsLayout: "any" | "plain";
+  readonly nativeBatchNorm: boolean;
+  readonly fusedLarc: boolean;
+  readonly leanBackward: boolean;
+}
+const current: Variant = {
+  name: "current",
+  weightsLayout: "any",
+  nativeBatchNorm: true,
+  fusedLarc: true,
+  leanBackward: true,
+};
+const variants: Variant[] = [
+  current,
+  { ...current, name: "conv weights plain", weightsLayout: "plain" },
+  { ...current, name: "batch norm ops", nativeBatchNorm: false },
+  { ...current, name: "LARC ops", fusedLarc: false },
+  { ...current, name: "variableGrads", leanBackward: false },
+  {
+    name: "all four off",
+    weightsLayout: "plain",
+    nativeBatchNorm: false,
+    fusedLarc: false,
+    leanBackward: false,
+  },
+];
+
+const value = (name: string, fallback: number): number => {
+  const i = Deno.args.indexOf(name);
+  return i < 0 ? fallback : Number(Deno.args[i + 1]);
+};
+const rounds = value("--rounds", 3);
+const reps = value("--reps", 3);
+const rest = Deno.args.filter((a, i, all) =>
+  !["--rounds", "--reps"].includes(a) && !["--rounds", "--reps"].includes(all[i - 1] ?? "")
+);
+const o = parseBenchArgs(rest);
+configureBlas({ threads: o.threads, enabled: o.blas });
+await initBackend("wasm");
+
+const config = benchRunConfig(o);
+const model = makeSwavModel(config.model, 1);
+const variables = Object.fromEntries(
+  model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]),
+);
+const variableList = Object.values(variables);
+const crops = o.crops.map(([n, s]) =>
+  tf.randomNormal([n * o.batch, s, s, 3], 0, 1, "float32", 7 + s) as tf.Tensor4D
+);
+const parts = swavParts(model, config, o.batch);
+const larc = { momentum: 0.9, weightDecay: 1e-6, trustCoefficient: 0.001, eps: 1e-8, clip: false };
+const optimisers = new Map(variants.map((v) => [v.name, new LarcSgd(larc, v.fusedLarc)]));
+
+const use = (v: Variant) => {
+  dnnlOptions.weightsLayout = v.weightsLayout;
+  blasKernelOptions.batchNorm = v.nativeBatchNorm;
+  trainStepOptions.leanBackward = v.leanBackward;
+};
+const step = async (v: Variant) => {
+  normalisePrototypes(model.param(PROTOTYPES_WEIGHT));
+  const tape = forwardBackward(parts, crops, variableList);
+  await tape.loss.data();
+  const grads: tf.NamedTensorMap = {};
+  for (const [name, variable] of Object.entries(variables)) {
+    const g = tape.grads[variable.name];
+    if (g !== undefined) grads[name] = g;
+  }
+  optimisers.get(v.name)!.step(variables, grads, 0.01);
+  tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
+  await variableList[0]!.data();
+};
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
+
+const times = new Map<string, number[]>(variants.map((v) => [v.name, []]));
+const peaks = new Map<string, number>();
+for (const v of variants) {
+  use(v);
+  await step(v); // warm-up: oneDNN primitives, V8 tiers
+  peaks.set(v.name, (await tf.profile(() => step(v))).peakBytes);
+}
+for (let r = 0; r < rounds; r++) {
+  for (const v of variants) {
+    use(v);
+    const t: number[] = [];
+    for (let i = 0; i < reps; i++) {
+      const t0 = performance.now();
+      await step(v);
+      t.push(performance.now() - t0);
+    }
+    times.get(v.name)!.push(median(t));
+  }
+}
+use(current);
+console.log(
+  `threads ${o.threads}, ${rounds} rounds x ${reps} steps; load ${Deno.loadavg().map((x) => x.toFixed(1))}`,
+);
+console.log(`| variant            | step ms (per round)      | median | vs current | peak tensor MB |`);
+console.log(`| ------------------ | ------------------------ | -----: | ---------: | -------------: |`);
+const base = median(times.get("current")!);
+for (const v of variants) {
+  const t = times.get(v.name)!;
+  console.log(
+    `| ${v.name.padEnd(18)} | ${t.map((x) => x.toFixed(0)).join(", ").padEnd(24)} | ${
+      median(t).toFixed(0).padStart(6)
+    } | ${(median(t) / base).toFixed(2).padStart(9)}x | ${
+      (peaks.get(v.name)! / 1e6).toFixed(0).padStart(14)
+    } |`,
+  );
+}
+for (const opt of optimisers.values()) opt.dispose();
+tf.dispose(crops);
+disposeModel(model);
