@@ -969,11 +969,65 @@ const blasBatchMatMul =
     return out;
   };
 
+/**
+ * _FusedMatMul (tf.fused.matMul: a product, a bias broadcast over the last
+ * axis, an activation) as the sgemm above followed by one pass over the
+ * output for the bias [N] and a linear or ReLU activation; other activations
+ * and a PReLU weight go to the wasm kernel. (tfjs-backend-wasm 4.22's own
+ * kernel adds the bias wrongly when an operand is transposed: test/blas_test.ts.)
+ */
+const blasFusedMatMul = (sgemm: Sgemm, fallback: KernelFunc) => {
+  const product = blasBatchMatMul(sgemm, (args) => {
+    throw new Error(
+      `_FusedMatMul: no BLAS product for [${args.inputs["a"]!.shape}] x [${args.inputs["b"]!.shape}]`,
+    );
+  });
+  return (args: Parameters<KernelFunc>[0]): TensorInfo => {
+    const backend = args.backend as WasmBackendLike;
+    const { a, b, bias, preluActivationWeights } = args.inputs;
+    const attrs = args.attrs as unknown as tf.BatchMatMulAttrs & { activation?: string };
+    const activation = attrs.activation ?? "linear";
+    const n = attrs.transposeB ? b!.shape[b!.shape.length - 2]! : b!.shape[b!.shape.length - 1]!;
+    const simple = preluActivationWeights === undefined &&
+      (activation === "linear" || activation === "relu") &&
+      (bias === undefined || (bias.dtype === "float32" && bias.shape.length === 1 && bias.shape[0] === n));
+    if (
+      !simple || !blasEnabled() || !blasKernelOptions.batchMatMul || a!.dtype !== "float32" ||
+      b!.dtype !== "float32"
+    ) {
+      return fallback(args);
+    }
+    const ar = a!.shape.length;
+    const k = attrs.transposeA ? a!.shape[ar - 2]! : a!.shape[ar - 1]!;
+    const kb = attrs.transposeB ? b!.shape[b!.shape.length - 1]! : b!.shape[b!.shape.length - 2]!;
+    if (k !== kb) return fallback(args);
+    let out: TensorInfo;
+    try {
+      out = product({ ...args, inputs: { a: a!, b: b! } });
+    } catch {
+      return fallback(args); // a batch broadcast the BLAS product does not take
+    }
+    const size = out.shape.reduce((p, q) => p * q, 1);
+    if (bias === undefined && activation === "linear") return out;
+    const heap = backend.wasm.HEAPF32;
+    const o = offsetOf(backend, out) / 4;
+    const biasAt = bias === undefined ? -1 : offsetOf(backend, bias) / 4;
+    const relu = activation === "relu";
+    for (let i = 0; i < size; i += n) {
+      for (let j = 0; j < n; j++) {
+        const v = heap[o + i + j]! + (biasAt < 0 ? 0 : heap[biasAt + j]!);
+        heap[o + i + j] = relu && v < 0 ? 0 : v;
+      }
+    }
+    return out;
+  };
+};
+
 let blasRegistered = false;
 
 /**
  * Replaces Conv2D, FusedConv2D (plain form), Conv2DBackpropFilter,
- * Conv2DBackpropInput and BatchMatMul on wasm by the OpenBLAS versions above,
+ * Conv2DBackpropInput, BatchMatMul and _FusedMatMul on wasm by the OpenBLAS versions above,
  * each keeping the kernel registered before as its fallback. Returns whether
  * OpenBLAS was found (nothing is replaced when it was not).
  */
@@ -998,6 +1052,7 @@ export const registerBlasKernels = (): boolean => {
   replace("Conv2DBackpropFilter", (fallback) => blasConv2DBackpropFilter(blas, scratch, fallback));
   replace("Conv2DBackpropInput", (fallback) => blasConv2DBackpropInput(blas, scratch, fallback));
   replace("BatchMatMul", (fallback) => blasBatchMatMul(blas.sgemm, fallback));
+  replace("_FusedMatMul", (fallback) => blasFusedMatMul(blas.sgemm, fallback));
   blasRegistered = true;
   return true;
 };

@@ -158,6 +158,41 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
       }
     });
   });
+
+  await t.step("fused matMul: bias, linear and relu, every transpose, batched", async () => {
+    await assertNoTensorLeak("fused matMul", async () => {
+      for (let trial = 0; trial < 12; trial++) {
+        const batch = trial < 6 ? 0 : int(1, 3);
+        const [m, k, n] = [int(1, 40), int(1, 40), int(1, 40)];
+        const ta = int(0, 1) === 1;
+        const tb = int(0, 1) === 1;
+        const activation = (["linear", "relu"] as const)[trial % 2]!;
+        const aShape = [...(batch ? [batch] : []), ...(ta ? [k, m] : [m, k])];
+        const bShape = [...(batch ? [batch] : []), ...(tb ? [n, k] : [k, n])];
+        const a = tf.randomNormal(aShape);
+        const b = tf.randomNormal(bShape);
+        const bias = trial % 3 === 2 ? undefined : tf.randomNormal([n]);
+        // The reference is the unfused composition on the plain kernels: tfjs-backend-wasm 4.22's own
+        // _FusedMatMul adds the bias wrongly whenever an operand is transposed (seen as errors of ~3).
+        const [fast] = await bothWays(() =>
+          tf.fused.matMul({ a, b, transposeA: ta, transposeB: tb, bias, activation })
+        );
+        const [, plain] = await bothWays(() =>
+          tf.tidy(() => {
+            const product = tf.matMul(a, b, ta, tb);
+            const biased = bias === undefined ? product : tf.add(product, bias);
+            return activation === "relu" ? tf.relu(biased) : biased;
+          })
+        );
+        const error = relativeError(fast, plain);
+        assert.ok(
+          error < TOLERANCE,
+          `fused matMul [${aShape}] x [${bShape}] ${ta} ${tb} bias [${bias?.shape}] ${activation}: error ${error}`,
+        );
+        tf.dispose([a, b, ...(bias ? [bias] : [])]);
+      }
+    });
+  });
 });
 
 Deno.test(
