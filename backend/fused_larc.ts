@@ -11,7 +11,8 @@
  *
  * The arithmetic is `LarcSgd.step`'s (stages/optimise.ts), the reference for it.
  */
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
+import { wasmHeap } from "./wasm_heap.ts";
 
 export interface LarcHyper {
   readonly lr: number;
@@ -21,16 +22,6 @@ export interface LarcHyper {
   readonly eps: number;
   readonly clip: boolean;
 }
-
-/** The parts of the wasm backend this pass reads (its heap and tensor offsets). */
-interface WasmHeapBackend {
-  readonly wasm: { readonly HEAPF32: Float32Array };
-  readonly dataIdMap: { get(dataId: object): { memoryOffset: number } | undefined };
-  makeOutput(shape: number[], dtype: "float32"): tf.TensorInfo;
-}
-
-const wasmBackend = (): WasmHeapBackend | undefined =>
-  tf.getBackend() === "wasm" ? tf.backend() as unknown as WasmHeapBackend : undefined;
 
 /**
  * The trust-ratio scale and the weight decay that apply for these norms (apex
@@ -58,25 +49,20 @@ export const fusedLarcStep = (
   slot: tf.Variable,
   h: LarcHyper,
 ): boolean => {
-  const backend = wasmBackend();
-  if (backend === undefined || param.dtype !== "float32" || grad.dtype !== "float32") return false;
+  const heap = wasmHeap();
+  if (heap === undefined || param.dtype !== "float32" || grad.dtype !== "float32") return false;
   const size = param.size;
   if (grad.size !== size || slot.size !== size) {
     throw new RangeError(`fusedLarcStep: sizes differ (param ${size}, grad ${grad.size}, slot ${slot.size})`);
   }
   // Allocate first: a heap view is only valid until the next allocation grows the heap.
-  const nextParamInfo = backend.makeOutput([...param.shape], "float32");
-  const nextSlotInfo = backend.makeOutput([...slot.shape], "float32");
-  const view = (dataId: object): Float32Array => {
-    const entry = backend.dataIdMap.get(dataId);
-    if (entry === undefined) throw new Error("fusedLarcStep: a tensor is not on the wasm heap");
-    return new Float32Array(backend.wasm.HEAPF32.buffer, entry.memoryOffset, size);
-  };
-  const p = view(param.dataId);
-  const g = view(grad.dataId);
-  const buf = view(slot.dataId);
-  const nextP = view(nextParamInfo.dataId);
-  const nextBuf = view(nextSlotInfo.dataId);
+  const nextParamInfo = heap.output(param.shape);
+  const nextSlotInfo = heap.output(slot.shape);
+  const p = heap.view(param);
+  const g = heap.view(grad);
+  const buf = heap.view(slot);
+  const nextP = heap.view(nextParamInfo);
+  const nextBuf = heap.view(nextSlotInfo);
   let pp = 0;
   let gg = 0;
   for (let i = 0; i < size; i++) {
@@ -90,9 +76,8 @@ export const fusedLarcStep = (
     nextBuf[i] = b;
     nextP[i] = p[i]! - lr * b;
   }
-  const engine = tf.engine();
-  const nextParam = engine.makeTensorFromTensorInfo(nextParamInfo);
-  const nextSlot = engine.makeTensorFromTensorInfo(nextSlotInfo);
+  const nextParam = heap.tensor(nextParamInfo);
+  const nextSlot = heap.tensor(nextSlotInfo);
   param.assign(nextParam);
   slot.assign(nextSlot);
   nextParam.dispose();

@@ -203,23 +203,44 @@ Deno.test("embedding queue", async (t) => {
 });
 
 Deno.test("prototypes", async (t) => {
-  await t.step("normalisePrototypes: unit rows in place, as F.normalize (float64 check)", async () => {
+  /** Fresh random [K, D] rows (one of them zero) against F.normalize in float64. */
+  const checkNormalise = async (host: boolean) => {
     await assertNoTensorLeak("normalise", async () => {
-      const w = tf.tidy(() => tf.variable(tf.randomNormal([7, 5], 0, 3, "float32", 5), true, "queue_test/w"));
-      const before = rowsOf(await values(w), 5);
-      normalisePrototypes(w);
+      const seed = Date.now() % 100000;
+      const [k, d] = [1 + (seed % 40), 1 + ((seed >> 3) % 130)];
+      const w = tf.tidy(() =>
+        tf.variable(tf.randomNormal([k, d], 0, 3, "float32", seed), true, "queue_test/w")
+      );
+      const before = rowsOf(await values(w), d);
+      normalisePrototypes(w, { host });
       const after = await values(w);
       const ref = before.flatMap((r) => {
         const n = Math.hypot(...r);
         return r.map((v) => v / Math.max(n, 1e-12));
       });
-      assert.ok(relativeError(after, ref) < 1e-6);
+      assert.ok(relativeError(after, ref) < 1e-6, `seed ${seed} [${k}, ${d}]: ${relativeError(after, ref)}`);
       // a zero row stays zero (divided by the 1e-12 floor, not NaN)
-      tf.tidy(() => w.assign(tf.concat([tf.zeros([1, 5]), w.slice([1, 0], [6, 5])])));
-      normalisePrototypes(w);
-      assert.deepEqual([...(await values(w)).slice(0, 5)], [0, 0, 0, 0, 0]);
+      tf.tidy(() => w.assign(tf.concat([tf.zeros([1, d]), w.slice([1, 0], [k - 1, d])])));
+      normalisePrototypes(w, { host });
+      assert.deepEqual([...(await values(w)).slice(0, d)], new Array(d).fill(0));
       w.dispose();
     });
+  };
+
+  await t.step(
+    "normalisePrototypes: unit rows in place, as F.normalize (float64 check)",
+    () => checkNormalise(true),
+  );
+
+  await t.step("on wasm: the heap pass and the tensor ops, each against float64", async () => {
+    const previous = tf.getBackend();
+    await initBackend("wasm");
+    try {
+      await checkNormalise(true);
+      await checkNormalise(false);
+    } finally {
+      await tf.setBackend(previous);
+    }
   });
 
   await t.step("normalising inside a tape records no gradient path; scores are z · Wᵀ", async () => {
