@@ -50,7 +50,7 @@ export const progressHooks = (options: { quiet?: boolean } = {}): PretrainHooks 
     },
     onEpoch: (r: EpochReport) => {
       if (options.quiet) return;
-      const knn = r.knnTop1 === undefined ? "" : ` kNN top-1 ${(100 * r.knnTop1).toFixed(1)}%`;
+      const knn = r.knnTop1 === undefined ? "" : ` kNN top-1 ${(100 * r.knnTop1).toFixed(2)}%`;
       write(
         `${tty ? "\r\x1b[2K" : ""}epoch ${r.epoch}: mean loss ${r.meanLoss.toFixed(4)}${knn} (${
           r.seconds.toFixed(1)
