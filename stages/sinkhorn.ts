@@ -26,6 +26,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { markConstant } from "../backend/lean_gradients.ts";
+import { wasmHeap } from "../backend/wasm_heap.ts";
 import { scoped } from "../backend/resources.ts";
 import { defineStage } from "./stage.ts";
 
@@ -193,7 +194,8 @@ const usable = (sum: number): boolean => sum >= MIN_SUM && sum <= MAX_SUM;
 
 /**
  * The Sinkhorn iteration on the host, in float64 and in the plain (exp)
- * domain, for scores laid out row-major [b, k]; the codes as float32, or
+ * domain, for scores laid out row-major [b, k]; the codes as float32 (written
+ * into `out` when given), or
  * undefined when the plain domain could under- or overflow (the spread of the
  * scores exceeds `PLAIN_DOMAIN_MAX_SPREAD`·eps, a score is not finite, or an
  * intermediate sum leaves [1e−290, 1e290]) and the log-domain path must run.
@@ -213,6 +215,7 @@ export const plainDomainCodes = (
   b: number,
   k: number,
   { epsilon, iterations }: SinkhornOptions,
+  out: Float32Array = new Float32Array(b * k),
 ): Float32Array | undefined => {
   const n = b * k;
   if (n === 0 || scores.length !== n) return undefined;
@@ -225,7 +228,6 @@ export const plainDomainCodes = (
   if (!usable(total)) return undefined;
   const u = new Float64Array(b).fill(1 / total); // Q /= sum(Q)
   const v = new Float64Array(k).fill(1);
-  const out = new Float32Array(n);
   // the reference returns Q · B
   if (iterations === 0) {
     for (let r = 0; r < b; r++) writeRow(out, kernel, r, v, u[r]! * b);
@@ -255,6 +257,27 @@ export const plainDomainCodes = (
     writeRow(out, kernel, r, v, 1 / sum);
   }
   return out;
+};
+
+/**
+ * The host path's codes as a tensor, or undefined (the log domain must run). On
+ * wasm the scores are read and the codes written in place on the heap: copying
+ * them out and back (dataSync, tf.tensor2d) left ~3 MB of garbage a training
+ * step that V8 collects lazily, and the process's memory crept up by as much.
+ */
+const hostCodes = (scores: tf.Tensor2D, options: SinkhornOptions): tf.Tensor2D | undefined => {
+  const [b, k] = scores.shape;
+  const heap = wasmHeap();
+  if (heap === undefined || scores.dtype !== "float32") {
+    const codes = plainDomainCodes(scores.dataSync(), b, k, options);
+    return codes === undefined ? undefined : tf.tensor2d(codes, [b, k]);
+  }
+  const outInfo = heap.output([b, k]); // first: allocating may move the heap under earlier views
+  const out = heap.tensor<tf.Rank.R2>(outInfo);
+  const written = plainDomainCodes(heap.view(scores), b, k, options, heap.view(outInfo));
+  if (written !== undefined) return out;
+  out.dispose();
+  return undefined;
 };
 
 /** Backends whose synchronous reads and uploads are cheap copies in host memory. */
@@ -291,8 +314,8 @@ export const sinkhornKnopp = (
   return withoutGradient((s) => {
     const [b, k] = scores.shape;
     if (path === "auto" && hostBackendActive()) {
-      const codes = plainDomainCodes(s.dataSync(), b, k, options);
-      if (codes !== undefined) return tf.tensor2d(codes, [b, k]);
+      const codes = hostCodes(s as tf.Tensor2D, options);
+      if (codes !== undefined) return codes;
     }
     return logDomainCodes(s as tf.Tensor2D, options);
   }, [scores]);
