@@ -312,7 +312,6 @@ export const sinkhornKnopp = (
     throw new RangeError(`sinkhornKnopp: iterations must be an integer >= 0, got ${options.iterations}`);
   }
   return withoutGradient((s) => {
-    const [b, k] = scores.shape;
     if (path === "auto" && hostBackendActive()) {
       const codes = hostCodes(s as tf.Tensor2D, options);
       if (codes !== undefined) return codes;
