@@ -90,6 +90,17 @@ export interface BatchNormTrainOutput<T extends tf.Tensor> {
 }
 
 /**
+ * The statistics kept out of a custom gradient's forward (which runs in a tidy
+ * of its own), cloned into the caller's scope so its tidy frees them as usual.
+ */
+const intoCallerScope = (kept: { mean: tf.Tensor1D; variance: tf.Tensor1D }) => {
+  const stats = { mean: tf.clone(kept.mean), variance: tf.clone(kept.variance) };
+  kept.mean.dispose();
+  kept.variance.dispose();
+  return stats;
+};
+
+/**
  * BatchNorm over all axes but the last of x ([N, H, W, C], [N, C], ...) with
  * this batch's statistics, as torch's train mode normalises, optionally fused
  * with the ReLU that follows it. All three outputs belong to the caller's scope
@@ -162,12 +173,7 @@ export const batchNormTrain = <T extends tf.Tensor>(
     };
   });
   const y = op(x, gamma, beta) as T;
-  const kept = stats!;
-  const mean = tf.clone(kept.mean);
-  const variance = tf.clone(kept.variance);
-  kept.mean.dispose();
-  kept.variance.dispose();
-  return { y, mean, variance };
+  return { y, ...intoCallerScope(stats!) };
 };
 
 /**
@@ -213,10 +219,5 @@ const nativeBatchNormTrain = <T extends tf.Tensor>(
     };
   });
   const y = op(x, gamma, beta) as T;
-  const kept = stats!;
-  const mean = tf.clone(kept.mean);
-  const variance = tf.clone(kept.variance);
-  kept.mean.dispose();
-  kept.variance.dispose();
-  return { y, mean, variance };
+  return { y, ...intoCallerScope(stats!) };
 };

@@ -209,7 +209,7 @@ export interface StageResult {
 }
 
 /** One stage's timing context: model, data, optimiser, built once and shared by the stages. */
-interface Fixture {
+export interface Fixture {
   readonly config: RunConfig;
   readonly model: SwavModel;
   readonly variables: Record<string, tf.Variable>;
@@ -218,7 +218,8 @@ interface Fixture {
   readonly dispose: () => void;
 }
 
-const makeFixture = (o: BenchOptions): Fixture => {
+/** The benchmark's model, random crops and optimiser (`fused`: the one-pass LARC-SGD where available). */
+export const makeFixture = (o: BenchOptions, options: { fused?: boolean } = {}): Fixture => {
   const config = benchRunConfig(o);
   const model = makeSwavModel(config.model, 1);
   const variables = Object.fromEntries(
@@ -233,7 +234,7 @@ const makeFixture = (o: BenchOptions): Fixture => {
     trustCoefficient: 0.001,
     eps: 1e-8,
     clip: false,
-  });
+  }, options.fused ?? true);
   return {
     config,
     model,
@@ -246,6 +247,31 @@ const makeFixture = (o: BenchOptions): Fixture => {
       disposeModel(model);
     },
   };
+};
+
+/**
+ * One whole training step on the fixture, as the pretrain pipeline runs it: normalise the
+ * prototypes, forward, codes, loss, backward, LARC-SGD update; resolves once the update has run.
+ */
+export const trainStep = async (
+  fixture: Fixture,
+  parts: ReturnType<typeof swavParts>,
+  optimiser: LarcSgd = fixture.optimiser,
+): Promise<void> => {
+  const { model, crops, variables } = fixture;
+  const variableList = Object.values(variables);
+  normalisePrototypes(model.param(PROTOTYPES_WEIGHT));
+  const tape = forwardBackward(parts, crops, variableList);
+  const loss = (await tape.loss.data())[0]!;
+  if (!Number.isFinite(loss)) throw new Error(`bench step: loss ${loss}`);
+  const grads: tf.NamedTensorMap = {};
+  for (const [name, variable] of Object.entries(variables)) {
+    const g = tape.grads[variable.name];
+    if (g !== undefined) grads[name] = g;
+  }
+  optimiser.step(variables, grads, 0.01);
+  tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
+  await variableList[0]!.data();
 };
 
 /** Demo-like 32x32 PNGs, encoded once (decode cost is per image, independent of content type). */
@@ -382,23 +408,9 @@ export const runBench = async (
         tf.dispose(Object.values(grads));
       }
       if (wants("step")) {
-        const prototypes = model.param(PROTOTYPES_WEIGHT);
         report(
           "step",
-          await timeMedian(o.reps, async () => {
-            normalisePrototypes(prototypes);
-            const tape = forwardBackward(parts, crops, variableList);
-            const loss = (await tape.loss.data())[0]!;
-            if (!Number.isFinite(loss)) throw new Error(`bench step: loss ${loss}`);
-            const grads: tf.NamedTensorMap = {};
-            for (const [name, variable] of Object.entries(variables)) {
-              const g = tape.grads[variable.name];
-              if (g !== undefined) grads[name] = g;
-            }
-            optimiser.step(variables, grads, 0.01);
-            tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
-            await variableList[0]!.data();
-          }),
+          await timeMedian(o.reps, () => trainStep(fixture, parts)),
         );
       }
     } finally {

@@ -18,13 +18,10 @@ import * as tf from "@tensorflow/tfjs";
 import { configureBlas, dnnlOptions } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import { blasKernelOptions } from "../backend/wasm_kernels.ts";
-import { PROTOTYPES_WEIGHT } from "../models/head.ts";
-import { disposeModel, makeSwavModel } from "../models/model.ts";
-import { normalisePrototypes } from "../models/prototypes.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
-import { forwardBackward, trainStepOptions } from "../pipelines/train_step.ts";
+import { trainStepOptions } from "../pipelines/train_step.ts";
 import { LarcSgd } from "../stages/optimise.ts";
-import { benchRunConfig, parseBenchArgs } from "./bench.ts";
+import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
 interface Variant {
   readonly name: string;
@@ -68,37 +65,19 @@ const o = parseBenchArgs(rest);
 configureBlas({ threads: o.threads, enabled: o.blas });
 await initBackend("wasm");
 
-const config = benchRunConfig(o);
-const model = makeSwavModel(config.model, 1);
-const variables = Object.fromEntries(
-  model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]),
+const fixture = makeFixture(o);
+const parts = swavParts(fixture.model, fixture.config, o.batch);
+// One optimiser per variant (its own momentum slots), fused or not.
+const optimisers = new Map(
+  variants.map((v) => [v.name, new LarcSgd(fixture.optimiser.options, v.fusedLarc)]),
 );
-const variableList = Object.values(variables);
-const crops = o.crops.map(([n, s]) =>
-  tf.randomNormal([n * o.batch, s, s, 3], 0, 1, "float32", 7 + s) as tf.Tensor4D
-);
-const parts = swavParts(model, config, o.batch);
-const larc = { momentum: 0.9, weightDecay: 1e-6, trustCoefficient: 0.001, eps: 1e-8, clip: false };
-const optimisers = new Map(variants.map((v) => [v.name, new LarcSgd(larc, v.fusedLarc)]));
 
 const use = (v: Variant) => {
   dnnlOptions.weightsLayout = v.weightsLayout;
   blasKernelOptions.batchNorm = v.nativeBatchNorm;
   trainStepOptions.leanBackward = v.leanBackward;
 };
-const step = async (v: Variant) => {
-  normalisePrototypes(model.param(PROTOTYPES_WEIGHT));
-  const tape = forwardBackward(parts, crops, variableList);
-  await tape.loss.data();
-  const grads: tf.NamedTensorMap = {};
-  for (const [name, variable] of Object.entries(variables)) {
-    const g = tape.grads[variable.name];
-    if (g !== undefined) grads[name] = g;
-  }
-  optimisers.get(v.name)!.step(variables, grads, 0.01);
-  tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
-  await variableList[0]!.data();
-};
+const step = (v: Variant) => trainStep(fixture, parts, optimisers.get(v.name)!);
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
 const times = new Map<string, number[]>(variants.map((v) => [v.name, []]));
@@ -138,5 +117,4 @@ for (const v of variants) {
   );
 }
 for (const opt of optimisers.values()) opt.dispose();
-tf.dispose(crops);
-disposeModel(model);
+fixture.dispose();
