@@ -13,7 +13,6 @@ limited to one torch thread; it prints one JSON line with every pass's images pe
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ import numpy as np
 import torch
 import torchvision.transforms as transforms
 from PIL import Image, ImageDraw, ImageFilter
+
+# The reference's colour distortion and blur, shared with the multi-crop reference.
+from multicrop_reference import PILRandomGaussianBlur, get_color_distortion  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -58,28 +60,6 @@ def generate(jpeg_folder, jpegs, png_folder, pngs):
         if not path.exists():
             # Downscaled from 128 px, as CIFAR images are downscaled photographs.
             scene(rng, 128, 128).resize((32, 32), Image.BOX).save(path)
-
-
-class PILRandomGaussianBlur(object):
-    """As in the SwAV reference: PIL's GaussianBlur with radius uniform in (0.1, 2.0), p 0.5."""
-
-    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.):
-        self.prob = p
-        self.radius_min = radius_min
-        self.radius_max = radius_max
-
-    def __call__(self, img):
-        do_it = np.random.rand() <= self.prob
-        if not do_it:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
-
-
-def get_color_distortion(s=1.0):
-    color_jitter = transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-    rnd_color_jitter = transforms.RandomApply([color_jitter], p=0.8)
-    rnd_gray = transforms.RandomGrayscale(p=0.2)
-    return transforms.Compose([rnd_color_jitter, rnd_gray])
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
