@@ -9,9 +9,8 @@ import { Effect, Schema } from "effect";
 import { BackendName } from "../backend/tensor_backend.ts";
 import { ModelConfig } from "../models/model.ts";
 import { MulticropConfig } from "../stages/multicrop.ts";
+import { withDefault } from "../models/schema.ts";
 
-const withDefault = <S extends Schema.Top>(schema: S, value: S["Encoded"]) =>
-  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
 const PositiveInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(1));
 const NonNegativeInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0));
 const Positive = Schema.Finite.check(Schema.isGreaterThan(0));

@@ -9,7 +9,7 @@
  * BatchNorm1d) runs once on all of them.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect, Schema } from "effect";
+import { Schema } from "effect";
 import { rngFor } from "../data/rng.ts";
 import { headForward, headParamSpecs } from "./head.ts";
 import {
@@ -21,9 +21,7 @@ import {
   type ForwardOptions,
   type ParamSpec,
 } from "./resnet.ts";
-
-const withDefault = <S extends Schema.Top & { readonly Encoded: unknown }>(schema: S, value: S["Encoded"]) =>
-  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
+import { withDefault } from "./schema.ts";
 
 const positiveInt = Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)));
 

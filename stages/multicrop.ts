@@ -37,9 +37,7 @@ import {
 import { type Rng, rngFor } from "../data/rng.ts";
 import type { RgbImage } from "./decode.ts";
 import { defineStage } from "./stage.ts";
-
-const withDefault = <S extends Schema.Top>(schema: S, value: S["Encoded"]) =>
-  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
+import { withDefault } from "../models/schema.ts";
 
 const Probability = Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 }));
 const Strength = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));

@@ -29,6 +29,7 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { fusedLarcStep } from "../backend/fused_larc.ts";
 import { defineStage } from "./stage.ts";
+import { withDefault } from "../models/schema.ts";
 
 export interface LarcSgdOptions {
   readonly momentum: number;
@@ -195,9 +196,6 @@ export const makeLarcSgd = (options: LarcSgdOptions): Effect.Effect<LarcSgd, nev
     Effect.sync(() => new LarcSgd(options)),
     (optimiser) => Effect.sync(() => optimiser.dispose()),
   );
-
-const withDefault = <S extends Schema.Top>(schema: S, value: S["Encoded"]) =>
-  schema.pipe(Schema.withDecodingDefaultKey(Effect.succeed(value)));
 
 const NonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
 
