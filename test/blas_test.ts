@@ -1,5 +1,5 @@
 /**
- * OpenBLAS kernels on wasm (backend/blas.ts, backend/wasm_kernels.ts): each
+ * Native kernels on wasm (backend/openblas.ts, backend/onednn.ts, backend/native_kernels.ts): each
  * matches the plain wasm kernel (XNNPACK / the polyphase and swapped-axes
  * fallbacks) on fresh random shapes, and a whole training step's loss and
  * gradients match with and without BLAS. Skipped (with a note) where OpenBLAS
