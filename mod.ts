@@ -11,9 +11,14 @@
 export {
   BackendName,
   BackendUnavailable,
+  defaultKernelSettings,
   initBackend,
+  type KernelSettings,
+  KernelSettingsInvalid,
   probeWebGpu,
+  resolveBackendName,
   TensorBackend,
+  withKernelSettings,
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
 

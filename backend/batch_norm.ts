@@ -23,7 +23,8 @@
  *   (~30x slower on fresh tensors).
  */
 import * as tf from "@tensorflow/tfjs";
-import { BATCH_NORM_TRAIN, BATCH_NORM_TRAIN_GRAD, nativeBatchNormActive } from "./wasm_kernels.ts";
+import { BATCH_NORM_TRAIN, BATCH_NORM_TRAIN_GRAD, nativeBatchNormActive } from "./batch_norm_kernels.ts";
+import { kernelInvariant } from "./invariant.ts";
 
 /** Broadcast rows shorter than this are slow in tfjs-backend-wasm's binary ops. */
 const MIN_ROW = 256;
@@ -117,9 +118,10 @@ export const batchNormTrain = <T extends tf.Tensor>(
   const shape = x.shape;
   const view = channelView(shape);
   const count = view.count;
-  if (gamma.size !== view.channels || beta.size !== view.channels) {
-    throw new Error(`batchNormTrain: gamma/beta of size ${gamma.size}/${beta.size} for input [${shape}]`);
-  }
+  kernelInvariant(
+    gamma.size === view.channels && beta.size === view.channels,
+    () => `batchNormTrain: gamma/beta of size ${gamma.size}/${beta.size} for input [${shape}]`,
+  );
   if (nativeBatchNormActive()) return nativeBatchNormTrain(x, gamma, beta, epsilon, relu);
   // The statistics leave the custom gradient's forward (which runs in its own
   // tidy, off the tape) kept; they are cloned into the caller's scope below.
@@ -177,7 +179,7 @@ export const batchNormTrain = <T extends tf.Tensor>(
 };
 
 /**
- * The same op through oneDNN's batch-normalisation primitives (backend/wasm_kernels.ts):
+ * The same op through oneDNN's batch-normalisation primitives (backend/batch_norm_kernels.ts):
  * one kernel forward (statistics, normalisation, ReLU) and one backward. The forward
  * saves x, the statistics and, with ReLU, oneDNN's bit mask of the positive outputs.
  */

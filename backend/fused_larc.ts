@@ -12,6 +12,7 @@
  * The arithmetic is `LarcSgd.step`'s (stages/optimise.ts), the reference for it.
  */
 import type * as tf from "@tensorflow/tfjs";
+import { kernelInvariant } from "./invariant.ts";
 import { wasmHeap } from "./wasm_heap.ts";
 
 export interface LarcHyper {
@@ -52,9 +53,10 @@ export const fusedLarcStep = (
   const heap = wasmHeap();
   if (heap === undefined || param.dtype !== "float32" || grad.dtype !== "float32") return false;
   const size = param.size;
-  if (grad.size !== size || slot.size !== size) {
-    throw new RangeError(`fusedLarcStep: sizes differ (param ${size}, grad ${grad.size}, slot ${slot.size})`);
-  }
+  kernelInvariant(
+    grad.size === size && slot.size === size,
+    () => `fusedLarcStep: sizes differ (param ${size}, grad ${grad.size}, slot ${slot.size})`,
+  );
   // Allocate first: a heap view is only valid until the next allocation grows the heap.
   const nextParamInfo = heap.output(param.shape);
   const nextSlotInfo = heap.output(slot.shape);

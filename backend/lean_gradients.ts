@@ -18,6 +18,7 @@
  * it runs `tf.variableGrads` instead.
  */
 import * as tf from "@tensorflow/tfjs";
+import { kernelInvariant } from "./invariant.ts";
 
 interface TapeNode {
   readonly id: number;
@@ -108,35 +109,35 @@ export const leanVariableGrads = (
     () => engine.tidy("forward", f),
   );
   const tape = engine.state.activeTape ?? [];
-  if (!(y instanceof tf.Tensor) || y.rank !== 0) {
-    throw new Error(
-      `leanVariableGrads: f must return a scalar tensor, got ${y instanceof tf.Tensor ? y.shape : y}`,
-    );
-  }
+  kernelInvariant(
+    y instanceof tf.Tensor && y.rank === 0,
+    () => `leanVariableGrads: f must return a scalar tensor, got ${y instanceof tf.Tensor ? y.shape : y}`,
+  );
   try {
     const grads = engine.tidy("backward", () => {
       const gradientOf = new Map<number, tf.Tensor>([[y.id, tf.onesLike(y)]]);
       const walk = nodesFromXToY(tape, variables, y);
       for (let i = walk.length - 1; i >= 0; i--) {
         const node = walk[i]!;
-        if (node.gradient === undefined) {
-          throw new Error(`Cannot compute gradient: gradient function not found for ${node.kernelName}.`);
-        }
+        kernelInvariant(
+          node.gradient !== undefined,
+          () => `Cannot compute gradient: gradient function not found for ${node.kernelName}.`,
+        );
         const dys = node.outputs.map((output) => gradientOf.get(output.id) ?? null);
         const inputGradients = node.gradient(dys);
         for (const [name, x] of Object.entries(node.inputs)) {
           const gradient = inputGradients[name];
-          if (gradient === undefined) {
-            throw new Error(`Cannot backprop through input ${name} of ${node.kernelName}.`);
-          }
+          kernelInvariant(
+            gradient !== undefined,
+            () => `Cannot backprop through input ${name} of ${node.kernelName}.`,
+          );
           // A fresh tensor object (sharing the data) even when the gradient function hands back
           // one it does not own (its dy, a saved tensor), so disposing below never frees a live one.
           const dx = tf.tidy(() => tf.clone(gradient()));
-          if (dx.dtype !== "float32" || !tf.util.arraysEqual(dx.shape, x.shape)) {
-            throw new Error(
-              `gradient of ${node.kernelName} input ${name}: ${dx.dtype} [${dx.shape}] for [${x.shape}]`,
-            );
-          }
+          kernelInvariant(
+            dx.dtype === "float32" && tf.util.arraysEqual(dx.shape, x.shape),
+            () => `gradient of ${node.kernelName} input ${name}: ${dx.dtype} [${dx.shape}] for [${x.shape}]`,
+          );
           const current = gradientOf.get(x.id);
           const next = current === undefined ? dx : tf.add(current, dx);
           if (current !== undefined) {

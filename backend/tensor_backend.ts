@@ -11,8 +11,23 @@
 import * as tf from "@tensorflow/tfjs";
 import { setWasmPaths } from "@tensorflow/tfjs-backend-wasm";
 import "@tensorflow/tfjs-backend-webgpu";
-import { Context, Effect, Layer, Schema } from "effect";
-import { registerWasmKernels } from "./wasm_kernels.ts";
+import { Context, Effect, Layer, Schema, type Scope } from "effect";
+import { registerBatchNormKernels } from "./batch_norm_kernels.ts";
+import {
+  activeKernelSettings,
+  activeThreads,
+  defaultKernelSettings,
+  installKernelSettings,
+  type KernelSettings,
+  KernelSettingsInvalid,
+  makeKernelSettings,
+} from "./kernel_settings.ts";
+import { registerNativeKernels } from "./native_kernels.ts";
+import { setDnnlThreads } from "./onednn.ts";
+import { setBlasThreads } from "./openblas.ts";
+import { registerPlainWasmKernels } from "./wasm_kernels.ts";
+
+export { defaultKernelSettings, type KernelSettings, KernelSettingsInvalid } from "./kernel_settings.ts";
 
 export const BackendName = Schema.Literals(["auto", "wasm", "cpu", "webgpu", "tensorflow"]);
 export type BackendName = typeof BackendName.Type;
@@ -65,89 +80,169 @@ export const probeWebGpu = async (): Promise<{ fallback: boolean; description: s
   }
 };
 
-const initWasm = async (): Promise<void> => {
-  setWasmPaths(wasmDistFolder());
-  registerWasmKernels();
-  if (!(await tf.setBackend("wasm"))) throw new Error("tf.setBackend('wasm') failed");
-};
+/** `tf.setBackend(name)`, failing with BackendUnavailable when TF.js refuses it. */
+const setBackend = (name: Exclude<BackendName, "auto">): Effect.Effect<void, BackendUnavailable> =>
+  Effect.tryPromise({ try: () => tf.setBackend(name), catch: (error) => unavailable(name, error) }).pipe(
+    Effect.flatMap((ok) =>
+      ok ? Effect.void : Effect.fail(unavailable(name, `tf.setBackend('${name}') failed`))
+    ),
+  );
 
-const initWebGpu = async (): Promise<void> => {
-  const adapter = await probeWebGpu();
-  if (adapter === null) {
-    throw new BackendUnavailable({
-      backend: "webgpu",
-      reason:
-        "navigator.gpu found no adapter (on Linux install mesa-vulkan-drivers and libvulkan1 for a software one)",
-      alternatives: ["wasm", "cpu"],
-    });
-  }
-  if (!(await tf.setBackend("webgpu"))) throw new Error("tf.setBackend('webgpu') failed");
-};
+const unavailable = (backend: string, error: unknown): BackendUnavailable =>
+  error instanceof BackendUnavailable ? error : new BackendUnavailable({
+    backend,
+    reason: error instanceof Error ? error.message : String(error),
+    alternatives: backendNames.filter((name) => name !== backend && name !== "auto"),
+  });
+
+/**
+ * The kernels on wasm, bottom up (each layer falls back to the one below): the
+ * plain wasm kernels TF.js lacks, the OpenBLAS / oneDNN kernels, oneDNN batch norm.
+ * Registered before `tf.setBackend("wasm")`, which runs the kernels' set-up functions.
+ */
+const initWasm: Effect.Effect<void, BackendUnavailable> = Effect.suspend(() => {
+  setWasmPaths(wasmDistFolder());
+  registerPlainWasmKernels();
+  registerNativeKernels();
+  registerBatchNormKernels();
+  return setBackend("wasm");
+});
+
+const initWebGpu: Effect.Effect<void, BackendUnavailable> = Effect.promise(probeWebGpu).pipe(
+  Effect.flatMap((adapter) =>
+    adapter === null
+      ? Effect.fail(
+        new BackendUnavailable({
+          backend: "webgpu",
+          reason:
+            "navigator.gpu found no adapter (on Linux install mesa-vulkan-drivers and libvulkan1 for a software one)",
+          alternatives: ["wasm", "cpu"],
+        }),
+      )
+      : setBackend("webgpu")
+  ),
+);
 
 /** Module names tried, in order, for the `tensorflow` backend (not dependencies of this project). */
 const nativeModules = ["@tensorflow/tfjs-node-gpu", "@tensorflow/tfjs-node"];
 
-const initTensorflow = async (): Promise<void> => {
+const initTensorflow: Effect.Effect<void, BackendUnavailable> = Effect.gen(function* () {
   const failures: string[] = [];
   for (const name of nativeModules) {
-    try {
-      // A computed specifier: nothing in the default path resolves or installs it.
-      const specifier = name;
-      await import(specifier);
-      if (await tf.setBackend("tensorflow")) return;
-      failures.push(`${name} loaded but did not register the 'tensorflow' backend`);
-    } catch (error) {
-      failures.push(`${name}: ${error instanceof Error ? error.message.split("\n")[0] : String(error)}`);
-    }
+    const failure = yield* Effect.promise(async () => {
+      try {
+        // A computed specifier: nothing in the default path resolves or installs it.
+        const specifier = name;
+        await import(specifier);
+        if (await tf.setBackend("tensorflow")) return undefined;
+        return `${name} loaded but did not register the 'tensorflow' backend`;
+      } catch (error) {
+        return `${name}: ${error instanceof Error ? error.message.split("\n")[0] : String(error)}`;
+      }
+    });
+    if (failure === undefined) return;
+    failures.push(failure);
   }
-  throw new BackendUnavailable({
-    backend: "tensorflow",
-    reason: `neither native package loads (${failures.join("; ")}). ` +
-      "Add one to deno.json imports where its libtensorflow download works",
-    alternatives: ["wasm", "webgpu", "cpu"],
-  });
-};
+  return yield* Effect.fail(
+    new BackendUnavailable({
+      backend: "tensorflow",
+      reason: `neither native package loads (${failures.join("; ")}). ` +
+        "Add one to deno.json imports where its libtensorflow download works",
+      alternatives: ["wasm", "webgpu", "cpu"],
+    }),
+  );
+});
 
 /**
- * Initialises the requested backend and makes it the active one; returns the
- * name of the backend actually in use (for `auto`, `webgpu` or `wasm`).
+ * Initialises the requested backend and makes it the active one; succeeds with
+ * the name of the backend actually in use (for `auto`, `webgpu` or `wasm`).
  */
-export const initBackend = async (requested: BackendName): Promise<Exclude<BackendName, "auto">> => {
+export const initBackendEffect = (
+  requested: BackendName,
+): Effect.Effect<Exclude<BackendName, "auto">, BackendUnavailable> => {
   switch (requested) {
-    case "auto": {
-      const adapter = await probeWebGpu();
-      if (adapter !== null && !adapter.fallback) {
-        await initWebGpu();
-        return "webgpu";
-      }
-      await initWasm();
-      return "wasm";
-    }
+    case "auto":
+      return Effect.promise(probeWebGpu).pipe(
+        Effect.flatMap((adapter) =>
+          adapter !== null && !adapter.fallback
+            ? Effect.as(initWebGpu, "webgpu" as const)
+            : Effect.as(initWasm, "wasm" as const)
+        ),
+      );
     case "wasm":
-      await initWasm();
-      return "wasm";
+      return Effect.as(initWasm, "wasm" as const);
     case "cpu":
-      if (!(await tf.setBackend("cpu"))) throw new Error("tf.setBackend('cpu') failed");
-      return "cpu";
+      return Effect.as(setBackend("cpu"), "cpu" as const);
     case "webgpu":
-      await initWebGpu();
-      return "webgpu";
+      return Effect.as(initWebGpu, "webgpu" as const);
     case "tensorflow":
-      await initTensorflow();
-      return "tensorflow";
+      return Effect.as(initTensorflow, "tensorflow" as const);
   }
 };
 
-/** Reads `SWAV_BACKEND`, validated; undefined when unset. */
-export const backendFromEnv = (): BackendName | undefined => {
-  const value = Deno.env.get("SWAV_BACKEND");
-  if (value === undefined || value === "") return undefined;
-  if ((backendNames as readonly string[]).includes(value)) return value as BackendName;
-  throw new BackendUnavailable({
-    backend: value,
-    reason: "SWAV_BACKEND names no known backend",
-    alternatives: [...backendNames],
+/** `initBackendEffect` as a promise, for plain-TypeScript callers (rejects with BackendUnavailable). */
+export const initBackend = (requested: BackendName): Promise<Exclude<BackendName, "auto">> =>
+  Effect.runPromise(initBackendEffect(requested));
+
+/**
+ * The backend to run: `flag` (an explicit choice) wins, then `SWAV_BACKEND`,
+ * then `configured` (a run config's), else `auto`. Fails when `SWAV_BACKEND`
+ * names no known backend.
+ */
+export const resolveBackendName = (
+  flag?: BackendName,
+  configured?: BackendName,
+): Effect.Effect<BackendName, BackendUnavailable> =>
+  Effect.suspend(() => {
+    if (flag !== undefined) return Effect.succeed(flag);
+    let value: string | undefined;
+    try {
+      value = Deno.env.get("SWAV_BACKEND");
+    } catch {
+      value = undefined; // no --allow-env: the variable cannot be set
+    }
+    if (value === undefined || value === "") return Effect.succeed(configured ?? "auto");
+    if ((backendNames as readonly string[]).includes(value)) return Effect.succeed(value as BackendName);
+    return Effect.fail(
+      new BackendUnavailable({
+        backend: value,
+        reason: "SWAV_BACKEND names no known backend",
+        alternatives: [...backendNames],
+      }),
+    );
   });
+
+/**
+ * Makes `overrides` on top of `base` the kernels' settings for the current scope (the native pools'
+ * threads included), restoring the previous ones when the scope closes.
+ */
+const installSettings = (
+  overrides: Partial<KernelSettings>,
+  base: KernelSettings,
+): Effect.Effect<KernelSettings, KernelSettingsInvalid, Scope.Scope> =>
+  makeKernelSettings(overrides, base).pipe(
+    Effect.flatMap((settings) =>
+      Effect.acquireRelease(
+        Effect.sync(() => {
+          const previous = installKernelSettings(settings);
+          applyThreads();
+          return { settings, previous };
+        }),
+        ({ previous }) =>
+          Effect.sync(() => {
+            installKernelSettings(previous);
+            applyThreads();
+          }),
+      )
+    ),
+    Effect.map(({ settings }) => settings),
+  );
+
+/** The active settings' thread count on whichever native library is loaded. */
+const applyThreads = (): void => {
+  const threads = activeThreads();
+  setBlasThreads(threads);
+  setDnnlThreads(threads);
 };
 
 /** The active tensor backend. */
@@ -156,29 +251,62 @@ export class TensorBackend extends Context.Service<TensorBackend, {
   readonly requested: BackendName;
   /** What runs. */
   readonly name: Exclude<BackendName, "auto">;
+  /** The kernel settings in force while this service is provided. */
+  readonly settings: KernelSettings;
 }>()("swav-ts/backend/TensorBackend") {
   /**
-   * Initialises `requested` (else `SWAV_BACKEND`, else `auto`) for the lifetime
-   * of the layer. On release, every tf.Variable still registered is disposed and
-   * the backend's queued work is flushed.
+   * Initialises `requested` (a name, or an effect resolving one such as
+   * `resolveBackendName(flag, configured)`; by default `SWAV_BACKEND`, else
+   * `auto`) with the kernel `settings` (the defaults, overridden by the fields
+   * given) for the lifetime of the layer. On release the previous kernel
+   * settings come back, every tf.Variable still registered is disposed and the
+   * backend's queued work is flushed.
    */
-  static readonly layer = (requested?: BackendName): Layer.Layer<TensorBackend, BackendUnavailable> =>
+  static readonly layer = (
+    requested?: BackendName | Effect.Effect<BackendName, BackendUnavailable>,
+    settings: Partial<KernelSettings> = {},
+  ): Layer.Layer<TensorBackend, BackendUnavailable | KernelSettingsInvalid> =>
     Layer.effect(
       TensorBackend,
-      Effect.acquireRelease(
-        Effect.tryPromise({
-          try: async () => {
-            const choice = requested ?? backendFromEnv() ?? "auto";
-            return TensorBackend.of({ requested: choice, name: await initBackend(choice) });
-          },
-          catch: (error) =>
-            error instanceof BackendUnavailable ? error : new BackendUnavailable({
-              backend: requested ?? "auto",
-              reason: error instanceof Error ? error.message : String(error),
-              alternatives: backendNames.filter((name) => name !== requested),
-            }),
-        }),
-        () => Effect.sync(() => tf.disposeVariables()),
-      ),
+      Effect.gen(function* () {
+        const choice = Effect.isEffect(requested) ? yield* requested : yield* resolveBackendName(requested);
+        yield* Effect.addFinalizer(() => Effect.sync(() => tf.disposeVariables()));
+        const active = yield* installSettings(settings, defaultKernelSettings);
+        const name = yield* initBackendEffect(choice);
+        return TensorBackend.of({ requested: choice, name, settings: active });
+      }),
+    );
+
+  /**
+   * The fields of `settings` changed on top of the active kernel settings, for
+   * the backend already running (one that `TensorBackend.layer` or
+   * `initBackend` started) and the layer's lifetime: a bench's variant or a
+   * test's comparison. Initialises and disposes nothing; the previous settings
+   * come back on release.
+   */
+  static readonly withSettings = (
+    settings: Partial<KernelSettings>,
+  ): Layer.Layer<TensorBackend, KernelSettingsInvalid> =>
+    Layer.effect(
+      TensorBackend,
+      Effect.gen(function* () {
+        const active = yield* installSettings(settings, activeKernelSettings());
+        const name = tf.getBackend() as Exclude<BackendName, "auto">;
+        return TensorBackend.of({ requested: name, name, settings: active });
+      }),
     );
 }
+
+/**
+ * Runs `f` with `settings` installed by `TensorBackend.withSettings`, for
+ * plain-TypeScript callers (benches, tests); rejects with `f`'s error or KernelSettingsInvalid.
+ */
+export const withKernelSettings = <T>(settings: Partial<KernelSettings>, f: () => Promise<T>): Promise<T> =>
+  Effect.runPromise(
+    Effect.tryPromise({ try: f, catch: (error) => error }).pipe(
+      Effect.provide(TensorBackend.withSettings(settings)),
+    ),
+  );
+
+/** The settings the kernels run with now: what `TensorBackend` provides, for code outside Effect. */
+export { activeKernelSettings };

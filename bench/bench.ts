@@ -25,13 +25,13 @@
  * width 16, batch 64, 2 crops of 32x32, head 2048/128, 3000 prototypes, LARC-SGD.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect, Schema } from "effect";
+import { Effect, ManagedRuntime, Schema } from "effect";
 import { Image } from "imagescript";
-import { blasInfo, configureBlas, defaultThreads, dnnlInfo } from "../backend/blas.ts";
+import { defaultThreads } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
-import { initBackend } from "../backend/tensor_backend.ts";
-import { type BackendName, backendNames } from "../backend/tensor_backend.ts";
-import { wasmKernelOptions } from "../backend/wasm_kernels.ts";
+import { dnnlInfo } from "../backend/onednn.ts";
+import { blasInfo } from "../backend/openblas.ts";
+import { type BackendName, backendNames, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { renderDemoImage } from "../data/demo_dataset.ts";
 import { rngFor } from "../data/rng.ts";
@@ -435,8 +435,11 @@ if (import.meta.main) {
     console.error(`bench: ${(error as Error).message}`);
     Deno.exit(2);
   }
-  configureBlas({ threads: options.threads, enabled: options.blas });
-  const backend = await initBackend(options.backend);
+  // The backend and its kernel settings for the whole run, released (variables disposed) at the end.
+  const runtime = ManagedRuntime.make(
+    TensorBackend.layer(options.backend, { threads: options.threads, blas: options.blas }),
+  );
+  const { name: backend, settings } = await runtime.runPromise(Effect.service(TensorBackend));
   const blas = blasInfo();
   const header = {
     backend,
@@ -445,7 +448,7 @@ if (import.meta.main) {
     dnnl: blas.active && dnnlInfo().active ? dnnlInfo().library : "off",
     tfjs: tf.version.tfjs,
     config: describe(options),
-    fastConv2DBackpropInput: wasmKernelOptions.fastConv2DBackpropInput,
+    fastConv2DBackpropInput: settings.fastConv2DBackpropInput,
   };
   if (!options.json) {
     console.log(
@@ -475,4 +478,5 @@ if (import.meta.main) {
       console.log(`  ${r.stage.padEnd(16)} ${((100 * r.ms) / step.ms).toFixed(1).padStart(5)} %`);
     }
   }
+  await runtime.dispose();
 }

@@ -14,8 +14,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
-import { initBackend } from "../backend/tensor_backend.ts";
-import { wasmKernelOptions } from "../backend/wasm_kernels.ts";
+import { initBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { l2Normalize, linear } from "../models/head.ts";
 import {
   disposeModel,
@@ -105,9 +104,7 @@ for (const c of convCases) {
   const outShape = tf.backend_util.computeConv2DInfo(c.x, w.shape, c.stride, 1, pad).outShape;
   const dy = tf.randomNormal(outShape) as tf.Tensor4D;
   const run = () => tf.conv2dTranspose(dy, w, c.x, c.stride, pad);
-  wasmKernelOptions.fastConv2DBackpropInput = false;
-  const before = await timeIt(run);
-  wasmKernelOptions.fastConv2DBackpropInput = true;
+  const before = await withKernelSettings({ fastConv2DBackpropInput: false }, () => timeIt(run));
   const after = await timeIt(run);
   row(c.label, before, after);
   tf.dispose([w, dy]);
@@ -251,8 +248,12 @@ const variants = [
 ];
 const stepTimes: number[] = [];
 for (const v of variants) {
-  wasmKernelOptions.fastConv2DBackpropInput = v.fast;
-  stepTimes.push(await timeIt(stepWith(v.forward), STEP_REPS));
+  stepTimes.push(
+    await withKernelSettings(
+      { fastConv2DBackpropInput: v.fast },
+      () => timeIt(stepWith(v.forward), STEP_REPS),
+    ),
+  );
 }
 header("Forward + backward step, ResNet-18 w8 cifar, batch 64, 2x32x32, hidden 512, 100 prototypes");
 for (let i = 1; i < variants.length; i++) row(variants[i]!.label, stepTimes[0]!, stepTimes[i]!);
@@ -260,8 +261,10 @@ console.log(`(before = ${variants[0]!.label})`);
 
 /** Kernel time by kernel name over one profiled step. */
 const profileStep = async (v: (typeof variants)[number]) => {
-  wasmKernelOptions.fastConv2DBackpropInput = v.fast;
-  const info = await tf.profile(() => stepWith(v.forward)());
+  const info = await withKernelSettings(
+    { fastConv2DBackpropInput: v.fast },
+    () => tf.profile(() => stepWith(v.forward)()),
+  );
   const byName = new Map<string, { ms: number; calls: number }>();
   for (const k of info.kernels) {
     const entry = byName.get(k.name) ?? { ms: 0, calls: 0 };
@@ -294,6 +297,5 @@ console.log(
   } |`,
 );
 
-wasmKernelOptions.fastConv2DBackpropInput = true;
 crops.dispose();
 disposeModel(model);

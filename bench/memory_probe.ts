@@ -11,8 +11,9 @@
  * not is garbage V8 has not collected yet.
  */
 import * as tf from "@tensorflow/tfjs";
-import { configureBlas } from "../backend/blas.ts";
-import { initBackend } from "../backend/tensor_backend.ts";
+import { Effect, ManagedRuntime } from "effect";
+import { TensorBackend } from "../backend/tensor_backend.ts";
+import { heapBuffer, type WasmBackendLike } from "../backend/wasm_heap.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
 import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
@@ -22,15 +23,16 @@ const collect = Deno.args.includes("--gc");
 const o = parseBenchArgs(
   Deno.args.filter((a, i, all) => a !== "--gc" && a !== "--steps" && all[i - 1] !== "--steps"),
 );
-configureBlas({ threads: o.threads, enabled: o.blas });
-await initBackend("wasm");
+// The backend and its kernel settings for the whole probe (held until the process exits).
+await ManagedRuntime.make(TensorBackend.layer("wasm", { threads: o.threads, blas: o.blas })).runPromise(
+  Effect.service(TensorBackend),
+);
 const gc = (globalThis as { gc?: () => void }).gc;
 if (collect && gc === undefined) throw new Error("--gc needs --v8-flags=--expose-gc");
 
 const fixture = makeFixture(o);
 const parts = swavParts(fixture.model, fixture.config, o.batch);
-const wasmHeapBytes = () =>
-  (tf.backend() as unknown as { wasm: { HEAPF32: Float32Array } }).wasm.HEAPF32.buffer.byteLength;
+const wasmHeapBytes = () => heapBuffer(tf.backend() as unknown as WasmBackendLike).byteLength;
 const mb = (bytes: number) => (bytes / 1e6).toFixed(0).padStart(5);
 
 console.log("  step |   rss |  v8 total |  v8 used | external | wasm heap | tensors MB");

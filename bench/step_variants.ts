@@ -15,9 +15,8 @@
  * --reps steps) and the peak tensor bytes of one step (tf.profile).
  */
 import * as tf from "@tensorflow/tfjs";
-import { configureBlas, dnnlOptions } from "../backend/blas.ts";
-import { initBackend } from "../backend/tensor_backend.ts";
-import { blasKernelOptions } from "../backend/wasm_kernels.ts";
+import { Effect, ManagedRuntime } from "effect";
+import { TensorBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
 import { trainStepOptions } from "../pipelines/train_step.ts";
 import { LarcSgd } from "../stages/optimise.ts";
@@ -62,8 +61,10 @@ const rest = Deno.args.filter((a, i, all) =>
   !["--rounds", "--reps"].includes(a) && !["--rounds", "--reps"].includes(all[i - 1] ?? "")
 );
 const o = parseBenchArgs(rest);
-configureBlas({ threads: o.threads, enabled: o.blas });
-await initBackend("wasm");
+// The backend and the run's kernel settings; each variant changes its fields on top of them (`step`).
+const runSettings = { threads: o.threads, blas: o.blas };
+const runtime = ManagedRuntime.make(TensorBackend.layer("wasm", runSettings));
+await runtime.runPromise(Effect.service(TensorBackend));
 
 const fixture = makeFixture(o);
 const parts = swavParts(fixture.model, fixture.config, o.batch);
@@ -73,11 +74,18 @@ const optimisers = new Map(
 );
 
 const use = (v: Variant) => {
-  dnnlOptions.weightsLayout = v.weightsLayout;
-  blasKernelOptions.batchNorm = v.nativeBatchNorm;
+  // The train step still reads its own switch until it reads the kernel settings' leanBackward.
   trainStepOptions.leanBackward = v.leanBackward;
 };
-const step = (v: Variant) => trainStep(fixture, parts, optimisers.get(v.name)!);
+const step = (v: Variant) =>
+  withKernelSettings(
+    {
+      dnnlWeightsLayout: v.weightsLayout,
+      nativeBatchNorm: v.nativeBatchNorm,
+      leanBackward: v.leanBackward,
+    },
+    () => trainStep(fixture, parts, optimisers.get(v.name)!),
+  );
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
 const times = new Map<string, number[]>(variants.map((v) => [v.name, []]));
@@ -118,3 +126,4 @@ for (const v of variants) {
 }
 for (const opt of optimisers.values()) opt.dispose();
 fixture.dispose();
+await runtime.dispose();

@@ -6,7 +6,7 @@
 import { NodeRuntime, NodeServices } from "@effect/platform-node";
 import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
-import { BackendName, TensorBackend } from "../backend/tensor_backend.ts";
+import { BackendName, resolveBackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { openSource } from "../data/sources.ts";
@@ -98,9 +98,7 @@ const isBuiltinDemo = (flagOverrides: { data?: { source?: string | undefined } }
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then the config's (default auto). */
 const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
   TensorBackend.layer(
-    Option.isSome(flag)
-      ? flag.value as BackendName
-      : (Deno.env.get("SWAV_BACKEND") as BackendName | undefined) ?? config.train.backend,
+    resolveBackendName(Option.getOrUndefined(flag) as BackendName | undefined, config.train.backend),
   );
 
 const pretrainCommand = Command.make("pretrain", {

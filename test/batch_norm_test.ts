@@ -6,9 +6,9 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { batchNormTrain } from "../backend/batch_norm.ts";
-import { loadDnnl } from "../backend/blas.ts";
-import { initBackend } from "../backend/tensor_backend.ts";
-import { blasKernelOptions, nativeBatchNormActive } from "../backend/wasm_kernels.ts";
+import { nativeBatchNormActive } from "../backend/batch_norm_kernels.ts";
+import { loadDnnl } from "../backend/onednn.ts";
+import { initBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { assertNoTensorLeak, relativeError } from "./_helpers.ts";
 
 const EPS = 1e-5;
@@ -129,12 +129,14 @@ const variants = [
   { label: "cpu", backend: "cpu", native: false },
 ] as const;
 
-/** Switches to the variant's backend and batch-norm path, and checks the path is the one asked for. */
-const useVariant = async (v: (typeof variants)[number]): Promise<void> => {
+/** Runs `f` on the variant's backend and batch-norm path, after checking the path is the one asked for. */
+const inVariant = async <T>(v: (typeof variants)[number], f: () => Promise<T>): Promise<T> => {
   await initBackend(v.backend);
-  blasKernelOptions.batchNorm = v.native;
-  const expected = v.native && loadDnnl() !== undefined;
-  assert.equal(nativeBatchNormActive(), expected, `${v.label}: oneDNN batch norm active`);
+  return withKernelSettings({ nativeBatchNorm: v.native }, () => {
+    const expected = v.native && loadDnnl() !== undefined;
+    assert.equal(nativeBatchNormActive(), expected, `${v.label}: oneDNN batch norm active`);
+    return f();
+  });
 };
 
 const shapes = (): number[][] => {
@@ -160,8 +162,7 @@ Deno.test("batchNormTrain matches tf.batchNorm, the cpu gradient and float64", a
         const ref = reference(c);
         await initBackend("cpu");
         const cpuTfjs = await run(c, tfjs);
-        await useVariant(variant);
-        const got = await assertNoTensorLeak("batchNormTrain", () => run(c, ours));
+        const got = await inVariant(variant, () => assertNoTensorLeak("batchNormTrain", () => run(c, ours)));
         const check = (label: string, a: ArrayLike<number>, b: ArrayLike<number>, tol: number) => {
           const e = relativeError(a, b);
           assert.ok(e < tol, `${label}: relative error ${e} ≥ ${tol}`);
@@ -217,8 +218,10 @@ Deno.test("batchNormTrain with relu: true matches tf.relu(tf.batchNorm) and its 
         const c = makeCase(shape);
         await initBackend("cpu");
         const reference = await run(c, tfjsRelu);
-        await useVariant(variant);
-        const got = await assertNoTensorLeak("batchNormTrain relu", () => run(c, oursRelu));
+        const got = await inVariant(
+          variant,
+          () => assertNoTensorLeak("batchNormTrain relu", () => run(c, oursRelu)),
+        );
         // Same tolerances as above: float32 against float32 with other summation orders.
         for (
           const [label, a, b, tol] of [

@@ -1,5 +1,5 @@
 /**
- * OpenBLAS kernels on wasm (backend/blas.ts, backend/wasm_kernels.ts): each
+ * Native kernels on wasm (backend/openblas.ts, backend/onednn.ts, backend/native_kernels.ts): each
  * matches the plain wasm kernel (XNNPACK / the polyphase and swapped-axes
  * fallbacks) on fresh random shapes, and a whole training step's loss and
  * gradients match with and without BLAS. Skipped (with a note) where OpenBLAS
@@ -7,8 +7,11 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
-import { blasInfo, configureBlas, dnnlInfo, loadBlas } from "../backend/blas.ts";
-import { blasKernelOptions, im2col } from "../backend/wasm_kernels.ts";
+import { im2col } from "../backend/im2col.ts";
+import { defaultKernelSettings } from "../backend/kernel_settings.ts";
+import { dnnlInfo } from "../backend/onednn.ts";
+import { blasInfo, loadBlas } from "../backend/openblas.ts";
+import { withKernelSettings } from "../backend/tensor_backend.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
 import { forwardBackward } from "../pipelines/train_step.ts";
@@ -22,20 +25,19 @@ if (!hasBlas) console.warn(`blas_test: OpenBLAS not found (${blasInfo().reason})
 /** float32 tolerance for sums of up to a few thousand products in another order. */
 const TOLERANCE = 2e-5;
 
-/** Runs `f` with the BLAS kernels on and off; returns both results' values. */
-const bothWays = async (f: () => tf.Tensor): Promise<[Float32Array, Float32Array]> => {
-  const run = async (on: boolean) => {
-    configureBlas({ enabled: on });
-    const out = f();
-    const data = (await out.data()) as Float32Array;
-    out.dispose();
-    return data;
-  };
-  try {
-    return [await run(true), await run(false)];
-  } finally {
-    configureBlas({ enabled: true });
-  }
+/** Runs `f` with the BLAS kernels on and off (on top of `settings`); returns both results' values. */
+const bothWays = async (
+  f: () => tf.Tensor,
+  settings: Partial<typeof defaultKernelSettings> = {},
+): Promise<[Float32Array, Float32Array]> => {
+  const run = (on: boolean) =>
+    withKernelSettings({ ...settings, blas: on }, async () => {
+      const out = f();
+      const data = (await out.data()) as Float32Array;
+      out.dispose();
+      return data;
+    });
+  return [await run(true), await run(false)];
 };
 
 /** The same computation on TF.js's cpu backend (plain loops: the float32 reference). */
@@ -89,13 +91,14 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
 
   await t.step("conv2d forward and both gradients on random shapes", async () => {
     // Every convolution through BLAS (no width threshold); odd trials with one image per im2col chunk.
-    const saved = { ...blasKernelOptions };
     await assertNoTensorLeak("conv", async () => {
       for (let trial = 0; trial < 14; trial++) {
-        blasKernelOptions.minColumns = 0;
-        blasKernelOptions.chunkFloats = trial % 2 ? 1 : saved.chunkFloats;
-        // Half the trials through oneDNN (where it loads), half through im2col + OpenBLAS.
-        blasKernelOptions.dnnl = trial % 4 < 2;
+        const settings = {
+          minColumns: 0,
+          chunkFloats: trial % 2 ? 1 : defaultKernelSettings.chunkFloats,
+          // Half the trials through oneDNN (where it loads), half through im2col + OpenBLAS.
+          dnnl: trial % 4 < 2,
+        };
         const n = trial === 0 ? 1 : int(1, 5);
         const k = [1, 2, 3, 5][int(0, 3)]!;
         const stride = int(1, 3);
@@ -121,7 +124,7 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
           ],
         ];
         for (const [name, f] of cases) {
-          const [fast, plain] = await bothWays(f);
+          const [fast, plain] = await bothWays(f, settings);
           const reference = await onCpu(f);
           const error = relativeError(fast, reference);
           assert.ok(error < TOLERANCE, `${name} ${label}: BLAS vs cpu relative error ${error}`);
@@ -137,7 +140,7 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
         }
         tf.dispose([x, filter, y, dy]);
       }
-    }).finally(() => Object.assign(blasKernelOptions, saved));
+    });
   });
 
   await t.step("matMul with every transpose, batch 1 and batched", async () => {
@@ -221,16 +224,16 @@ Deno.test(
     );
     const variables = trainableVariables(model);
     const parts = swavParts(model, config, options.batch);
-    const run = async (on: boolean) => {
-      configureBlas({ enabled: on });
-      const tape = forwardBackward(parts, crops, variables);
-      const loss = (await tape.loss.data())[0]!;
-      const grads = await Promise.all(
-        variables.map(async (v) => (await tape.grads[v.name]!.data()) as Float32Array),
-      );
-      tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
-      return { loss, grads };
-    };
+    const run = (on: boolean) =>
+      withKernelSettings({ blas: on }, async () => {
+        const tape = forwardBackward(parts, crops, variables);
+        const loss = (await tape.loss.data())[0]!;
+        const grads = await Promise.all(
+          variables.map(async (v) => (await tape.grads[v.name]!.data()) as Float32Array),
+        );
+        tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
+        return { loss, grads };
+      });
     try {
       await assertNoTensorLeak("step", async () => {
         const fast = await run(true);
@@ -254,7 +257,6 @@ Deno.test(
         });
       });
     } finally {
-      configureBlas({ enabled: true });
       tf.dispose(crops);
       disposeModel(model);
     }

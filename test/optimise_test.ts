@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit, Schema } from "effect";
-import { backendFromEnv, initBackend } from "../backend/tensor_backend.ts";
+import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
 import {
   larcOptions,
   LarcSgd,
@@ -41,7 +41,7 @@ const fixture = JSON.parse(await Deno.readTextFile(new URL("./fixtures/core.json
   schedule: ScheduleCase[];
 };
 
-await initBackend(backendFromEnv() ?? "cpu");
+await initBackend(await Effect.runPromise(resolveBackendName(undefined, "cpu")));
 
 /**
  * Norm-wise relative error of the parameters after each step, float32 against

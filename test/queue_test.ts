@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit } from "effect";
-import { backendFromEnv, initBackend } from "../backend/tensor_backend.ts";
+import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
 import { initPrototypes, normalisePrototypes, prototypeScores } from "../models/prototypes.ts";
 import {
   effectiveQueueLength,
@@ -17,7 +17,7 @@ import {
 } from "../state/queue.ts";
 import { assertNoTensorLeak, relativeError, values } from "./_helpers.ts";
 
-await initBackend(backendFromEnv() ?? "cpu");
+await initBackend(await Effect.runPromise(resolveBackendName(undefined, "cpu")));
 
 /** Float32 matrix products against float64 ones on |values| <= 1: relative error well below this. */
 const SCORE_TOLERANCE = 1e-6;

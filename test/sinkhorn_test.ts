@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit } from "effect";
-import { backendFromEnv, initBackend } from "../backend/tensor_backend.ts";
+import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
 import {
   type ComputePath,
   hostBackendActive,
@@ -27,7 +27,7 @@ const fixture = JSON.parse(await Deno.readTextFile(new URL("./fixtures/core.json
   sinkhorn: SinkhornCase[];
 };
 
-await initBackend(backendFromEnv() ?? "cpu");
+await initBackend(await Effect.runPromise(resolveBackendName(undefined, "cpu")));
 
 /**
  * Both implementations, run by every property below: "auto" is the float64 host

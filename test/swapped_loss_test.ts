@@ -2,7 +2,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit } from "effect";
-import { backendFromEnv, initBackend } from "../backend/tensor_backend.ts";
+import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
 import {
   assignmentCodes,
   CropLayoutError,
@@ -31,7 +31,7 @@ const fixture = JSON.parse(await Deno.readTextFile(new URL("./fixtures/core.json
   loss: LossCase[];
 };
 
-await initBackend(backendFromEnv() ?? "cpu");
+await initBackend(await Effect.runPromise(resolveBackendName(undefined, "cpu")));
 
 /**
  * float32 against float64 (the issue asks for well under 1e-4 on the loss).

@@ -5,8 +5,8 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
-import { initBackend } from "../backend/tensor_backend.ts";
-import { blasKernelOptions, planInputGradAxis, wasmKernelOptions } from "../backend/wasm_kernels.ts";
+import { initBackend, withKernelSettings } from "../backend/tensor_backend.ts";
+import { planInputGradAxis } from "../backend/wasm_kernels.ts";
 import { assertNoTensorLeak, relativeError } from "./_helpers.ts";
 
 type Pad = "same" | "valid" | [[number, number], [number, number], [number, number], [number, number]];
@@ -204,35 +204,33 @@ Deno.test("wasm Conv2DBackpropInput matches the cpu backend and the float64 defi
   });
 
   // These cases are about the wasm-only kernels: keep native (BLAS / oneDNN) kernels out of the way.
-  const savedBlas = blasKernelOptions.conv2DBackpropInput;
-  blasKernelOptions.conv2DBackpropInput = false;
-  try {
-    for (const c of cases) {
-      await t.step(describe(c), async () => {
-        const { outH, outW } = geometry(c);
-        const dy = randomArray(c.batch * outH * outW * c.outChannels);
-        const w = randomArray(c.kernel * c.kernel * c.inChannels * c.outChannels);
-        await initBackend("cpu");
-        const cpu = await inputGradient(c, dy, w);
-        await initBackend("wasm");
-        wasmKernelOptions.fastConv2DBackpropInput = true;
-        const wasm = await assertNoTensorLeak("wasm input gradient", () => inputGradient(c, dy, w));
-        const reference = inputGradientReference(c, dy, w);
-        // Tolerance: float32 sums of at most a few hundred terms against float64 / another float32 order.
-        assert.ok(relativeError(wasm, reference) < 1e-5, `wasm vs float64 ${relativeError(wasm, reference)}`);
-        assert.ok(relativeError(wasm, cpu) < 1e-5, `wasm vs cpu ${relativeError(wasm, cpu)}`);
-        // The tfjs-backend-wasm kernel it replaces agrees too (guards the fallback path).
-        wasmKernelOptions.fastConv2DBackpropInput = false;
-        const native = await inputGradient(c, dy, w);
-        assert.ok(
-          relativeError(native, reference) < 1e-5,
-          `native vs float64 ${relativeError(native, reference)}`,
-        );
-      });
-    }
-  } finally {
-    wasmKernelOptions.fastConv2DBackpropInput = true;
-    blasKernelOptions.conv2DBackpropInput = savedBlas;
+  const wasmOnly = { blasConv2DBackpropInput: false };
+  for (const c of cases) {
+    await t.step(describe(c), async () => {
+      const { outH, outW } = geometry(c);
+      const dy = randomArray(c.batch * outH * outW * c.outChannels);
+      const w = randomArray(c.kernel * c.kernel * c.inChannels * c.outChannels);
+      await initBackend("cpu");
+      const cpu = await inputGradient(c, dy, w);
+      await initBackend("wasm");
+      const wasm = await withKernelSettings(
+        wasmOnly,
+        () => assertNoTensorLeak("wasm input gradient", () => inputGradient(c, dy, w)),
+      );
+      const reference = inputGradientReference(c, dy, w);
+      // Tolerance: float32 sums of at most a few hundred terms against float64 / another float32 order.
+      assert.ok(relativeError(wasm, reference) < 1e-5, `wasm vs float64 ${relativeError(wasm, reference)}`);
+      assert.ok(relativeError(wasm, cpu) < 1e-5, `wasm vs cpu ${relativeError(wasm, cpu)}`);
+      // The tfjs-backend-wasm kernel it replaces agrees too (guards the fallback path).
+      const native = await withKernelSettings(
+        { ...wasmOnly, fastConv2DBackpropInput: false },
+        () => inputGradient(c, dy, w),
+      );
+      assert.ok(
+        relativeError(native, reference) < 1e-5,
+        `native vs float64 ${relativeError(native, reference)}`,
+      );
+    });
   }
 });
 

@@ -1,228 +1,45 @@
 /**
- * OpenBLAS through `Deno.dlopen`, for the wasm backend's heavy kernels.
- *
- * tfjs-backend-wasm runs single-threaded under Deno (no SharedArrayBuffer
- * threads), while OpenBLAS's sgemm runs ~90 GFLOP/s per core on its own
- * pthreads. Operands are zero-copy views of the wasm heap: a tensor's bytes
- * live at `dataIdMap.get(dataId).memoryOffset` in the wasm memory, and
- * `Deno.UnsafePointer.of` of a view there is a native pointer OpenBLAS reads
- * and writes directly. The wasm memory can grow (and detach old views) on any
- * allocation, so pointers are taken from the current buffer right before each
- * call, after every output has been allocated.
- *
- * The library is found by its soname through the dynamic loader's cache (the
- * same lookup `ldconfig -p` lists; Debian: libopenblas0-pthread), or at the
- * path in `SWAV_BLAS_LIB`. Absent or disabled (`SWAV_BLAS=0`), `loadBlas`
- * returns undefined and the wasm kernels keep their plain paths.
+ * oneDNN (Debian libdnnl2, v2.x C API) through `Deno.dlopen`: convolutions on
+ * NHWC / HWIO memory and training-mode batch normalisation, for the wasm
+ * backend's native kernels (backend/native_kernels.ts, backend/batch_norm_kernels.ts).
+ * Operands are zero-copy pointers into the wasm heap, as for OpenBLAS
+ * (backend/openblas.ts).
  */
-
-/** CBLAS enums. */
-export const CblasRowMajor = 101;
-export const CblasNoTrans = 111;
-export const CblasTrans = 112;
-
-const symbols = {
-  cblas_sgemm: {
-    parameters: [
-      "i32", // order
-      "i32", // transA
-      "i32", // transB
-      "i32", // M
-      "i32", // N
-      "i32", // K
-      "f32", // alpha
-      "pointer", // A
-      "i32", // lda
-      "pointer", // B
-      "i32", // ldb
-      "f32", // beta
-      "pointer", // C
-      "i32", // ldc
-    ],
-    result: "void",
-  },
-  openblas_set_num_threads: { parameters: ["i32"], result: "void" },
-  openblas_get_num_threads: { parameters: [], result: "i32" },
-} as const;
-
-/** Library names tried in order (sonames resolve through ld.so.cache, as `ldconfig -p` shows them). */
-const candidates = (): string[] => {
-  let env: string | undefined;
-  try {
-    env = Deno.env.get("SWAV_BLAS_LIB");
-  } catch {
-    env = undefined; // no --allow-env
-  }
-  return [
-    ...(env ? [env] : []),
-    "libopenblas.so.0",
-    "libopenblas.so",
-    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/local/lib/libopenblas.so",
-    "libopenblas.dylib",
-    "/opt/homebrew/opt/openblas/lib/libopenblas.dylib",
-  ];
-};
-
-/** A loaded BLAS. */
-export interface Blas {
-  /** The file or soname that loaded. */
-  readonly library: string;
-  readonly threads: number;
-  /**
-   * Row-major C[M, N] = alpha · op(A) · op(B) + beta · C, on raw pointers.
-   * A is [M, K] (or [K, M] when transA), B is [K, N] (or [N, K] when transB).
-   */
-  sgemm(
-    transA: boolean,
-    transB: boolean,
-    m: number,
-    n: number,
-    k: number,
-    alpha: number,
-    a: Deno.PointerValue,
-    lda: number,
-    b: Deno.PointerValue,
-    ldb: number,
-    beta: number,
-    c: Deno.PointerValue,
-    ldc: number,
-  ): void;
-  setThreads(threads: number): void;
-}
-
-interface BlasSettings {
-  threads: number;
-  enabled: boolean;
-}
-
-const settings: BlasSettings = {
-  threads: 0,
-  enabled: true,
-};
-
-let loaded: Blas | undefined;
-let tried = false;
-let failure: string | undefined;
-
-/** The thread count asked for: `SWAV_THREADS`, else the machine's core count. */
-export const defaultThreads = (): number => {
-  let env: string | undefined;
-  try {
-    env = Deno.env.get("SWAV_THREADS");
-  } catch {
-    env = undefined; // no --allow-env
-  }
-  const n = Number(env);
-  if (env !== undefined && env !== "" && Number.isInteger(n) && n >= 1) return n;
-  return Math.max(1, navigator.hardwareConcurrency ?? 1);
-};
-
-/**
- * Sets BLAS use before (or after) the backend starts: `threads` for OpenBLAS's
- * pool (default `SWAV_THREADS` or the core count), `enabled: false` to keep
- * the plain wasm kernels. Takes effect on a loaded library at once.
- */
-export const configureBlas = (options: { threads?: number; enabled?: boolean }): void => {
-  if (options.threads !== undefined) {
-    if (!Number.isInteger(options.threads) || options.threads < 1) {
-      throw new RangeError(`configureBlas: threads must be an integer >= 1, got ${options.threads}`);
-    }
-    settings.threads = options.threads;
-    loaded?.setThreads(options.threads);
-    setOmpThreads?.(options.threads);
-  }
-  if (options.enabled !== undefined) settings.enabled = options.enabled;
-};
-
-/** Whether BLAS kernels should run now (loaded and enabled). */
-export const blasEnabled = (): boolean => settings.enabled && loadBlas() !== undefined;
-
-/**
- * Loads OpenBLAS once; undefined when it is not installed, FFI is not allowed,
- * or `SWAV_BLAS=0`. Never throws.
- */
-export const loadBlas = (): Blas | undefined => {
-  if (tried) return loaded;
-  tried = true;
-  let envOff = false;
-  try {
-    envOff = Deno.env.get("SWAV_BLAS") === "0";
-  } catch {
-    envOff = false;
-  }
-  if (envOff) {
-    failure = "SWAV_BLAS=0";
-    return undefined;
-  }
-  const errors: string[] = [];
-  for (const name of candidates()) {
-    try {
-      const lib = Deno.dlopen(name, symbols);
-      const sgemm = lib.symbols.cblas_sgemm;
-      const blas: Blas = {
-        library: name,
-        get threads() {
-          return lib.symbols.openblas_get_num_threads();
-        },
-        sgemm: (transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) =>
-          sgemm(
-            CblasRowMajor,
-            transA ? CblasTrans : CblasNoTrans,
-            transB ? CblasTrans : CblasNoTrans,
-            m,
-            n,
-            k,
-            alpha,
-            a,
-            lda,
-            b,
-            ldb,
-            beta,
-            c,
-            ldc,
-          ),
-        setThreads: (threads) => lib.symbols.openblas_set_num_threads(threads),
-      };
-      blas.setThreads(settings.threads > 0 ? settings.threads : defaultThreads());
-      loaded = blas;
-      return blas;
-    } catch (error) {
-      errors.push(`${name}: ${error instanceof Error ? error.message.split("\n")[0] : String(error)}`);
-    }
-  }
-  failure = errors.join("; ");
-  return undefined;
-};
-
-/** What is in use, for benchmark headers and logs. */
-export const blasInfo = (): { active: boolean; library?: string; threads?: number; reason?: string } => {
-  const blas = loadBlas();
-  if (blas === undefined) return { active: false, reason: failure ?? "not loaded" };
-  if (!settings.enabled) return { active: false, library: blas.library, reason: "disabled" };
-  return { active: true, library: blas.library, threads: blas.threads };
-};
-
-/** A native pointer to byte `offset` of `buffer` (zero-copy; valid while the buffer is not detached). */
-export const pointerAt = (buffer: ArrayBufferLike, byteOffset: number): Deno.PointerValue =>
-  Deno.UnsafePointer.of(new Uint8Array(buffer as ArrayBuffer, byteOffset));
-
-/** Scratch float32 memory outside the wasm heap, grown on demand and reused between calls. */
-export class Scratch {
-  #data = new Float32Array(0);
-  /** A view of at least `size` floats (contents undefined). */
-  get(size: number): Float32Array {
-    if (this.#data.length < size) {
-      this.#data = new Float32Array(Math.max(size, Math.ceil(this.#data.length * 1.5)));
-    }
-    return this.#data.subarray(0, size);
-  }
-  /** Frees the memory. */
-  release(): void {
-    this.#data = new Float32Array(0);
-  }
-}
+import { activeKernelSettings, activeThreads, type KernelSettings } from "./kernel_settings.ts";
+import { kernelInvariant } from "./invariant.ts";
+import {
+  ARG_DIFF_DST,
+  ARG_DIFF_SCALE,
+  ARG_DIFF_SHIFT,
+  ARG_DIFF_SRC,
+  ARG_DIFF_WEIGHTS,
+  ARG_DST,
+  ARG_FROM,
+  ARG_MEAN,
+  ARG_SCALE,
+  ARG_SHIFT,
+  ARG_SRC,
+  ARG_TO,
+  ARG_VARIANCE,
+  ARG_WEIGHTS,
+  ARG_WORKSPACE,
+  DNNL_BACKWARD,
+  DNNL_CONVOLUTION_DIRECT,
+  DNNL_CPU,
+  DNNL_F32,
+  DNNL_FORMAT_TAG_ANY,
+  DNNL_FORWARD_TRAINING,
+  DNNL_FUSE_NORM_RELU,
+  DNNL_STREAM_DEFAULT,
+  DNNL_USE_SCALE,
+  DNNL_USE_SHIFT,
+  dnnlSymbols,
+  MEMORY_DESC_BYTES,
+  OP_DESC_BYTES,
+  QUERY_DIFF_WEIGHTS_MD,
+  QUERY_EXEC_ARG_MD,
+  QUERY_WEIGHTS_MD,
+} from "./onednn_ffi.ts";
 
 // ---------------------------------------------------------------------------
 // oneDNN (Debian libdnnl2, v2.x C API) convolutions on NHWC / HWIO memory.
@@ -232,121 +49,6 @@ export class Scratch {
 // weights with HWIO strides. A primitive per (direction, geometry) is created
 // once and cached; each call only points its memory objects at the tensors.
 // ---------------------------------------------------------------------------
-
-const dnnlSymbols = {
-  dnnl_engine_create: { parameters: ["pointer", "i32", "usize"], result: "i32" },
-  dnnl_stream_create: { parameters: ["pointer", "pointer", "u32"], result: "i32" },
-  dnnl_memory_desc_init_by_strides: {
-    parameters: ["pointer", "i32", "pointer", "i32", "pointer"],
-    result: "i32",
-  },
-  dnnl_dilated_convolution_forward_desc_init: {
-    parameters: [
-      "pointer",
-      "i32",
-      "i32",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-    ],
-    result: "i32",
-  },
-  dnnl_dilated_convolution_backward_data_desc_init: {
-    parameters: [
-      "pointer",
-      "i32",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-    ],
-    result: "i32",
-  },
-  dnnl_dilated_convolution_backward_weights_desc_init: {
-    parameters: [
-      "pointer",
-      "i32",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-      "pointer",
-    ],
-    result: "i32",
-  },
-  dnnl_primitive_desc_create: {
-    parameters: ["pointer", "pointer", "pointer", "pointer", "pointer"],
-    result: "i32",
-  },
-  dnnl_primitive_create: { parameters: ["pointer", "pointer"], result: "i32" },
-  dnnl_memory_create: { parameters: ["pointer", "pointer", "pointer", "pointer"], result: "i32" },
-  dnnl_memory_set_data_handle: { parameters: ["pointer", "pointer"], result: "i32" },
-  dnnl_primitive_execute: { parameters: ["pointer", "pointer", "i32", "pointer"], result: "i32" },
-  dnnl_stream_wait: { parameters: ["pointer"], result: "i32" },
-  dnnl_batch_normalization_forward_desc_init: {
-    parameters: ["pointer", "i32", "pointer", "f32", "u32"],
-    result: "i32",
-  },
-  dnnl_batch_normalization_backward_desc_init: {
-    parameters: ["pointer", "i32", "pointer", "pointer", "f32", "u32"],
-    result: "i32",
-  },
-  dnnl_memory_desc_init_by_tag: {
-    parameters: ["pointer", "i32", "pointer", "i32", "i32"],
-    result: "i32",
-  },
-  dnnl_primitive_desc_query_md: { parameters: ["pointer", "i32", "i32"], result: "pointer" },
-  dnnl_memory_desc_equal: { parameters: ["pointer", "pointer"], result: "i32" },
-  dnnl_memory_desc_get_size: { parameters: ["pointer"], result: "usize" },
-  dnnl_reorder_primitive_desc_create: {
-    parameters: ["pointer", "pointer", "pointer", "pointer", "pointer", "pointer"],
-    result: "i32",
-  },
-} as const;
-
-/** dnnl enums (stable across v1/v2). */
-const DNNL_CPU = 1;
-const DNNL_STREAM_DEFAULT = 1;
-const DNNL_F32 = 3;
-const DNNL_FORWARD_TRAINING = 64;
-const DNNL_CONVOLUTION_DIRECT = 1;
-const ARG_SRC = 1;
-const ARG_DST = 17;
-const ARG_WEIGHTS = 33;
-const ARG_DIFF_SRC = 129;
-const ARG_DIFF_DST = 145;
-const ARG_DIFF_WEIGHTS = 161;
-const ARG_FROM = 1;
-const ARG_TO = 17;
-const DNNL_FORMAT_TAG_ANY = 1;
-const QUERY_WEIGHTS_MD = 131;
-const QUERY_EXEC_ARG_MD = 255;
-const DNNL_BACKWARD = 128;
-const DNNL_FUSE_NORM_RELU = 0x4;
-const DNNL_USE_SCALE = 0x8;
-const DNNL_USE_SHIFT = 0x10;
-const ARG_MEAN = 49;
-const ARG_VARIANCE = 50;
-const ARG_SCALE = 51;
-const ARG_SHIFT = 52;
-const ARG_WORKSPACE = 64;
-const ARG_DIFF_SCALE = 255;
-const ARG_DIFF_SHIFT = 256;
-const QUERY_DIFF_WEIGHTS_MD = 132;
-/** Generous sizes for the opaque descriptor structs (v2.6: memory desc ~1 KB, op desc a few KB). */
-const MEMORY_DESC_BYTES = 4096;
-const OP_DESC_BYTES = 16384;
 
 /** A convolution's shape in NHWC, as the kernels compute it. */
 export interface DnnlConvShape {
@@ -437,18 +139,13 @@ export interface DnnlBatchNorm {
   backward(shape: BatchNormShape, p: BatchNormBackwardPointers): void;
 }
 
-/**
- * How oneDNN convolutions take their weights: `any` lets oneDNN choose their
- * layout (its direct JIT kernels, the weights reordered on each call), `plain`
- * passes TF.js's HWIO as is (oneDNN then runs im2col + gemm, ~3x slower here).
- * `plain` exists for before/after measurements (bench/step_variants.ts).
- */
-export const dnnlOptions: { weightsLayout: "any" | "plain" } = { weightsLayout: "any" };
-
 let dnnlLoaded: Dnnl | undefined;
 let dnnlTried = false;
 let dnnlFailure: string | undefined;
 let setOmpThreads: ((threads: number) => void) | undefined;
+
+/** Sets OpenMP's thread count once oneDNN is loaded (the backend Layer calls it with the settings' threads). */
+export const setDnnlThreads = (threads: number): void => setOmpThreads?.(threads);
 
 const envFlag = (name: string): string | undefined => {
   try {
@@ -483,12 +180,12 @@ export const loadDnnl = (): Dnnl | undefined => {
         omp_set_num_threads: { parameters: ["i32"], result: "void" },
       });
       setOmpThreads = (threads) => gomp.symbols.omp_set_num_threads(threads);
-      setOmpThreads(settings.threads > 0 ? settings.threads : defaultThreads());
+      setOmpThreads(activeThreads());
     } catch {
       setOmpThreads = undefined; // another threading runtime: OMP_NUM_THREADS / its default
     }
     const ok = (status: number, what: string) => {
-      if (status !== 0) throw new Error(`${what} failed with dnnl status ${status}`);
+      kernelInvariant(status === 0, () => `${what} failed with dnnl status ${status}`);
     };
     const slot = () => new BigUint64Array(1);
     const ptr = (view: ArrayBufferView) => Deno.UnsafePointer.of(view as unknown as BufferSource);
@@ -564,11 +261,16 @@ export const loadDnnl = (): Dnnl | undefined => {
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
 
-    const build = (direction: DnnlDirection, g: DnnlConvShape, key: string): Plan => {
+    const build = (
+      direction: DnnlDirection,
+      g: DnnlConvShape,
+      key: string,
+      weightsLayout: KernelSettings["dnnlWeightsLayout"],
+    ): Plan => {
       const src = memoryDesc([g.n, g.ci, g.h, g.w], [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci]);
       const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
       let anyWts = wts;
-      if (dnnlOptions.weightsLayout === "any") {
+      if (weightsLayout === "any") {
         anyWts = new Uint8Array(MEMORY_DESC_BYTES);
         ok(
           d.dnnl_memory_desc_init_by_tag(
@@ -651,7 +353,7 @@ export const loadDnnl = (): Dnnl | undefined => {
         weightsOut ? QUERY_DIFF_WEIGHTS_MD : QUERY_WEIGHTS_MD,
         0,
       );
-      if (chosen === null) throw new Error("dnnl: no weights memory desc");
+      kernelInvariant(chosen !== null, () => "dnnl: no weights memory desc");
       const x = memory(src);
       const y = memory(dst);
       let w: Deno.PointerValue | undefined;
@@ -699,7 +401,7 @@ export const loadDnnl = (): Dnnl | undefined => {
       const memories = new Map<number, Deno.PointerValue>();
       for (const id of argIds) {
         const md = d.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, id);
-        if (md === null) throw new Error(`dnnl: no memory desc for argument ${id}`);
+        kernelInvariant(md !== null, () => `dnnl: no memory desc for argument ${id}`);
         const s = slot();
         ok(d.dnnl_memory_create(ptr(s), md, engine, null), "dnnl_memory_create");
         memories.set(id, handle(s));
@@ -841,15 +543,16 @@ export const loadDnnl = (): Dnnl | undefined => {
           g.dw,
           g.top,
           g.left,
-          g
-            .bottom,
+          g.bottom,
           g.right,
-        ].join(",");
-        const key = `${direction}:${dnnlOptions.weightsLayout}:${shapeKey}`;
+        ]
+          .join(",");
+        const weightsLayout = activeKernelSettings().dnnlWeightsLayout;
+        const key = `${direction}:${weightsLayout}:${shapeKey}`;
         let plan = plans.get(key);
         if (plan === undefined) {
           try {
-            plan = build(direction, g, `${dnnlOptions.weightsLayout}:${shapeKey}`);
+            plan = build(direction, g, `${weightsLayout}:${shapeKey}`, weightsLayout);
           } catch {
             plan = null; // a shape oneDNN does not take: the caller falls back, every time
           }
@@ -885,6 +588,6 @@ export const loadDnnl = (): Dnnl | undefined => {
 export const dnnlInfo = (): { active: boolean; library?: string; reason?: string } => {
   const dnnl = loadDnnl();
   if (dnnl === undefined) return { active: false, reason: dnnlFailure ?? "not loaded" };
-  if (!settings.enabled) return { active: false, library: dnnl.library, reason: "disabled" };
+  if (!activeKernelSettings().blas) return { active: false, library: dnnl.library, reason: "disabled" };
   return { active: true, library: dnnl.library };
 };

@@ -1,0 +1,128 @@
+/**
+ * The kernel settings: which accelerated kernels run and how, as one value.
+ *
+ * TF.js calls its registered kernels as global functions, with no context of
+ * ours, so the kernels read the settings from one module-private holder. Only
+ * the backend Layer writes it (`TensorBackend.layer(name, settings)` and
+ * `TensorBackend.withSettings(settings)`, on acquisition, restoring the previous
+ * value on release); everything else reads it through `activeKernelSettings()`.
+ * The defaults are what every run uses; the other values exist for benchmarks
+ * (before/after measurements) and for tests that compare kernels.
+ */
+import { Effect, Schema } from "effect";
+
+export interface KernelSettings {
+  /** OpenBLAS and oneDNN kernels on the wasm backend where they load (false: plain wasm kernels only). */
+  readonly blas: boolean;
+  /** Threads of OpenBLAS's and oneDNN's pools; undefined: `SWAV_THREADS`, else the core count. */
+  readonly threads: number | undefined;
+  /** Which OpenBLAS-backed kernels run (each falls back to the wasm kernel when off). */
+  readonly blasConv2D: boolean;
+  readonly blasConv2DBackpropFilter: boolean;
+  readonly blasConv2DBackpropInput: boolean;
+  readonly blasBatchMatMul: boolean;
+  /** Convolutions through oneDNN (libdnnl2) first, where it loads; im2col + OpenBLAS otherwise. */
+  readonly dnnl: boolean;
+  /**
+   * How oneDNN convolutions take their weights: `any` lets oneDNN choose their
+   * layout (its direct JIT kernels, the weights reordered on each call), `plain`
+   * passes TF.js's HWIO as is (oneDNN then runs im2col + gemm, ~3x slower here).
+   */
+  readonly dnnlWeightsLayout: "any" | "plain";
+  /** Training-mode batch norm (+ ReLU) through oneDNN where it loads; wasm tensor ops otherwise. */
+  readonly nativeBatchNorm: boolean;
+  /**
+   * Conv2D and Conv2DBackpropInput use BLAS only where the column width
+   * KH·KW·Ci is at least this (1x1 stride-1 convolutions, which need no column
+   * buffer, always do): for thin inputs the JS im2col/col2im copies cost more
+   * than XNNPACK's whole convolution. The filter gradient always gains.
+   */
+  readonly minColumns: number;
+  /** Floats of im2col buffer per chunk. */
+  readonly chunkFloats: number;
+  /** false: tfjs-backend-wasm's own (naive loop) Conv2DBackpropInput instead of the polyphase one. */
+  readonly fastConv2DBackpropInput: boolean;
+  /** The training step's backward frees memory as it walks (`leanVariableGrads`) instead of `tf.variableGrads`. */
+  readonly leanBackward: boolean;
+}
+
+/** What every run uses. */
+export const defaultKernelSettings: KernelSettings = {
+  blas: true,
+  threads: undefined,
+  blasConv2D: true,
+  blasConv2DBackpropFilter: true,
+  blasConv2DBackpropInput: true,
+  blasBatchMatMul: true,
+  dnnl: true,
+  dnnlWeightsLayout: "any",
+  nativeBatchNorm: true,
+  minColumns: 256,
+  chunkFloats: 1 << 22,
+  fastConv2DBackpropInput: true,
+  leanBackward: true,
+};
+
+/** A kernel setting out of its range. */
+export class KernelSettingsInvalid
+  extends Schema.TaggedError<KernelSettingsInvalid>()("KernelSettingsInvalid", {
+    setting: Schema.String,
+    reason: Schema.String,
+  }) {
+  override get message(): string {
+    return `kernel setting '${this.setting}' is invalid: ${this.reason}`;
+  }
+}
+
+/** `overrides` on top of `base` (the defaults unless given), checked. */
+export const makeKernelSettings = (
+  overrides: Partial<KernelSettings> = {},
+  base: KernelSettings = defaultKernelSettings,
+): Effect.Effect<KernelSettings, KernelSettingsInvalid> => {
+  const settings: KernelSettings = { ...base, ...overrides };
+  const integer = (setting: keyof KernelSettings, value: number | undefined, least: number) =>
+    value === undefined || (Number.isInteger(value) && value >= least)
+      ? undefined
+      : new KernelSettingsInvalid({ setting, reason: `must be an integer >= ${least}, got ${value}` });
+  const invalid = integer("threads", settings.threads, 1) ??
+    integer("minColumns", settings.minColumns, 0) ??
+    integer("chunkFloats", settings.chunkFloats, 1) ??
+    (settings.dnnlWeightsLayout === "any" || settings.dnnlWeightsLayout === "plain"
+      ? undefined
+      : new KernelSettingsInvalid({
+        setting: "dnnlWeightsLayout",
+        reason: `must be 'any' or 'plain', got ${settings.dnnlWeightsLayout}`,
+      }));
+  return invalid === undefined ? Effect.succeed(settings) : Effect.fail(invalid);
+};
+
+let active: KernelSettings = defaultKernelSettings;
+
+/** The settings the kernels run with now (the defaults unless a backend Layer installed others). */
+export const activeKernelSettings = (): KernelSettings => active;
+
+/**
+ * Makes `settings` the active ones and returns the ones they replace. Called
+ * only by the backend Layer's acquisition and release (backend/tensor_backend.ts).
+ */
+export const installKernelSettings = (settings: KernelSettings): KernelSettings => {
+  const previous = active;
+  active = settings;
+  return previous;
+};
+
+/** The thread count asked for: `SWAV_THREADS`, else the machine's core count. */
+export const defaultThreads = (): number => {
+  let env: string | undefined;
+  try {
+    env = Deno.env.get("SWAV_THREADS");
+  } catch {
+    env = undefined; // no --allow-env
+  }
+  const n = Number(env);
+  if (env !== undefined && env !== "" && Number.isInteger(n) && n >= 1) return n;
+  return Math.max(1, navigator.hardwareConcurrency ?? 1);
+};
+
+/** The threads the native pools run with under the active settings. */
+export const activeThreads = (): number => active.threads ?? defaultThreads();
