@@ -13,7 +13,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { configureBlas } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
+import { swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
 const stepsAt = Deno.args.indexOf("--steps");
@@ -28,7 +28,7 @@ const gc = (globalThis as { gc?: () => void }).gc;
 if (collect && gc === undefined) throw new Error("--gc needs --v8-flags=--expose-gc");
 
 const fixture = makeFixture(o);
-const parts = swavParts(fixture.model, fixture.config, o.batch);
+const parts = swavTape(fixture.model, fixture.config, o.batch);
 const wasmHeapBytes = () =>
   (tf.backend() as unknown as { wasm: { HEAPF32: Float32Array } }).wasm.HEAPF32.buffer.byteLength;
 const mb = (bytes: number) => (bytes / 1e6).toFixed(0).padStart(5);

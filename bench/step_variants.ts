@@ -18,8 +18,7 @@ import * as tf from "@tensorflow/tfjs";
 import { configureBlas, dnnlOptions } from "../backend/blas.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import { blasKernelOptions } from "../backend/wasm_kernels.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { trainStepOptions } from "../pipelines/train_step.ts";
+import { swavTape, trainStepOptions } from "../pipelines/swav_step.ts";
 import { LarcSgd } from "../stages/optimise.ts";
 import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
@@ -66,7 +65,7 @@ configureBlas({ threads: o.threads, enabled: o.blas });
 await initBackend("wasm");
 
 const fixture = makeFixture(o);
-const parts = swavParts(fixture.model, fixture.config, o.batch);
+const parts = swavTape(fixture.model, fixture.config, o.batch);
 // One optimiser per variant (its own momentum slots), fused or not.
 const optimisers = new Map(
   variants.map((v) => [v.name, new LarcSgd(fixture.optimiser.options, v.fusedLarc)]),

@@ -10,8 +10,7 @@ import assert from "node:assert/strict";
 import { blasInfo, configureBlas, dnnlInfo, loadBlas } from "../backend/blas.ts";
 import { blasKernelOptions, im2col } from "../backend/wasm_kernels.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { forwardBackward } from "../pipelines/train_step.ts";
+import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
@@ -220,7 +219,7 @@ Deno.test(
       tf.randomNormal([n * options.batch, s, s, 3], 0, 1, "float32", 20 + i) as tf.Tensor4D
     );
     const variables = trainableVariables(model);
-    const parts = swavParts(model, config, options.batch);
+    const parts = swavTape(model, config, options.batch);
     const run = async (on: boolean) => {
       configureBlas({ enabled: on });
       const tape = forwardBackward(parts, crops, variables);
