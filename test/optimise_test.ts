@@ -416,3 +416,24 @@ Deno.test("LarcSgd on the wasm backend: the fused one-pass update", async (t) =>
     await tf.setBackend(previous);
   }
 });
+
+Deno.test("LarcSgd with `using` frees its momentum slots at the end of the block", async () => {
+  await assertNoTensorLeak("using", () => {
+    const initial = tf.ones([3]);
+    const variable = tf.variable(initial);
+    initial.dispose();
+    {
+      using optimiser = new LarcSgd({
+        momentum: 0.9,
+        weightDecay: 0,
+        trustCoefficient: 0.001,
+        eps: 1e-8,
+        clip: false,
+      });
+      tf.tidy(() => optimiser.step({ w: variable }, { w: tf.onesLike(variable) }, 0.1));
+      assert.deepEqual(optimiser.slotNames, ["w"]);
+    }
+    variable.dispose();
+    return Promise.resolve();
+  });
+});
