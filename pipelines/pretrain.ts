@@ -128,6 +128,59 @@ const openKnnSources = (config: RunConfig, labelled: boolean) =>
     return { train, test };
   });
 
+/** The training source and its loader: decode -> multicrop in a Worker pool, batched (the scope stops it). */
+const openTrainingData = (config: RunConfig) =>
+  Effect.gen(function* () {
+    const { batchSize, seed } = config.train;
+    const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
+    if (source.length < batchSize) {
+      return yield* new DatasetTooSmall({
+        message:
+          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
+      });
+    }
+    const loader = yield* makeLoader({
+      source,
+      prepare: multicropPrepare(config.multicrop),
+      seed,
+      batchSize,
+      dropLast: true,
+      workers: config.data.workers,
+      bufferBatches: config.data.prefetch,
+      onError: config.data.onError,
+    });
+    return { source, loader };
+  });
+
+/** The embedding queue, created at swav.queueStartEpoch (or on resume); the run's scope disposes it. */
+const queueKeeper = (config: RunConfig, hooks: PretrainHooks) => {
+  let queue: EmbeddingQueue | undefined;
+  const { swav } = config;
+  return {
+    current: () => queue,
+    ensure: (epoch: number) =>
+      Effect.gen(function* () {
+        if (queue === undefined && queueActiveAt(epoch, swav)) {
+          queue = yield* makeQueue({
+            length: swav.queueLength,
+            batchSize: config.train.batchSize,
+            dim: config.model.out,
+            cropsForAssign: swav.cropsForAssign,
+          });
+          hooks.onInfo?.(
+            `epoch ${epoch + 1}: queue of ${queue.length} embeddings per assignment crop created`,
+          );
+        }
+        return queue;
+      }),
+  };
+};
+
+const skippedWarning = (skipped: { count: number; examples: readonly { path: string; reason: string }[] }) =>
+  `${skipped.count} unreadable samples were skipped, e.g. ${
+    skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
+  }`;
+
 /** Named trainable variables of a model, keyed by parameter name. */
 const trainableByName = (model: SwavModel): Record<string, tf.Variable> =>
   Object.fromEntries(model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]));
@@ -189,74 +242,44 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const { out: runFolder, batchSize } = trainConfig;
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
-    const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
-    if (source.length < batchSize) {
-      return yield* new DatasetTooSmall({
-        message:
-          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
-      });
-    }
-    const loader = yield* makeLoader({
-      source,
-      prepare: multicropPrepare(config.multicrop),
-      seed: trainConfig.seed,
-      batchSize,
-      dropLast: true,
-      workers: config.data.workers,
-      bufferBatches: config.data.prefetch,
-      onError: config.data.onError,
-    });
+    const { source, loader } = yield* openTrainingData(config);
     const stepsPerEpoch = loader.batchesPerEpoch;
 
     // State owned by this scope: model, optimiser, and the queue (created at queueStartEpoch or on resume).
     yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
     const model = yield* scopedModel(config.model, trainConfig.seed);
     const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
-    let queue: EmbeddingQueue | undefined;
-    const ensureQueue = (epoch: number) =>
-      Effect.gen(function* () {
-        if (queue === undefined && queueActiveAt(epoch, swav)) {
-          queue = yield* makeQueue({
-            length: swav.queueLength,
-            batchSize,
-            dim: config.model.out,
-            cropsForAssign: swav.cropsForAssign,
-          });
-          hooks.onInfo?.(
-            `epoch ${epoch + 1}: queue of ${queue.length} embeddings per assignment crop created`,
-          );
-        }
-        return queue;
-      });
-    const state = { model, variables: trainableByName(model), optimiser, queue: () => queue };
+    const queues = queueKeeper(config, hooks);
+    const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
     const trainStep = yield* swavTrainStep(config, state, { batchSize, itersPerEpoch: stepsPerEpoch }, {
       ...swavStages,
       ...options.stages,
     });
-    const run = () => ({ model, optimiser, queue, config, seed: trainConfig.seed, backend: backend.name });
+    const { seed, keepCheckpoints } = trainConfig;
     const save = (position: RunPosition) =>
-      saveCheckpoint(runFolder, trainConfig.keepCheckpoints, position, run());
+      saveCheckpoint(runFolder, keepCheckpoints, position, {
+        ...state,
+        queue: queues.current(),
+        config,
+        seed,
+        backend: backend.name,
+      });
 
     // Where we start: fresh, or from the latest checkpoint.
-    let start: RunPosition = { step: 0, epoch: 0, batchInEpoch: 0 };
-    if (options.resume) {
-      const latest = yield* latestCheckpoint(runFolder);
-      if (latest === undefined) {
-        hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
-      } else {
-        start = yield* restoreRun(latest, {
-          model,
-          optimiser,
-          queueStartEpoch: swav.queueStartEpoch,
-          queueFor: ensureQueue,
-        });
-        hooks.onInfo?.(
-          `resumed from ${latest} at step ${start.step} (epoch ${
-            start.epoch + 1
-          }, batch ${start.batchInEpoch})`,
-        );
-      }
+    const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
+    if (options.resume && latest === undefined) {
+      hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
     }
+    const start: RunPosition = latest === undefined
+      ? { step: 0, epoch: 0, batchInEpoch: 0 }
+      : yield* restoreRun(latest, {
+        model,
+        optimiser,
+        queueStartEpoch: swav.queueStartEpoch,
+        queueFor: queues.ensure,
+      });
+    const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
+    if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
 
     const writeMetrics = yield* openRunFolder(config);
     const knnSources = yield* openKnnSources(config, source.classes !== undefined);
@@ -274,7 +297,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
 
     for (let epoch = start.epoch; epoch < trainConfig.epochs; epoch++) {
       if ((yield* Ref.get(progress)).stopped) break;
-      yield* ensureQueue(epoch);
+      yield* queues.ensure(epoch);
       const epochStart = performance.now();
       const skip = epoch === start.epoch ? start.batchInEpoch : 0;
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
@@ -344,13 +367,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       hooks.onEpoch?.(report);
     }
     const skipped = yield* loader.skipped;
-    if (skipped.count > 0) {
-      hooks.onWarning?.(
-        `${skipped.count} unreadable samples were skipped, e.g. ${
-          skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
-        }`,
-      );
-    }
+    if (skipped.count > 0) hooks.onWarning?.(skippedWarning(skipped));
     const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
     return {
       steps: step,
