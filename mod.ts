@@ -23,7 +23,18 @@ export {
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
 
 // The stage abstraction
-export { andThen, ConfigError, configure, defineStage, type Stage } from "./stages/stage.ts";
+export {
+  andThen,
+  ConfigError,
+  configure,
+  defineStage,
+  defineTensorStage,
+  type Stage,
+  type TensorStage,
+  tensorStage,
+} from "./stages/stage.ts";
+export { detached, onOneTape, onTape, type TapeOutputs, type VariableGrads } from "./stages/tape.ts";
+export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
 
 // Stage: decode
 export { DecodeError, decodeImage, decodeStage, type RgbImage } from "./stages/decode.ts";
@@ -56,11 +67,18 @@ export { backboneForward } from "./models/resnet.ts";
 export { normalisePrototypes } from "./models/prototypes.ts";
 
 // Stage: sinkhorn
-export { SinkhornConfig, sinkhornKnopp, sinkhornStage, withoutGradient } from "./stages/sinkhorn.ts";
+export {
+  SinkhornConfig,
+  type SinkhornInput,
+  sinkhornKnopp,
+  sinkhornStage,
+  withoutGradient,
+} from "./stages/sinkhorn.ts";
 
 // Stage: swappedLoss (and the composed one-call form)
 export {
   assignmentCodes,
+  SwappedLossConfig,
   swappedLossFromCodes,
   swappedLossStage,
   swappedPredictionLoss,
@@ -87,21 +105,17 @@ export {
 
 // Pipelines
 export { decodeRunConfig, loadRunConfig, RunConfig, type RunConfigInput } from "./config/config.ts";
-export { forwardBackward, type TrainStepParts } from "./pipelines/train_step.ts";
-export { pretrain, type PretrainOptions, swavParts } from "./pipelines/pretrain.ts";
+export { pretrain, type PretrainOptions } from "./pipelines/pretrain.ts";
 export {
-  codeStatisticsStage,
-  collateStage,
-  finiteLossStage,
+  forwardBackward,
   NonFiniteLoss,
-  optimiseStepStage,
-  swappedPredictionStage,
+  type SwavStages,
+  swavStages,
+  swavTape,
   swavTrainStep,
-  TrainingState,
-  updateQueueStage,
 } from "./pipelines/swav_step.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
-export { knnClassify } from "./pipelines/knn.ts";
+export { knnClassify, knnTop1 } from "./pipelines/knn.ts";
 export {
   evaluate,
   type Evaluation,

@@ -38,8 +38,7 @@ import { rngFor } from "../data/rng.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { forwardBackward } from "../pipelines/train_step.ts";
+import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { decodeImagePromise } from "../stages/decode.ts";
 import { collateCrops, MulticropConfig, multicropSample } from "../stages/multicrop.ts";
 import { LarcSgd } from "../stages/optimise.ts";
@@ -255,7 +254,7 @@ export const makeFixture = (o: BenchOptions, options: { fused?: boolean } = {}):
  */
 export const trainStep = async (
   fixture: Fixture,
-  parts: ReturnType<typeof swavParts>,
+  parts: ReturnType<typeof swavTape>,
   optimiser: LarcSgd = fixture.optimiser,
 ): Promise<void> => {
   const { model, crops, variables } = fixture;
@@ -311,7 +310,7 @@ export const runBench = async (
   const needsModel = o.stages.some((s) => s !== "decode" && s !== "multicrop");
   const fixture = needsModel ? makeFixture(o) : undefined;
   const config = fixture?.config ?? benchRunConfig(o);
-  const parts = fixture === undefined ? undefined : swavParts(fixture.model, config, o.batch);
+  const parts = fixture === undefined ? undefined : swavTape(fixture.model, config, o.batch);
   const layout = {
     batchSize: o.batch,
     nmbCrops: config.multicrop.nmbCrops,
@@ -357,7 +356,7 @@ export const runBench = async (
       if (wants("encode_backward")) {
         const upstream = tf.randomNormal(scores.shape, 0, 1 / scores.size, "float32", 11);
         const both = await timeMedian(o.reps, async () => {
-          // The training step's backward (pipelines/train_step.ts).
+          // The training step's backward (pipelines/swav_step.ts).
           const { value, grads } = leanVariableGrads(
             () => tf.sum(tf.mul(modelForward(model, crops, { training: true }).scores, upstream)),
             variableList,

@@ -14,7 +14,7 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, ManagedRuntime } from "effect";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import { heapBuffer, type WasmBackendLike } from "../backend/wasm_heap.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
+import { swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
 const stepsAt = Deno.args.indexOf("--steps");
@@ -31,7 +31,7 @@ const gc = (globalThis as { gc?: () => void }).gc;
 if (collect && gc === undefined) throw new Error("--gc needs --v8-flags=--expose-gc");
 
 const fixture = makeFixture(o);
-const parts = swavParts(fixture.model, fixture.config, o.batch);
+const parts = swavTape(fixture.model, fixture.config, o.batch);
 const wasmHeapBytes = () => heapBuffer(tf.backend() as unknown as WasmBackendLike).byteLength;
 const mb = (bytes: number) => (bytes / 1e6).toFixed(0).padStart(5);
 

@@ -17,8 +17,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, ManagedRuntime } from "effect";
 import { TensorBackend, withKernelSettings } from "../backend/tensor_backend.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { trainStepOptions } from "../pipelines/train_step.ts";
+import { swavTape } from "../pipelines/swav_step.ts";
 import { LarcSgd } from "../stages/optimise.ts";
 import { makeFixture, parseBenchArgs, trainStep } from "./bench.ts";
 
@@ -67,16 +66,12 @@ const runtime = ManagedRuntime.make(TensorBackend.layer("wasm", runSettings));
 await runtime.runPromise(Effect.service(TensorBackend));
 
 const fixture = makeFixture(o);
-const parts = swavParts(fixture.model, fixture.config, o.batch);
+const parts = swavTape(fixture.model, fixture.config, o.batch);
 // One optimiser per variant (its own momentum slots), fused or not.
 const optimisers = new Map(
   variants.map((v) => [v.name, new LarcSgd(fixture.optimiser.options, v.fusedLarc)]),
 );
 
-const use = (v: Variant) => {
-  // The train step still reads its own switch until it reads the kernel settings' leanBackward.
-  trainStepOptions.leanBackward = v.leanBackward;
-};
 const step = (v: Variant) =>
   withKernelSettings(
     {
@@ -91,13 +86,11 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 const times = new Map<string, number[]>(variants.map((v) => [v.name, []]));
 const peaks = new Map<string, number>();
 for (const v of variants) {
-  use(v);
   await step(v); // warm-up: oneDNN primitives, V8 tiers
   peaks.set(v.name, (await tf.profile(() => step(v))).peakBytes);
 }
 for (let r = 0; r < rounds; r++) {
   for (const v of variants) {
-    use(v);
     const t: number[] = [];
     for (let i = 0; i < reps; i++) {
       const t0 = performance.now();
@@ -107,7 +100,6 @@ for (let r = 0; r < rounds; r++) {
     times.get(v.name)!.push(median(t));
   }
 }
-use(current);
 console.log(
   `threads ${o.threads}, ${rounds} rounds x ${reps} steps; load ${Deno.loadavg().map((x) => x.toFixed(1))}`,
 );

@@ -9,12 +9,10 @@ import { Effect, Schema } from "effect";
 import { BackendName } from "../backend/tensor_backend.ts";
 import { ModelConfig } from "../models/model.ts";
 import { MulticropConfig } from "../stages/multicrop.ts";
-import { withDefault } from "../models/schema.ts";
-
-const PositiveInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(1));
-const NonNegativeInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0));
-const Positive = Schema.Finite.check(Schema.isGreaterThan(0));
-const NonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
+import { NonNegativeInt, Positive, PositiveInt, withDefault } from "../models/schema.ts";
+import { freezeFields, larcFields, scheduleFields } from "../stages/optimise.ts";
+import { sinkhornFields } from "../stages/sinkhorn.ts";
+import { swappedLossFields } from "../stages/swapped_loss.ts";
 
 /** Where the images come from. */
 export const DataConfig = Schema.Struct({
@@ -32,37 +30,26 @@ export const DataConfig = Schema.Struct({
   prefetch: withDefault(PositiveInt, 2),
 });
 
-/** The SwAV objective. */
+/**
+ * The SwAV objective: the swappedLoss and sinkhorn stages' settings, the queue's,
+ * and the optimise stage's prototype freezing (one schema per setting, defined
+ * where it is used).
+ */
 export const SwavConfig = Schema.Struct({
-  /** Softmax temperature of the swapped prediction. */
-  temperature: withDefault(Positive, 0.1),
-  /** Sinkhorn-Knopp entropic regularisation. */
-  epsilon: withDefault(Positive, 0.05),
-  /** Sinkhorn-Knopp iterations. */
-  sinkhornIterations: withDefault(PositiveInt, 3),
-  /** Crops whose codes are predicted (the two full-resolution crops). */
-  cropsForAssign: withDefault(Schema.Array(NonNegativeInt), [0, 1]),
+  temperature: swappedLossFields.temperature,
+  ...sinkhornFields,
+  cropsForAssign: swappedLossFields.cropsForAssign,
   /** Queue rows per assignment crop (rounded down to a multiple of the batch); 0 = no queue. */
   queueLength: withDefault(NonNegativeInt, 0),
   /** Epoch at which the queue is created (the reference's epoch_queue_starts). */
   queueStartEpoch: withDefault(NonNegativeInt, 15),
-  /** Iterations during which the prototypes are frozen. */
-  freezePrototypesIters: withDefault(NonNegativeInt, 313),
+  ...freezeFields,
 });
-
 export type SwavConfig = typeof SwavConfig.Type;
 
-/** LARC-wrapped SGD with a warm-up and cosine schedule. */
-export const OptimConfig = Schema.Struct({
-  baseLr: withDefault(Positive, 0.6),
-  finalLr: withDefault(NonNegative, 0.0006),
-  startWarmup: withDefault(NonNegative, 0),
-  warmupEpochs: withDefault(NonNegative, 0),
-  momentum: withDefault(Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 })), 0.9),
-  weightDecay: withDefault(NonNegative, 1e-6),
-  /** LARC trust coefficient. */
-  trust: withDefault(Positive, 0.001),
-});
+/** The optimise stage's schedule and LARC-SGD settings. */
+export const OptimConfig = Schema.Struct({ ...scheduleFields, ...larcFields });
+export type OptimConfig = typeof OptimConfig.Type;
 
 /** The run: length, seed, outputs. */
 export const TrainConfig = Schema.Struct({

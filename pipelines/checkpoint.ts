@@ -16,7 +16,16 @@
  * Tensor names: model variables by their model name (`backbone.layer1.0.conv1.weight`, ...),
  * optimiser slots as `optimiser/<variable name>`, queue as `queue/<crop index>`.
  */
+import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema } from "effect";
+import type { SwavModel } from "../models/model.ts";
+import type { LarcSgd } from "../stages/optimise.ts";
+import {
+  type EmbeddingQueue,
+  type QueueError,
+  restore as restoreQueue,
+  serialise as serialiseQueue,
+} from "../state/queue.ts";
 
 export const checkpointFormatVersion = 1;
 const magic = new TextEncoder().encode("SWAVCKPT");
@@ -104,6 +113,7 @@ export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
 /** Parses checkpoint bytes; `path` only names the file in errors. */
 export const decodeCheckpoint = (bytes: Uint8Array, path: string): Checkpoint => {
   const fail = (reason: string): never => {
+    // A synchronous decoder (also used outside Effect); readCheckpoint turns this into its error channel.
     throw new CheckpointError({ path, reason });
   };
   if (bytes.length < 16 || magic.some((b, i) => bytes[i] !== b)) fail("not a swav-ts checkpoint (bad magic)");
@@ -237,20 +247,184 @@ export const resolveCheckpointPath = (path: string): Effect.Effect<string, Check
   });
 
 /** Removes all but the newest `keep` checkpoints of a folder (old ones only cost disk), and stale temp files. */
-export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<void> =>
-  Effect.promise(async () => {
-    const names: string[] = [];
-    for await (const entry of Deno.readDir(folder)) {
-      if (entry.isFile && /^checkpoint-\d+\.swav$/.test(entry.name)) names.push(entry.name);
+export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<void, CheckpointError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const names: string[] = [];
+      for await (const entry of Deno.readDir(folder)) {
+        if (entry.isFile && /^checkpoint-\d+\.swav$/.test(entry.name)) names.push(entry.name);
+      }
+      names.sort();
+      for (const name of names.slice(0, Math.max(0, names.length - keep))) {
+        await Deno.remove(`${folder}/${name}`).catch(() => undefined);
+      }
+      // Temp files of a write killed by a crash (not by Ctrl-C, which waits for the write) are garbage.
+      for await (const entry of Deno.readDir(folder)) {
+        if (entry.isFile && /^checkpoint-\d+\.swav\.[0-9a-f-]+\.tmp$/.test(entry.name)) {
+          await Deno.remove(`${folder}/${entry.name}`).catch(() => undefined);
+        }
+      }
+    },
+    catch: (error) =>
+      new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+  });
+
+/** A checkpoint whose arrays do not fit the model or the run (another architecture, a missing queue). */
+export class CheckpointMismatch extends Schema.TaggedError<CheckpointMismatch>()("CheckpointMismatch", {
+  path: Schema.String,
+  message: Schema.String,
+}) {}
+
+/** Copies the model's variables into checkpoint arrays. */
+export const modelArrays = async (
+  model: SwavModel,
+): Promise<{ name: string; shape: number[]; values: Float32Array }[]> => {
+  const out = [];
+  for (const p of model.params) {
+    out.push({
+      name: p.name,
+      shape: [...p.variable.shape],
+      values: (await p.variable.data()) as Float32Array,
+    });
+  }
+  return out;
+};
+
+/** Loads checkpoint arrays into the model's variables (every parameter must be present, with its shape). */
+export const loadModelArrays = (
+  model: SwavModel,
+  checkpoint: Checkpoint,
+  path: string,
+): Effect.Effect<void, CheckpointMismatch> =>
+  Effect.suspend(() => {
+    const byName = new Map(checkpoint.arrays.map((a) => [a.name, a]));
+    for (const p of model.params) {
+      const array = byName.get(p.name);
+      const problem = array === undefined
+        ? `checkpoint ${path} lacks parameter ${p.name}: another architecture?`
+        : array.shape.join("x") !== p.variable.shape.join("x")
+        ? `checkpoint ${path}: ${p.name} has shape [${array.shape}], the model [${p.variable.shape}]: another architecture?`
+        : undefined;
+      if (problem !== undefined) return Effect.fail(new CheckpointMismatch({ path, message: problem }));
     }
-    names.sort();
-    for (const name of names.slice(0, Math.max(0, names.length - keep))) {
-      await Deno.remove(`${folder}/${name}`).catch(() => undefined);
+    for (const p of model.params) {
+      const array = byName.get(p.name)!;
+      tf.tidy(() => p.variable.assign(tf.tensor(array.values, p.variable.shape, "float32")));
     }
-    // Temp files of a write killed by a crash (not by Ctrl-C, which waits for the write) are garbage.
-    for await (const entry of Deno.readDir(folder)) {
-      if (entry.isFile && /^checkpoint-\d+\.swav\.[0-9a-f-]+\.tmp$/.test(entry.name)) {
-        await Deno.remove(`${folder}/${entry.name}`).catch(() => undefined);
+    return Effect.void;
+  });
+
+/** Where a run stands: steps taken, the epoch to continue with and the batches of it already done. */
+export interface RunPosition {
+  readonly step: number;
+  readonly epoch: number;
+  readonly batchInEpoch: number;
+}
+
+/** The queue's settings as a checkpoint's `extra.queue` holds them. */
+type SavedQueue = {
+  length: number;
+  batchSize: number;
+  dim: number;
+  cropsForAssign: number[];
+  filled: number;
+};
+
+/** What a run checkpoints: its state with an owner, and what `extra` records. */
+export interface RunState {
+  readonly model: SwavModel;
+  readonly optimiser: LarcSgd;
+  readonly queue: EmbeddingQueue | undefined;
+  readonly config: unknown;
+  readonly seed: number;
+  readonly backend: string;
+}
+
+/** A checkpoint of the run at `position`: weights, optimiser slots, queue, counters. */
+export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect.Effect<Checkpoint> =>
+  Effect.gen(function* () {
+    const slots = yield* Effect.promise(() => run.optimiser.serialise());
+    const savedQueue = run.queue === undefined ? undefined : yield* serialiseQueue(run.queue);
+    const arrays = [
+      ...(yield* Effect.promise(() => modelArrays(run.model))),
+      ...Object.entries(slots).map(([name, slot]) => ({
+        name: `optimiser/${name}`,
+        shape: [...slot.shape],
+        values: slot.values,
+      })),
+      ...(savedQueue?.embeddings ?? []).map((values, i) => ({
+        name: `queue/${i}`,
+        shape: [savedQueue!.length, savedQueue!.dim],
+        values,
+      })),
+    ];
+    return {
+      step: position.step,
+      epoch: position.epoch,
+      batchInEpoch: position.batchInEpoch,
+      config: run.config,
+      extra: {
+        seed: run.seed,
+        backend: run.backend,
+        ...(savedQueue === undefined ? {} : {
+          queue: {
+            length: savedQueue.length,
+            batchSize: savedQueue.batchSize,
+            dim: savedQueue.dim,
+            cropsForAssign: savedQueue.cropsForAssign,
+            filled: savedQueue.filled,
+          },
+        }),
+      },
+      arrays,
+    };
+  });
+
+/** Writes the run's checkpoint at `position` atomically, then prunes old ones; the file's path. */
+export const saveCheckpoint = (folder: string, keep: number, position: RunPosition, run: RunState) =>
+  Effect.gen(function* () {
+    const path = yield* writeCheckpoint(folder, yield* assembleCheckpoint(position, run));
+    yield* pruneCheckpoints(folder, keep);
+    return path;
+  });
+
+/**
+ * Restores weights, optimiser slots and queue from the checkpoint at `path`;
+ * `queueFor(epoch)` creates the queue for the epoch the run continues with.
+ * The position to continue from.
+ */
+export const restoreRun = <E, R>(
+  path: string,
+  run: {
+    readonly model: SwavModel;
+    readonly optimiser: LarcSgd;
+    readonly queueStartEpoch: number;
+    readonly queueFor: (epoch: number) => Effect.Effect<EmbeddingQueue | undefined, E, R>;
+  },
+): Effect.Effect<RunPosition, CheckpointError | CheckpointMismatch | QueueError | E, R> =>
+  Effect.gen(function* () {
+    const checkpoint = yield* readCheckpoint(path);
+    yield* loadModelArrays(run.model, checkpoint, path);
+    run.optimiser.restore(Object.fromEntries(
+      checkpoint.arrays.filter((a) => a.name.startsWith("optimiser/")).map((a) => [
+        a.name.slice("optimiser/".length),
+        { shape: a.shape, values: a.values as Float32Array },
+      ]),
+    ));
+    const savedQueue = checkpoint.extra["queue"] as SavedQueue | undefined;
+    if (savedQueue !== undefined) {
+      const queue = yield* run.queueFor(Math.max(checkpoint.epoch, run.queueStartEpoch));
+      if (queue !== undefined) {
+        const embeddings: Float32Array[] = [];
+        for (let i = 0; i < savedQueue.cropsForAssign.length; i++) {
+          const array = checkpoint.arrays.find((a) => a.name === `queue/${i}`);
+          if (array === undefined) {
+            return yield* new CheckpointMismatch({ path, message: `checkpoint ${path} lacks queue/${i}` });
+          }
+          embeddings.push(array.values as Float32Array);
+        }
+        yield* restoreQueue(queue, { ...savedQueue, embeddings });
       }
     }
+    return { step: checkpoint.step, epoch: checkpoint.epoch, batchInEpoch: checkpoint.batchInEpoch };
   });

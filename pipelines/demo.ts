@@ -3,13 +3,12 @@
  * set, then compare kNN accuracy of its features with the same network at its
  * random initialisation, on the same data. Needs no download.
  */
-import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
 import { type BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
 import { openSource } from "../data/sources.ts";
-import { extractFeatures } from "./extract.ts";
-import { knnClassify } from "./knn.ts";
+import { loadModelArrays, readCheckpoint } from "./checkpoint.ts";
+import { knnTop1 } from "./knn.ts";
 import { pretrain, type PretrainHooks, scopedModel } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -63,26 +62,12 @@ export interface DemoOptions {
   readonly hooks?: PretrainHooks;
 }
 
+/** kNN top-1 of `model` on the demo's labelled splits. */
 const knnOf = (model: SwavModel, config: RunConfig) =>
   Effect.gen(function* () {
-    const trainSource = yield* openSource(yield* resolveSourceSpec("builtin:demo:train"));
-    const testSource = yield* openSource(yield* resolveSourceSpec("builtin:demo:test"));
-    const options = {
-      size: config.multicrop.sizeCrops[0]!,
-      mean: config.multicrop.mean,
-      std: config.multicrop.std,
-      workers: config.data.workers,
-    };
-    const train = yield* extractFeatures(model, trainSource, options);
-    const test = yield* extractFeatures(model, testSource, options);
-    const result = yield* Effect.promise(() =>
-      knnClassify(train.features, train.labels, test.features, test.labels, {
-        k: config.train.knnK,
-        temperature: config.train.knnTemperature,
-        numClasses: trainSource.classes?.length ?? 10,
-      })
-    ).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([train.features, test.features]))));
-    return result.top1;
+    const train = yield* openSource(yield* resolveSourceSpec("builtin:demo:train"));
+    const test = yield* openSource(yield* resolveSourceSpec("builtin:demo:test"));
+    return yield* knnTop1(model, train, test, config);
   });
 
 export const runDemo = (options: DemoOptions) =>
@@ -112,11 +97,9 @@ export const runDemo = (options: DemoOptions) =>
       // Evaluate the trained weights from the final checkpoint.
       const swavTop1 = yield* Effect.scoped(Effect.gen(function* () {
         const model = yield* scopedModel(config.model, config.train.seed);
-        const { readCheckpoint } = yield* Effect.promise(() => import("./checkpoint.ts"));
-        const { loadModelArrays } = yield* Effect.promise(() => import("./pretrain.ts"));
         if (result.checkpoint === undefined) return Number.NaN;
         const checkpoint = yield* readCheckpoint(result.checkpoint);
-        loadModelArrays(model, checkpoint, result.checkpoint);
+        yield* loadModelArrays(model, checkpoint, result.checkpoint);
         return yield* knnOf(model, config);
       }));
       const seconds = (performance.now() - started) / 1000;

@@ -15,12 +15,12 @@ import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { type NpyValues, writeNpy } from "../data/npy.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
-import { readCheckpoint, resolveCheckpointPath } from "./checkpoint.ts";
+import { loadModelArrays, readCheckpoint, resolveCheckpointPath } from "./checkpoint.ts";
 import { type EncoderInput, exportEncoder, loadEncoder } from "./export.ts";
 import { extractFeatures, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
-import { loadModelArrays, scopedModel, withSplit } from "./pretrain.ts";
+import { scopedModel, withSplit } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
 /** Evaluation cannot run as asked: wrong data, wrong checkpoint, nothing to compare. */
@@ -63,11 +63,9 @@ export const loadForEvaluation = (path: string): Effect.Effect<LoadedEncoder, un
       ),
     );
     const model = yield* scopedModel(config.model, 0);
-    yield* Effect.try({
-      try: () => loadModelArrays(model, checkpoint, file),
-      catch: (error) =>
-        new EvaluationError({ message: error instanceof Error ? error.message : String(error) }),
-    });
+    yield* loadModelArrays(model, checkpoint, file).pipe(
+      Effect.mapError((error) => new EvaluationError({ message: error.message })),
+    );
     return {
       model,
       input: {

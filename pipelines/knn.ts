@@ -8,6 +8,11 @@
  * at once is chunk x N, whatever the size of the test set.
  */
 import * as tf from "@tensorflow/tfjs";
+import { Effect } from "effect";
+import type { RunConfig } from "../config/config.ts";
+import type { DataSource } from "../data/sources.ts";
+import type { SwavModel } from "../models/model.ts";
+import { extractFeatures } from "./extract.ts";
 
 export interface KnnOptions {
   /** Neighbours that vote (200 in the references). */
@@ -80,3 +85,29 @@ export const knnClassify = async (
 
 const l2Normalise = (x: tf.Tensor2D): tf.Tensor2D =>
   tf.tidy(() => x.div(x.square().sum(1, true).sqrt().maximum(1e-12)) as tf.Tensor2D);
+
+/**
+ * kNN top-1 of the model's backbone features on a labelled train/test pair,
+ * with the run config's eval transform and kNN settings (used by pretrain's
+ * periodic check and by the demo).
+ */
+export const knnTop1 = (model: SwavModel, train: DataSource, test: DataSource, config: RunConfig) =>
+  Effect.gen(function* () {
+    const common = {
+      size: config.multicrop.sizeCrops[0]!,
+      mean: config.multicrop.mean,
+      std: config.multicrop.std,
+      workers: config.data.workers,
+      onError: config.data.onError,
+    };
+    const a = yield* extractFeatures(model, train, common);
+    const b = yield* extractFeatures(model, test, common);
+    const result = yield* Effect.promise(() =>
+      knnClassify(a.features, a.labels, b.features, b.labels, {
+        k: config.train.knnK,
+        temperature: config.train.knnTemperature,
+        numClasses: train.classes?.length ?? 1 + Math.max(...a.labels),
+      })
+    ).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([a.features, b.features]))));
+    return result.top1;
+  });

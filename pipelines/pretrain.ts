@@ -11,34 +11,20 @@
  * the worker pool. Checkpoints are atomic; a non-finite loss stops the run
  * before the update, so the last checkpoint and the weights stay good.
  */
-import * as tf from "@tensorflow/tfjs";
-import { Effect, Ref, Stream } from "effect";
+import type * as tf from "@tensorflow/tfjs";
+import { Effect, Ref, Schema, Stream } from "effect";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
 import { makeLoader, multicropPrepare } from "../data/loader.ts";
-import { type DataSource, openSource } from "../data/sources.ts";
-import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
+import { openSource } from "../data/sources.ts";
+import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
 import { checkFitsBackend } from "../stages/encode.ts";
-import { learningRateAt, type LrSchedule, makeLarcSgd, scheduleFromEpochs } from "../stages/optimise.ts";
-import { assignmentCodes, swappedLossFromCodes } from "../stages/swapped_loss.ts";
-import {
-  type EmbeddingQueue,
-  makeQueue,
-  queueActiveAt,
-  restore as restoreQueue,
-  serialise as serialiseQueue,
-} from "../state/queue.ts";
-import {
-  type Checkpoint,
-  latestCheckpoint,
-  pruneCheckpoints,
-  readCheckpoint,
-  writeCheckpoint,
-} from "./checkpoint.ts";
-import { extractFeatures } from "./extract.ts";
-import { knnClassify } from "./knn.ts";
-import type { TrainStepParts } from "./train_step.ts";
-import { swavTrainStep, TrainingState } from "./swav_step.ts";
+import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
+import { type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts";
+import { latestCheckpoint, restoreRun, type RunPosition, saveCheckpoint } from "./checkpoint.ts";
+import { collapseWarning } from "./collapse.ts";
+import { knnTop1 } from "./knn.ts";
+import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
 export { NonFiniteLoss } from "./swav_step.ts";
@@ -82,29 +68,118 @@ export interface PretrainResult {
   readonly skippedSamples: number;
 }
 
-/** The SwAV step parts for a model: backbone per resolution group + head, Sinkhorn codes, swapped loss. */
-export const swavParts = (model: SwavModel, config: RunConfig, batchSize: number): TrainStepParts => {
-  const layout = {
-    batchSize,
-    nmbCrops: config.multicrop.nmbCrops,
-    cropsForAssign: config.swav.cropsForAssign,
-  };
-  return {
-    encode: (crops) => {
-      const { embeddings, scores } = modelForward(model, crops, { training: true });
-      return { embeddings, scores };
-    },
-    assign: (scores, queueScores) =>
-      assignmentCodes(scores, {
-        ...layout,
-        epsilon: config.swav.epsilon,
-        iterations: config.swav.sinkhornIterations,
-        ...(queueScores === undefined ? {} : { queueScores }),
+/** Fewer samples than one batch. */
+export class DatasetTooSmall extends Schema.TaggedError<DatasetTooSmall>()("DatasetTooSmall", {
+  message: Schema.String,
+}) {}
+
+/** The run folder (config, seed, metrics) could not be written. */
+export class RunFolderError extends Schema.TaggedError<RunFolderError>()("RunFolderError", {
+  path: Schema.String,
+  message: Schema.String,
+}) {}
+
+const writeFile = <A>(path: string, write: () => Promise<A>) =>
+  Effect.tryPromise({
+    try: write,
+    catch: (error) =>
+      new RunFolderError({
+        path,
+        message: `cannot write ${path}: ${error instanceof Error ? error.message : error}`,
       }),
-    loss: (scores, codes) =>
-      swappedLossFromCodes(scores, codes, { ...layout, temperature: config.swav.temperature }),
+  });
+
+const writeJson = (path: string, value: unknown) =>
+  writeFile(path, () => Deno.writeTextFile(path, JSON.stringify(value, null, 2) + "\n"));
+
+/** The run folder with its resolved config and seed, and `metrics.jsonl` open for appending (closed by the scope). */
+const openRunFolder = (config: RunConfig) =>
+  Effect.gen(function* () {
+    const folder = config.train.out;
+    yield* writeFile(folder, () => Deno.mkdir(folder, { recursive: true }));
+    yield* writeJson(`${folder}/config.json`, config);
+    yield* writeJson(`${folder}/seed.json`, { seed: config.train.seed });
+    const path = `${folder}/metrics.jsonl`;
+    const file = yield* Effect.acquireRelease(
+      writeFile(path, () => Deno.open(path, { append: true, create: true, write: true })),
+      (file) => Effect.sync(() => file.close()),
+    );
+    const encoder = new TextEncoder();
+    return (metrics: StepMetrics) =>
+      writeFile(path, () => file.write(encoder.encode(JSON.stringify(metrics) + "\n")));
+  });
+
+const sourceOptions = (config: RunConfig) =>
+  config.data.channels === undefined ? {} : { channels: config.data.channels };
+
+/** The labelled train/test splits for the periodic kNN check, when asked for and the source has labels. */
+const openKnnSources = (config: RunConfig, labelled: boolean) =>
+  Effect.gen(function* () {
+    if (config.train.knnEvery <= 0 || !labelled) return undefined;
+    const { source, testSource } = config.data;
+    const train = yield* openSource(
+      yield* resolveSourceSpec(withSplit(source, "train")),
+      sourceOptions(config),
+    );
+    const test = yield* openSource(
+      yield* resolveSourceSpec(testSource ?? withSplit(source, "test")),
+      sourceOptions(config),
+    );
+    return { train, test };
+  });
+
+/** The training source and its loader: decode -> multicrop in a Worker pool, batched (the scope stops it). */
+const openTrainingData = (config: RunConfig) =>
+  Effect.gen(function* () {
+    const { batchSize, seed } = config.train;
+    const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
+    if (source.length < batchSize) {
+      return yield* new DatasetTooSmall({
+        message:
+          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
+      });
+    }
+    const loader = yield* makeLoader({
+      source,
+      prepare: multicropPrepare(config.multicrop),
+      seed,
+      batchSize,
+      dropLast: true,
+      workers: config.data.workers,
+      bufferBatches: config.data.prefetch,
+      onError: config.data.onError,
+    });
+    return { source, loader };
+  });
+
+/** The embedding queue, created at swav.queueStartEpoch (or on resume); the run's scope disposes it. */
+const queueKeeper = (config: RunConfig, hooks: PretrainHooks) => {
+  let queue: EmbeddingQueue | undefined;
+  const { swav } = config;
+  return {
+    current: () => queue,
+    ensure: (epoch: number) =>
+      Effect.gen(function* () {
+        if (queue === undefined && queueActiveAt(epoch, swav)) {
+          queue = yield* makeQueue({
+            length: swav.queueLength,
+            batchSize: config.train.batchSize,
+            dim: config.model.out,
+            cropsForAssign: swav.cropsForAssign,
+          });
+          hooks.onInfo?.(
+            `epoch ${epoch + 1}: queue of ${queue.length} embeddings per assignment crop created`,
+          );
+        }
+        return queue;
+      }),
   };
 };
+
+const skippedWarning = (skipped: { count: number; examples: readonly { path: string; reason: string }[] }) =>
+  `${skipped.count} unreadable samples were skipped, e.g. ${
+    skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
+  }`;
 
 /** Named trainable variables of a model, keyed by parameter name. */
 const trainableByName = (model: SwavModel): Record<string, tf.Variable> =>
@@ -117,349 +192,174 @@ export const scopedModel = (config: SwavModel["config"], seed: number) =>
     (model) => Effect.sync(() => disposeModel(model)),
   );
 
-/** Copies the model's variables into checkpoint arrays. */
-export const modelArrays = async (
-  model: SwavModel,
-): Promise<{ name: string; shape: number[]; values: Float32Array }[]> => {
-  const out = [];
-  for (const p of model.params) {
-    out.push({
-      name: p.name,
-      shape: [...p.variable.shape],
-      values: (await p.variable.data()) as Float32Array,
-    });
-  }
-  return out;
-};
+export interface PretrainOptions {
+  /** Continue from the latest checkpoint in the run folder. */
+  readonly resume?: boolean;
+  readonly hooks?: PretrainHooks;
+  /** Replaces stages of the SwAV step by stage values of the same types: a custom pipeline. */
+  readonly stages?: Partial<SwavStages>;
+}
 
-/** Loads checkpoint arrays into the model's variables (every parameter must be present, with its shape). */
-export const loadModelArrays = (model: SwavModel, checkpoint: Checkpoint, path: string): void => {
-  const byName = new Map(checkpoint.arrays.map((a) => [a.name, a]));
-  for (const p of model.params) {
-    const array = byName.get(p.name);
-    if (array === undefined) {
-      throw new Error(`checkpoint ${path} lacks parameter ${p.name}: another architecture?`);
-    }
-    if (array.shape.join("x") !== p.variable.shape.join("x")) {
-      throw new Error(
-        `checkpoint ${path}: ${p.name} has shape [${array.shape}], the model [${p.variable.shape}]: another architecture?`,
-      );
-    }
-    tf.tidy(() => p.variable.assign(tf.tensor(array.values, p.variable.shape, "float32")));
-  }
-};
+/** The run's counters, folded per step (and reset per epoch), never mutated in place. */
+interface Progress {
+  readonly step: number;
+  readonly lastLoss: number;
+  readonly lastCheckpoint: string | undefined;
+  readonly stopped: boolean;
+  /** The current epoch's batches done, loss sum and count, and whether collapse was reported in it. */
+  readonly batchInEpoch: number;
+  readonly lossSum: number;
+  readonly lossCount: number;
+  readonly collapseWarned: boolean;
+}
 
-const writeJson = (path: string, value: unknown) =>
-  Effect.promise(() => Deno.writeTextFile(path, JSON.stringify(value, null, 2) + "\n"));
+const afterStep = (p: Progress, loss: number): Progress => ({
+  ...p,
+  step: p.step + 1,
+  batchInEpoch: p.batchInEpoch + 1,
+  lastLoss: loss,
+  lossSum: p.lossSum + loss,
+  lossCount: p.lossCount + 1,
+});
 
-/** kNN top-1 of the current backbone on a labelled train/test pair. */
-export const knnTop1 = (
-  model: SwavModel,
-  train: DataSource,
-  test: DataSource,
-  config: RunConfig,
-) =>
-  Effect.gen(function* () {
-    const size = config.multicrop.sizeCrops[0]!;
-    const common = {
-      size,
-      mean: config.multicrop.mean,
-      std: config.multicrop.std,
-      workers: config.data.workers,
-      onError: config.data.onError,
-    };
-    const a = yield* extractFeatures(model, train, common);
-    const b = yield* extractFeatures(model, test, common);
-    const result = yield* Effect.promise(() =>
-      knnClassify(a.features, a.labels, b.features, b.labels, {
-        k: config.train.knnK,
-        temperature: config.train.knnTemperature,
-        numClasses: train.classes?.length ?? 1 + Math.max(...a.labels),
-      })
-    ).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([a.features, b.features]))));
-    return result.top1;
-  });
+const newEpoch = (p: Progress, skip: number): Progress => ({
+  ...p,
+  batchInEpoch: skip,
+  lossSum: 0,
+  lossCount: 0,
+  collapseWarned: false,
+});
 
 /**
  * Pretrains a SwAV model as `config` says. With `resume`, continues exactly
  * from the latest checkpoint in the run folder.
  */
-export interface PretrainOptions {
-  /** Continue from the latest checkpoint in the run folder. */
-  readonly resume?: boolean;
-  readonly hooks?: PretrainHooks;
-  /** Replaces the SwAV step parts (encoder, assignment, loss): a custom pipeline. Defaults to `swavParts`. */
-  readonly parts?: (model: SwavModel, config: RunConfig, batchSize: number) => TrainStepParts;
-}
-
 export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
   Effect.scoped(Effect.gen(function* () {
     const hooks = options.hooks ?? {};
     const backend = yield* TensorBackend;
     const { train: trainConfig, swav } = config;
-    const runFolder = trainConfig.out;
-    const batchSize = trainConfig.batchSize;
+    const { out: runFolder, batchSize } = trainConfig;
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
-    const source = yield* openSource(
-      yield* resolveSourceSpec(config.data.source),
-      config.data.channels === undefined ? {} : { channels: config.data.channels },
-    );
-    if (source.length < batchSize) {
-      return yield* Effect.fail(
-        new Error(
-          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
-        ),
-      );
-    }
-    const loader = yield* makeLoader({
-      source,
-      prepare: multicropPrepare(config.multicrop),
-      seed: trainConfig.seed,
-      batchSize,
-      dropLast: true,
-      workers: config.data.workers,
-      bufferBatches: config.data.prefetch,
-      onError: config.data.onError,
-    });
+    const { source, loader } = yield* openTrainingData(config);
+    const stepsPerEpoch = loader.batchesPerEpoch;
 
-    // Model, optimiser: state owned by this scope.
+    // State owned by this scope: model, optimiser, and the queue (created at queueStartEpoch or on resume).
     yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
     const model = yield* scopedModel(config.model, trainConfig.seed);
-    const variables = trainableByName(model);
-    const optimiser = yield* makeLarcSgd({
-      momentum: config.optim.momentum,
-      weightDecay: config.optim.weightDecay,
-      trustCoefficient: config.optim.trust,
-      eps: 1e-8,
-      clip: false,
+    const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
+    const queues = queueKeeper(config, hooks);
+    const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
+    const trainStep = yield* swavTrainStep(config, state, { batchSize, itersPerEpoch: stepsPerEpoch }, {
+      ...swavStages,
+      ...options.stages,
     });
-    const parts = (options.parts ?? swavParts)(model, config, batchSize);
-    const trainStep = swavTrainStep(config);
-    const stepsPerEpoch = loader.batchesPerEpoch;
-    const schedule: LrSchedule = scheduleFromEpochs({
-      epochs: trainConfig.epochs,
-      warmupEpochs: config.optim.warmupEpochs,
-      itersPerEpoch: stepsPerEpoch,
-      startWarmup: config.optim.startWarmup,
-      baseLr: config.optim.baseLr,
-      finalLr: config.optim.finalLr,
-    });
-
-    // The embedding queue, created at queueStartEpoch (or on resume); the run's scope disposes it.
-    let queue: EmbeddingQueue | undefined;
-    const ensureQueue = (epoch: number) =>
-      Effect.gen(function* () {
-        if (queue === undefined && queueActiveAt(epoch, swav)) {
-          queue = yield* makeQueue({
-            length: swav.queueLength,
-            batchSize,
-            dim: config.model.out,
-            cropsForAssign: swav.cropsForAssign,
-          });
-          hooks.onInfo?.(
-            `epoch ${epoch + 1}: queue of ${queue.length} embeddings per assignment crop created`,
-          );
-        }
-        return queue;
+    const { seed, keepCheckpoints } = trainConfig;
+    const save = (position: RunPosition) =>
+      saveCheckpoint(runFolder, keepCheckpoints, position, {
+        ...state,
+        queue: queues.current(),
+        config,
+        seed,
+        backend: backend.name,
       });
-
-    const trainingState = TrainingState.of({ model, variables, parts, optimiser, queue: () => queue });
 
     // Where we start: fresh, or from the latest checkpoint.
-    let step = 0;
-    let startEpoch = 0;
-    let batchInEpoch = 0;
-    if (options.resume) {
-      const latest = yield* latestCheckpoint(runFolder);
-      if (latest === undefined) {
-        hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
-      } else {
-        const checkpoint = yield* readCheckpoint(latest);
-        loadModelArrays(model, checkpoint, latest);
-        optimiser.restore(Object.fromEntries(
-          checkpoint.arrays.filter((a) => a.name.startsWith("optimiser/")).map((a) => [
-            a.name.slice("optimiser/".length),
-            { shape: a.shape, values: a.values as Float32Array },
-          ]),
-        ));
-        const savedQueue = checkpoint.extra["queue"] as
-          | { length: number; batchSize: number; dim: number; cropsForAssign: number[]; filled: number }
-          | undefined;
-        if (savedQueue !== undefined) {
-          const restoredQueue = yield* ensureQueue(Math.max(checkpoint.epoch, swav.queueStartEpoch));
-          if (restoredQueue !== undefined) {
-            yield* restoreQueue(restoredQueue, {
-              ...savedQueue,
-              embeddings: savedQueue.cropsForAssign.map((_, i) => {
-                const array = checkpoint.arrays.find((a) => a.name === `queue/${i}`);
-                if (array === undefined) throw new Error(`checkpoint ${latest} lacks queue/${i}`);
-                return array.values as Float32Array;
-              }),
-            });
-          }
-        }
-        step = checkpoint.step;
-        startEpoch = checkpoint.epoch;
-        batchInEpoch = checkpoint.batchInEpoch;
-        hooks.onInfo?.(
-          `resumed from ${latest} at step ${step} (epoch ${startEpoch + 1}, batch ${batchInEpoch})`,
-        );
-      }
+    const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
+    if (options.resume && latest === undefined) {
+      hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
     }
-
-    yield* Effect.promise(() => Deno.mkdir(runFolder, { recursive: true }));
-    yield* writeJson(`${runFolder}/config.json`, config);
-    yield* writeJson(`${runFolder}/seed.json`, { seed: trainConfig.seed });
-    const metricsFile = yield* Effect.acquireRelease(
-      Effect.promise(() =>
-        Deno.open(`${runFolder}/metrics.jsonl`, { append: true, create: true, write: true })
-      ),
-      (file) => Effect.sync(() => file.close()),
-    );
-    const encoder = new TextEncoder();
-
-    const saveCheckpoint = (epoch: number, batchDone: number) =>
-      Effect.gen(function* () {
-        const slots = yield* Effect.promise(() => optimiser.serialise());
-        const savedQueue = queue === undefined ? undefined : yield* serialiseQueue(queue);
-        const arrays = [
-          ...(yield* Effect.promise(() => modelArrays(model))),
-          ...Object.entries(slots).map(([name, slot]) => ({
-            name: `optimiser/${name}`,
-            shape: [...slot.shape],
-            values: slot.values,
-          })),
-          ...(savedQueue?.embeddings ?? []).map((values, i) => ({
-            name: `queue/${i}`,
-            shape: [savedQueue!.length, savedQueue!.dim],
-            values,
-          })),
-        ];
-        const path = yield* writeCheckpoint(runFolder, {
-          step,
-          epoch,
-          batchInEpoch: batchDone,
-          config,
-          extra: {
-            seed: trainConfig.seed,
-            backend: backend.name,
-            ...(savedQueue === undefined ? {} : {
-              queue: {
-                length: savedQueue.length,
-                batchSize: savedQueue.batchSize,
-                dim: savedQueue.dim,
-                cropsForAssign: savedQueue.cropsForAssign,
-                filled: savedQueue.filled,
-              },
-            }),
-          },
-          arrays,
-        });
-        yield* pruneCheckpoints(runFolder, trainConfig.keepCheckpoints);
-        return path;
+    const start: RunPosition = latest === undefined
+      ? { step: 0, epoch: 0, batchInEpoch: 0 }
+      : yield* restoreRun(latest, {
+        model,
+        optimiser,
+        queueStartEpoch: swav.queueStartEpoch,
+        queueFor: queues.ensure,
       });
+    const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
+    if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
 
-    // kNN check on the labelled splits, when asked for.
-    const knnSources = trainConfig.knnEvery > 0 && source.classes !== undefined
-      ? {
-        train: yield* openSource(
-          yield* resolveSourceSpec(withSplit(config.data.source, "train")),
-          config.data.channels === undefined ? {} : { channels: config.data.channels },
-        ),
-        test: yield* openSource(
-          yield* resolveSourceSpec(config.data.testSource ?? withSplit(config.data.source, "test")),
-          config.data.channels === undefined ? {} : { channels: config.data.channels },
-        ),
-      }
-      : undefined;
-
-    const logK = Math.log(config.model.prototypes);
+    const writeMetrics = yield* openRunFolder(config);
+    const knnSources = yield* openKnnSources(config, source.classes !== undefined);
     const reports: EpochReport[] = [];
-    let lastLoss = Number.NaN;
-    let lastCheckpoint: string | undefined;
     const totalSteps = trainConfig.maxSteps > 0
       ? Math.min(trainConfig.maxSteps, stepsPerEpoch * trainConfig.epochs)
       : stepsPerEpoch * trainConfig.epochs;
-    const stopped = yield* Ref.make(false);
+    const progress = yield* Ref.make<Progress>({
+      ...newEpoch({} as Progress, 0),
+      step: start.step,
+      lastLoss: Number.NaN,
+      lastCheckpoint: undefined,
+      stopped: false,
+    });
 
-    for (let epoch = startEpoch; epoch < trainConfig.epochs; epoch++) {
-      if (yield* Ref.get(stopped)) break;
-      yield* ensureQueue(epoch);
+    for (let epoch = start.epoch; epoch < trainConfig.epochs; epoch++) {
+      if ((yield* Ref.get(progress)).stopped) break;
+      yield* queues.ensure(epoch);
       const epochStart = performance.now();
-      const skip = epoch === startEpoch ? batchInEpoch : 0;
-      let lossSum = 0;
-      let lossCount = 0;
-      let collapseWarned = false;
-      let batchIndex = skip;
+      const skip = epoch === start.epoch ? start.batchInEpoch : 0;
+      const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
       yield* loader.epoch(epoch).pipe(
         Stream.drop(skip),
         // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
         Stream.take(
-          trainConfig.maxSteps === 0 ? Number.POSITIVE_INFINITY : Math.max(0, trainConfig.maxSteps - step),
+          trainConfig.maxSteps === 0
+            ? Number.POSITIVE_INFINITY
+            : Math.max(0, trainConfig.maxSteps - before.step),
         ),
         Stream.runForEach((batch) =>
           Effect.scoped(Effect.gen(function* () {
             const t0 = performance.now();
-            const lr = learningRateAt(step, schedule);
-            // The step, stage by stage (pipelines/swav_step.ts): collate, encode -> sinkhorn -> swappedLoss
-            // in one tape, finite-loss guard, LARC-SGD, queue update, code statistics.
-            const { loss, ...stats } = yield* trainStep({ batch, step, epoch, lr }).pipe(
-              Effect.provideService(TrainingState, trainingState),
-            );
-            step += 1;
-            batchIndex += 1;
-            lastLoss = loss;
-            lossSum += loss;
-            lossCount += 1;
-            const seconds = (performance.now() - t0) / 1000;
+            // The step, stage by stage (pipelines/swav_step.ts).
+            const { loss, lr, codeEntropy, prototypesInUse } = yield* trainStep({
+              batch,
+              step: (yield* Ref.get(progress)).step,
+              epoch,
+            });
+            let p = yield* Ref.updateAndGet(progress, (p) => afterStep(p, loss));
             const metrics: StepMetrics = {
               epoch: epoch + 1,
-              step,
+              step: p.step,
               loss,
               lr,
-              images_per_s: batchSize / seconds,
-              code_entropy: stats.codeEntropy,
-              prototypes_in_use: stats.prototypesInUse,
+              images_per_s: batchSize / ((performance.now() - t0) / 1000),
+              code_entropy: codeEntropy,
+              prototypes_in_use: prototypesInUse,
             };
-            yield* Effect.promise(() => metricsFile.write(encoder.encode(JSON.stringify(metrics) + "\n")));
-            hooks.onStep?.(metrics, { stepInEpoch: batchIndex, stepsPerEpoch, totalSteps });
-            if (!collapseWarned && step > swav.freezePrototypesIters + 20) {
-              const stuck = Math.abs(loss - logK) < 0.02 * logK;
-              const few = stats.prototypesInUse <= Math.max(1, Math.min(4, config.model.prototypes / 20));
-              if (stuck || few) {
-                collapseWarned = true;
-                hooks.onWarning?.(
-                  `training looks collapsed at step ${step}: ` +
-                    (stuck ? `loss ${loss.toFixed(3)} is stuck near ln K = ${logK.toFixed(3)}` : "") +
-                    (stuck && few ? "; " : "") +
-                    (few ? `only ${stats.prototypesInUse} prototypes in use` : "") +
-                    ". Remedies (SwAV reference notes): fewer prototypes (about 10x the classes), " +
-                    "start the queue later (swav.queueStartEpoch) or not at all, a smaller swav.epsilon, a larger batch.",
-                );
-              }
+            yield* writeMetrics(metrics);
+            hooks.onStep?.(metrics, { stepInEpoch: p.batchInEpoch, stepsPerEpoch, totalSteps });
+            const collapse = p.collapseWarned ? undefined : collapseWarning(p.step, loss, prototypesInUse, {
+              prototypes: config.model.prototypes,
+              freezePrototypesIters: swav.freezePrototypesIters,
+            });
+            if (collapse !== undefined) {
+              p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
+              hooks.onWarning?.(collapse);
             }
-            if (trainConfig.checkpointEvery > 0 && step % trainConfig.checkpointEvery === 0) {
-              lastCheckpoint = yield* saveCheckpoint(epoch, batchIndex);
+            if (trainConfig.checkpointEvery > 0 && p.step % trainConfig.checkpointEvery === 0) {
+              const path = yield* save({ step: p.step, epoch, batchInEpoch: p.batchInEpoch });
+              yield* Ref.update(progress, (p) => ({ ...p, lastCheckpoint: path }));
             }
           }))
         ),
       );
-      const finishedEpoch = batchIndex >= stepsPerEpoch;
-      if (!finishedEpoch) {
-        // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
-        lastCheckpoint = yield* saveCheckpoint(epoch, batchIndex);
-        yield* Ref.set(stopped, true);
-      } else {
-        lastCheckpoint = yield* saveCheckpoint(epoch + 1, 0);
-      }
-      let knn: number | undefined;
-      if (finishedEpoch && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0) {
-        knn = yield* knnTop1(model, knnSources.train, knnSources.test, config);
-      }
+      const p = yield* Ref.get(progress);
+      const finishedEpoch = p.batchInEpoch >= stepsPerEpoch;
+      // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
+      const path = yield* save(
+        finishedEpoch
+          ? { step: p.step, epoch: epoch + 1, batchInEpoch: 0 }
+          : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
+      );
+      yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !finishedEpoch });
+      const knn = finishedEpoch && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
+        ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
+        : undefined;
       const report: EpochReport = {
         epoch: epoch + 1,
-        meanLoss: lossCount === 0 ? Number.NaN : lossSum / lossCount,
+        meanLoss: p.lossCount === 0 ? Number.NaN : p.lossSum / p.lossCount,
         seconds: (performance.now() - epochStart) / 1000,
         ...(knn === undefined ? {} : { knnTop1: knn }),
       };
@@ -467,16 +367,11 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       hooks.onEpoch?.(report);
     }
     const skipped = yield* loader.skipped;
-    if (skipped.count > 0) {
-      hooks.onWarning?.(
-        `${skipped.count} unreadable samples were skipped, e.g. ${
-          skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
-        }`,
-      );
-    }
+    if (skipped.count > 0) hooks.onWarning?.(skippedWarning(skipped));
+    const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
     return {
       steps: step,
-      epochs: reports.length === 0 ? startEpoch : reports.at(-1)!.epoch,
+      epochs: reports.length === 0 ? start.epoch : reports.at(-1)!.epoch,
       lastLoss,
       epochReports: reports,
       runFolder,

@@ -1,31 +1,44 @@
 /**
- * The SwAV training step as stage values, composed top to bottom like the
- * paper's figure:
+ * The SwAV training step, composed of the stage values from stages/, top to
+ * bottom as in the paper's figure:
  *
- *   collate            batch of crops (per sample) -> one tensor per resolution group
- *   swappedPrediction  encode -> sinkhorn (detached scores + queue) -> swappedLoss, in one gradient tape
- *   finiteLoss         stop before any update when the loss is not a number
- *   optimise           LARC-SGD at this step's learning rate, prototypes frozen early on
- *   updateQueue        the batch's embeddings into the queue (FIFO)
- *   codeStatistics     code entropy and prototypes in use, for metrics and the collapse check
+ *   crops            the batch's per-sample crops -> one tensor per resolution group
+ *   off the tape     unit-norm prototypes; the queue's scores with them
+ *   on one tape      encode -> embeddings z, scores z·Cᵀ
+ *                    │  sinkhorn: codes from the detached scores (+ queue)   (off the tape: no gradient)
+ *                    └> swappedLoss(scores, codes)
+ *   finite-loss      stop before any update when the loss is not a number
+ *   optimise         LARC-SGD at this step's learning rate, prototypes frozen early on
+ *   queue update     the batch's embeddings into the queue (FIFO); code statistics for metrics
  *
- * Each stage has a typed input and output, a validated config (its section of
- * the run config) and its requirements: `TrainingState` (the model, optimiser
- * and queue owned by the run's scope) and a `Scope` that owns the step's tensors.
+ * A custom pipeline replaces a stage by another stage value of the same types
+ * (`SwavStages`); stages/tape.ts keeps the gradient boundary.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Context, Effect, Schema, type Scope } from "effect";
+import { Effect, Schema, type Scope } from "effect";
+import { activeKernelSettings } from "../backend/kernel_settings.ts";
+import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
-import { SwavConfig } from "../config/config.ts";
+import type { RunConfig } from "../config/config.ts";
 import type { Batch } from "../data/loader.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
-import { collateCrops, MulticropConfig } from "../stages/multicrop.ts";
-import type { LarcSgd } from "../stages/optimise.ts";
-import { defineStage } from "../stages/stage.ts";
+import { type CropLayout, CropLayoutError, cropLayoutProblem, totalCrops } from "../stages/crop_layout.ts";
+import { type EncodeConfig, type EncodeInput, type EncodeOutput, encodeStage } from "../stages/encode.ts";
+import { collateCrops } from "../stages/multicrop.ts";
+import {
+  type LarcSgd,
+  type OptimiseConfig,
+  type OptimiseInput,
+  type OptimiseOutput,
+  optimiseStage,
+} from "../stages/optimise.ts";
+import { type SinkhornConfig, type SinkhornInput, sinkhornStage } from "../stages/sinkhorn.ts";
+import type { Stage, TensorStage } from "../stages/stage.ts";
+import { type SwappedLossConfig, type SwappedLossInput, swappedLossStage } from "../stages/swapped_loss.ts";
+import { onOneTape, onTape, type TapeOutputs } from "../stages/tape.ts";
 import { type EmbeddingQueue, push as pushQueue, queueScores as scoreQueue } from "../state/queue.ts";
-import { codeStatistics, forwardBackward, type TapeOutputs, type TrainStepParts } from "./train_step.ts";
 
 /** The loss stopped being a finite number: the run stops before applying the update. */
 export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFiniteLoss", {
@@ -34,17 +47,104 @@ export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFinit
   message: Schema.String,
 }) {}
 
-/** State with an owner that the step stages use; the pretraining run's scope provides and releases it. */
-export class TrainingState extends Context.Service<TrainingState, {
+/**
+ * The stages one step composes. A custom pipeline passes another stage value
+ * with the same input and output types, e.g. an assignment with hard codes.
+ */
+export interface SwavStages {
+  readonly encode: TensorStage<EncodeInput, EncodeOutput, EncodeConfig, unknown, unknown>;
+  readonly assign: TensorStage<SinkhornInput, readonly tf.Tensor2D[], SinkhornConfig, unknown, unknown>;
+  readonly loss: TensorStage<SwappedLossInput, tf.Scalar, SwappedLossConfig, unknown, unknown>;
+  readonly optimise: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>;
+}
+
+/** SwAV's own stages. */
+export const swavStages: SwavStages = {
+  encode: encodeStage,
+  assign: sinkhornStage,
+  loss: swappedLossStage,
+  optimise: optimiseStage,
+};
+
+/** Each stage's config, read from its sections of the run config. */
+export const stageConfigs = (config: RunConfig) => ({
+  encode: { training: true } satisfies EncodeConfig,
+  assign: { epsilon: config.swav.epsilon, sinkhornIterations: config.swav.sinkhornIterations },
+  loss: {
+    nmbCrops: config.multicrop.nmbCrops,
+    cropsForAssign: config.swav.cropsForAssign,
+    temperature: config.swav.temperature,
+  },
+  optimise: { ...config.optim, freezePrototypesIters: config.swav.freezePrototypesIters },
+});
+
+/** The crop layout of a batch of `batchSize` samples. */
+export const cropLayout = (config: RunConfig, batchSize: number): CropLayout => ({
+  batchSize,
+  nmbCrops: config.multicrop.nmbCrops,
+  cropsForAssign: config.swav.cropsForAssign,
+});
+
+/**
+ * The tape's body for `model` on batches of `batchSize`: encode, Sinkhorn codes
+ * from the detached scores (queue rows prepended), swapped loss. Synchronous.
+ */
+export const swavTape = (
+  model: SwavModel,
+  config: RunConfig,
+  batchSize: number,
+  stages: SwavStages = swavStages,
+) => {
+  const configs = stageConfigs(config);
+  const forward = onOneTape(
+    stages.encode.apply(configs.encode),
+    stages.assign.apply(configs.assign),
+    stages.loss.apply(configs.loss),
+  );
+  const layout = cropLayout(config, batchSize);
+  return (cropGroups: readonly tf.Tensor4D[], queueScores?: readonly tf.Tensor2D[]) =>
+    forward({ encode: { model, cropGroups }, layout, queueScores });
+};
+export type SwavTape = ReturnType<typeof swavTape>;
+
+/** The tape's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
+export const forwardBackward = (
+  tape: SwavTape,
+  crops: readonly tf.Tensor4D[],
+  variables: readonly tf.Variable[],
+  options: { queueScores?: readonly tf.Tensor2D[] | undefined } = {},
+): TapeOutputs =>
+  onTape(
+    // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
+    // settings' `leanBackward: false` keeps TF.js's own walk, for before/after measurements.
+    activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
+    () => tape(crops, options.queueScores),
+    variables,
+  );
+
+/** Code entropy and prototypes in use, read from the codes (asynchronously). */
+export const codeStatistics = async (
+  codes: readonly tf.Tensor2D[],
+): Promise<{ readonly codeEntropy: number; readonly prototypesInUse: number }> => {
+  const [entropy, argmax] = tf.tidy(() => {
+    const all = tf.concat(codes as tf.Tensor2D[], 0);
+    const h = all.mul(all.add(1e-12).log()).sum(1).neg().mean();
+    return [h, all.argMax(1)];
+  });
+  const [h, winners] = await Promise.all([entropy.data(), argmax.data()]);
+  tf.dispose([entropy, argmax]);
+  return { codeEntropy: h[0]!, prototypesInUse: new Set(winners).size };
+};
+
+/** State with an owner that the step updates; the run's scope owns and releases it. */
+export interface StepState {
   readonly model: SwavModel;
   /** Trainable variables by parameter name. */
   readonly variables: Readonly<Record<string, tf.Variable>>;
-  /** What runs inside the gradient tape (encoder, assignment, loss). */
-  readonly parts: TrainStepParts;
   readonly optimiser: LarcSgd;
   /** The embedding queue once it exists (it is created at swav.queueStartEpoch). */
   readonly queue: () => EmbeddingQueue | undefined;
-}>()("swav-ts/pipelines/TrainingState") {}
+}
 
 /** What enters the step: a batch and where the run is. */
 export interface StepInput {
@@ -52,120 +152,82 @@ export interface StepInput {
   /** Optimiser steps taken before this one. */
   readonly step: number;
   readonly epoch: number;
-  readonly lr: number;
 }
 
-type WithCrops = StepInput & { readonly crops: tf.Tensor4D[] };
-type WithTape = WithCrops & { readonly tape: TapeOutputs };
-type WithLoss = WithTape & { readonly loss: number };
+/** What the step hands back, all values read from the backend. */
+export interface StepOutcome {
+  readonly loss: number;
+  readonly lr: number;
+  /** Mean entropy (nats) of the codes' rows: ln K for uniform codes, 0 for one-hot ones. */
+  readonly codeEntropy: number;
+  /** Distinct prototypes that are the argmax of some sample's code in this batch. */
+  readonly prototypesInUse: number;
+}
 
-/** What the step hands back. */
-export type StepOutcome = WithLoss & { readonly codeEntropy: number; readonly prototypesInUse: number };
-
-const CollateConfig = MulticropConfig;
-
-export const collateStage = defineStage<StepInput, WithCrops, MulticropConfig, never, Scope.Scope>({
-  name: "collate",
-  config: CollateConfig,
-  run: (config) => (input) =>
-    Effect.map(scoped(() => collateCrops(input.batch.views, config)), (crops) => ({ ...input, crops })),
-});
-
-export const swappedPredictionStage = defineStage<
-  WithCrops,
-  WithTape,
-  SwavConfig,
-  never,
-  TrainingState | Scope.Scope
->({
-  name: "encode → sinkhorn → swappedLoss",
-  config: SwavConfig,
-  run: () => (input) =>
-    Effect.gen(function* () {
-      const state = yield* TrainingState;
-      // Off the tape: unit-norm prototypes before the forward pass, as the reference does, and the
-      // queue's scores with them (undefined until the queue is full).
-      const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
-      normalisePrototypes(prototypes);
-      const queue = state.queue();
-      const queueScores = queue === undefined ? undefined : yield* scoreQueue(queue, prototypes);
-      // On the tape: encode, codes from detached scores, swapped loss (pipelines/train_step.ts).
-      const tape = yield* scoped(() =>
-        forwardBackward(state.parts, input.crops, Object.values(state.variables), { queueScores })
-      );
-      return { ...input, tape };
-    }),
-});
-
-export const finiteLossStage = defineStage<WithTape, WithLoss, SwavConfig, NonFiniteLoss>({
-  name: "finiteLoss",
-  config: SwavConfig,
-  run: () => (input) =>
-    Effect.gen(function* () {
-      const loss = (yield* Effect.promise(() => input.tape.loss.data()))[0]!;
-      if (!Number.isFinite(loss)) {
-        return yield* new NonFiniteLoss({
-          step: input.step,
-          loss,
-          message:
-            `loss became ${loss} at step ${input.step} (epoch ${input.epoch + 1}); the update was not ` +
-            `applied and the last checkpoint is intact. Try a lower optim.baseLr, a larger swav.epsilon, ` +
-            `or a larger batch.`,
-        });
-      }
-      return { ...input, loss };
-    }),
-});
-
-export const optimiseStepStage = defineStage<WithLoss, WithLoss, SwavConfig, never, TrainingState>({
-  name: "optimise",
-  config: SwavConfig,
-  run: (config) => (input) =>
-    Effect.gen(function* () {
-      const state = yield* TrainingState;
-      const grads: tf.NamedTensorMap = {};
-      for (const [name, variable] of Object.entries(state.variables)) {
-        const g = input.tape.grads[variable.name];
-        if (g !== undefined) grads[name] = g;
-      }
-      const frozen = input.step < config.freezePrototypesIters;
-      state.optimiser.step(state.variables, grads, input.lr, (name) => frozen && name === PROTOTYPES_WEIGHT);
-      return input;
-    }),
-});
-
-export const updateQueueStage = defineStage<WithLoss, WithLoss, SwavConfig, never, TrainingState>({
-  name: "updateQueue",
-  config: SwavConfig,
-  run: () => (input) =>
-    Effect.gen(function* () {
-      const queue = (yield* TrainingState).queue();
-      if (queue !== undefined) yield* pushQueue(queue, input.tape.embeddings).pipe(Effect.orDie);
-      return input;
-    }),
-});
-
-export const codeStatisticsStage = defineStage<WithLoss, StepOutcome, SwavConfig>({
-  name: "codeStatistics",
-  config: SwavConfig,
-  run: () => (input) =>
-    Effect.map(Effect.promise(() => codeStatistics(input.tape.codes)), (stats) => ({ ...input, ...stats })),
-});
-
-/** The whole step: the stages above, configured with their sections of the run config, in order. */
-export const swavTrainStep = (config: { readonly multicrop: MulticropConfig; readonly swav: SwavConfig }) => {
-  const collate = collateStage.run(config.multicrop);
-  const swappedPrediction = swappedPredictionStage.run(config.swav);
-  const finiteLoss = finiteLossStage.run(config.swav);
-  const optimise = optimiseStepStage.run(config.swav);
-  const updateQueue = updateQueueStage.run(config.swav);
-  const statistics = codeStatisticsStage.run(config.swav);
-  return (input: StepInput) =>
-    collate(input).pipe(
-      Effect.flatMap(swappedPrediction),
-      Effect.flatMap(finiteLoss),
-      Effect.flatMap(optimise),
-      Effect.flatMap(updateQueue),
-      Effect.flatMap(statistics),
+/**
+ * The whole step for a run: the stages configured with their sections of the
+ * run config. Fails with CropLayoutError when the crop layout cannot work.
+ */
+export const swavTrainStep = (
+  config: RunConfig,
+  state: StepState,
+  schedule: { readonly batchSize: number; readonly itersPerEpoch: number },
+  stages: SwavStages = swavStages,
+) =>
+  Effect.gen(function* () {
+    const { batchSize, itersPerEpoch } = schedule;
+    const problem = cropLayoutProblem(
+      cropLayout(config, batchSize),
+      batchSize * totalCrops(config.multicrop.nmbCrops),
     );
-};
+    if (problem !== undefined) return yield* new CropLayoutError({ message: problem });
+    const tape = swavTape(state.model, config, batchSize, stages);
+    const optimise = stages.optimise.run(stageConfigs(config).optimise);
+    const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
+
+    return (input: StepInput): Effect.Effect<StepOutcome, NonFiniteLoss, Scope.Scope> =>
+      Effect.gen(function* () {
+        const crops = yield* scoped(() => collateCrops(input.batch.views, config.multicrop));
+
+        // Off the tape: unit-norm prototypes before the forward pass, as the reference does, and the
+        // queue's scores with them (undefined until the queue is full).
+        normalisePrototypes(prototypes);
+        const queue = state.queue();
+        const queueScores = queue === undefined ? undefined : yield* scoreQueue(queue, prototypes);
+
+        // On one tape: encode -> scores -> (detached) Sinkhorn codes -> swapped prediction.
+        const out = yield* scoped(() =>
+          forwardBackward(tape, crops, Object.values(state.variables), { queueScores })
+        );
+
+        const loss = (yield* Effect.promise(() => out.loss.data()))[0]!;
+        if (!Number.isFinite(loss)) {
+          return yield* new NonFiniteLoss({
+            step: input.step,
+            loss,
+            message:
+              `loss became ${loss} at step ${input.step} (epoch ${input.epoch + 1}); the update was not ` +
+              `applied and the last checkpoint is intact. Try a lower optim.baseLr, a larger swav.epsilon, ` +
+              `or a larger batch.`,
+          });
+        }
+
+        const grads: tf.NamedTensorMap = {};
+        for (const [name, variable] of Object.entries(state.variables)) {
+          const g = out.grads[variable.name];
+          if (g !== undefined) grads[name] = g;
+        }
+        const { learningRate } = yield* optimise({
+          optimiser: state.optimiser,
+          variables: state.variables,
+          grads,
+          iteration: input.step,
+          itersPerEpoch,
+          epochs: config.train.epochs,
+        });
+
+        if (queue !== undefined) yield* pushQueue(queue, out.embeddings).pipe(Effect.orDie);
+        const statistics = yield* Effect.promise(() => codeStatistics(out.codes));
+        return { loss, lr: learningRate, ...statistics };
+      });
+  });

@@ -22,7 +22,7 @@ import {
   modelForward,
   type SwavModel,
 } from "../models/model.ts";
-import { defineStage } from "./stage.ts";
+import { defineTensorStage } from "./stage.ts";
 
 export const EncodeConfig = Schema.Struct({
   /** Train mode: BatchNorm on batch statistics, running statistics updated. False: eval mode. */
@@ -43,10 +43,18 @@ export interface EncodeOutput {
   readonly scores: tf.Tensor2D;
 }
 
-/** encode stage; the output tensors are owned by the caller's scope. */
-export const encodeStage = defineStage<EncodeInput, EncodeOutput, EncodeConfig, never, Scope.Scope>({
+/**
+ * encode stage. `apply` is the form for a gradient tape (the backbone's features
+ * stay alive until the tape's scope ends: the backward pass may need them);
+ * `run`'s output tensors are owned by the caller's scope.
+ */
+export const encodeStage = defineTensorStage<EncodeInput, EncodeOutput, EncodeConfig, never, Scope.Scope>({
   name: "encode",
   config: EncodeConfig,
+  apply: (config) => (input) => {
+    const { embeddings, scores } = modelForward(input.model, input.cropGroups, { training: config.training });
+    return { embeddings, scores };
+  },
   run: (config) => (input) =>
     scoped(() => {
       const { embeddings, scores, features } = modelForward(input.model, input.cropGroups, {

@@ -29,7 +29,8 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { fusedLarcStep } from "../backend/fused_larc.ts";
 import { defineStage } from "./stage.ts";
-import { withDefault } from "../models/schema.ts";
+import { PROTOTYPES_WEIGHT } from "../models/head.ts";
+import { NonNegative, NonNegativeInt, Positive, Probability, withDefault } from "../models/schema.ts";
 
 export interface LarcSgdOptions {
   readonly momentum: number;
@@ -95,8 +96,8 @@ export type SerialisedSlots = Record<
 
 /**
  * LARC-wrapped SGD with momentum. Owns its momentum slots (non-trainable
- * variables, keyed by the parameter's name); `dispose` frees them. Prefer
- * `makeLarcSgd`, which ties the disposal to a scope.
+ * variables, keyed by the parameter's name); `dispose` (or `using`) frees them.
+ * Inside Effect, `makeLarcSgd` ties the disposal to a scope.
  */
 export class LarcSgd {
   readonly #slots = new Map<string, tf.Variable>();
@@ -124,6 +125,7 @@ export class LarcSgd {
         if (grad == null || skip(name)) continue;
         const param = variables[name];
         if (param === undefined) {
+          // A programming error inside the synchronous update (a tf.tidy): no Effect channel here.
           throw new RangeError(`LarcSgd.step: no variable named "${name}" for its gradient`);
         }
         let slot = this.#slots.get(name);
@@ -170,6 +172,7 @@ export class LarcSgd {
     for (const [name, { shape, values }] of Object.entries(slots)) {
       const size = shape.reduce((a, b) => a * b, 1);
       if (values.length !== size) {
+        // Synchronous method of a plain-TypeScript class (also used outside Effect): a caller bug.
         throw new RangeError(
           `LarcSgd.restore: slot "${name}" has ${values.length} values for shape [${shape}]`,
         );
@@ -188,6 +191,11 @@ export class LarcSgd {
     for (const slot of this.#slots.values()) slot.dispose();
     this.#slots.clear();
   }
+
+  /** `using optimiser = new LarcSgd(...)` frees the slots at the end of the block. */
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
 }
 
 /** A LARC-SGD optimiser whose momentum slots are disposed when the scope closes. */
@@ -197,32 +205,35 @@ export const makeLarcSgd = (options: LarcSgdOptions): Effect.Effect<LarcSgd, nev
     (optimiser) => Effect.sync(() => optimiser.dispose()),
   );
 
-const NonNegative = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
-
-/** The optimise stage's config, with the reference's defaults (batch-256 recipe for the rates). */
-export const OptimiseConfig = Schema.Struct({
-  momentum: withDefault(Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 })), 0.9),
+/** LARC-SGD's settings, with the reference's defaults (the run config's `optim` section holds them). */
+export const larcFields = {
+  momentum: withDefault(Probability, 0.9),
+  /** SGD weight decay, absorbed by LARC. */
   weightDecay: withDefault(NonNegative, 1e-6),
-  trustCoefficient: withDefault(Schema.Finite.check(Schema.isGreaterThan(0)), 0.001),
-  larcEps: withDefault(NonNegative, 1e-8),
+  /** LARC trust coefficient. */
+  trust: withDefault(Positive, 0.001),
+  /** LARC eps in the adaptive rate's denominator. */
+  eps: withDefault(NonNegative, 1e-8),
+  /** LARC clipping (the effective rate is min(adaptive, lr)). */
   clip: withDefault(Schema.Boolean, false),
-  baseLr: withDefault(NonNegative, 0.6),
+};
+
+/** The learning-rate schedule's settings (batch-256 recipe; the run config's `optim` section holds them). */
+export const scheduleFields = {
+  baseLr: withDefault(Positive, 0.6),
   finalLr: withDefault(NonNegative, 0.0006),
   startWarmup: withDefault(NonNegative, 0),
   warmupEpochs: withDefault(NonNegative, 0),
-  epochs: withDefault(Schema.Int.check(Schema.isGreaterThanOrEqualTo(1)), 100),
-  /** main_swav.py's freeze_prototypes_niters default. */
-  freezePrototypesIters: withDefault(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0)), 313),
-  /** Variables whose name contains this string are the prototypes. */
-  prototypesVariable: withDefault(Schema.String.check(Schema.isMinLength(1)), "prototypes"),
-}).check(
-  Schema.makeFilter((c) =>
-    c.warmupEpochs <= c.epochs ? undefined : {
-      path: ["warmupEpochs"],
-      issue: `warmupEpochs (${c.warmupEpochs}) must be at most epochs (${c.epochs})`,
-    }
-  ),
-);
+};
+
+/** Prototype freezing (the run config's `swav` section holds it). */
+export const freezeFields = {
+  /** Iterations during which the prototypes are frozen (main_swav.py's freeze_prototypes_niters). */
+  freezePrototypesIters: withDefault(NonNegativeInt, 313),
+};
+
+/** The optimise stage's config, with the reference's defaults. */
+export const OptimiseConfig = Schema.Struct({ ...larcFields, ...scheduleFields, ...freezeFields });
 export type OptimiseConfig = typeof OptimiseConfig.Type;
 
 export interface OptimiseInput {
@@ -234,6 +245,8 @@ export interface OptimiseInput {
   /** 0-based global iteration: epoch * itersPerEpoch + index in the epoch. */
   readonly iteration: number;
   readonly itersPerEpoch: number;
+  /** The schedule's length in epochs (the run's `train.epochs`). */
+  readonly epochs: number;
 }
 
 export interface OptimiseOutput {
@@ -243,30 +256,35 @@ export interface OptimiseOutput {
 }
 
 /** The optimiser options of a validated optimise config. */
-export const larcOptions = (config: OptimiseConfig): LarcSgdOptions => ({
+export const larcOptions = (config: Pick<OptimiseConfig, keyof typeof larcFields>): LarcSgdOptions => ({
   momentum: config.momentum,
   weightDecay: config.weightDecay,
-  trustCoefficient: config.trustCoefficient,
-  eps: config.larcEps,
+  trustCoefficient: config.trust,
+  eps: config.eps,
   clip: config.clip,
 });
 
 /**
  * optimise stage: sets the learning rate for this iteration, then one LARC-SGD
- * step in place. The gradients stay owned by the caller.
+ * step in place; while frozen, the prototypes (the variable named
+ * `PROTOTYPES_WEIGHT`) keep their value and momentum. The gradients stay owned
+ * by the caller.
  */
 export const optimiseStage = defineStage<OptimiseInput, OptimiseOutput, OptimiseConfig>({
   name: "optimise",
   config: OptimiseConfig,
-  run: (config) => ({ optimiser, variables, grads, iteration, itersPerEpoch }) =>
+  run: (config) => ({ optimiser, variables, grads, iteration, itersPerEpoch, epochs }) =>
     Effect.sync(() => {
-      const learningRate = learningRateAt(iteration, scheduleFromEpochs({ ...config, itersPerEpoch }));
+      const learningRate = learningRateAt(
+        iteration,
+        scheduleFromEpochs({ ...config, epochs, itersPerEpoch }),
+      );
       const prototypesFrozen = iteration < config.freezePrototypesIters;
       optimiser.step(
         variables,
         grads,
         learningRate,
-        (name) => prototypesFrozen && name.includes(config.prototypesVariable),
+        (name) => prototypesFrozen && name === PROTOTYPES_WEIGHT,
       );
       return { learningRate, prototypesFrozen };
     }),

@@ -28,7 +28,9 @@ import { Effect, Schema, type Scope } from "effect";
 import { markConstant } from "../backend/lean_gradients.ts";
 import { wasmHeap } from "../backend/wasm_heap.ts";
 import { scoped } from "../backend/resources.ts";
-import { defineStage } from "./stage.ts";
+import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
+import { type CropLayout, CropLayoutError, inputProblem } from "./crop_layout.ts";
+import { defineTensorStage } from "./stage.ts";
 
 export interface SinkhornOptions {
   /** Entropic regularisation: smaller is sharper. The reference's default is 0.05. */
@@ -320,23 +322,66 @@ export const sinkhornKnopp = (
   }, [scores]);
 };
 
-/** The sinkhorn stage's config, with the reference's defaults. */
-export const SinkhornConfig = Schema.Struct({
-  epsilon: Schema.Finite.check(Schema.isGreaterThan(0)).pipe(
-    Schema.withDecodingDefaultKey(Effect.succeed(0.05)),
-  ),
-  iterations: Schema.Int.check(Schema.isGreaterThanOrEqualTo(0)).pipe(
-    Schema.withDecodingDefaultKey(Effect.succeed(3)),
-  ),
-});
+/** The sinkhorn stage's own settings, with the reference's defaults (the run config's `swav` section holds them). */
+export const sinkhornFields = {
+  /** Sinkhorn-Knopp entropic regularisation. */
+  epsilon: withDefault(Positive, 0.05),
+  /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs. */
+  sinkhornIterations: withDefault(NonNegativeInt, 3),
+};
+export const SinkhornConfig = Schema.Struct(sinkhornFields);
 export type SinkhornConfig = typeof SinkhornConfig.Type;
 
+export interface SinkhornInput {
+  /**
+   * Scores, read as constants. With `layout`, crop-major [bs·V, K] and one code
+   * per assignment crop; without, one matrix [B, K] and one code.
+   */
+  readonly scores: tf.Tensor2D;
+  readonly layout?: CropLayout | undefined;
+  /** queueScores[i]: the queue's scores [queueLength, K] for cropsForAssign[i], prepended before Sinkhorn. */
+  readonly queueScores?: readonly tf.Tensor2D[] | undefined;
+}
+
+/** Codes [bs, K] per assignment crop (queue rows prepended, dropped after); no layout checks. */
+const assignmentCodesOf = (config: SinkhornConfig) => {
+  const options = { epsilon: config.epsilon, iterations: config.sinkhornIterations };
+  return ({ scores, layout, queueScores }: SinkhornInput): tf.Tensor2D[] => {
+    if (layout === undefined) return [sinkhornKnopp(scores, options)];
+    const { batchSize: bs, cropsForAssign } = layout;
+    const k = scores.shape[1];
+    return cropsForAssign.map((crop, i) => {
+      const own = scores.slice([bs * crop, 0], [bs, k]) as tf.Tensor2D;
+      const q = queueScores?.[i];
+      if (q === undefined) return sinkhornKnopp(own, options);
+      const withQueue = tf.concat([q, own], 0);
+      return sinkhornKnopp(withQueue, options).slice([withQueue.shape[0] - bs, 0], [bs, k]);
+    });
+  };
+};
+
 /**
- * sinkhorn stage: detached scores [B, K] (queue rows first) to codes [B, K].
- * The codes are owned by the caller's scope.
+ * sinkhorn stage: detached scores (queue rows prepended per assignment crop) to
+ * codes whose rows sum to 1, one per assignment crop. `apply` is meant for the
+ * detached side of a training step (stages/tape.ts runs it off the tape); `run`
+ * checks the layout and its codes are owned by the caller's scope.
  */
-export const sinkhornStage = defineStage<tf.Tensor2D, tf.Tensor2D, SinkhornConfig, never, Scope.Scope>({
+export const sinkhornStage = defineTensorStage<
+  SinkhornInput,
+  readonly tf.Tensor2D[],
+  SinkhornConfig,
+  CropLayoutError,
+  Scope.Scope
+>({
   name: "sinkhorn",
   config: SinkhornConfig,
-  run: (config) => (scores) => scoped(() => sinkhornKnopp(scores, config)),
+  apply: assignmentCodesOf,
+  run: (config) => (input) => {
+    const problem = input.layout === undefined
+      ? (input.scores.rank === 2 ? undefined : `scores must be [B, K], got [${input.scores.shape}]`)
+      : inputProblem(input.layout, input.scores, input);
+    return problem === undefined
+      ? scoped(() => tf.tidy(() => assignmentCodesOf(config)(input)))
+      : Effect.fail(new CropLayoutError({ message: problem }));
+  },
 });

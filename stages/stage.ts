@@ -3,7 +3,8 @@
  * from a typed input to a typed output. Pipelines are built by composing stages,
  * so the dataflow of a pipeline file reads top to bottom.
  */
-import { Effect, Schema } from "effect";
+import { Effect, Schema, type Scope } from "effect";
+import { scoped } from "../backend/resources.ts";
 
 export interface Stage<In, Out, Config, E = never, R = never> {
   readonly name: string;
@@ -40,3 +41,34 @@ export const andThen = <A, B, C, E1, R1, E2, R2>(
   second: (input: B) => Effect.Effect<C, E2, R2>,
 ) =>
 (input: A): Effect.Effect<C, E1 | E2, R1 | R2> => Effect.flatMap(first(input), second);
+
+/**
+ * A stage whose work is synchronous tensor maths: besides the Effect `run`, it
+ * offers the same work as a plain function (`apply`), the form that can sit
+ * inside a gradient tape (`tf.variableGrads` takes a synchronous closure).
+ * `apply`'s result is owned by the caller (or by the tape's scope).
+ */
+export interface TensorStage<In, Out, Config, E = never, R = never> extends Stage<In, Out, Config, E, R> {
+  readonly apply: (config: Config) => (input: In) => Out;
+}
+
+/** Declares a tensor stage; the identity function, there for inference and docs. */
+export const defineTensorStage = <In, Out, Config, E = never, R = never>(
+  stage: TensorStage<In, Out, Config, E, R>,
+): TensorStage<In, Out, Config, E, R> => stage;
+
+/**
+ * A tensor stage from its synchronous work alone: `run` applies it and ties
+ * the output's tensors to the caller's scope.
+ */
+export const tensorStage = <In, Out, Config>(stage: {
+  readonly name: string;
+  readonly config: Schema.Decoder<Config>;
+  readonly apply: (config: Config) => (input: In) => Out;
+}): TensorStage<In, Out, Config, never, Scope.Scope> => ({
+  ...stage,
+  run: (config) => {
+    const apply = stage.apply(config);
+    return (input) => scoped(() => apply(input));
+  },
+});

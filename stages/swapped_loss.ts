@@ -15,17 +15,13 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
-import { defineStage } from "./stage.ts";
-import { sinkhornKnopp, withoutGradient } from "./sinkhorn.ts";
+import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
+import { type CropLayout, CropLayoutError, inputProblem, totalCrops } from "./crop_layout.ts";
+import { sinkhornStage } from "./sinkhorn.ts";
+import { defineTensorStage } from "./stage.ts";
+import { detached } from "./tape.ts";
 
-export interface CropLayout {
-  /** Samples per crop (per process in the reference). */
-  readonly batchSize: number;
-  /** Crops per resolution group, e.g. [2, 6]: the total is their sum. */
-  readonly nmbCrops: readonly number[];
-  /** Indices of the crops whose codes are predicted (the reference's [0, 1]). */
-  readonly cropsForAssign: readonly number[];
-}
+export { type CropLayout, CropLayoutError, cropLayoutProblem } from "./crop_layout.ts";
 
 export interface SwappedLossOptions extends CropLayout {
   /** Softmax temperature (reference 0.1). */
@@ -41,36 +37,18 @@ export interface AssignmentOptions extends CropLayout {
 
 export type SwappedPredictionOptions = SwappedLossOptions & AssignmentOptions;
 
-/** A crop layout that does not fit the scores it is applied to. */
-export class CropLayoutError extends Schema.TaggedError<CropLayoutError>()("CropLayoutError", {
-  message: Schema.String,
-}) {}
-
-const totalCrops = (nmbCrops: readonly number[]): number => nmbCrops.reduce((a, b) => a + b, 0);
-
-/** Checks `layout` against scores of shape [rows, K]; returns a message naming the problem, or undefined. */
-export const cropLayoutProblem = (layout: CropLayout, rows: number): string | undefined => {
-  const total = totalCrops(layout.nmbCrops);
-  if (!Number.isInteger(layout.batchSize) || layout.batchSize < 1) {
-    return `batchSize must be a positive integer, got ${layout.batchSize}`;
-  }
-  if (layout.nmbCrops.some((n) => !Number.isInteger(n) || n < 0) || total < 2) {
-    return `nmbCrops must be non-negative integers summing to at least 2, got [${layout.nmbCrops}]`;
-  }
-  if (layout.cropsForAssign.length === 0) return "cropsForAssign must not be empty";
-  const bad = layout.cropsForAssign.find((c) => !Number.isInteger(c) || c < 0 || c >= total);
-  if (bad !== undefined) return `cropsForAssign has crop ${bad}, outside 0..${total - 1}`;
-  if (rows !== layout.batchSize * total) {
-    return `scores have ${rows} rows, expected batchSize * total crops = ${layout.batchSize} * ${total}`;
-  }
-  return undefined;
-};
-
-const checkLayout = (layout: CropLayout, scores: tf.Tensor2D): void => {
-  if (scores.rank !== 2) {
-    throw new CropLayoutError({ message: `scores must be [rows, K], got [${scores.shape}]` });
-  }
-  const problem = cropLayoutProblem(layout, scores.shape[0]);
+/**
+ * Throws CropLayoutError when the inputs do not fit the layout: these plain
+ * functions are synchronous tensor maths (they may run inside a gradient tape),
+ * so they cannot fail through Effect; the stages check first and fail typed.
+ */
+const checkLayout = (
+  layout: CropLayout,
+  scores: tf.Tensor2D,
+  parts: Parameters<typeof inputProblem>[2],
+): void => {
+  const problem = inputProblem(layout, scores, parts);
+  // synchronous tensor function (see above): no Effect error channel here
   if (problem !== undefined) throw new CropLayoutError({ message: problem });
 };
 
@@ -80,33 +58,10 @@ const checkLayout = (layout: CropLayout, scores: tf.Tensor2D): void => {
  * are dropped after. Carries no gradient and records nothing on a tape.
  */
 export const assignmentCodes = (scores: tf.Tensor2D, options: AssignmentOptions): tf.Tensor2D[] => {
-  checkLayout(options, scores);
-  const { batchSize: bs, cropsForAssign, queueScores } = options;
-  if (queueScores !== undefined && queueScores.length !== cropsForAssign.length) {
-    throw new CropLayoutError({
-      message:
-        `queueScores has ${queueScores.length} entries, expected one per assignment crop (${cropsForAssign.length})`,
-    });
-  }
-  const k = scores.shape[1];
-  return tf.tidy(() => {
-    // One op off the tape for all crops: stacked [n*bs, K], split after.
-    const stacked = withoutGradient((s, ...queue) =>
-      tf.concat(
-        cropsForAssign.map((crop, i) => {
-          const own = s.slice([bs * crop, 0], [bs, k]) as tf.Tensor2D;
-          const q = queue[i];
-          if (q === undefined) return sinkhornKnopp(own, options);
-          const withQueue = tf.concat([q as tf.Tensor2D, own], 0);
-          return sinkhornKnopp(withQueue, options).slice([withQueue.shape[0] - bs, 0], [bs, k]);
-        }),
-        0,
-      ), [scores, ...(queueScores ?? [])]);
-    // (tf.split's gradient fails for a single piece, so one crop is returned whole)
-    return cropsForAssign.length === 1
-      ? [stacked]
-      : tf.split(stacked, cropsForAssign.length, 0) as tf.Tensor2D[];
-  });
+  const { queueScores } = options;
+  checkLayout(options, scores, { queueScores });
+  const assign = sinkhornStage.apply({ epsilon: options.epsilon, sinkhornIterations: options.iterations });
+  return detached(assign)({ scores, layout: options, queueScores });
 };
 
 /**
@@ -119,18 +74,18 @@ export const swappedLossFromCodes = (
   codes: readonly tf.Tensor2D[],
   options: SwappedLossOptions,
 ): tf.Scalar => {
-  checkLayout(options, scores);
+  checkLayout(options, scores, { codes });
+  return lossFromCodes(scores, codes, options);
+};
+
+/** The loss itself, for inputs already checked. */
+const lossFromCodes = (
+  scores: tf.Tensor2D,
+  codes: readonly tf.Tensor2D[],
+  options: SwappedLossOptions,
+): tf.Scalar => {
   const { batchSize: bs, cropsForAssign, temperature } = options;
-  if (codes.length !== cropsForAssign.length) {
-    throw new CropLayoutError({
-      message: `got ${codes.length} codes, expected one per assignment crop (${cropsForAssign.length})`,
-    });
-  }
   const k = scores.shape[1];
-  const bad = codes.find((q) => q.shape[0] !== bs || q.shape[1] !== k);
-  if (bad !== undefined) {
-    throw new CropLayoutError({ message: `codes must be [${bs}, ${k}], got [${bad.shape}]` });
-  }
   const total = totalCrops(options.nmbCrops);
   const n = cropsForAssign.length;
   return tf.tidy(() => {
@@ -157,17 +112,18 @@ export const swappedLossFromCodes = (
 export const swappedPredictionLoss = (scores: tf.Tensor2D, options: SwappedPredictionOptions): tf.Scalar =>
   tf.tidy(() => swappedLossFromCodes(scores, assignmentCodes(scores, options), options));
 
-/** The swappedLoss stage's config, with the reference's defaults. */
+/** The swappedLoss stage's own settings, with the reference's defaults (the run config's `swav` section holds them). */
+export const swappedLossFields = {
+  /** Softmax temperature of the swapped prediction. */
+  temperature: withDefault(Positive, 0.1),
+  /** Crops whose codes are predicted (the two full-resolution crops). */
+  cropsForAssign: withDefault(Schema.Array(NonNegativeInt), [0, 1]),
+};
+
+/** The swappedLoss stage's config: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
 export const SwappedLossConfig = Schema.Struct({
-  nmbCrops: Schema.Array(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))).pipe(
-    Schema.withDecodingDefaultKey(Effect.succeed([2])),
-  ),
-  cropsForAssign: Schema.Array(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))).pipe(
-    Schema.withDecodingDefaultKey(Effect.succeed([0, 1])),
-  ),
-  temperature: Schema.Finite.check(Schema.isGreaterThan(0)).pipe(
-    Schema.withDecodingDefaultKey(Effect.succeed(0.1)),
-  ),
+  nmbCrops: withDefault(Schema.Array(NonNegativeInt), [2]),
+  ...swappedLossFields,
 }).check(
   Schema.makeFilter((c) => {
     const total = totalCrops(c.nmbCrops);
@@ -192,11 +148,19 @@ export interface SwappedLossInput {
   readonly codes: readonly tf.Tensor2D[];
 }
 
+/** The layout of `config` for scores with `rows` rows. */
+const layoutOf = (config: SwappedLossConfig, rows: number): SwappedLossOptions => {
+  const total = totalCrops(config.nmbCrops);
+  return { ...config, batchSize: total > 0 ? rows / total : 0 };
+};
+
 /**
- * swappedLoss stage: (scores, codes) to the scalar loss, owned by the caller's
- * scope. Fails with CropLayoutError when the layout does not fit the scores.
+ * swappedLoss stage: (scores, codes) to the scalar loss. `apply` is the
+ * differentiable form for a gradient tape (inputs assumed to fit the layout);
+ * `run` checks them, fails with CropLayoutError when they do not fit, and its
+ * loss is owned by the caller's scope.
  */
-export const swappedLossStage = defineStage<
+export const swappedLossStage = defineTensorStage<
   SwappedLossInput,
   tf.Scalar,
   SwappedLossConfig,
@@ -205,18 +169,14 @@ export const swappedLossStage = defineStage<
 >({
   name: "swappedLoss",
   config: SwappedLossConfig,
+  apply: (config) => ({ scores, codes }) => lossFromCodes(scores, codes, layoutOf(config, scores.shape[0])),
   run: (config) => ({ scores, codes }) =>
     Effect.suspend(() => {
-      const total = totalCrops(config.nmbCrops);
-      const batchSize = total > 0 ? scores.shape[0] / total : 0;
-      const options = { ...config, batchSize };
-      const problem = scores.rank === 2 ? cropLayoutProblem(options, scores.shape[0]) : "scores must be 2-D";
+      const options = layoutOf(config, scores.shape[0]);
+      const problem = inputProblem(options, scores, { codes });
       if (problem !== undefined) return Effect.fail(new CropLayoutError({ message: problem }));
       return Effect.acquireRelease(
-        Effect.try({
-          try: () => swappedLossFromCodes(scores, codes, options),
-          catch: (e) => e instanceof CropLayoutError ? e : new CropLayoutError({ message: String(e) }),
-        }),
+        Effect.sync(() => lossFromCodes(scores, codes, options)),
         (loss) => Effect.sync(() => loss.dispose()),
       );
     }),

@@ -13,8 +13,7 @@ import { dnnlInfo } from "../backend/onednn.ts";
 import { blasInfo, loadBlas } from "../backend/openblas.ts";
 import { withKernelSettings } from "../backend/tensor_backend.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { forwardBackward } from "../pipelines/train_step.ts";
+import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
@@ -223,7 +222,7 @@ Deno.test(
       tf.randomNormal([n * options.batch, s, s, 3], 0, 1, "float32", 20 + i) as tf.Tensor4D
     );
     const variables = trainableVariables(model);
-    const parts = swavParts(model, config, options.batch);
+    const parts = swavTape(model, config, options.batch);
     const run = (on: boolean) =>
       withKernelSettings({ blas: on }, async () => {
         const tape = forwardBackward(parts, crops, variables);

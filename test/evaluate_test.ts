@@ -12,7 +12,7 @@ import { evaluate, evaluationJson, extractToFolder } from "../pipelines/evaluate
 import { extractFeatures } from "../pipelines/extract.ts";
 import { knnClassify } from "../pipelines/knn.ts";
 import { probeLearningRate, trainLinearProbe } from "../pipelines/linear_probe.ts";
-import { modelArrays } from "../pipelines/pretrain.ts";
+import { modelArrays } from "../pipelines/checkpoint.ts";
 import { rngFor } from "../data/rng.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 

@@ -10,7 +10,7 @@ import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { withoutGradient } from "../stages/sinkhorn.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
+import { swavTape } from "../pipelines/swav_step.ts";
 import { assertNoTensorLeak, useBackend } from "./_helpers.ts";
 
 type Grads = (f: () => tf.Scalar, variables: tf.Variable[]) => { value: tf.Scalar; grads: tf.NamedTensorMap };
@@ -36,13 +36,8 @@ Deno.test("leanVariableGrads: a SwAV step's gradients equal tf.variableGrads'", 
     tf.randomNormal([n * options.batch, s, s, 3], 0, 1, "float32", seed + i) as tf.Tensor4D
   );
   const variables = trainableVariables(model);
-  const parts = swavParts(model, config, options.batch);
-  const loss = () =>
-    tf.tidy(() => {
-      const { scores } = parts.encode(crops);
-      const codes = parts.assign(scores, undefined);
-      return parts.loss(scores, codes);
-    });
+  const tape = swavTape(model, config, options.batch);
+  const loss = () => tf.tidy(() => tape(crops).loss);
   // Same inputs and weights both times (train-mode batch norm uses batch statistics).
   const run = async (grads: Grads) => {
     let peak = 0;

@@ -273,11 +273,11 @@ Deno.test("LarcSgd", async (t) => {
 Deno.test("optimise stage", async (t) => {
   await t.step("sets the rate from the schedule and holds the prototypes still while frozen", async () => {
     await assertNoTensorLeak("stage", async () => {
-      const raw = { baseLr: 0.5, finalLr: 0.005, warmupEpochs: 1, epochs: 3, freezePrototypesIters: 2 };
+      const raw = { baseLr: 0.5, finalLr: 0.005, warmupEpochs: 1, freezePrototypesIters: 2 };
       const step = await Effect.runPromise(configure(optimiseStage, raw));
       const variables = {
         "head/kernel": owned(() => tf.randomNormal([3, 2], 0, 1, "float32", 3)),
-        "swav/prototypes": owned(() => tf.randomNormal([4, 2], 0, 1, "float32", 4)),
+        "prototypes.weight": owned(() => tf.randomNormal([4, 2], 0, 1, "float32", 4)),
       };
       await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
         const optimiser = yield* makeLarcSgd({
@@ -288,14 +288,14 @@ Deno.test("optimise stage", async (t) => {
           clip: false,
         });
         for (let iteration = 0; iteration < 4; iteration++) {
-          const before = yield* Effect.promise(() => values(variables["swav/prototypes"]));
+          const before = yield* Effect.promise(() => values(variables["prototypes.weight"]));
           const grads = tf.tidy(() => ({
             "head/kernel": tf.onesLike(variables["head/kernel"]),
-            "swav/prototypes": tf.onesLike(variables["swav/prototypes"]),
+            "prototypes.weight": tf.onesLike(variables["prototypes.weight"]),
           }));
-          const out = yield* step({ optimiser, variables, grads, iteration, itersPerEpoch: 4 });
+          const out = yield* step({ optimiser, variables, grads, iteration, itersPerEpoch: 4, epochs: 3 });
           tf.dispose(grads);
-          const after = yield* Effect.promise(() => values(variables["swav/prototypes"]));
+          const after = yield* Effect.promise(() => values(variables["prototypes.weight"]));
           const schedule = scheduleFromEpochs({
             epochs: 3,
             warmupEpochs: 1,
@@ -319,16 +319,14 @@ Deno.test("optimise stage", async (t) => {
     assert.deepEqual(config, {
       momentum: 0.9,
       weightDecay: 1e-6,
-      trustCoefficient: 0.001,
-      larcEps: 1e-8,
+      trust: 0.001,
+      eps: 1e-8,
       clip: false,
       baseLr: 0.6,
       finalLr: 0.0006,
       startWarmup: 0,
       warmupEpochs: 0,
-      epochs: 100,
       freezePrototypesIters: 313,
-      prototypesVariable: "prototypes",
     });
     assert.deepEqual(larcOptions(config), {
       momentum: 0.9,
@@ -341,7 +339,8 @@ Deno.test("optimise stage", async (t) => {
       const [raw, field] of [
         [{ momentum: 2 }, "momentum"],
         [{ weightDecay: -1 }, "weightDecay"],
-        [{ warmupEpochs: 20, epochs: 10 }, "warmupEpochs"],
+        [{ warmupEpochs: -1 }, "warmupEpochs"],
+        [{ freezePrototypesIters: 1.5 }, "freezePrototypesIters"],
         [{ clip: "no" }, "clip"],
       ] as const
     ) {
@@ -416,4 +415,25 @@ Deno.test("LarcSgd on the wasm backend: the fused one-pass update", async (t) =>
   } finally {
     await tf.setBackend(previous);
   }
+});
+
+Deno.test("LarcSgd with `using` frees its momentum slots at the end of the block", async () => {
+  await assertNoTensorLeak("using", () => {
+    const initial = tf.ones([3]);
+    const variable = tf.variable(initial);
+    initial.dispose();
+    {
+      using optimiser = new LarcSgd({
+        momentum: 0.9,
+        weightDecay: 0,
+        trustCoefficient: 0.001,
+        eps: 1e-8,
+        clip: false,
+      });
+      tf.tidy(() => optimiser.step({ w: variable }, { w: tf.onesLike(variable) }, 0.1));
+      assert.deepEqual(optimiser.slotNames, ["w"]);
+    }
+    variable.dispose();
+    return Promise.resolve();
+  });
 });

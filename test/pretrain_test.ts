@@ -5,7 +5,9 @@ import { TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfig, type RunConfigInput } from "../config/config.ts";
 import { writeDemoDataset } from "../data/demo_dataset.ts";
 import { latestCheckpoint, readCheckpoint } from "../pipelines/checkpoint.ts";
-import { pretrain, type PretrainOptions, type StepMetrics, swavParts } from "../pipelines/pretrain.ts";
+import { pretrain, type PretrainOptions, type StepMetrics } from "../pipelines/pretrain.ts";
+import { SwappedLossConfig, swappedLossStage } from "../stages/swapped_loss.ts";
+import { tensorStage } from "../stages/stage.ts";
 
 /** A tiny labelled image-folder data set (10 classes of 16 px PNGs), written once per test run. */
 const dataFolder = await Deno.makeTempDir({ prefix: "swav-pretrain-test-" });
@@ -124,19 +126,18 @@ Deno.test("a non-finite loss stops the run before the update; the last checkpoin
   await withRunFolder(async (out) => {
     const config = await decode(tinyConfig(out, { train: { checkpointEvery: 1 } }));
     let calls = 0;
-    const exit = await run(config, {
-      parts: (model, cfg, batchSize) => {
-        const parts = swavParts(model, cfg, batchSize);
-        // A loss that turns NaN on the third step, as an overflowing exp would.
-        return {
-          ...parts,
-          loss: (
-            scores,
-            codes,
-          ) => (++calls === 3 ? parts.loss(scores, codes).mul(Number.NaN) : parts.loss(scores, codes)),
-        };
+    // A loss stage that turns NaN on the third step, as an overflowing exp would.
+    const nanOnThird = tensorStage({
+      name: "nanOnThird",
+      config: SwappedLossConfig,
+      apply: (c: SwappedLossConfig) => {
+        const loss = swappedLossStage.apply(c);
+        return (
+          input: Parameters<typeof loss>[0],
+        ) => (++calls === 3 ? loss(input).mul(Number.NaN) as tf.Scalar : loss(input));
       },
     });
+    const exit = await run(config, { stages: { loss: nanOnThird } });
     assert.ok(Exit.isFailure(exit), "the run must fail");
     assert.match(String(exit.cause), /NonFiniteLoss/);
     assert.match(String(exit.cause), /the update was not applied/);
@@ -183,11 +184,14 @@ Deno.test("bad config fields get messages naming the field and the allowed value
 });
 
 Deno.test("a custom pipeline (hard codes instead of Sinkhorn) runs through the stock pretrain", async () => {
-  const { hardAssignment } = await import("../examples/custom_pipeline.ts");
+  const { hardAssignStage } = await import("../examples/custom_pipeline.ts");
   await withRunFolder(async (out) => {
     const metrics: StepMetrics[] = [];
     const config = await decode(tinyConfig(out, { train: { maxSteps: 4 } }));
-    const exit = await run(config, { parts: hardAssignment, hooks: { onStep: (m) => metrics.push(m) } });
+    const exit = await run(config, {
+      stages: { assign: hardAssignStage },
+      hooks: { onStep: (m) => metrics.push(m) },
+    });
     assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
     assert.equal(metrics.length, 4);
     // Hard codes are one-hot: their entropy is zero, unlike Sinkhorn's.

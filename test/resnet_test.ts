@@ -315,7 +315,7 @@ Deno.test("estimateMemory: at or above the measured peak of a training step, wit
     const groups = crops.sizeCrops.map((s, i) =>
       tf.randomNormal([batch * crops.nmbCrops[i]!, s, s, 3]) as tf.Tensor4D
     );
-    // The training step's gradient walk (pipelines/train_step.ts).
+    // The training step's gradient walk (pipelines/swav_step.ts).
     const info = await tf.profile(() => {
       const { value, grads } = leanVariableGrads(() => {
         const { scores } = modelForward(model, groups, { training: true });

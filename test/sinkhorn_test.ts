@@ -409,7 +409,7 @@ Deno.test("sinkhorn stage", async (t) => {
       const c = fixture.sinkhorn.find((x) => x.epsilon === 0.05 && x.iterations === 3)!;
       const scores = tf.tensor2d(c.scores, [c.rows, c.k]);
       const got = await Effect.runPromise(
-        Effect.scoped(Effect.flatMap(step(scores), (codes) => Effect.promise(() => values(codes)))),
+        Effect.scoped(Effect.flatMap(step({ scores }), (codes) => Effect.promise(() => values(codes[0]!)))),
       );
       scores.dispose();
       assert.ok(relativeError(got, c.codes) < tolerance(c.epsilon));
@@ -417,7 +417,12 @@ Deno.test("sinkhorn stage", async (t) => {
   });
 
   await t.step("a bad config names the field", async () => {
-    for (const [raw, field] of [[{ epsilon: -1 }, "epsilon"], [{ iterations: 1.5 }, "iterations"]] as const) {
+    for (
+      const [raw, field] of [[{ epsilon: -1 }, "epsilon"], [
+        { sinkhornIterations: 1.5 },
+        "sinkhornIterations",
+      ]] as const
+    ) {
       const exit = await Effect.runPromiseExit(configure(sinkhornStage, raw));
       assert.ok(Exit.isFailure(exit));
       assert.match(String(exit.cause), new RegExp(field));

@@ -10,8 +10,7 @@ import { type ModelConfig } from "../models/model.ts";
 import { makeSwavModel, trainableVariables } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
-import { swavParts } from "../pipelines/pretrain.ts";
-import { forwardBackward } from "../pipelines/train_step.ts";
+import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { decodeRunConfig } from "../config/config.ts";
 import { Effect } from "effect";
 import { relativeError } from "./_helpers.ts";
@@ -35,7 +34,7 @@ const oneStep = async (crops: Float32Array[], batch: number) => {
   const model = makeSwavModel(modelConfig, 11);
   normalisePrototypes(model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>);
   const groups = [tf.tensor4d(crops[0]!, [2 * batch, 8, 8, 3]), tf.tensor4d(crops[1]!, [2 * batch, 4, 4, 3])];
-  const tape = forwardBackward(swavParts(model, config, batch), groups, trainableVariables(model));
+  const tape = forwardBackward(swavTape(model, config, batch), groups, trainableVariables(model));
   const loss = (await tape.loss.data())[0]!;
   const grads: number[] = [];
   for (const v of trainableVariables(model)) grads.push(...(await tape.grads[v.name]!.data()));

@@ -1,0 +1,108 @@
+/**
+ * The gradient boundary of SwAV's step, made explicit. Encode and the loss sit
+ * on one gradient tape; the assignment (codes) works on detached scores, off
+ * the tape:
+ *
+ *   on the tape    input ──encode──▶ embeddings, scores ─────────────────┐
+ *   off the tape                     scores (constants) ──assign──▶ codes ┤
+ *   on the tape                                          swapped loss ◀──┘
+ *
+ * `onOneTape` builds the tape's synchronous body from three tensor stages
+ * (already configured); `onTape` runs such a body under a `tf.variableGrads`-
+ * style function and hands back the loss, the gradients and, as constants for
+ * the queue and the metrics, the embeddings and the codes.
+ */
+import * as tf from "@tensorflow/tfjs";
+import type { CropLayout } from "./crop_layout.ts";
+import type { EncodeOutput } from "./encode.ts";
+import { type SinkhornInput, withoutGradient } from "./sinkhorn.ts";
+import type { SwappedLossInput } from "./swapped_loss.ts";
+
+/** `tf.variableGrads`' signature (also that of backend/lean_gradients.ts' `leanVariableGrads`). */
+export type VariableGrads = (
+  f: () => tf.Scalar,
+  variables: tf.Variable[],
+) => { value: tf.Scalar; grads: tf.NamedTensorMap };
+
+/**
+ * `assign` on constants: one op whose gradient is zero for the scores and the
+ * queue's scores (nothing inside it is recorded on a tape), its codes stacked
+ * in that op and split back into one [bs, K] code per assignment crop.
+ */
+export const detached =
+  (assign: (input: SinkhornInput) => readonly tf.Tensor2D[]) => (input: SinkhornInput): tf.Tensor2D[] =>
+    tf.tidy(() => {
+      let count = 0;
+      const stacked = withoutGradient((scores, ...queue) => {
+        const codes = assign({
+          ...input,
+          scores: scores as tf.Tensor2D,
+          queueScores: queue.length === 0 ? undefined : queue as tf.Tensor2D[],
+        });
+        count = codes.length;
+        return tf.concat(codes as tf.Tensor2D[], 0);
+      }, [input.scores, ...(input.queueScores ?? [])]);
+      // (tf.split's gradient fails for a single piece, so one code is returned whole)
+      return count === 1 ? [stacked] : tf.split(stacked, count, 0) as tf.Tensor2D[];
+    });
+
+/** What the tape's body takes: the encoder's input, the batch's crop layout and the queue's scores. */
+export interface TapeInput<EncodeIn> {
+  readonly encode: EncodeIn;
+  readonly layout: CropLayout;
+  readonly queueScores?: readonly tf.Tensor2D[] | undefined;
+}
+
+/** What the tape's body computes. */
+export interface TapeForward {
+  readonly loss: tf.Scalar;
+  /** All crops' embeddings [batch * crops, D], crop-major. */
+  readonly embeddings: tf.Tensor2D;
+  /** One code [batch, K] per assignment crop, without gradient. */
+  readonly codes: tf.Tensor2D[];
+}
+
+/**
+ * The tape's body from three configured tensor stages: encode, then the
+ * assignment on detached scores, then the loss from the scores and the codes.
+ * Synchronous: it runs inside a `tf.variableGrads` closure.
+ */
+export const onOneTape = <EncodeIn>(
+  encode: (input: EncodeIn) => EncodeOutput,
+  assign: (input: SinkhornInput) => readonly tf.Tensor2D[],
+  loss: (input: SwappedLossInput) => tf.Scalar,
+) => {
+  const assignDetached = detached(assign);
+  return (input: TapeInput<EncodeIn>): TapeForward => {
+    const { embeddings, scores } = encode(input.encode);
+    const codes = assignDetached({ scores, layout: input.layout, queueScores: input.queueScores });
+    return { loss: loss({ scores, codes }), embeddings, codes };
+  };
+};
+
+/** What a tape hands back; every tensor is owned by the caller. */
+export interface TapeOutputs {
+  readonly loss: tf.Scalar;
+  readonly grads: tf.NamedTensorMap;
+  /** All crops' embeddings [batch * crops, D], crop-major, as constants (for the queue). */
+  readonly embeddings: tf.Tensor2D;
+  /** The codes, [batch, K] each (for metrics). */
+  readonly codes: tf.Tensor2D[];
+}
+
+/** Runs `forward` under `variableGrads` over `variables`: gradients of its loss. */
+export const onTape = (
+  variableGrads: VariableGrads,
+  forward: () => TapeForward,
+  variables: readonly tf.Variable[],
+): TapeOutputs => {
+  let kept: tf.Tensor2D | undefined;
+  let codes: tf.Tensor2D[] = [];
+  const { value, grads } = variableGrads(() => {
+    const out = forward();
+    codes = out.codes.map((c) => tf.keep(c));
+    kept = tf.keep(out.embeddings);
+    return out.loss;
+  }, variables as tf.Variable[]);
+  return { loss: value, grads, embeddings: kept!, codes };
+};
