@@ -21,16 +21,19 @@ export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } 
 export { andThen, ConfigError, configure, defineStage, type Stage } from "./stages/stage.ts";
 
 // Stage: decode
-export { DecodeError, decodeImage, decodeStage, type RgbImage } from "./stages/decode.ts";
+export { DecodeError, decodeImage, type RgbImage } from "./data/image_codec.ts";
+export { decodeStage } from "./stages/decode.ts";
 export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
-export { type Batch, evalPrepare, type Loader, makeLoader, multicropPrepare } from "./data/loader.ts";
+export { type Batch, type Loader, makeLoader } from "./data/loader.ts";
 
 // Stage: multicrop
 export {
   collateCrops,
   defaultMulticropConfig,
+  evalPrepare,
   evalTransform,
   MulticropConfig,
+  multicropPrepare,
   multicropSample,
   multicropStage,
   smallImageProfile,
@@ -51,7 +54,8 @@ export { backboneForward } from "./models/resnet.ts";
 export { normalisePrototypes } from "./models/prototypes.ts";
 
 // Stage: sinkhorn
-export { SinkhornConfig, sinkhornKnopp, sinkhornStage, withoutGradient } from "./stages/sinkhorn.ts";
+export { SinkhornConfig, sinkhornKnopp, sinkhornStage } from "./stages/sinkhorn.ts";
+export { withoutGradient } from "./backend/no_gradient.ts";
 
 // Stage: swappedLoss (and the composed one-call form)
 export {

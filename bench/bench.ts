@@ -40,7 +40,7 @@ import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../mo
 import { normalisePrototypes } from "../models/prototypes.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
 import { forwardBackward } from "../pipelines/train_step.ts";
-import { decodeImagePromise } from "../stages/decode.ts";
+import { decodeImagePromise } from "../data/image_codec.ts";
 import { collateCrops, MulticropConfig, multicropSample } from "../stages/multicrop.ts";
 import { LarcSgd } from "../stages/optimise.ts";
 import { assignmentCodes, swappedLossFromCodes } from "../stages/swapped_loss.ts";

@@ -14,7 +14,7 @@
  * once and their files read lazily, so a folder far larger than RAM streams.
  */
 import { Effect, Schema } from "effect";
-import { DecodeError, decodeImage, type RgbImage } from "../stages/decode.ts";
+import { DecodeError, decodeImage, type RgbImage } from "./image_codec.ts";
 import { parseIdx } from "./idx.ts";
 import { cifarImage, cifarLabel, type CifarVariant, recordLength } from "./cifar.ts";
 

@@ -11,7 +11,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { wasmHeap } from "../backend/wasm_heap.ts";
-import { withoutGradient } from "../stages/sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
 
 /** F.normalize's floor on the norm: rows of norm below it are divided by it instead. */
 const NORM_FLOOR = 1e-12;

@@ -16,7 +16,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { defineStage } from "./stage.ts";
-import { sinkhornKnopp, withoutGradient } from "./sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
+import { sinkhornKnopp } from "./sinkhorn.ts";
 
 export interface CropLayout {
   /** Samples per crop (per process in the reference). */

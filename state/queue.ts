@@ -18,7 +18,7 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope, SynchronizedRef } from "effect";
 import { disposeAll } from "../backend/resources.ts";
 import { prototypeScores } from "../models/prototypes.ts";
-import { withoutGradient } from "../stages/sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
 
 export interface QueueOptions {
   /** Requested length (the reference's queue_length); rounded down to a multiple of the batch. */
