@@ -409,9 +409,9 @@ export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<
     yield* Effect.tryPromise({
       try: async () => {
         await Deno.mkdir(options.out, { recursive: true });
-        await writeNpy(`${options.out}/features.npy`, values, [count, dim]);
-        await writeNpy(`${options.out}/labels.npy`, toInt64(extracted.labels), [count]);
-        await writeNpy(`${options.out}/indices.npy`, toInt64(extracted.indices), [count]);
+        await Effect.runPromise(writeNpy(`${options.out}/features.npy`, values, [count, dim]));
+        await Effect.runPromise(writeNpy(`${options.out}/labels.npy`, toInt64(extracted.labels), [count]));
+        await Effect.runPromise(writeNpy(`${options.out}/indices.npy`, toInt64(extracted.indices), [count]));
         await Deno.writeTextFile(`${options.out}/features.json`, JSON.stringify(sidecar, null, 2) + "\n");
       },
       catch: (error) =>

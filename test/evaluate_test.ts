@@ -275,8 +275,8 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
         "extract",
         () => Effect.runPromise(extractToFolder({ checkpoint: run, data: `${data}/demo:test`, out })),
       );
-      const features = await readNpy(`${out}/features.npy`);
-      const labels = await readNpy(`${out}/labels.npy`);
+      const features = await Effect.runPromise(readNpy(`${out}/features.npy`));
+      const labels = await Effect.runPromise(readNpy(`${out}/labels.npy`));
       assert.equal(features.dtype, "<f4");
       assert.deepEqual([...features.shape], [30, model.plan.featureDim]);
       assert.equal(labels.dtype, "<i8");
@@ -427,7 +427,7 @@ Deno.test("eval/extract/export CLI: --json line, .npy output, an export evaluate
       `${folder}/f`,
     );
     assert.equal(extracted.code, 0, extracted.stderr);
-    assert.deepEqual([...(await readNpy(`${folder}/f/features.npy`)).shape], [30, 32]);
+    assert.deepEqual([...(await Effect.runPromise(readNpy(`${folder}/f/features.npy`))).shape], [30, 32]);
 
     const missing = await swav("eval", "--checkpoint", `${folder}/nothing`, "--method", "linear");
     assert.equal(missing.code, 1);
