@@ -44,14 +44,19 @@ export { checkFitsBackend, encodeStage, ModelTooLarge } from "./stages/encode.ts
 export {
   disposeModel,
   estimateMemory,
+  loadModelArrays,
   makeSwavModel,
   ModelConfig,
   modelForward,
+  ModelWeightsError,
+  type NamedArray,
+  readModelArrays,
+  scopedSwavModel,
   type SwavModel,
   trainableVariables,
 } from "./models/model.ts";
 export { backboneForward } from "./models/resnet.ts";
-export { normalisePrototypes } from "./models/prototypes.ts";
+export { l2NormaliseRows, normalisePrototypes, prototypeScores } from "./models/prototypes.ts";
 
 // Stage: sinkhorn
 export { SinkhornConfig, sinkhornKnopp, sinkhornStage } from "./stages/sinkhorn.ts";
@@ -77,6 +82,7 @@ export {
 
 // State with an owner: the embedding queue
 export {
+  createQueue,
   type EmbeddingQueue,
   isFull as queueIsFull,
   makeQueue,
@@ -110,7 +116,7 @@ export {
 } from "./pipelines/evaluate.ts";
 export { trainLinearProbe } from "./pipelines/linear_probe.ts";
 export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
-export { decodeNpy, encodeNpy, readNpy, writeNpy } from "./data/npy.ts";
+export { decodeNpy, encodeNpy, NpyError, readNpy, writeNpy } from "./data/npy.ts";
 export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
 
 // Randomness keyed by (seed, epoch, sample index)
