@@ -37,16 +37,19 @@ export { detached, onOneTape, onTape, type TapeOutputs, type VariableGrads } fro
 export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
 
 // Stage: decode
-export { DecodeError, decodeImage, decodeStage, type RgbImage } from "./stages/decode.ts";
+export { DecodeError, decodeImage, type RgbImage } from "./data/image_codec.ts";
+export { decodeStage } from "./stages/decode.ts";
 export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
-export { type Batch, evalPrepare, type Loader, makeLoader, multicropPrepare } from "./data/loader.ts";
+export { type Batch, type Loader, makeLoader } from "./data/loader.ts";
 
 // Stage: multicrop
 export {
   collateCrops,
   defaultMulticropConfig,
+  evalPrepare,
   evalTransform,
   MulticropConfig,
+  multicropPrepare,
   multicropSample,
   multicropStage,
   smallImageProfile,
@@ -57,23 +60,23 @@ export { checkFitsBackend, encodeStage, ModelTooLarge } from "./stages/encode.ts
 export {
   disposeModel,
   estimateMemory,
+  loadModelArrays,
   makeSwavModel,
   ModelConfig,
   modelForward,
+  ModelWeightsError,
+  type NamedArray,
+  readModelArrays,
+  scopedSwavModel,
   type SwavModel,
   trainableVariables,
 } from "./models/model.ts";
 export { backboneForward } from "./models/resnet.ts";
-export { normalisePrototypes } from "./models/prototypes.ts";
+export { l2NormaliseRows, normalisePrototypes, prototypeScores } from "./models/prototypes.ts";
 
 // Stage: sinkhorn
-export {
-  SinkhornConfig,
-  type SinkhornInput,
-  sinkhornKnopp,
-  sinkhornStage,
-  withoutGradient,
-} from "./stages/sinkhorn.ts";
+export { SinkhornConfig, type SinkhornInput, sinkhornKnopp, sinkhornStage } from "./stages/sinkhorn.ts";
+export { withoutGradient } from "./backend/no_gradient.ts";
 
 // Stage: swappedLoss (and the composed one-call form)
 export {
@@ -96,6 +99,7 @@ export {
 
 // State with an owner: the embedding queue
 export {
+  createQueue,
   type EmbeddingQueue,
   isFull as queueIsFull,
   makeQueue,
@@ -125,7 +129,7 @@ export {
 } from "./pipelines/evaluate.ts";
 export { trainLinearProbe } from "./pipelines/linear_probe.ts";
 export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
-export { decodeNpy, encodeNpy, readNpy, writeNpy } from "./data/npy.ts";
+export { decodeNpy, encodeNpy, NpyError, readNpy, writeNpy } from "./data/npy.ts";
 export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
 
 // Randomness keyed by (seed, epoch, sample index)

@@ -39,7 +39,7 @@ import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
-import { decodeImagePromise } from "../stages/decode.ts";
+import { decodeImagePromise } from "../data/image_codec.ts";
 import { collateCrops, MulticropConfig, multicropSample } from "../stages/multicrop.ts";
 import { LarcSgd } from "../stages/optimise.ts";
 import { assignmentCodes, swappedLossFromCodes } from "../stages/swapped_loss.ts";

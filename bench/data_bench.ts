@@ -6,7 +6,7 @@
  *   npx deno run -A bench/data_bench.ts [count=120] [workers=2]
  */
 import { Effect, Stream } from "effect";
-import { decodeImagePromise, jpegBackend } from "../stages/decode.ts";
+import { decodeImagePromise, jpegBackend } from "../data/image_codec.ts";
 import { openSource } from "../data/sources.ts";
 import { cropPrepare, makeLoader } from "../data/loader.ts";
 

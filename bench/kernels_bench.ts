@@ -15,7 +15,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
 import { initBackend, withKernelSettings } from "../backend/tensor_backend.ts";
-import { l2Normalize, linear } from "../models/head.ts";
+import { linear } from "../models/head.ts";
+import { l2NormaliseRows } from "../models/prototypes.ts";
 import {
   disposeModel,
   makeSwavModel,
@@ -206,7 +207,7 @@ const fastForward = (model: SwavModel, group: tf.Tensor4D, options: ForwardOptio
     const features = tf.mean(y, [1, 2]) as tf.Tensor2D;
     const hidden = linear(params, "projection_head.0", features);
     const activated = tf.relu(fastBatchNorm(params, "projection_head.1", hidden, options));
-    const embeddings = l2Normalize(linear(params, "projection_head.3", activated));
+    const embeddings = l2NormaliseRows(linear(params, "projection_head.3", activated));
     return { scores: linear(params, "prototypes", embeddings, false) };
   });
 

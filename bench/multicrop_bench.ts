@@ -11,7 +11,7 @@
 import { Schema } from "effect";
 import { rngFor } from "../data/rng.ts";
 import { MulticropConfig, multicropSample, smallImageProfile } from "../stages/multicrop.ts";
-import type { RgbImage } from "../stages/decode.ts";
+import type { RgbImage } from "../data/image_codec.ts";
 
 const quick = Deno.args.includes("--quick");
 

@@ -22,11 +22,11 @@
  * table, to show where the time goes.
  */
 import { Effect, Schema, Stream } from "effect";
-import { makeLoader, multicropPrepare, stackView } from "../data/loader.ts";
+import { makeLoader, stackView } from "../data/loader.ts";
 import { openSource } from "../data/sources.ts";
 import { rngFor } from "../data/rng.ts";
-import { decodeImagePromise, jpegBackend, type RgbImage } from "../stages/decode.ts";
-import { MulticropConfig, multicropSample } from "../stages/multicrop.ts";
+import { decodeImagePromise, jpegBackend, type RgbImage } from "../data/image_codec.ts";
+import { MulticropConfig, multicropPrepare, multicropSample } from "../stages/multicrop.ts";
 
 const option = (name: string, fallback: string): string => {
   const at = Deno.args.indexOf(`--${name}`);

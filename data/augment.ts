@@ -14,7 +14,7 @@
  * scratch buffers (a worker runs one sample at a time), so the inner loops
  * allocate nothing.
  */
-import type { RgbImage } from "../stages/decode.ts";
+import type { RgbImage } from "./image_codec.ts";
 import type { Rng } from "./rng.ts";
 
 /** An 8-bit RGB image, HWC row-major (the output of the decode stage). */

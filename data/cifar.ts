@@ -5,7 +5,7 @@
  * row-major), then green, then blue. CIFAR-10 has one label byte; CIFAR-100 has
  * two (coarse, fine) and swav-ts uses the fine label (100 classes).
  */
-import type { RgbImage } from "../stages/decode.ts";
+import type { RgbImage } from "./image_codec.ts";
 
 export const CIFAR_SIDE = 32;
 const PLANE = CIFAR_SIDE * CIFAR_SIDE;

@@ -5,6 +5,8 @@
  * data sets use), the number of dimensions, then one uint32 per dimension.
  * Files may be gzipped (`.gz`); they are small, so each is loaded once into memory.
  */
+import { Effect, Schema } from "effect";
+import { reasonOf } from "./errors.ts";
 
 /** An IDX array: its dimensions and its samples, row-major. */
 export interface IdxArray {
@@ -12,7 +14,7 @@ export interface IdxArray {
   readonly data: Uint8Array;
 }
 
-/** Gunzips with the built-in `DecompressionStream`; a corrupt or truncated stream throws. */
+/** Gunzips with the built-in `DecompressionStream`; a corrupt or truncated stream rejects. */
 export const gunzip = async (bytes: Uint8Array): Promise<Uint8Array> => {
   const stream = new Blob([bytes as Uint8Array<ArrayBuffer>]).stream().pipeThrough(
     new DecompressionStream("gzip"),
@@ -22,30 +24,41 @@ export const gunzip = async (bytes: Uint8Array): Promise<Uint8Array> => {
 
 const isGzip = (bytes: Uint8Array) => bytes.length >= 2 && bytes[0] === 0x1f && bytes[1] === 0x8b;
 
-/** Parses IDX bytes (gzipped or raw); throws `Error` with the reason on a bad file. */
-export const parseIdx = async (input: Uint8Array): Promise<IdxArray> => {
-  let bytes = input;
-  if (isGzip(input)) {
-    try {
-      bytes = await gunzip(input);
-    } catch (cause) {
-      throw new Error(`corrupt gzip stream: ${cause instanceof Error ? cause.message : String(cause)}`);
-    }
+/** An IDX file that cannot be read: `path` names it, `reason` says why. */
+export class IdxError extends Schema.TaggedError<IdxError>()("IdxError", {
+  path: Schema.String,
+  reason: Schema.String,
+}) {
+  override get message(): string {
+    return `${this.path}: ${this.reason}`;
   }
-  if (bytes.length < 4 || bytes[0] !== 0 || bytes[1] !== 0) {
-    throw new Error("not an IDX file (bad magic number)");
-  }
-  if (bytes[2] !== 0x08) {
-    throw new Error(`unsupported IDX element type 0x${bytes[2].toString(16)} (need uint8)`);
-  }
+}
+
+/** Parses IDX bytes (gzipped or raw); `path` only labels the error. */
+export const parseIdx = (input: Uint8Array, path = "<bytes>"): Effect.Effect<IdxArray, IdxError> =>
+  Effect.gen(function* () {
+    const bytes = isGzip(input)
+      ? yield* Effect.tryPromise({
+        try: () => gunzip(input),
+        catch: (cause) => new IdxError({ path, reason: `corrupt gzip stream: ${reasonOf(cause)}` }),
+      })
+      : input;
+    const parsed = parseRaw(bytes);
+    return typeof parsed === "string" ? yield* new IdxError({ path, reason: parsed }) : parsed;
+  });
+
+/** The parser of raw (not gzipped) IDX bytes: the array, or why the bytes are not one. */
+const parseRaw = (bytes: Uint8Array): IdxArray | string => {
+  if (bytes.length < 4 || bytes[0] !== 0 || bytes[1] !== 0) return "not an IDX file (bad magic number)";
+  if (bytes[2] !== 0x08) return `unsupported IDX element type 0x${bytes[2].toString(16)} (need uint8)`;
   const rank = bytes[3];
   const headerLength = 4 + 4 * rank;
-  if (rank === 0 || bytes.length < headerLength) throw new Error("truncated IDX header");
+  if (rank === 0 || bytes.length < headerLength) return "truncated IDX header";
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const dims = Array.from({ length: rank }, (_, i) => view.getUint32(4 + 4 * i));
   const count = dims.reduce((a, b) => a * b, 1);
   if (bytes.length - headerLength < count) {
-    throw new Error(`truncated IDX data (${bytes.length - headerLength} of ${count} bytes)`);
+    return `truncated IDX data (${bytes.length - headerLength} of ${count} bytes)`;
   }
   return { dims, data: bytes.subarray(headerLength, headerLength + count) };
 };

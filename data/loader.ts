@@ -16,8 +16,9 @@
  * at the end of each epoch (`skipped` reads the count); `fail` fails the stream
  * with the `DecodeError`.
  */
-import { Effect, Schema, Scope, Stream } from "effect";
-import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "../stages/decode.ts";
+import { Effect, Result, Schema, Scope, Stream } from "effect";
+import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./image_codec.ts";
+import { reasonOf } from "./errors.ts";
 import type { DataSource, RawSample } from "./sources.ts";
 import { type Rng, rngFor } from "./rng.ts";
 
@@ -33,20 +34,6 @@ export interface PrepareRef<C = unknown> {
 }
 
 export type PrepareFn<C = unknown> = (image: RgbImage, config: C, rng: Rng) => Float32Array | Float32Array[];
-
-/** SwAV multi-crop (`stages/multicrop.ts` `multicropSample`), one buffer per crop. */
-export const multicropPrepare = <C>(config: C): PrepareRef<C> => ({
-  module: new URL("../stages/multicrop.ts", import.meta.url).href,
-  name: "multicropSample",
-  config,
-});
-
-/** Deterministic evaluation transform (`stages/multicrop.ts` `evalTransform`): resize, centre crop, normalise. */
-export const evalPrepare = <C>(options: C): PrepareRef<C> => ({
-  module: new URL("../stages/multicrop.ts", import.meta.url).href,
-  name: "evalTransform",
-  config: options,
-});
 
 /** A random or centred square crop scaled to [0, 1] (`data/transforms.ts`); light, for tests and benchmarks. */
 export const cropPrepare = (
@@ -136,13 +123,21 @@ export const epochOrder = (length: number, seed: number, epoch: number, shuffle 
     },
   };
 
-/** Imports a prepare function; throws a readable error when the module or export is missing. */
-export const importPrepare = async (ref: PrepareRef): Promise<PrepareFn> => {
-  const module = await import(ref.module);
-  const fn = module[ref.name];
-  if (typeof fn !== "function") throw new Error(`${ref.module} has no exported function ${ref.name}`);
-  return fn as PrepareFn;
-};
+/** Imports a prepare function; fails with a `LoaderError` when the module or export is missing. */
+export const importPrepare = (ref: PrepareRef): Effect.Effect<PrepareFn, LoaderError> =>
+  Effect.tryPromise({
+    try: () => import(ref.module),
+    catch: (cause) => new LoaderError({ reason: `cannot load prepare: ${reasonOf(cause)}` }),
+  }).pipe(Effect.flatMap((module) => {
+    const fn = module[ref.name];
+    return typeof fn === "function" ? Effect.succeed(fn as PrepareFn) : Effect.fail(
+      new LoaderError({ reason: `cannot load prepare: ${ref.module} has no exported function ${ref.name}` }),
+    );
+  }));
+
+/** `importPrepare` run once and remembered, as a promise that never rejects (workers and the local pool). */
+export const importPrepareOnce = (ref: PrepareRef): Promise<Result.Result<PrepareFn, LoaderError>> =>
+  Effect.runPromise(Effect.result(importPrepare(ref)));
 
 // ---------------------------------------------------------------------------------------------
 // Worker protocol
@@ -256,14 +251,14 @@ const makePool = (
 
 /** The in-thread "pool": the same work on the calling thread (workers: 0). */
 const makeLocal = (prepare: PrepareRef, jpeg: JpegDecoder): Pool => {
-  let loaded: Promise<PrepareFn> | undefined;
+  let loaded: Promise<Result.Result<PrepareFn, LoaderError>> | undefined;
   return {
     run: (index, epoch, seed, raw) =>
       Effect.gen(function* () {
-        const fn = yield* Effect.tryPromise({
-          try: () => (loaded ??= importPrepare(prepare)),
-          catch: (cause) => new LoaderError({ reason: `cannot load prepare: ${reasonOf(cause)}` }),
-        });
+        const fn = yield* Effect.flatMap(
+          Effect.promise(() => (loaded ??= importPrepareOnce(prepare))),
+          Effect.fromResult,
+        );
         const image = raw.kind === "encoded" ? yield* decodeImage(raw.bytes, raw.path, { jpeg }) : raw.image;
         return yield* Effect.try({
           try: () => asViews(fn(image, prepare.config, rngFor(seed, epoch, index))),
@@ -276,8 +271,6 @@ const makeLocal = (prepare: PrepareRef, jpeg: JpegDecoder): Pool => {
 /** A prepare result as a list of views. */
 export const asViews = (out: Float32Array | Float32Array[]): Float32Array[] =>
   Array.isArray(out) ? out : [out];
-
-const reasonOf = (cause: unknown) => cause instanceof Error ? cause.message : String(cause);
 
 /** Builds a loader; with `workers > 0` its worker pool lives as long as the scope. */
 export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, LoaderError, Scope.Scope> =>

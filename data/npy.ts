@@ -8,7 +8,11 @@
  * `{'descr': '<f4', 'fortran_order': False, 'shape': (N, D), }` padded with
  * spaces and a newline so the data starts 64-byte aligned, then the values in
  * C (row-major) order.
+ *
+ * Every entry point is an Effect failing with `NpyError` (I/O included).
  */
+import { Effect, Schema } from "effect";
+import { reasonOf } from "./errors.ts";
 
 /** The element types written and read here (little-endian). */
 export type NpyDtype = "<f4" | "<f8" | "<i4" | "<i8" | "|u1" | "|i1";
@@ -21,10 +25,18 @@ export interface NpyArray {
   readonly values: NpyValues;
 }
 
-/** A file that is not a NumPy array this module can read. */
-export class NpyError extends Error {
-  override readonly name = "NpyError";
+/** An array that cannot be written, or a file that is not a NumPy array this module can read. */
+export class NpyError extends Schema.TaggedError<NpyError>()("NpyError", {
+  /** The file, or "<bytes>" when parsing bytes in memory. */
+  path: Schema.String,
+  reason: Schema.String,
+}) {
+  override get message(): string {
+    return `${this.path}: ${this.reason}`;
+  }
 }
+
+const fail = (reason: string, path = "<bytes>") => Effect.fail(new NpyError({ path, reason }));
 
 const MAGIC = [0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]; // \x93NUMPY
 const ALIGN = 64;
@@ -45,17 +57,20 @@ const shapeRepr = (shape: readonly number[]): string =>
   shape.length === 1 ? `(${shape[0]},)` : `(${shape.join(", ")})`;
 
 /** Encodes an array as `.npy` version 1.0 bytes (C order). */
-export const encodeNpy = (values: NpyValues, shape: readonly number[]): Uint8Array => {
+export const encodeNpy = (
+  values: NpyValues,
+  shape: readonly number[],
+): Effect.Effect<Uint8Array, NpyError> => {
   const count = shape.reduce((a, b) => a * b, 1);
-  if (shape.some((d) => !Number.isInteger(d) || d < 0)) throw new NpyError(`bad shape [${shape}]`);
+  if (shape.some((d) => !Number.isInteger(d) || d < 0)) return fail(`bad shape [${shape}]`);
   if (count !== values.length) {
-    throw new NpyError(`${values.length} values for shape [${shape}] (${count} expected)`);
+    return fail(`${values.length} values for shape [${shape}] (${count} expected)`);
   }
   const dict = `{'descr': '${dtypeOf(values)}', 'fortran_order': False, 'shape': ${shapeRepr(shape)}, }`;
   // magic (6) + version (2) + length (2) + dict + padding + "\n" is a multiple of ALIGN.
   const unpadded = 10 + dict.length + 1;
   const header = dict + " ".repeat((ALIGN - (unpadded % ALIGN)) % ALIGN) + "\n";
-  if (header.length > 0xffff) throw new NpyError("header too long for format 1.0");
+  if (header.length > 0xffff) return fail("header too long for format 1.0");
   const bytes = new Uint8Array(10 + header.length + values.byteLength);
   bytes.set(MAGIC, 0);
   bytes[6] = 1;
@@ -64,13 +79,20 @@ export const encodeNpy = (values: NpyValues, shape: readonly number[]): Uint8Arr
   for (let i = 0; i < header.length; i++) bytes[10 + i] = header.charCodeAt(i);
   // Typed arrays are little-endian on every platform Deno runs on (x86-64, arm64).
   bytes.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 10 + header.length);
-  return bytes;
+  return Effect.succeed(bytes);
 };
 
 /** Parses `.npy` bytes (versions 1.0-3.0, C order, the dtypes of `NpyDtype`). */
-export const decodeNpy = (bytes: Uint8Array): NpyArray => {
+export const decodeNpy = (bytes: Uint8Array, path = "<bytes>"): Effect.Effect<NpyArray, NpyError> =>
+  Effect.suspend(() => {
+    const parsed = parseNpy(bytes);
+    return typeof parsed === "string" ? fail(parsed, path) : Effect.succeed(parsed);
+  });
+
+/** The parser: the array, or why the bytes are not one. */
+const parseNpy = (bytes: Uint8Array): NpyArray | string => {
   if (bytes.length < 10 || MAGIC.some((b, i) => bytes[i] !== b)) {
-    throw new NpyError("not a .npy file (bad magic)");
+    return "not a .npy file (bad magic)";
   }
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const major = bytes[6]!;
@@ -80,13 +102,13 @@ export const decodeNpy = (bytes: Uint8Array): NpyArray => {
     headerLength = view.getUint16(8, true);
     headerStart = 10;
   } else if (major === 2 || major === 3) {
-    if (bytes.length < 12) throw new NpyError("truncated header");
+    if (bytes.length < 12) return "truncated header";
     headerLength = view.getUint32(8, true);
     headerStart = 12;
   } else {
-    throw new NpyError(`format version ${major}.${bytes[7]} is not supported`);
+    return `format version ${major}.${bytes[7]} is not supported`;
   }
-  if (headerStart + headerLength > bytes.length) throw new NpyError("truncated header");
+  if (headerStart + headerLength > bytes.length) return "truncated header";
   const header = new TextDecoder(major === 3 ? "utf-8" : "latin1").decode(
     bytes.subarray(headerStart, headerStart + headerLength),
   );
@@ -94,20 +116,20 @@ export const decodeNpy = (bytes: Uint8Array): NpyArray => {
   const fortran = /'fortran_order'\s*:\s*(True|False)/.exec(header)?.[1];
   const shapeText = /'shape'\s*:\s*\(([^)]*)\)/.exec(header)?.[1];
   if (descr === undefined || fortran === undefined || shapeText === undefined) {
-    throw new NpyError(`malformed header ${JSON.stringify(header.trim())}`);
+    return `malformed header ${JSON.stringify(header.trim())}`;
   }
   // '<u1' and '|u1' are the same thing; NumPy writes '|' for one-byte types.
   const dtype = (descr.length === 3 && descr[2] === "1" ? `|${descr.slice(1)}` : descr) as NpyDtype;
   if (!(dtype in bytesPer)) {
-    throw new NpyError(`dtype ${descr} is not supported (supported: ${Object.keys(bytesPer).join(", ")})`);
+    return `dtype ${descr} is not supported (supported: ${Object.keys(bytesPer).join(", ")})`;
   }
-  if (fortran === "True") throw new NpyError("Fortran-ordered arrays are not supported");
+  if (fortran === "True") return "Fortran-ordered arrays are not supported";
   const shape = shapeText.split(",").map((s) => s.trim()).filter((s) => s !== "").map(Number);
-  if (shape.some((d) => !Number.isInteger(d) || d < 0)) throw new NpyError(`bad shape (${shapeText})`);
+  if (shape.some((d) => !Number.isInteger(d) || d < 0)) return `bad shape (${shapeText})`;
   const count = shape.reduce((a, b) => a * b, 1);
   const start = headerStart + headerLength;
   const end = start + count * bytesPer[dtype];
-  if (end > bytes.length) throw new NpyError(`truncated data: ${count} values of ${dtype} expected`);
+  if (end > bytes.length) return `truncated data: ${count} values of ${dtype} expected`;
   // Copy into an aligned buffer of its own (the data offset need not suit the element size).
   const raw = bytes.slice(start, end).buffer;
   const values: NpyValues = dtype === "<f4"
@@ -125,8 +147,26 @@ export const decodeNpy = (bytes: Uint8Array): NpyArray => {
 };
 
 /** Writes an array to a `.npy` file. */
-export const writeNpy = (path: string, values: NpyValues, shape: readonly number[]): Promise<void> =>
-  Deno.writeFile(path, encodeNpy(values, shape));
+export const writeNpy = (
+  path: string,
+  values: NpyValues,
+  shape: readonly number[],
+): Effect.Effect<void, NpyError> =>
+  Effect.flatMap(
+    Effect.mapError(encodeNpy(values, shape), (error) => new NpyError({ path, reason: error.reason })),
+    (bytes) =>
+      Effect.tryPromise({
+        try: () => Deno.writeFile(path, bytes),
+        catch: (cause) => new NpyError({ path, reason: `cannot write: ${reasonOf(cause)}` }),
+      }),
+  );
 
 /** Reads a `.npy` file. */
-export const readNpy = async (path: string): Promise<NpyArray> => decodeNpy(await Deno.readFile(path));
+export const readNpy = (path: string): Effect.Effect<NpyArray, NpyError> =>
+  Effect.flatMap(
+    Effect.tryPromise({
+      try: () => Deno.readFile(path),
+      catch: (cause) => new NpyError({ path, reason: `cannot read: ${reasonOf(cause)}` }),
+    }),
+    (bytes) => decodeNpy(bytes, path),
+  );

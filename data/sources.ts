@@ -14,7 +14,8 @@
  * once and their files read lazily, so a folder far larger than RAM streams.
  */
 import { Effect, Schema } from "effect";
-import { DecodeError, decodeImage, type RgbImage } from "../stages/decode.ts";
+import { DecodeError, decodeImage, type RgbImage } from "./image_codec.ts";
+import { reasonOf } from "./errors.ts";
 import { parseIdx } from "./idx.ts";
 import { cifarImage, cifarLabel, type CifarVariant, recordLength } from "./cifar.ts";
 
@@ -82,109 +83,102 @@ export const openSource = (
   options: SourceOptions = {},
 ): Effect.Effect<DataSource, SourceError> => {
   const { path, split } = parseSourceSpec(spec);
-  return Effect.tryPromise({
-    try: () => open(path, split, options),
-    catch: (cause) =>
-      cause instanceof SourceError
-        ? cause
-        : new SourceError({ path, reason: cause instanceof Error ? cause.message : String(cause) }),
-  });
+  return open(path, split, options);
 };
 
-const open = async (path: string, split: Split, options: SourceOptions): Promise<DataSource> => {
-  let info: Deno.FileInfo;
-  try {
-    info = await Deno.stat(path);
-  } catch (cause) {
-    throw new SourceError({
-      path,
-      reason: cause instanceof Deno.errors.NotFound
-        ? "no such folder"
-        : `cannot open: ${cause instanceof Error ? cause.message : String(cause)}`,
+const sourceError = (path: string, reason: string) => Effect.fail(new SourceError({ path, reason }));
+
+const open = (path: string, split: Split, options: SourceOptions): Effect.Effect<DataSource, SourceError> =>
+  Effect.gen(function* () {
+    const info = yield* Effect.tryPromise({
+      try: () => Deno.stat(path),
+      catch: (cause) =>
+        new SourceError({
+          path,
+          reason: cause instanceof Deno.errors.NotFound
+            ? "no such folder"
+            : `cannot open: ${reasonOf(cause)}`,
+        }),
     });
-  }
-  if (!info.isDirectory) throw new SourceError({ path, reason: "not a folder (a SOURCE is a folder)" });
-  const entries = await listDir(path);
-  const files = entries.filter((e) => e.isFile).map((e) => e.name);
-  const dirs = entries.filter((e) => e.isDirectory).map((e) => e.name);
+    if (!info.isDirectory) return yield* sourceError(path, "not a folder (a SOURCE is a folder)");
+    const entries = yield* listDir(path);
+    const files = entries.filter((e) => e.isFile).map((e) => e.name);
+    const dirs = entries.filter((e) => e.isDirectory).map((e) => e.name);
 
-  const idx = findIdx(files, split);
-  if (idx) return await openIdx(path, split, idx, options);
-  const cifar = findCifar(files, split);
-  if (cifar) return await openCifar(path, split, cifar.variant, cifar.files, options);
+    const idx = findIdx(files, split);
+    if (idx) return yield* openIdx(path, split, idx, options);
+    const cifar = findCifar(files, split);
+    if (cifar) return yield* openCifar(path, split, cifar.variant, cifar.files, options);
 
-  const held = dirs.find((d) => d === "val") ?? dirs.find((d) => d === "test");
-  if (dirs.includes("train") && held) {
-    // Classes from both splits, so a class missing from one split cannot shift the labels.
-    const classes = [
-      ...new Set([...await classDirs(join(path, "train")), ...await classDirs(join(path, held))]),
-    ]
-      .sort();
-    const folder = join(path, split === "train" ? "train" : held);
-    return await openImageFolder(path, folder, split, classes, options);
-  }
-  const classes = await classDirs(path);
-  if (classes.length > 0 || files.some((f) => IMAGE_EXTENSION.test(f))) {
-    if (split === "test") {
-      throw new SourceError({ path, reason: "no test split (needs train/ and val/ or test/ subfolders)" });
+    const held = dirs.find((d) => d === "val") ?? dirs.find((d) => d === "test");
+    if (dirs.includes("train") && held) {
+      // Classes from both splits, so a class missing from one split cannot shift the labels.
+      const classes = [
+        ...new Set([...yield* classDirs(join(path, "train")), ...yield* classDirs(join(path, held))]),
+      ]
+        .sort();
+      const folder = join(path, split === "train" ? "train" : held);
+      return yield* openImageFolder(path, folder, split, classes, options);
     }
-    return await openImageFolder(path, path, split, classes.length > 0 ? classes : undefined, options);
-  }
-  throw new SourceError({
-    path,
-    reason: "no data found: expected IDX files, CIFAR binary batches, class subfolders of images, or images",
+    const classes = yield* classDirs(path);
+    if (classes.length > 0 || files.some((f) => IMAGE_EXTENSION.test(f))) {
+      if (split === "test") {
+        return yield* sourceError(path, "no test split (needs train/ and val/ or test/ subfolders)");
+      }
+      return yield* openImageFolder(path, path, split, classes.length > 0 ? classes : undefined, options);
+    }
+    return yield* sourceError(
+      path,
+      "no data found: expected IDX files, CIFAR binary batches, class subfolders of images, or images",
+    );
   });
-};
 
 const join = (...parts: string[]) => parts.join("/").replace(/\/+/g, "/");
 
-const listDir = async (path: string): Promise<Deno.DirEntry[]> => {
-  const out: Deno.DirEntry[] = [];
-  try {
-    for await (const entry of Deno.readDir(path)) if (!entry.name.startsWith(".")) out.push(entry);
-  } catch (cause) {
-    throw new SourceError({
-      path,
-      reason: `cannot list folder: ${cause instanceof Error ? cause.message : String(cause)}`,
-    });
-  }
-  return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-};
+const listDir = (path: string): Effect.Effect<Deno.DirEntry[], SourceError> =>
+  Effect.tryPromise({
+    try: async () => {
+      const out: Deno.DirEntry[] = [];
+      for await (const entry of Deno.readDir(path)) if (!entry.name.startsWith(".")) out.push(entry);
+      return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    },
+    catch: (cause) => new SourceError({ path, reason: `cannot list folder: ${reasonOf(cause)}` }),
+  });
 
 /** Subfolders that hold at least one image (anywhere below them). */
-const classDirs = async (path: string): Promise<string[]> => {
-  const out: string[] = [];
-  for (const entry of await listDir(path)) {
-    if (entry.isDirectory && (await imagesUnder(join(path, entry.name), 1)).length > 0) out.push(entry.name);
-  }
-  return out;
-};
+const classDirs = (path: string): Effect.Effect<string[], SourceError> =>
+  Effect.gen(function* () {
+    const out: string[] = [];
+    for (const entry of yield* listDir(path)) {
+      if (entry.isDirectory && (yield* imagesUnder(join(path, entry.name), 1)).length > 0) {
+        out.push(entry.name);
+      }
+    }
+    return out;
+  });
 
 /** Image files below `path`, recursively, in sorted order; stops after `limit`. */
-const imagesUnder = async (path: string, limit = Infinity): Promise<string[]> => {
-  const out: string[] = [];
-  const walk = async (dir: string) => {
-    for (const entry of await listDir(dir)) {
-      if (out.length >= limit) return;
-      const full = join(dir, entry.name);
-      if (entry.isDirectory) await walk(full);
-      else if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) out.push(full);
-    }
-  };
-  await walk(path);
-  return out;
-};
+const imagesUnder = (path: string, limit = Infinity): Effect.Effect<string[], SourceError> =>
+  Effect.gen(function* () {
+    const out: string[] = [];
+    const walk = (dir: string): Effect.Effect<void, SourceError> =>
+      Effect.gen(function* () {
+        for (const entry of yield* listDir(dir)) {
+          if (out.length >= limit) return;
+          const full = join(dir, entry.name);
+          if (entry.isDirectory) yield* walk(full);
+          else if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) out.push(full);
+        }
+      });
+    yield* walk(path);
+    return out;
+  });
 
-const readFile = async (path: string): Promise<Uint8Array> => {
-  try {
-    return await Deno.readFile(path);
-  } catch (cause) {
-    throw new SourceError({
-      path,
-      reason: `cannot read: ${cause instanceof Error ? cause.message : String(cause)}`,
-    });
-  }
-};
+const readFile = (path: string): Effect.Effect<Uint8Array, SourceError> =>
+  Effect.tryPromise({
+    try: () => Deno.readFile(path),
+    catch: (cause) => new SourceError({ path, reason: `cannot read: ${reasonOf(cause)}` }),
+  });
 
 const outOfRange = (path: string, index: number, length: number) =>
   Effect.fail(new DecodeError({ path, reason: `sample index ${index} out of range [0, ${length})` }));
@@ -211,61 +205,61 @@ const findIdx = (files: string[], split: Split) => {
   return images && labels ? { images, labels } : anyIdx ? { images, labels } : undefined;
 };
 
-const openIdx = async (
+const openIdx = (
   path: string,
   split: Split,
   names: { images?: string; labels?: string },
   options: SourceOptions,
-): Promise<DataSource> => {
-  if (!names.images || !names.labels) {
-    const prefix = split === "train" ? "train" : "t10k";
-    throw new SourceError({
-      path,
-      reason: `IDX folder lacks ${prefix}-images-idx3-ubyte[.gz] or ${prefix}-labels-idx1-ubyte[.gz]`,
-    });
-  }
-  const load = async (name: string) => {
-    const file = join(path, name);
-    try {
-      return await parseIdx(await readFile(file));
-    } catch (cause) {
-      if (cause instanceof SourceError) throw cause;
-      throw new SourceError({ path: file, reason: cause instanceof Error ? cause.message : String(cause) });
+): Effect.Effect<DataSource, SourceError> =>
+  Effect.gen(function* () {
+    if (!names.images || !names.labels) {
+      const prefix = split === "train" ? "train" : "t10k";
+      return yield* sourceError(
+        path,
+        `IDX folder lacks ${prefix}-images-idx3-ubyte[.gz] or ${prefix}-labels-idx1-ubyte[.gz]`,
+      );
     }
-  };
-  const images = await load(names.images);
-  const labels = await load(names.labels);
-  if (images.dims.length !== 3 || labels.dims.length !== 1 || images.dims[0] !== labels.dims[0]) {
-    throw new SourceError({
+    const load = (name: string) => {
+      const file = join(path, name);
+      return Effect.flatMap(readFile(file), (bytes) =>
+        Effect.mapError(parseIdx(bytes, file), (error) =>
+          new SourceError({ path: file, reason: error.reason })));
+    };
+    const images = yield* load(names.images);
+    const labels = yield* load(names.labels);
+    if (images.dims.length !== 3 || labels.dims.length !== 1 || images.dims[0] !== labels.dims[0]) {
+      return yield* sourceError(
+        path,
+        `IDX shapes do not match: images [${images.dims}], labels [${labels.dims}]`,
+      );
+    }
+    const [length, height, width] = images.dims;
+    const pixels = height * width;
+    const classCount = labels.data.reduce((m, v) =>
+      Math.max(m, v), 0) + 1;
+    const imagePath = join(path, names.images);
+    return withRead({
+      kind: "idx",
       path,
-      reason: `IDX shapes do not match: images [${images.dims}], labels [${labels.dims}]`,
+      split,
+      length,
+      classes: Array.from({ length: classCount }, (_, i) =>
+        String(i)),
+      channels: options.channels ?? 1,
+      fetch: (index) => {
+        if (!(index >= 0 && index < length)) return outOfRange(imagePath, index, length);
+        const grey = images.data.subarray(index * pixels, (index + 1) * pixels);
+        const data = new Uint8Array(pixels * 3);
+        for (let p = 0; p < pixels; p++) data[3 * p] = data[3 * p + 1] = data[3 * p + 2] = grey[p];
+        return Effect.succeed({
+          kind: "pixels" as const,
+          path: `${imagePath}#${index}`,
+          label: labels.data[index],
+          image: { width, height, data },
+        });
+      },
     });
-  }
-  const [length, height, width] = images.dims;
-  const pixels = height * width;
-  const classCount = labels.data.reduce((m, v) => Math.max(m, v), 0) + 1;
-  const imagePath = join(path, names.images);
-  return withRead({
-    kind: "idx",
-    path,
-    split,
-    length,
-    classes: Array.from({ length: classCount }, (_, i) => String(i)),
-    channels: options.channels ?? 1,
-    fetch: (index) => {
-      if (!(index >= 0 && index < length)) return outOfRange(imagePath, index, length);
-      const grey = images.data.subarray(index * pixels, (index + 1) * pixels);
-      const data = new Uint8Array(pixels * 3);
-      for (let p = 0; p < pixels; p++) data[3 * p] = data[3 * p + 1] = data[3 * p + 2] = grey[p];
-      return Effect.succeed({
-        kind: "pixels" as const,
-        path: `${imagePath}#${index}`,
-        label: labels.data[index],
-        image: { width, height, data },
-      });
-    },
   });
-};
 
 // ---------------------------------------------------------------------------------------------
 // CIFAR
@@ -288,65 +282,65 @@ const findCifar = (files: string[], split: Split) => {
 
 const batchNumber = (name: string) => Number(/\d+/.exec(name)?.[0] ?? 0);
 
-const openCifar = async (
+const openCifar = (
   path: string,
   split: Split,
   variant: CifarVariant,
   names: string[],
   options: SourceOptions,
-): Promise<DataSource> => {
-  if (names.length === 0) throw new SourceError({ path, reason: `${variant} folder has no ${split} batch` });
-  const size = recordLength(variant);
-  const parts: Uint8Array[] = [];
-  for (const name of names) {
-    const bytes = await readFile(join(path, name));
-    if (bytes[0] === 0x80) {
-      throw new SourceError({
-        path: join(path, name),
-        reason: "this is the Python (pickle) version of CIFAR; use the binary version (*-bin)",
-      });
+): Effect.Effect<DataSource, SourceError> =>
+  Effect.gen(function* () {
+    if (names.length === 0) return yield* sourceError(path, `${variant} folder has no ${split} batch`);
+    const size = recordLength(variant);
+    const parts: Uint8Array[] = [];
+    for (const name of names) {
+      const bytes = yield* readFile(join(path, name));
+      if (bytes[0] === 0x80) {
+        return yield* sourceError(
+          join(path, name),
+          "this is the Python (pickle) version of CIFAR; use the binary version (*-bin)",
+        );
+      }
+      if (bytes.length === 0 || bytes.length % size !== 0) {
+        return yield* sourceError(
+          join(path, name),
+          `size ${bytes.length} is not a multiple of the ${variant} record size ${size}`,
+        );
+      }
+      parts.push(bytes);
     }
-    if (bytes.length === 0 || bytes.length % size !== 0) {
-      throw new SourceError({
-        path: join(path, name),
-        reason: `size ${bytes.length} is not a multiple of the ${variant} record size ${size}`,
-      });
-    }
-    parts.push(bytes);
-  }
-  const records = parts.length === 1 ? parts[0] : concatBytes(parts);
-  const length = records.length / size;
-  const classes = await cifarClasses(path, variant);
-  return withRead({
-    kind: variant,
-    path,
-    split,
-    length,
-    classes,
-    channels: options.channels ?? 3,
-    fetch: (index) =>
-      index >= 0 && index < length
-        ? Effect.succeed({
-          kind: "pixels" as const,
-          path: `${path}#${split}:${index}`,
-          label: cifarLabel(records, variant, index),
-          image: cifarImage(records, variant, index),
-        })
-        : outOfRange(path, index, length),
+    const records = parts.length === 1 ? parts[0] : concatBytes(parts);
+    const length = records.length / size;
+    const classes = yield* cifarClasses(path, variant);
+    return withRead({
+      kind: variant,
+      path,
+      split,
+      length,
+      classes,
+      channels: options.channels ?? 3,
+      fetch: (index) =>
+        index >= 0 && index < length
+          ? Effect.succeed({
+            kind: "pixels" as const,
+            path: `${path}#${split}:${index}`,
+            label: cifarLabel(records, variant, index),
+            image: cifarImage(records, variant, index),
+          })
+          : outOfRange(path, index, length),
+    });
   });
-};
 
-const cifarClasses = async (path: string, variant: CifarVariant): Promise<string[]> => {
+/** Class names from the data set's names file, or numbered classes when it is missing or malformed. */
+const cifarClasses = (path: string, variant: CifarVariant): Effect.Effect<string[]> => {
   const file = join(path, variant === "cifar10" ? "batches.meta.txt" : "fine_label_names.txt");
-  try {
-    const names = (await Deno.readTextFile(file)).split(/\r?\n/).map((s) => s.trim()).filter((s) =>
-      s.length > 0
-    );
-    if (names.length === (variant === "cifar10" ? 10 : 100)) return names;
-  } catch {
-    // No names file: numbered classes.
-  }
-  return Array.from({ length: variant === "cifar10" ? 10 : 100 }, (_, i) => String(i));
+  const count = variant === "cifar10" ? 10 : 100;
+  const numbered = () => Array.from({ length: count }, (_, i) => String(i));
+  return Effect.tryPromise(() => Deno.readTextFile(file)).pipe(
+    Effect.map((text) => text.split(/\r?\n/).map((s) => s.trim()).filter((s) => s.length > 0)),
+    Effect.map((names) => names.length === count ? names : numbered()),
+    Effect.orElseSucceed(numbered),
+  );
 };
 
 const concatBytes = (parts: Uint8Array[]): Uint8Array => {
@@ -362,52 +356,49 @@ const concatBytes = (parts: Uint8Array[]): Uint8Array => {
 // ---------------------------------------------------------------------------------------------
 // Image folders
 
-const openImageFolder = async (
+const openImageFolder = (
   root: string,
   folder: string,
   split: Split,
   classes: string[] | undefined,
   options: SourceOptions,
-): Promise<DataSource> => {
-  const files: string[] = [];
-  const labels: number[] = [];
-  if (classes) {
-    const present = new Set((await listDir(folder)).filter((e) => e.isDirectory).map((e) => e.name));
-    for (const [label, name] of classes.entries()) {
-      if (!present.has(name)) continue;
-      for (const file of await imagesUnder(join(folder, name))) {
-        files.push(file);
-        labels.push(label);
+): Effect.Effect<DataSource, SourceError> =>
+  Effect.gen(function* () {
+    const files: string[] = [];
+    const labels: number[] = [];
+    if (classes) {
+      const present = new Set((yield* listDir(folder)).filter((e) => e.isDirectory).map((e) => e.name));
+      for (const [label, name] of classes.entries()) {
+        if (!present.has(name)) continue;
+        for (const file of yield* imagesUnder(join(folder, name))) {
+          files.push(file);
+          labels.push(label);
+        }
+      }
+    } else {
+      for (const entry of yield* listDir(folder)) {
+        if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) {
+          files.push(join(folder, entry.name));
+          labels.push(-1);
+        }
       }
     }
-  } else {
-    for (const entry of await listDir(folder)) {
-      if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) {
-        files.push(join(folder, entry.name));
-        labels.push(-1);
-      }
-    }
-  }
-  if (files.length === 0) throw new SourceError({ path: folder, reason: "no PNG or JPEG images found" });
-  const fetch = (index: number): Effect.Effect<RawSample, DecodeError> => {
-    if (!(index >= 0 && index < files.length)) return outOfRange(folder, index, files.length);
-    const path = files[index];
-    return Effect.tryPromise({
-      try: () => Deno.readFile(path),
-      catch: (cause) =>
-        new DecodeError({
-          path,
-          reason: `cannot read file: ${cause instanceof Error ? cause.message : String(cause)}`,
-        }),
-    }).pipe(Effect.map((bytes) => ({ kind: "encoded" as const, path, label: labels[index], bytes })));
-  };
-  return withRead({
-    kind: classes ? "folder" : "flat",
-    path: root,
-    split,
-    length: files.length,
-    ...(classes ? { classes } : {}),
-    channels: options.channels ?? 3,
-    fetch,
+    if (files.length === 0) return yield* sourceError(folder, "no PNG or JPEG images found");
+    const fetch = (index: number): Effect.Effect<RawSample, DecodeError> => {
+      if (!(index >= 0 && index < files.length)) return outOfRange(folder, index, files.length);
+      const path = files[index];
+      return Effect.tryPromise({
+        try: () => Deno.readFile(path),
+        catch: (cause) => new DecodeError({ path, reason: `cannot read file: ${reasonOf(cause)}` }),
+      }).pipe(Effect.map((bytes) => ({ kind: "encoded" as const, path, label: labels[index], bytes })));
+    };
+    return withRead({
+      kind: classes ? "folder" : "flat",
+      path: root,
+      split,
+      length: files.length,
+      ...(classes ? { classes } : {}),
+      channels: options.channels ?? 3,
+      fetch,
+    });
   });
-};

@@ -3,7 +3,7 @@
  * `(image, config, rng) => Float32Array`. The SwAV augmentations live in
  * `stages/multicrop.ts`; these are for tests, benchmarks and quick pipelines.
  */
-import type { RgbImage } from "../stages/decode.ts";
+import type { RgbImage } from "./image_codec.ts";
 import type { Rng } from "./rng.ts";
 
 export interface CropConfig {

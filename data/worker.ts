@@ -6,16 +6,17 @@
  * skip/fail policy), anything else as `fatal`.
  */
 /// <reference lib="deno.worker" />
-import { decodeImagePromise, type JpegDecoder } from "../stages/decode.ts";
-import { asViews, importPrepare, type PrepareFn, type PrepareRef, transferable } from "./loader.ts";
+import { decodeImageResult, type JpegDecoder, type RgbImage } from "./image_codec.ts";
+import { reasonOf } from "./errors.ts";
+import { Result } from "effect";
+import { asViews, importPrepareOnce, type PrepareFn, type PrepareRef, transferable } from "./loader.ts";
 import type { WorkerRequest, WorkerResponse } from "./loader.ts";
 import { rngFor } from "./rng.ts";
 
 let prepare: PrepareRef | undefined;
-let loaded: Promise<PrepareFn> | undefined;
+let loaded: ReturnType<typeof importPrepareOnce> | undefined;
 let jpeg: JpegDecoder = "auto";
 
-const reasonOf = (cause: unknown) => cause instanceof Error ? cause.message : String(cause);
 const reply = (message: WorkerResponse, transfer: ArrayBuffer[] = []) => self.postMessage(message, transfer);
 
 self.onmessage = async (event: MessageEvent<WorkerRequest>) => {
@@ -23,34 +24,27 @@ self.onmessage = async (event: MessageEvent<WorkerRequest>) => {
   if (message.type === "init") {
     prepare = message.prepare;
     jpeg = message.jpeg;
-    loaded = importPrepare(prepare);
-    loaded.catch(() => {}); // reported per task below
+    loaded = importPrepareOnce(prepare); // a failure is reported per task below
     return;
   }
   const { id, seed, epoch, index, raw } = message;
-  let fn: PrepareFn;
-  try {
-    if (!loaded || !prepare) throw new Error("worker was not initialised");
-    fn = await loaded;
-  } catch (cause) {
-    return reply({
-      type: "error",
-      id,
-      kind: "fatal",
-      path: raw.path,
-      reason: `cannot load prepare: ${reasonOf(cause)}`,
-    });
-  }
-  let image;
-  try {
-    image = raw.kind === "encoded" ? await decodeImagePromise(raw.bytes, { jpeg }) : raw.image;
-  } catch (cause) {
-    return reply({ type: "error", id, kind: "decode", path: raw.path, reason: reasonOf(cause) });
-  }
+  const fatal = (reason: string) => reply({ type: "error", id, kind: "fatal", path: raw.path, reason });
+  if (!loaded || !prepare) return fatal("cannot load prepare: worker was not initialised");
+  const imported = await loaded;
+  if (Result.isFailure(imported)) return fatal(imported.failure.reason);
+  const fn: PrepareFn = imported.success;
+  let image: RgbImage;
+  if (raw.kind === "encoded") {
+    const decoded = await decodeImageResult(raw.bytes, { jpeg });
+    if ("reason" in decoded) {
+      return reply({ type: "error", id, kind: "decode", path: raw.path, reason: decoded.reason });
+    }
+    image = decoded.image;
+  } else image = raw.image;
   try {
     const views = asViews(fn(image, prepare.config, rngFor(seed, epoch, index)));
     reply({ type: "done", id, views }, views.flatMap(transferable));
   } catch (cause) {
-    reply({ type: "error", id, kind: "fatal", path: raw.path, reason: `prepare failed: ${reasonOf(cause)}` });
+    fatal(`prepare failed: ${reasonOf(cause)}`);
   }
 };

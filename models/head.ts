@@ -10,6 +10,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { batchNorm, type ForwardOptions, type ParamLookup, type ParamSpec } from "./resnet.ts";
 import { batchNormSpecs } from "./resnet.ts";
+import { l2NormaliseRows, prototypeScores } from "./prototypes.ts";
 
 export interface HeadConfig {
   /** Hidden width of the MLP; 0 means a single linear layer. */
@@ -51,10 +52,6 @@ export const linear = (params: ParamLookup, name: string, x: tf.Tensor2D, bias =
   return bias ? tf.add<tf.Tensor2D>(y, params(`${name}.bias`)) : y;
 };
 
-/** torch.nn.functional.normalize(x, dim=1, p=2): x / max(‖x‖, 1e-12). */
-export const l2Normalize = (x: tf.Tensor2D): tf.Tensor2D =>
-  tf.tidy(() => tf.div(x, tf.maximum(tf.sqrt(tf.sum(tf.square(x), 1, true)), 1e-12)));
-
 /** Projection head then L2 normalisation: unit-norm embeddings [N, out]. */
 export const projectionForward = (
   config: HeadConfig,
@@ -63,15 +60,11 @@ export const projectionForward = (
   options: ForwardOptions,
 ): tf.Tensor2D =>
   tf.tidy(() => {
-    if (config.hidden === 0) return l2Normalize(linear(params, "projection_head", features));
+    if (config.hidden === 0) return l2NormaliseRows(linear(params, "projection_head", features));
     const hidden = linear(params, "projection_head.0", features);
     const activated = batchNorm(params, "projection_head.1", hidden, options, true);
-    return l2Normalize(linear(params, "projection_head.3", activated));
+    return l2NormaliseRows(linear(params, "projection_head.3", activated));
   });
-
-/** Prototype scores z·Cᵀ [N, K]; with unit-norm z and prototype rows, cosine similarities. */
-export const prototypeScores = (params: ParamLookup, embeddings: tf.Tensor2D): tf.Tensor2D =>
-  linear(params, "prototypes", embeddings, false);
 
 /** The whole head: `{ embeddings, scores }`, as SwAV's `forward_head` returns. */
 export const headForward = (
@@ -82,5 +75,5 @@ export const headForward = (
 ): { readonly embeddings: tf.Tensor2D; readonly scores: tf.Tensor2D } =>
   tf.tidy(() => {
     const embeddings = projectionForward(config, params, features, options);
-    return { embeddings, scores: prototypeScores(params, embeddings) };
+    return { embeddings, scores: prototypeScores(embeddings, params(PROTOTYPES_WEIGHT) as tf.Tensor2D) };
   });

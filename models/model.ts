@@ -9,7 +9,7 @@
  * BatchNorm1d) runs once on all of them.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Schema } from "effect";
+import { Effect, Schema, type Scope } from "effect";
 import { rngFor } from "../data/rng.ts";
 import { headForward, headParamSpecs } from "./head.ts";
 import {
@@ -51,12 +51,16 @@ export interface NamedVariable {
   readonly trainable: boolean;
 }
 
-export interface SwavModel {
+/**
+ * The model's variables. It owns them: `using model = makeSwavModel(...)` (or
+ * `disposeModel`, or `scopedSwavModel` inside Effect) frees them all.
+ */
+export interface SwavModel extends Disposable {
   readonly config: ModelConfig;
   readonly plan: BackbonePlan;
   /** Every parameter (trainable ones and BatchNorm running statistics) in state_dict order. */
   readonly params: readonly NamedVariable[];
-  /** The variable called `name`; throws on an unknown name. */
+  /** The variable called `name`; throws on an unknown name (a bug in the caller: names come from the specs). */
   readonly param: (name: string) => tf.Variable;
 }
 
@@ -122,49 +126,128 @@ export const makeSwavModel = (config: ModelConfig, seed = 0): SwavModel => {
     });
   } catch (error) {
     for (const p of params) p.variable.dispose();
+    // Re-raises TF.js's own failure (out of memory) after freeing what was made; nothing to type here.
     throw error;
   }
   const byName = new Map(params.map((p) => [p.name, p.variable]));
   const param = (name: string): tf.Variable => {
     const variable = byName.get(name);
+    // A lookup inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect
+    // runs; the names come from the model's own specs, so an unknown one is a bug in the caller.
     if (variable === undefined) throw new Error(`unknown model parameter ${name}`);
     return variable;
   };
-  return { config, plan, params, param };
+  const dispose = () => {
+    for (const p of params) if (!p.variable.isDisposed) p.variable.dispose();
+  };
+  return { config, plan, params, param, [Symbol.dispose]: dispose };
 };
 
-/** Disposes every variable of the model. */
-export const disposeModel = (model: SwavModel): void => {
-  for (const p of model.params) if (!p.variable.isDisposed) p.variable.dispose();
-};
+/** Disposes every variable of the model (the same as `model[Symbol.dispose]()`). */
+export const disposeModel = (model: SwavModel): void => model[Symbol.dispose]();
+
+/** A model whose variables the scope disposes (interruption included). */
+export const scopedSwavModel = (
+  config: ModelConfig,
+  seed = 0,
+): Effect.Effect<SwavModel, never, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.sync(() => makeSwavModel(config, seed)),
+    (model) => Effect.sync(() => model[Symbol.dispose]()),
+  );
 
 /** The variables the optimiser updates (everything but BatchNorm running statistics), in order. */
 export const trainableVariables = (model: SwavModel): tf.Variable[] =>
   model.params.filter((p) => p.trainable).map((p) => p.variable);
 
-/**
- * Overwrites parameters from named values (a checkpoint, a fixture); each name
- * must exist and each size match. Parameters not named keep their values.
- */
-export const setModelValues = (
-  model: SwavModel,
-  values: Readonly<Record<string, ArrayLike<number>>>,
-): void => {
-  for (const [name, data] of Object.entries(values)) {
-    const variable = model.param(name);
-    if (data.length !== variable.size) {
-      throw new Error(`${name}: ${data.length} values for shape [${variable.shape}]`);
-    }
-    tf.tidy(() => variable.assign(tf.tensor(Float32Array.from(data), variable.shape)));
-  }
-};
+/** One parameter's values, row-major, with its name and shape (a checkpoint entry). */
+export interface NamedArray {
+  readonly name: string;
+  readonly shape: readonly number[];
+  /** Model parameters are float32; checkpoints also hold int32 arrays (counters). */
+  readonly values: Float32Array | Int32Array;
+}
 
-/** Reads every parameter's values (asynchronously: works on every backend). */
-export const modelValues = async (model: SwavModel): Promise<Record<string, Float32Array>> => {
-  const out: Record<string, Float32Array> = {};
-  for (const p of model.params) out[p.name] = (await p.variable.data()) as Float32Array;
-  return out;
-};
+/** Named arrays that do not fit the model: `parameter` is missing, or its shape differs. */
+export class ModelWeightsError extends Schema.TaggedError<ModelWeightsError>()("ModelWeightsError", {
+  /** What the arrays came from, e.g. "checkpoint runs/a/step-100.json". */
+  source: Schema.String,
+  parameter: Schema.String,
+  /** The model's shape of the parameter. */
+  expected: Schema.Array(Schema.Number),
+  /** The shape of the array given, or undefined when it is missing. */
+  got: Schema.optional(Schema.Array(Schema.Number)),
+  /** Set when the array's value count does not match its own shape. */
+  values: Schema.optional(Schema.Number),
+}) {
+  override get message(): string {
+    if (this.got === undefined) {
+      return `${this.source} lacks parameter ${this.parameter}: another architecture?`;
+    }
+    if (this.values !== undefined) {
+      return `${this.source}: ${this.parameter} has ${this.values} values for shape [${this.got}]: a corrupt file?`;
+    }
+    return `${this.source}: ${this.parameter} has shape [${this.got}], the model [${this.expected}]: another architecture?`;
+  }
+}
+
+/**
+ * Every parameter's values as named arrays, in `model.params` order (state_dict
+ * order). The reads are asynchronous: this works on every backend.
+ */
+export const readModelArrays = (model: SwavModel): Effect.Effect<NamedArray[]> =>
+  Effect.forEach(model.params, (p) =>
+    Effect.map(
+      // A tensor read fails only if the backend itself does: a defect, not a typed error.
+      Effect.promise(() => p.variable.data()),
+      (values): NamedArray => ({
+        name: p.name,
+        shape: [...p.variable.shape],
+        values: values as Float32Array,
+      }),
+    ));
+
+/**
+ * Loads named arrays into the model's variables. Every parameter of the model
+ * must be present with its shape (arrays the model lacks are ignored); nothing
+ * is assigned unless all fit. `source` names the arrays in the error.
+ */
+export const loadModelArrays = (
+  model: SwavModel,
+  arrays: readonly NamedArray[],
+  source = "arrays",
+): Effect.Effect<void, ModelWeightsError> =>
+  Effect.suspend(() => {
+    const byName = new Map(arrays.map((a) => [a.name, a]));
+    for (const p of model.params) {
+      const array = byName.get(p.name);
+      const expected = [...p.variable.shape];
+      if (array === undefined) {
+        return Effect.fail(new ModelWeightsError({ source, parameter: p.name, expected }));
+      }
+      if (array.shape.join("x") !== expected.join("x")) {
+        return Effect.fail(
+          new ModelWeightsError({ source, parameter: p.name, expected, got: [...array.shape] }),
+        );
+      }
+      if (array.values.length !== p.variable.size) {
+        return Effect.fail(
+          new ModelWeightsError({
+            source,
+            parameter: p.name,
+            expected,
+            got: [...array.shape],
+            values: array.values.length,
+          }),
+        );
+      }
+    }
+    for (const p of model.params) {
+      const array = byName.get(p.name)!;
+      tf.tidy(() => p.variable.assign(tf.tensor(array.values, p.variable.shape, "float32")));
+    }
+    return Effect.void;
+  });
 
 export interface ModelOutput {
   /** Unit-norm embeddings z [N, out], crop-major over all groups. */
@@ -186,6 +269,8 @@ export const modelForward = (
   options: ForwardOptions,
 ): ModelOutput =>
   tf.tidy(() => {
+    // Synchronous forward inside tf.tidy and the gradient tape, where no Effect runs; the encode
+    // stage only ever passes the groups of a non-empty crop list.
     if (cropGroups.length === 0) throw new Error("modelForward needs at least one crop group");
     const perGroup = cropGroups.map((group) => backboneForward(model.plan, model.param, group, options));
     const features = perGroup.length === 1 ? perGroup[0]! : tf.concat(perGroup, 0);

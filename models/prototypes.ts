@@ -11,14 +11,17 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { wasmHeap } from "../backend/wasm_heap.ts";
-import { withoutGradient } from "../stages/sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
 
 /** F.normalize's floor on the norm: rows of norm below it are divided by it instead. */
 const NORM_FLOOR = 1e-12;
 
-/** Rows of `w` [K, D] divided by max(‖row‖₂, 1e-12), as torch.nn.functional.normalize(w, dim=1). */
-export const l2NormaliseRows = (w: tf.Tensor2D): tf.Tensor2D =>
-  tf.tidy(() => tf.div(w, tf.maximum(tf.norm(w, "euclidean", 1, true), NORM_FLOOR)));
+/**
+ * torch.nn.functional.normalize(x, dim=1, p=2): each row of x [N, D] divided by
+ * max(‖row‖₂, 1e-12). The one L2 normaliser of the project (embeddings, prototypes).
+ */
+export const l2NormaliseRows = (x: tf.Tensor2D): tf.Tensor2D =>
+  tf.tidy(() => tf.div(x, tf.maximum(tf.sqrt(tf.sum(tf.square(x), 1, true)), NORM_FLOOR)));
 
 /**
  * Replaces the prototypes' weight [K, D] by its L2-row-normalised value, in
@@ -27,6 +30,8 @@ export const l2NormaliseRows = (w: tf.Tensor2D): tf.Tensor2D =>
  */
 export const normalisePrototypes = (variable: tf.Variable, options: { host?: boolean } = {}): void => {
   if (variable.rank !== 2) {
+    // A synchronous tensor helper called inside the training step's tf.tidy, where no Effect runs;
+    // the model always makes the weight [K, D], so this guards only hand-made variables.
     throw new RangeError(`normalisePrototypes: weight must be [K, D], got [${variable.shape}]`);
   }
   if ((options.host ?? true) && normaliseRowsOnHeap(variable)) return;
@@ -59,7 +64,10 @@ const normaliseRowsOnHeap = (variable: tf.Variable): boolean => {
   return true;
 };
 
-/** Scores [N, K] = z [N, D] · Wᵀ for the prototypes' weight W [K, D]. */
+/**
+ * Prototype scores [N, K] = z [N, D] · Wᵀ for the prototypes' weight W [K, D]
+ * (torch's Linear(D, K, bias=False)); with unit-norm z and rows, cosine similarities.
+ */
 export const prototypeScores = (z: tf.Tensor2D, weight: tf.Tensor2D): tf.Tensor2D =>
   tf.matMul(z, weight, false, true);
 

@@ -205,6 +205,8 @@ export const batchNorm = <T extends tf.Tensor>(
   }
   const count = x.size / x.shape[x.rank - 1]!;
   if (count < 2) {
+    // Inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect runs; torch
+    // raises the same. The encode stage and the pretrain config check batch sizes before this.
     throw new Error(
       `${name}: BatchNorm in train mode needs more than one value per channel (got input shape [${x.shape}])`,
     );
@@ -227,6 +229,8 @@ const updateRunningStats = (
   const runningMean = params(`${name}.running_mean`);
   const runningVar = params(`${name}.running_var`);
   if (!(runningMean instanceof tf.Variable) || !(runningVar instanceof tf.Variable)) {
+    // Inside the synchronous forward pass, where no Effect runs; a lookup that hands out plain
+    // tensors for statistics is a bug in the caller, not a data error.
     throw new Error(`${name}: running statistics must be variables to be updated in train mode`);
   }
   const [newMean, newVar] = tf.tidy(() => [
@@ -280,6 +284,8 @@ export const backboneForward = (
 ): tf.Tensor2D =>
   tf.tidy(() => {
     if (x.shape[3] !== plan.config.inputChannels) {
+      // Inside tf.tidy (and the gradient tape), where no Effect runs; without it a wrong channel
+      // count would surface as an opaque conv shape error from TF.js.
       throw new Error(`backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`);
     }
     let y = conv(params, "backbone.conv1.weight", x, plan.stemStride, plan.stemPad);

@@ -16,9 +16,14 @@
  * Tensor names: model variables by their model name (`backbone.layer1.0.conv1.weight`, ...),
  * optimiser slots as `optimiser/<variable name>`, queue as `queue/<crop index>`.
  */
-import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema } from "effect";
-import type { SwavModel } from "../models/model.ts";
+import {
+  loadModelArrays,
+  ModelWeightsError,
+  type NamedArray,
+  readModelArrays,
+  type SwavModel,
+} from "../models/model.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,
@@ -30,12 +35,7 @@ import {
 export const checkpointFormatVersion = 1;
 const magic = new TextEncoder().encode("SWAVCKPT");
 
-/** One named array in a checkpoint. */
-export interface NamedArray {
-  readonly name: string;
-  readonly shape: readonly number[];
-  readonly values: Float32Array | Int32Array;
-}
+export type { NamedArray } from "../models/model.ts";
 
 /** The content of a checkpoint. */
 export interface Checkpoint {
@@ -275,45 +275,6 @@ export class CheckpointMismatch extends Schema.TaggedError<CheckpointMismatch>()
   message: Schema.String,
 }) {}
 
-/** Copies the model's variables into checkpoint arrays. */
-export const modelArrays = async (
-  model: SwavModel,
-): Promise<{ name: string; shape: number[]; values: Float32Array }[]> => {
-  const out = [];
-  for (const p of model.params) {
-    out.push({
-      name: p.name,
-      shape: [...p.variable.shape],
-      values: (await p.variable.data()) as Float32Array,
-    });
-  }
-  return out;
-};
-
-/** Loads checkpoint arrays into the model's variables (every parameter must be present, with its shape). */
-export const loadModelArrays = (
-  model: SwavModel,
-  checkpoint: Checkpoint,
-  path: string,
-): Effect.Effect<void, CheckpointMismatch> =>
-  Effect.suspend(() => {
-    const byName = new Map(checkpoint.arrays.map((a) => [a.name, a]));
-    for (const p of model.params) {
-      const array = byName.get(p.name);
-      const problem = array === undefined
-        ? `checkpoint ${path} lacks parameter ${p.name}: another architecture?`
-        : array.shape.join("x") !== p.variable.shape.join("x")
-        ? `checkpoint ${path}: ${p.name} has shape [${array.shape}], the model [${p.variable.shape}]: another architecture?`
-        : undefined;
-      if (problem !== undefined) return Effect.fail(new CheckpointMismatch({ path, message: problem }));
-    }
-    for (const p of model.params) {
-      const array = byName.get(p.name)!;
-      tf.tidy(() => p.variable.assign(tf.tensor(array.values, p.variable.shape, "float32")));
-    }
-    return Effect.void;
-  });
-
 /** Where a run stands: steps taken, the epoch to continue with and the batches of it already done. */
 export interface RunPosition {
   readonly step: number;
@@ -346,7 +307,7 @@ export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect
     const slots = yield* Effect.promise(() => run.optimiser.serialise());
     const savedQueue = run.queue === undefined ? undefined : yield* serialiseQueue(run.queue);
     const arrays = [
-      ...(yield* Effect.promise(() => modelArrays(run.model))),
+      ...(yield* readModelArrays(run.model)),
       ...Object.entries(slots).map(([name, slot]) => ({
         name: `optimiser/${name}`,
         shape: [...slot.shape],
@@ -401,10 +362,10 @@ export const restoreRun = <E, R>(
     readonly queueStartEpoch: number;
     readonly queueFor: (epoch: number) => Effect.Effect<EmbeddingQueue | undefined, E, R>;
   },
-): Effect.Effect<RunPosition, CheckpointError | CheckpointMismatch | QueueError | E, R> =>
+): Effect.Effect<RunPosition, CheckpointError | CheckpointMismatch | ModelWeightsError | QueueError | E, R> =>
   Effect.gen(function* () {
     const checkpoint = yield* readCheckpoint(path);
-    yield* loadModelArrays(run.model, checkpoint, path);
+    yield* loadModelArrays(run.model, checkpoint.arrays, `checkpoint ${path}`);
     run.optimiser.restore(Object.fromEntries(
       checkpoint.arrays.filter((a) => a.name.startsWith("optimiser/")).map((a) => [
         a.name.slice("optimiser/".length),

@@ -7,11 +7,11 @@ import { Effect } from "effect";
 import { type BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
 import { openSource } from "../data/sources.ts";
-import { loadModelArrays, readCheckpoint } from "./checkpoint.ts";
+import { readCheckpoint } from "./checkpoint.ts";
 import { knnTop1 } from "./knn.ts";
 import { pretrain, type PretrainHooks, scopedModel } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
-import type { SwavModel } from "../models/model.ts";
+import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import type { RunConfig } from "../config/config.ts";
 
 /**
@@ -99,7 +99,7 @@ export const runDemo = (options: DemoOptions) =>
         const model = yield* scopedModel(config.model, config.train.seed);
         if (result.checkpoint === undefined) return Number.NaN;
         const checkpoint = yield* readCheckpoint(result.checkpoint);
-        yield* loadModelArrays(model, checkpoint, result.checkpoint);
+        yield* loadModelArrays(model, checkpoint.arrays, `checkpoint ${result.checkpoint}`);
         return yield* knnOf(model, config);
       }));
       const seconds = (performance.now() - started) / 1000;

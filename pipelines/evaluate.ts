@@ -14,8 +14,8 @@ import { Effect, Schema, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { type NpyValues, writeNpy } from "../data/npy.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
-import type { SwavModel } from "../models/model.ts";
-import { loadModelArrays, readCheckpoint, resolveCheckpointPath } from "./checkpoint.ts";
+import { loadModelArrays, type SwavModel } from "../models/model.ts";
+import { readCheckpoint, resolveCheckpointPath } from "./checkpoint.ts";
 import { type EncoderInput, exportEncoder, loadEncoder } from "./export.ts";
 import { extractFeatures, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
@@ -63,7 +63,7 @@ export const loadForEvaluation = (path: string): Effect.Effect<LoadedEncoder, un
       ),
     );
     const model = yield* scopedModel(config.model, 0);
-    yield* loadModelArrays(model, checkpoint, file).pipe(
+    yield* loadModelArrays(model, checkpoint.arrays, `checkpoint ${file}`).pipe(
       Effect.mapError((error) => new EvaluationError({ message: error.message })),
     );
     return {
@@ -407,9 +407,9 @@ export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<
     yield* Effect.tryPromise({
       try: async () => {
         await Deno.mkdir(options.out, { recursive: true });
-        await writeNpy(`${options.out}/features.npy`, values, [count, dim]);
-        await writeNpy(`${options.out}/labels.npy`, toInt64(extracted.labels), [count]);
-        await writeNpy(`${options.out}/indices.npy`, toInt64(extracted.indices), [count]);
+        await Effect.runPromise(writeNpy(`${options.out}/features.npy`, values, [count, dim]));
+        await Effect.runPromise(writeNpy(`${options.out}/labels.npy`, toInt64(extracted.labels), [count]));
+        await Effect.runPromise(writeNpy(`${options.out}/indices.npy`, toInt64(extracted.indices), [count]));
         await Deno.writeTextFile(`${options.out}/features.json`, JSON.stringify(sidecar, null, 2) + "\n");
       },
       catch: (error) =>

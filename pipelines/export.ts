@@ -212,6 +212,7 @@ export const loadEncoder = (
             if (variable === undefined) throw new Error(`the exported encoder has no parameter ${name}`);
             return variable;
           },
+          [Symbol.dispose]: () => params.forEach((p) => p.variable.isDisposed || p.variable.dispose()),
         };
       }),
       (m) => Effect.sync(() => m.params.forEach((p) => p.variable.isDisposed || p.variable.dispose())),

@@ -8,7 +8,8 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Stream } from "effect";
-import { evalPrepare, makeLoader } from "../data/loader.ts";
+import { makeLoader } from "../data/loader.ts";
+import { evalPrepare } from "../stages/multicrop.ts";
 import type { DataSource } from "../data/sources.ts";
 import { backboneForward } from "../models/resnet.ts";
 import type { SwavModel } from "../models/model.ts";

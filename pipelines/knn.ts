@@ -12,6 +12,7 @@ import { Effect } from "effect";
 import type { RunConfig } from "../config/config.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
+import { l2NormaliseRows } from "../models/prototypes.ts";
 import { extractFeatures } from "./extract.ts";
 
 export interface KnnOptions {
@@ -48,7 +49,7 @@ export const knnClassify = async (
   if (testLabels.length !== m) throw new Error(`kNN: ${testLabels.length} test labels for ${m} features`);
   const k = Math.min(options.k, n);
   const chunkSize = options.chunkSize ?? 256;
-  const bank = tf.tidy(() => l2Normalise(trainFeatures).transpose());
+  const bank = tf.tidy(() => l2NormaliseRows(trainFeatures).transpose());
   const labelsOnDevice = tf.tensor1d(trainLabels, "int32");
   let correct1 = 0;
   let correct5 = 0;
@@ -57,7 +58,7 @@ export const knnClassify = async (
     for (let start = 0; start < m; start += chunkSize) {
       const rows = Math.min(chunkSize, m - start);
       const votes = tf.tidy(() => {
-        const query = l2Normalise(testFeatures.slice([start, 0], [rows, -1]));
+        const query = l2NormaliseRows(testFeatures.slice([start, 0], [rows, -1]));
         const similarity = query.matMul(bank); // [rows, N]
         const { values, indices } = tf.topk(similarity, k);
         const weights = values.div(options.temperature).exp(); // [rows, k]
@@ -82,9 +83,6 @@ export const knnClassify = async (
   }
   return { top1: correct1 / m, top5: correct5 / m, predictions };
 };
-
-const l2Normalise = (x: tf.Tensor2D): tf.Tensor2D =>
-  tf.tidy(() => x.div(x.square().sum(1, true).sqrt().maximum(1e-12)) as tf.Tensor2D);
 
 /**
  * kNN top-1 of the model's backbone features on a labelled train/test pair,

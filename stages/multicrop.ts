@@ -34,8 +34,9 @@ import {
   rgbToGrayscale,
   sampleColorJitter,
 } from "../data/augment.ts";
+import type { PrepareRef } from "../data/loader.ts";
 import { type Rng, rngFor } from "../data/rng.ts";
-import type { RgbImage } from "./decode.ts";
+import type { RgbImage } from "../data/image_codec.ts";
 import { defineStage } from "./stage.ts";
 import { withDefault } from "../models/schema.ts";
 
@@ -352,4 +353,18 @@ export const multicropStage = defineStage<MulticropInput, Float32Array[], Multic
   config: MulticropConfig,
   run: (config) => (input) =>
     Effect.sync(() => multicropSample(input.image, config, rngFor(input.seed, input.epoch, input.index))),
+});
+
+/** SwAV multi-crop (`multicropSample`), for the loader (`data/loader.ts`), one buffer per crop. */
+export const multicropPrepare = <C>(config: C): PrepareRef<C> => ({
+  module: import.meta.url,
+  name: "multicropSample",
+  config,
+});
+
+/** Deterministic evaluation transform (`evalTransform`), for the loader: resize, centre crop, normalise. */
+export const evalPrepare = <C>(options: C): PrepareRef<C> => ({
+  module: import.meta.url,
+  name: "evalTransform",
+  config: options,
 });

@@ -15,7 +15,8 @@
 import * as tf from "@tensorflow/tfjs";
 import type { CropLayout } from "./crop_layout.ts";
 import type { EncodeOutput } from "./encode.ts";
-import { type SinkhornInput, withoutGradient } from "./sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
+import type { SinkhornInput } from "./sinkhorn.ts";
 import type { SwappedLossInput } from "./swapped_loss.ts";
 
 /** `tf.variableGrads`' signature (also that of backend/lean_gradients.ts' `leanVariableGrads`). */

@@ -10,7 +10,8 @@
  *     queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
  *
  * The tensors live in a `SynchronizedRef` (updates are serialised); `makeQueue`
- * ties their disposal to a scope. A push replaces the tensors and disposes the
+ * ties their disposal to a scope, and `createQueue` gives a queue its caller
+ * disposes (`using queue = Effect.runSync(createQueue(...))`). A push replaces the tensors and disposes the
  * old ones. Queue tensors are kept (`tf.keep`) so an enclosing `tf.tidy` cannot
  * free them, and are computed off any gradient tape.
  */
@@ -18,7 +19,7 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope, SynchronizedRef } from "effect";
 import { disposeAll } from "../backend/resources.ts";
 import { prototypeScores } from "../models/prototypes.ts";
-import { withoutGradient } from "../stages/sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
 
 export interface QueueOptions {
   /** Requested length (the reference's queue_length); rounded down to a multiple of the batch. */
@@ -38,7 +39,8 @@ export interface QueueState {
   readonly filled: number;
 }
 
-export interface EmbeddingQueue {
+/** The queue's tensors are its own: `queue[Symbol.dispose]()` (or the scope of `makeQueue`) frees them. */
+export interface EmbeddingQueue extends Disposable {
   /** The length after rounding down to a multiple of the batch size. */
   readonly length: number;
   readonly batchSize: number;
@@ -100,23 +102,28 @@ const emptyState = (n: number, length: number, dim: number): QueueState => ({
   filled: 0,
 });
 
-/** A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0. */
-export const makeQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue, QueueError, Scope.Scope> =>
+/**
+ * A zero-filled queue that the caller disposes (`Symbol.dispose`; disposing
+ * twice is harmless). Fails when the length rounds down to 0.
+ */
+export const createQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue, QueueError> =>
   Effect.gen(function* () {
     const length = validate(options);
     if (length instanceof QueueError) return yield* Effect.fail(length);
-    const state = yield* Effect.acquireRelease(
-      SynchronizedRef.make(emptyState(options.cropsForAssign.length, length, options.dim)),
-      (ref) => Effect.map(SynchronizedRef.get(ref), (s) => disposeAll(s.embeddings)),
-    );
+    const state = yield* SynchronizedRef.make(emptyState(options.cropsForAssign.length, length, options.dim));
     return {
       length,
       batchSize: options.batchSize,
       dim: options.dim,
       cropsForAssign: [...options.cropsForAssign],
       state,
+      [Symbol.dispose]: () => disposeAll(Effect.runSync(SynchronizedRef.get(state)).embeddings),
     };
   });
+
+/** A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0. */
+export const makeQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue, QueueError, Scope.Scope> =>
+  Effect.acquireRelease(createQueue(options), (queue) => Effect.sync(() => queue[Symbol.dispose]()));
 
 /** Whether every slot has been written (the reference: last row non-zero). */
 export const isFull = (queue: EmbeddingQueue): Effect.Effect<boolean> =>
@@ -214,6 +221,7 @@ export const scoresThenPush = (
 /** Copies the queue to plain arrays (asynchronous reads: works on every backend). */
 export const serialise = (queue: EmbeddingQueue): Effect.Effect<SerialisedQueue> =>
   Effect.flatMap(SynchronizedRef.get(queue.state), (state) =>
+    // A tensor read fails only if the backend itself does: a defect, not a typed error.
     Effect.promise(async () => ({
       length: queue.length,
       batchSize: queue.batchSize,

@@ -8,15 +8,15 @@
 import assert from "node:assert/strict";
 import { Effect, Exit, Option } from "effect";
 import { configure } from "../stages/stage.ts";
+import { decodeStage } from "../stages/decode.ts";
 import {
   DecodeError,
   decodeImage,
-  decodeStage,
   jpegBackend,
   type JpegDecoder,
   readImage,
   type RgbImage,
-} from "../stages/decode.ts";
+} from "../data/image_codec.ts";
 
 const FIXTURES = new URL("./fixtures/images/", import.meta.url);
 

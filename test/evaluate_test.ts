@@ -6,13 +6,12 @@ import { writeDemoDataset } from "../data/demo_dataset.ts";
 import { epochOrder } from "../data/loader.ts";
 import { readNpy } from "../data/npy.ts";
 import { openSource } from "../data/sources.ts";
-import { disposeModel, makeSwavModel } from "../models/model.ts";
+import { disposeModel, makeSwavModel, readModelArrays } from "../models/model.ts";
 import { writeCheckpoint } from "../pipelines/checkpoint.ts";
 import { evaluate, evaluationJson, extractToFolder } from "../pipelines/evaluate.ts";
 import { extractFeatures } from "../pipelines/extract.ts";
 import { knnClassify } from "../pipelines/knn.ts";
 import { probeLearningRate, trainLinearProbe } from "../pipelines/linear_probe.ts";
-import { modelArrays } from "../pipelines/checkpoint.ts";
 import { rngFor } from "../data/rng.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
@@ -201,7 +200,7 @@ const writeRun = async (folder: string, config: RunConfig, arraysFrom?: RunConfi
       batchInEpoch: 0,
       config,
       extra: {},
-      arrays: await modelArrays(model),
+      arrays: await Effect.runPromise(readModelArrays(model)),
     }));
     return { model, dispose: () => disposeModel(model) };
   } catch (error) {
@@ -275,8 +274,8 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
         "extract",
         () => Effect.runPromise(extractToFolder({ checkpoint: run, data: `${data}/demo:test`, out })),
       );
-      const features = await readNpy(`${out}/features.npy`);
-      const labels = await readNpy(`${out}/labels.npy`);
+      const features = await Effect.runPromise(readNpy(`${out}/features.npy`));
+      const labels = await Effect.runPromise(readNpy(`${out}/labels.npy`));
       assert.equal(features.dtype, "<f4");
       assert.deepEqual([...features.shape], [30, model.plan.featureDim]);
       assert.equal(labels.dtype, "<i8");
@@ -427,7 +426,7 @@ Deno.test("eval/extract/export CLI: --json line, .npy output, an export evaluate
       `${folder}/f`,
     );
     assert.equal(extracted.code, 0, extracted.stderr);
-    assert.deepEqual([...(await readNpy(`${folder}/f/features.npy`)).shape], [30, 32]);
+    assert.deepEqual([...(await Effect.runPromise(readNpy(`${folder}/f/features.npy`))).shape], [30, 32]);
 
     const missing = await swav("eval", "--checkpoint", `${folder}/nothing`, "--method", "linear");
     assert.equal(missing.code, 1);

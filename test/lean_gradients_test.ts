@@ -7,7 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
-import { withoutGradient } from "../stages/sinkhorn.ts";
+import { withoutGradient } from "../backend/no_gradient.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
 import { swavTape } from "../pipelines/swav_step.ts";

@@ -14,14 +14,13 @@ import {
   LoaderError,
   type LoaderOptions,
   makeLoader,
-  multicropPrepare,
   stackView,
 } from "../data/loader.ts";
 import { type DataSource, decodeRaw, openSource, type RawSample } from "../data/sources.ts";
 import { randomCrop } from "../data/transforms.ts";
 import { rngFor } from "../data/rng.ts";
-import { DecodeError } from "../stages/decode.ts";
-import { MulticropConfig, smallImageProfile } from "../stages/multicrop.ts";
+import { DecodeError } from "../data/image_codec.ts";
+import { MulticropConfig, multicropPrepare, smallImageProfile } from "../stages/multicrop.ts";
 
 const FIXTURES = new URL("./fixtures/images/", import.meta.url);
 

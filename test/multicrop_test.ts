@@ -19,7 +19,7 @@ import {
   smallImageProfile,
 } from "../stages/multicrop.ts";
 import { configure } from "../stages/stage.ts";
-import type { RgbImage } from "../stages/decode.ts";
+import type { RgbImage } from "../data/image_codec.ts";
 import { assertNoTensorLeak } from "./_helpers.ts";
 
 await tf.setBackend("cpu");

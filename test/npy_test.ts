@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { Effect } from "effect";
 import { decodeNpy, encodeNpy, NpyError, type NpyValues, readNpy } from "../data/npy.ts";
 
 const fixtures = new URL("./fixtures/npy/", import.meta.url).pathname;
@@ -15,7 +16,7 @@ const hasNumpy = await new Deno.Command("/usr/bin/python3", { args: ["-c", "impo
 Deno.test("npy: reads the files NumPy wrote (fixtures from reference/npy_reference.py)", async (t) => {
   for (const [name, want] of Object.entries(expected)) {
     await t.step(name, async () => {
-      const got = await readNpy(`${fixtures}${name}.npy`);
+      const got = await Effect.runPromise(readNpy(`${fixtures}${name}.npy`));
       assert.deepEqual([...got.shape], want.shape);
       assert.equal(got.dtype.slice(1), want.dtype.slice(1));
       // Exact: float32 values printed by NumPy as doubles round-trip through Math.fround.
@@ -36,11 +37,11 @@ Deno.test("npy: round trip of fresh random arrays of every dtype, data 64-byte a
     [new Float32Array(0), [0, d]],
   ];
   for (const [values, shape] of cases) {
-    const bytes = encodeNpy(values, shape);
+    const bytes = Effect.runSync(encodeNpy(values, shape));
     const headerLength = new DataView(bytes.buffer).getUint16(8, true);
     assert.equal((10 + headerLength) % 64, 0, "data offset is 64-byte aligned");
     assert.equal(bytes[10 + headerLength - 1], 0x0a, "header ends with a newline");
-    const back = decodeNpy(bytes);
+    const back = Effect.runSync(decodeNpy(bytes));
     assert.deepEqual([...back.shape], shape);
     assert.equal(back.values.constructor, values.constructor);
     assert.deepEqual(asNumbers(back.values), asNumbers(values));
@@ -48,17 +49,17 @@ Deno.test("npy: round trip of fresh random arrays of every dtype, data 64-byte a
 });
 
 Deno.test("npy: bad input fails with a clear NpyError", () => {
-  const good = encodeNpy(new Float32Array([1, 2, 3]), [3]);
-  assert.throws(() => decodeNpy(new TextEncoder().encode("PK\x03\x04 zip")), /bad magic/);
-  assert.throws(() => decodeNpy(good.subarray(0, good.length - 2)), /truncated data/);
-  assert.throws(() => encodeNpy(new Float32Array(5), [2, 3]), NpyError);
-  const fortran = encodeNpy(new Float32Array(4), [2, 2]);
+  const good = Effect.runSync(encodeNpy(new Float32Array([1, 2, 3]), [3]));
+  assert.throws(() => Effect.runSync(decodeNpy(new TextEncoder().encode("PK\x03\x04 zip"))), /bad magic/);
+  assert.throws(() => Effect.runSync(decodeNpy(good.subarray(0, good.length - 2))), /truncated data/);
+  assert.throws(() => Effect.runSync(encodeNpy(new Float32Array(5), [2, 3])), NpyError);
+  const fortran = Effect.runSync(encodeNpy(new Float32Array(4), [2, 2]));
   const patched = new Uint8Array(fortran);
   patched.set(new TextEncoder().encode("True "), new TextDecoder("latin1").decode(fortran).indexOf("False"));
-  assert.throws(() => decodeNpy(patched), /Fortran/);
+  assert.throws(() => Effect.runSync(decodeNpy(patched)), /Fortran/);
   const complex = new Uint8Array(good);
   complex.set(new TextEncoder().encode("<c8"), new TextDecoder("latin1").decode(good).indexOf("<f4"));
-  assert.throws(() => decodeNpy(complex), /dtype <c8 is not supported/);
+  assert.throws(() => Effect.runSync(decodeNpy(complex)), /dtype <c8 is not supported/);
 });
 
 Deno.test({
@@ -69,8 +70,8 @@ Deno.test({
     try {
       const features = Float32Array.from({ length: 12 }, () => Math.random() - 0.5);
       const labels = BigInt64Array.from([3n, -1n, 7n]);
-      await Deno.writeFile(`${folder}/f.npy`, encodeNpy(features, [3, 4]));
-      await Deno.writeFile(`${folder}/l.npy`, encodeNpy(labels, [3]));
+      await Deno.writeFile(`${folder}/f.npy`, Effect.runSync(encodeNpy(features, [3, 4])));
+      await Deno.writeFile(`${folder}/l.npy`, Effect.runSync(encodeNpy(labels, [3])));
       const script = [
         "import json, sys, numpy as np",
         `f = np.load(sys.argv[1] + '/f.npy'); l = np.load(sys.argv[1] + '/l.npy')`,

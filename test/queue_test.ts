@@ -5,6 +5,7 @@ import { Effect, Exit } from "effect";
 import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
 import { initPrototypes, normalisePrototypes, prototypeScores } from "../models/prototypes.ts";
 import {
+  createQueue,
   effectiveQueueLength,
   isFull,
   makeQueue,
@@ -260,4 +261,16 @@ Deno.test("prototypes", async (t) => {
       tf.dispose([value, grads[w.name]!, z, w]);
     });
   });
+});
+
+Deno.test("queue: `using` frees its tensors, pushed ones included (live tensor count back to where it was)", () => {
+  const before = tf.memory().numTensors;
+  {
+    using queue = Effect.runSync(createQueue({ length: 6, batchSize: 3, dim: 4, cropsForAssign: [0, 1] }));
+    assert.ok(tf.memory().numTensors > before);
+    const z = tf.randomNormal([6, 4]) as tf.Tensor2D;
+    Effect.runSync(push(queue, z));
+    z.dispose();
+  }
+  assert.equal(tf.memory().numTensors, before, "live tensors back to where they were");
 });

@@ -22,11 +22,13 @@ import {
   estimateMemory,
   groupCropsByResolution,
   initialValues,
+  loadModelArrays,
   makeSwavModel,
   type ModelConfig,
   modelForward,
   modelParamSpecs,
-  setModelValues,
+  ModelWeightsError,
+  readModelArrays,
   type SwavModel,
   trainableVariables,
 } from "../models/model.ts";
@@ -79,10 +81,15 @@ const loadCase = (c: Case): SwavModel => {
     Object.keys(c.params).sort(),
     `${c.name}: parameter names differ from torch's state_dict`,
   );
-  setModelValues(
+  Effect.runSync(loadModelArrays(
     model,
-    Object.fromEntries(Object.entries(c.params).map(([k, v]) => [k, float32FromBase64(v)])),
-  );
+    model.params.map((p) => ({
+      name: p.name,
+      shape: [...p.variable.shape],
+      values: float32FromBase64(c.params[p.name]!),
+    })),
+    `fixture ${c.name}`,
+  ));
   return model;
 };
 
@@ -333,4 +340,48 @@ Deno.test("estimateMemory: at or above the measured peak of a training step, wit
     tf.dispose(groups);
     disposeModel(model);
   }
+});
+
+Deno.test("model: `using` frees every variable (live tensor count back to where it was)", () => {
+  const config = Effect.runSync(
+    decodeModelConfig({ arch: "resnet18", width: 4, hidden: 8, out: 4, prototypes: 5 }),
+  );
+  const before = tf.memory().numTensors;
+  {
+    using model = makeSwavModel(config, 1);
+    assert.ok(tf.memory().numTensors > before);
+    assert.equal(model.params.length, modelParamSpecs(config).length);
+  }
+  assert.equal(tf.memory().numTensors, before, "live tensors back to where they were");
+});
+
+Deno.test("model: readModelArrays then loadModelArrays round-trips; a wrong name or shape is a ModelWeightsError", async () => {
+  const config = Effect.runSync(
+    decodeModelConfig({ arch: "resnet18", width: 4, hidden: 8, out: 4, prototypes: 5 }),
+  );
+  await assertNoTensorLeak("weights round trip", async () => {
+    using a = makeSwavModel(config, 1);
+    using b = makeSwavModel(config, 2);
+    const arrays = await Effect.runPromise(readModelArrays(a));
+    assert.deepEqual(arrays.map((x) => x.name), a.params.map((p) => p.name), "model.params order");
+    Effect.runSync(loadModelArrays(b, arrays));
+    for (const p of a.params) assert.deepEqual(await b.param(p.name).data(), await p.variable.data());
+
+    const missing = Effect.runSyncExit(loadModelArrays(b, arrays.slice(1), "checkpoint x.json"));
+    assert.ok(Exit.isFailure(missing));
+    const first = a.params[0]!;
+    assert.throws(
+      () => Effect.runSync(loadModelArrays(b, arrays.slice(1), "checkpoint x.json")),
+      (e: unknown) =>
+        e instanceof ModelWeightsError && e.parameter === first.name &&
+        e.message === `checkpoint x.json lacks parameter ${first.name}: another architecture?`,
+    );
+    const reshaped = arrays.map((x, i) => i === 0 ? { ...x, shape: [x.values.length] } : x);
+    assert.throws(
+      () => Effect.runSync(loadModelArrays(b, reshaped, "checkpoint x.json")),
+      (e: unknown) =>
+        e instanceof ModelWeightsError && e.parameter === first.name &&
+        e.message.includes(`has shape [${first.variable.size}], the model [${first.variable.shape}]`),
+    );
+  });
 });

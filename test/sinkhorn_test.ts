@@ -3,14 +3,8 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import { Effect, Exit } from "effect";
 import { initBackend, resolveBackendName } from "../backend/tensor_backend.ts";
-import {
-  type ComputePath,
-  hostBackendActive,
-  PLAIN_DOMAIN_MAX_SPREAD,
-  plainDomainCodes,
-  sinkhornKnopp,
-  sinkhornStage,
-} from "../stages/sinkhorn.ts";
+import { type ComputePath, sinkhornKnopp, sinkhornStage } from "../stages/sinkhorn.ts";
+import { hostBackendActive, PLAIN_DOMAIN_MAX_SPREAD, plainDomainCodes } from "../backend/sinkhorn_host.ts";
 import { configure } from "../stages/stage.ts";
 import { assertNoTensorLeak, relativeError, values } from "./_helpers.ts";
 

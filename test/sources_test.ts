@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { Effect, Exit } from "effect";
 import { openSource, parseSourceSpec, type Sample, SourceError } from "../data/sources.ts";
 import { encodeIdx } from "../data/idx.ts";
-import { DecodeError } from "../stages/decode.ts";
+import { DecodeError } from "../data/image_codec.ts";
 
 const FIXTURES = new URL("./fixtures/images/", import.meta.url);
 const run = <A, E>(effect: Effect.Effect<A, E>) => Effect.runPromise(effect);

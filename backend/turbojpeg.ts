@@ -1,0 +1,134 @@
+/**
+ * libjpeg-turbo's TurboJPEG API (`libturbojpeg.so.0`, Debian's `libturbojpeg0`)
+ * through `Deno.dlopen`: the symbol table, the decompressor handle, and one
+ * decode to packed RGB with PIL's settings (islow DCT, fancy upsampling).
+ *
+ * Failures are values, not exceptions: the image codec (`data/image_codec.ts`)
+ * turns them into its `DecodeError` and falls back to imagescript where this
+ * library cannot be loaded or cannot convert the colour space.
+ */
+
+const TJPF_RGB = 0;
+const TJCS_CMYK = 3;
+const TJCS_YCCK = 4;
+const TJERR_FATAL = 1;
+
+const SYMBOLS = {
+  tjInitDecompress: { parameters: [], result: "pointer" },
+  tjDecompressHeader3: {
+    parameters: ["pointer", "buffer", "u64", "buffer", "buffer", "buffer", "buffer"],
+    result: "i32",
+  },
+  tjDecompress2: {
+    parameters: ["pointer", "buffer", "u64", "buffer", "i32", "i32", "i32", "i32", "i32"],
+    result: "i32",
+  },
+  tjGetErrorStr2: { parameters: ["pointer"], result: "pointer" },
+  tjGetErrorCode: { parameters: ["pointer"], result: "i32" },
+} as const;
+
+type Library = Deno.DynamicLibrary<typeof SYMBOLS>;
+
+/** What one decode gives: the pixels, "unsupported" (CMYK/YCCK: decode elsewhere), or why it failed. */
+export type TurboDecodeResult =
+  | { readonly kind: "image"; readonly width: number; readonly height: number; readonly data: Uint8Array }
+  | { readonly kind: "unsupported" }
+  | { readonly kind: "error"; readonly reason: string };
+
+export interface TurboJpeg {
+  /** Decodes JPEG bytes to packed RGB; images over `maxPixels` are refused before allocating. */
+  decode(bytes: Uint8Array, maxPixels: number): TurboDecodeResult;
+}
+
+/**
+ * One decompressor over `lib`. The handle is made once and reused by every
+ * decode of this thread, so its error state is shared between decodes: the
+ * place to change that (a handle per decode, or a reset between decodes) is
+ * this function alone.
+ */
+const decompressor = (lib: Library): TurboJpeg | string => {
+  const handle = lib.symbols.tjInitDecompress();
+  if (handle === null) return "tjInitDecompress failed";
+  const widthOut = new Int32Array(1);
+  const heightOut = new Int32Array(1);
+  const subsampOut = new Int32Array(1);
+  const colourspaceOut = new Int32Array(1);
+  const message = () => {
+    const pointer = lib.symbols.tjGetErrorStr2(handle);
+    return pointer === null
+      ? "unknown libjpeg-turbo error"
+      : new Deno.UnsafePointerView(pointer).getCString();
+  };
+  return {
+    decode(bytes, maxPixels) {
+      if (
+        lib.symbols.tjDecompressHeader3(
+          handle,
+          bytes,
+          BigInt(bytes.length),
+          widthOut,
+          heightOut,
+          subsampOut,
+          colourspaceOut,
+        ) !== 0
+      ) return { kind: "error", reason: `corrupt JPEG header: ${message()}` };
+      const width = widthOut[0]!;
+      const height = heightOut[0]!;
+      if (width <= 0 || height <= 0 || width * height > maxPixels) {
+        return { kind: "error", reason: `JPEG size ${width}x${height} out of range` };
+      }
+      // TurboJPEG cannot convert CMYK/YCCK to RGB; imagescript can.
+      if (colourspaceOut[0] === TJCS_CMYK || colourspaceOut[0] === TJCS_YCCK) return { kind: "unsupported" };
+      const data = new Uint8Array(width * height * 3);
+      const status = lib.symbols.tjDecompress2(
+        handle,
+        bytes,
+        BigInt(bytes.length),
+        data,
+        width,
+        0,
+        height,
+        TJPF_RGB,
+        0, // islow DCT, fancy upsampling: PIL's defaults
+      );
+      if (status !== 0) {
+        const text = message();
+        // Warnings leave a complete image, except "Premature end of JPEG file": the
+        // missing rows are filled grey, and a truncated file must not pass silently.
+        if (lib.symbols.tjGetErrorCode(handle) === TJERR_FATAL) {
+          return { kind: "error", reason: `corrupt JPEG: ${text}` };
+        }
+        if (/premature end/i.test(text)) return { kind: "error", reason: `truncated JPEG: ${text}` };
+      }
+      return { kind: "image", width, height, data };
+    },
+  };
+};
+
+/** Opens the library and a decompressor; a string says why it is unavailable. */
+export const openTurboJpeg = (): TurboJpeg | string => {
+  let lib: Library;
+  try {
+    lib = Deno.dlopen("libturbojpeg.so.0", SYMBOLS);
+  } catch (cause) {
+    return cause instanceof Error ? cause.message : String(cause);
+  }
+  return decompressor(lib);
+};
+
+let turbo: TurboJpeg | null | undefined;
+let loadError = "not tried";
+
+/** libjpeg-turbo, loaded once per thread (each Worker has its own handle); null if unavailable. */
+export const turboJpeg = (): TurboJpeg | null => {
+  if (turbo !== undefined) return turbo;
+  const opened = openTurboJpeg();
+  if (typeof opened === "string") {
+    loadError = opened;
+    turbo = null;
+  } else turbo = opened;
+  return turbo;
+};
+
+/** Why `turboJpeg()` gave null on this thread ("not tried" before the first call). */
+export const turboJpegLoadError = (): string => loadError;
