@@ -221,8 +221,17 @@ const TJCS_CMYK = 3;
 const TJCS_YCCK = 4;
 const TJERR_FATAL = 1;
 
+/** The libjpeg-turbo file: `SWAV_TURBOJPEG_LIB`, else the soname (Debian's libturbojpeg0). */
+export const turboJpegLibrary = (): string => {
+  try {
+    return Deno.env.get("SWAV_TURBOJPEG_LIB") || "libturbojpeg.so.0";
+  } catch {
+    return "libturbojpeg.so.0"; // no --allow-env
+  }
+};
+
 const openTurboJpeg = (): TurboJpeg => {
-  const lib = Deno.dlopen("libturbojpeg.so.0", {
+  const lib = Deno.dlopen(turboJpegLibrary(), {
     tjInitDecompress: { parameters: [], result: "pointer" },
     tjDecompressHeader3: {
       parameters: ["pointer", "buffer", "u64", "buffer", "buffer", "buffer", "buffer"],
@@ -293,6 +302,9 @@ const openTurboJpeg = (): TurboJpeg => {
 
 /** Which JPEG decoder `auto` uses on this thread (for reports and benchmarks). */
 export const jpegBackend = (): "turbojpeg" | "imagescript" => turboJpeg() ? "turbojpeg" : "imagescript";
+
+/** Why libjpeg-turbo did not load on this thread (after `jpegBackend()` returned "imagescript"). */
+export const turboJpegLoadError = (): string => turboLoadError;
 
 // ---------------------------------------------------------------------------------------------
 // Stage
