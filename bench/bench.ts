@@ -38,6 +38,7 @@ import { rngFor } from "../data/rng.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
+import { announceSpeedupHint } from "../pipelines/environment.ts";
 import { swavParts } from "../pipelines/pretrain.ts";
 import { forwardBackward } from "../pipelines/train_step.ts";
 import { decodeImagePromise } from "../stages/decode.ts";
@@ -436,6 +437,10 @@ if (import.meta.main) {
     Deno.exit(2);
   }
   configureBlas({ threads: options.threads, enabled: options.blas });
+  // The benchmark decodes PNGs: only the native kernels would speed it up.
+  await Effect.runPromise(
+    announceSpeedupHint({ backend: options.backend, jpeg: false, nativeOff: !options.blas }),
+  );
   const backend = await initBackend(options.backend);
   const blas = blasInfo();
   const header = {

@@ -5,12 +5,9 @@
  */
 import { Effect } from "effect";
 import { type EnvironmentReport, environmentReport, type LibraryStatus } from "../pipelines/environment.ts";
+import { plural } from "../pipelines/wording.ts";
 
 const gib = (bytes: number): string => `${(bytes / 1024 ** 3).toFixed(1)} GiB`;
-
-/** "1 epoch", "2 epochs". */
-export const plural = (count: number, noun: string, nouns = `${noun}s`): string =>
-  `${count} ${count === 1 ? noun : nouns}`;
 
 /** The loader's reason without its repeated prefixes ("...: cannot open shared object file: No such file"). */
 const shortReason = (error: string | undefined): string =>

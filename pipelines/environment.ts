@@ -242,6 +242,18 @@ const jpegStatus = (): EnvironmentReport["jpeg"] => {
   };
 };
 
+/**
+ * The kernels a run is on now, e.g. "wasm + oneDNN + OpenBLAS" (for reports); another backend's name as is.
+ * oneDNN's convolutions run only where OpenBLAS is on too (backend/wasm_kernels.ts).
+ */
+export const activeKernels = (backendName: string): string => {
+  if (backendName !== "wasm") return backendName;
+  const blas = blasInfo().active;
+  return ["wasm", ...(blas && dnnlInfo().active ? ["oneDNN"] : []), ...(blas ? ["OpenBLAS"] : [])].join(
+    " + ",
+  );
+};
+
 /** The kernels the wasm backend runs on; oneDNN's convolutions run only where OpenBLAS is on too. */
 export const kernelsLabel = (
   native: { readonly openblas: LibraryStatus; readonly onednn: LibraryStatus },
