@@ -3,8 +3,7 @@
  * what is missing and the command that adds it (PyTorch's `collect_env`). A
  * report, never a failure: it exits 0 whatever it finds.
  */
-import { Effect } from "effect";
-import { type EnvironmentReport, environmentReport, type LibraryStatus } from "../pipelines/environment.ts";
+import type { EnvironmentReport, LibraryStatus } from "../pipelines/environment.ts";
 import { plural } from "../pipelines/wording.ts";
 
 const gib = (bytes: number): string => `${(bytes / 1024 ** 3).toFixed(1)} GiB`;
@@ -95,12 +94,17 @@ export const formatReport = (r: EnvironmentReport): string => {
 
 if (import.meta.main) {
   try {
+    // Loaded here, not imported above: a dependency that needs a permission this run lacks (imagescript's
+    // native codec wants --allow-ffi) fails the import, and the report must still say so and exit 0.
+    const { Effect } = await import("effect");
+    const { environmentReport } = await import("../pipelines/environment.ts");
     const report = await Effect.runPromise(environmentReport());
     console.log(Deno.args.includes("--json") ? JSON.stringify(report) : formatReport(report));
   } catch (error) {
     // A report, not a check: whatever went wrong is said, and the exit code stays 0.
     console.log(
-      `doctor: could not finish the report: ${error instanceof Error ? error.message : String(error)}`,
+      `doctor: could not finish the report: ${error instanceof Error ? error.message : String(error)}\n` +
+        `Deno ${Deno.version.deno}; run it as \`deno task doctor\` (--allow-read --allow-env --allow-ffi --allow-sys).`,
     );
   }
   Deno.exit(0);
