@@ -418,7 +418,7 @@ export const speedupHint = (report: EnvironmentReport, options: HintOptions): st
   const gains = pieces.map((p) =>
     p.piece === "native-kernels" ? measuredGains.nativeKernels : measuredGains.turboJpeg
   );
-  return `hint: \`${apt(packages)}\` would make this faster: ${gains.join("; ")}. ` +
+  return `hint: \`${apt(packages)}\` for ${gains.join(" and ")}. ` +
     "`deno task doctor` shows what this machine has.";
 };
 
