@@ -56,8 +56,10 @@ const candidates = (): string[] => {
   } catch {
     env = undefined; // no --allow-env
   }
+  // A file named by the user is the only one tried: a name that does not load must show as absent
+  // (`deno task doctor`), not be replaced silently by the system's copy.
+  if (env) return [env];
   return [
-    ...(env ? [env] : []),
     "libopenblas.so.0",
     "libopenblas.so",
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",

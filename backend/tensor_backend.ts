@@ -56,10 +56,25 @@ const wasmDistFolder = (): string => {
 interface GpuAdapterLike {
   readonly info?: { readonly isFallbackAdapter?: boolean; readonly description?: string };
   readonly isFallbackAdapter?: boolean;
+  readonly limits?: Record<string, number>;
 }
 
+/** The adapter limits that bound tensor sizes and kernels (for `deno task doctor`). */
+const reportedLimits = ["maxBufferSize", "maxStorageBufferBindingSize", "maxComputeWorkgroupStorageSize"];
+
+/** A WebGPU adapter as `auto` sees it. */
+export interface WebGpuAdapter {
+  readonly fallback: boolean;
+  readonly description: string;
+  readonly limits: Readonly<Record<string, number>>;
+}
+
+/** What `auto` picks given the adapter `probeWebGpu` found: webgpu on a real (non-fallback) adapter. */
+export const autoBackend = (adapter: WebGpuAdapter | null): "webgpu" | "wasm" =>
+  adapter !== null && !adapter.fallback ? "webgpu" : "wasm";
+
 /** Describes the WebGPU adapter, or null when there is none. */
-export const probeWebGpu = async (): Promise<{ fallback: boolean; description: string } | null> => {
+export const probeWebGpu = async (): Promise<WebGpuAdapter | null> => {
   const gpu = (globalThis.navigator as { gpu?: { requestAdapter(): Promise<GpuAdapterLike | null> } }).gpu;
   if (gpu === undefined) return null;
   // Mesa's Vulkan loader prints "XDG_RUNTIME_DIR is invalid or not set" on every adapter request
@@ -74,7 +89,13 @@ export const probeWebGpu = async (): Promise<{ fallback: boolean; description: s
     const adapter = await gpu.requestAdapter();
     if (adapter === null) return null;
     const fallback = adapter.info?.isFallbackAdapter ?? adapter.isFallbackAdapter ?? false;
-    return { fallback, description: adapter.info?.description ?? "unknown adapter" };
+    const limits = Object.fromEntries(
+      reportedLimits.flatMap((name) => {
+        const value = adapter.limits?.[name];
+        return typeof value === "number" ? [[name, value]] : [];
+      }),
+    );
+    return { fallback, description: adapter.info?.description ?? "unknown adapter", limits };
   } catch {
     return null;
   }
@@ -164,7 +185,7 @@ export const initBackendEffect = (
     case "auto":
       return Effect.promise(probeWebGpu).pipe(
         Effect.flatMap((adapter) =>
-          adapter !== null && !adapter.fallback
+          autoBackend(adapter) === "webgpu"
             ? Effect.as(initWebGpu, "webgpu" as const)
             : Effect.as(initWasm, "wasm" as const)
         ),

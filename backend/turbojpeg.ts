@@ -106,10 +106,19 @@ const decompressor = (lib: Library): TurboJpeg | string => {
 };
 
 /** Opens the library and a decompressor; a string says why it is unavailable. */
+/** The libjpeg-turbo file: `SWAV_TURBOJPEG_LIB`, else the soname (Debian's libturbojpeg0). */
+export const turboJpegLibrary = (): string => {
+  try {
+    return Deno.env.get("SWAV_TURBOJPEG_LIB") || "libturbojpeg.so.0";
+  } catch {
+    return "libturbojpeg.so.0"; // no --allow-env
+  }
+};
+
 export const openTurboJpeg = (): TurboJpeg | string => {
   let lib: Library;
   try {
-    lib = Deno.dlopen("libturbojpeg.so.0", SYMBOLS);
+    lib = Deno.dlopen(turboJpegLibrary(), SYMBOLS);
   } catch (cause) {
     return cause instanceof Error ? cause.message : String(cause);
   }

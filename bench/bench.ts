@@ -38,6 +38,7 @@ import { rngFor } from "../data/rng.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
+import { announceSpeedupHint } from "../pipelines/environment.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { decodeImagePromise } from "../data/image_codec.ts";
 import { collateCrops, MulticropConfig, multicropSample } from "../stages/multicrop.ts";
@@ -434,6 +435,10 @@ if (import.meta.main) {
     console.error(`bench: ${(error as Error).message}`);
     Deno.exit(2);
   }
+  // The benchmark decodes PNGs: only the native kernels would speed it up.
+  await Effect.runPromise(
+    announceSpeedupHint({ backend: options.backend, jpeg: false, nativeOff: !options.blas }),
+  );
   // The backend and its kernel settings for the whole run, released (variables disposed) at the end.
   const runtime = ManagedRuntime.make(
     TensorBackend.layer(options.backend, { threads: options.threads, blas: options.blas }),

@@ -13,6 +13,8 @@ import { openSource } from "../data/sources.ts";
 import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
 import { demoConfig, runDemo } from "../pipelines/demo.ts";
+import { announceSpeedupHint } from "../pipelines/environment.ts";
+import { plural } from "../pipelines/wording.ts";
 import { progressHooks } from "./progress.ts";
 import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
@@ -96,10 +98,12 @@ const isBuiltinDemo = (flagOverrides: { data?: { source?: string | undefined } }
 };
 
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then the config's (default auto). */
+/** The backend a run asks for: the flag, else SWAV_BACKEND, else the config's. */
+const backendChoice = (config: RunConfig, flag: Option.Option<string>) =>
+  resolveBackendName(Option.getOrUndefined(flag) as BackendName | undefined, config.train.backend);
+
 const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
-  TensorBackend.layer(
-    resolveBackendName(Option.getOrUndefined(flag) as BackendName | undefined, config.train.backend),
-  );
+  TensorBackend.layer(backendChoice(config, flag));
 
 const pretrainCommand = Command.make("pretrain", {
   config: configFlag,
@@ -134,6 +138,11 @@ const pretrainCommand = Command.make("pretrain", {
         workers: Option.getOrUndefined(flags.workers),
       }),
     );
+    // Image folders may hold JPEGs; the built-in set is PNG.
+    yield* announceSpeedupHint({
+      backend: yield* backendChoice(config, flags.backend),
+      jpeg: !config.data.source.startsWith("builtin:"),
+    });
     const result = yield* pretrain(config, { resume: flags.resume, hooks: progressHooks() }).pipe(
       Effect.provide(backendLayer(config, flags.backend)),
     );
@@ -148,7 +157,7 @@ const pretrainCommand = Command.make("pretrain", {
     console.log(
       flags.json
         ? JSON.stringify(summary)
-        : `done: ${summary.steps} steps, last loss ${
+        : `done: ${plural(summary.steps, "step")}, last loss ${
           summary.loss.toFixed(4)
         }, checkpoint ${summary.checkpoint}`,
     );
@@ -162,14 +171,18 @@ const demoCommand = Command.make("demo", {
   json: jsonFlag,
 }, (flags) =>
   reportFailure(
-    runDemo({
-      epochs: Option.getOrUndefined(flags.epochs),
-      out: Option.getOrUndefined(flags.out),
-      seed: Option.getOrUndefined(flags.seed),
-      json: flags.json,
-      hooks: progressHooks(),
-      backend: Option.getOrUndefined(flags.backend) as BackendName | undefined,
-    }),
+    // The demo's data are PNGs: only the native kernels would speed it up.
+    Effect.andThen(
+      announceSpeedupHint({ backend: Option.getOrElse(flags.backend, () => "auto" as const), jpeg: false }),
+      runDemo({
+        epochs: Option.getOrUndefined(flags.epochs),
+        out: Option.getOrUndefined(flags.out),
+        seed: Option.getOrUndefined(flags.seed),
+        json: flags.json,
+        hooks: progressHooks(),
+        backend: Option.getOrUndefined(flags.backend) as BackendName | undefined,
+      }),
+    ),
   )).pipe(
     Command.withDescription(
       "Pretrain on the built-in data set, then compare kNN accuracy with random features",

@@ -8,9 +8,11 @@ import { type BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
 import { openSource } from "../data/sources.ts";
 import { readCheckpoint } from "./checkpoint.ts";
+import { activeKernels } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
 import { pretrain, type PretrainHooks, scopedModel } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
+import { plural } from "./wording.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import type { RunConfig } from "../config/config.ts";
 
@@ -86,8 +88,12 @@ export const runDemo = (options: DemoOptions) =>
     const program = Effect.gen(function* () {
       const backend = yield* TensorBackend;
       options.hooks?.onInfo?.(
-        `demo: ${config.train.epochs} epochs of SwAV on builtin:demo (10 classes of shapes and textures, ` +
-          `2000 train / 500 test PNGs) with ${config.model.arch} width ${config.model.width} on ${backend.name}`,
+        `demo: ${
+          plural(config.train.epochs, "epoch")
+        } of SwAV on builtin:demo (10 classes of shapes and textures, ` +
+          `2000 train / 500 test PNGs) with ${config.model.arch} width ${config.model.width} on ${
+            activeKernels(backend.name)
+          }`,
       );
       // The same network at its initialisation (same seed as the run), for the baseline.
       const randomTop1 = yield* Effect.scoped(
@@ -115,8 +121,10 @@ export const runDemo = (options: DemoOptions) =>
           "",
           "SwAV demo report",
           `  data            builtin:demo, 10 classes, kNN (k=${config.train.knnK}, T=${config.train.knnTemperature}) on backbone features`,
-          `  network         ${config.model.arch}, width ${config.model.width}, ${config.model.stem} stem; backend ${backend.name}`,
-          `  training        ${result.epochs} epochs, ${result.steps} steps, final loss ${
+          `  network         ${config.model.arch}, width ${config.model.width}, ${config.model.stem} stem; kernels ${
+            activeKernels(backend.name)
+          }`,
+          `  training        ${plural(result.epochs, "epoch")}, ${plural(result.steps, "step")}, final loss ${
             result.lastLoss.toFixed(3)
           } (ln K = ${Math.log(config.model.prototypes).toFixed(3)})`,
           `  kNN top-1       SwAV ${pct(swavTop1)}  vs  random init ${pct(randomTop1)}  (chance 10.0%)`,
