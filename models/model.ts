@@ -22,6 +22,7 @@ import {
   type ParamSpec,
 } from "./resnet.ts";
 import { withDefault } from "./schema.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 const positiveInt = Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)));
 
@@ -134,7 +135,7 @@ export const makeSwavModel = (config: ModelConfig, seed = 0): SwavModel => {
     const variable = byName.get(name);
     // A lookup inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect
     // runs; the names come from the model's own specs, so an unknown one is a bug in the caller.
-    if (variable === undefined) throw new Error(`unknown model parameter ${name}`);
+    kernelInvariant(variable !== undefined, () => `unknown model parameter ${name}`);
     return variable;
   };
   const dispose = () => {
@@ -271,7 +272,7 @@ export const modelForward = (
   tf.tidy(() => {
     // Synchronous forward inside tf.tidy and the gradient tape, where no Effect runs; the encode
     // stage only ever passes the groups of a non-empty crop list.
-    if (cropGroups.length === 0) throw new Error("modelForward needs at least one crop group");
+    kernelInvariant(cropGroups.length > 0, () => "modelForward needs at least one crop group");
     const perGroup = cropGroups.map((group) => backboneForward(model.plan, model.param, group, options));
     const features = perGroup.length === 1 ? perGroup[0]! : tf.concat(perGroup, 0);
     const { embeddings, scores } = headForward(model.config, model.param, features, options);

@@ -12,6 +12,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { wasmHeap } from "../backend/wasm_heap.ts";
 import { withoutGradient } from "../backend/no_gradient.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 /** F.normalize's floor on the norm: rows of norm below it are divided by it instead. */
 const NORM_FLOOR = 1e-12;
@@ -29,11 +30,12 @@ export const l2NormaliseRows = (x: tf.Tensor2D): tf.Tensor2D =>
  * one it is still detached: no op is recorded).
  */
 export const normalisePrototypes = (variable: tf.Variable, options: { host?: boolean } = {}): void => {
-  if (variable.rank !== 2) {
-    // A synchronous tensor helper called inside the training step's tf.tidy, where no Effect runs;
-    // the model always makes the weight [K, D], so this guards only hand-made variables.
-    throw new RangeError(`normalisePrototypes: weight must be [K, D], got [${variable.shape}]`);
-  }
+  // A synchronous tensor helper called inside the training step's tf.tidy, where no Effect runs;
+  // the model always makes the weight [K, D], so this guards only hand-made variables.
+  kernelInvariant(
+    variable.rank === 2,
+    () => `normalisePrototypes: weight must be [K, D], got [${variable.shape}]`,
+  );
   if ((options.host ?? true) && normaliseRowsOnHeap(variable)) return;
   tf.tidy(() => {
     variable.assign(withoutGradient((w) => l2NormaliseRows(w as tf.Tensor2D), [variable]));

@@ -11,6 +11,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 export type ResnetArch = "resnet18" | "resnet34" | "resnet50";
 export type ResnetStem = "imagenet" | "cifar";
@@ -204,13 +205,13 @@ export const batchNorm = <T extends tf.Tensor>(
     return relu ? tf.relu(y) : y;
   }
   const count = x.size / x.shape[x.rank - 1]!;
-  if (count < 2) {
-    // Inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect runs; torch
-    // raises the same. The encode stage and the pretrain config check batch sizes before this.
-    throw new Error(
+  // Inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect runs; torch
+  // raises the same. The encode stage and the pretrain config check batch sizes before this.
+  kernelInvariant(
+    count >= 2,
+    () =>
       `${name}: BatchNorm in train mode needs more than one value per channel (got input shape [${x.shape}])`,
-    );
-  }
+  );
   // The closed-form backward (backend/batch_norm.ts): tf.batchNorm's gradient tiles every statistic
   // to the activation's shape, which made BatchNorm the largest cost of a wasm training step.
   const { y, mean, variance } = batchNormTrain(x, scale, offset, BN_EPS, { relu });
@@ -228,11 +229,12 @@ const updateRunningStats = (
 ): void => {
   const runningMean = params(`${name}.running_mean`);
   const runningVar = params(`${name}.running_var`);
-  if (!(runningMean instanceof tf.Variable) || !(runningVar instanceof tf.Variable)) {
-    // Inside the synchronous forward pass, where no Effect runs; a lookup that hands out plain
-    // tensors for statistics is a bug in the caller, not a data error.
-    throw new Error(`${name}: running statistics must be variables to be updated in train mode`);
-  }
+  // Inside the synchronous forward pass, where no Effect runs; a lookup that hands out plain
+  // tensors for statistics is a bug in the caller, not a data error.
+  kernelInvariant(
+    runningMean instanceof tf.Variable && runningVar instanceof tf.Variable,
+    () => `${name}: running statistics must be variables to be updated in train mode`,
+  );
   const [newMean, newVar] = tf.tidy(() => [
     tf.add(tf.mul(runningMean, 1 - BN_MOMENTUM), tf.mul(mean, BN_MOMENTUM)),
     tf.add(tf.mul(runningVar, 1 - BN_MOMENTUM), tf.mul(variance, (BN_MOMENTUM * count) / (count - 1))),
@@ -283,11 +285,12 @@ export const backboneForward = (
   options: ForwardOptions,
 ): tf.Tensor2D =>
   tf.tidy(() => {
-    if (x.shape[3] !== plan.config.inputChannels) {
-      // Inside tf.tidy (and the gradient tape), where no Effect runs; without it a wrong channel
-      // count would surface as an opaque conv shape error from TF.js.
-      throw new Error(`backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`);
-    }
+    // Inside tf.tidy (and the gradient tape), where no Effect runs; without it a wrong channel
+    // count would surface as an opaque conv shape error from TF.js.
+    kernelInvariant(
+      x.shape[3] === plan.config.inputChannels,
+      () => `backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`,
+    );
     let y = conv(params, "backbone.conv1.weight", x, plan.stemStride, plan.stemPad);
     y = batchNorm(params, "backbone.bn1", y, options, true);
     // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.

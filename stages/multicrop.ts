@@ -39,6 +39,7 @@ import { type Rng, rngFor } from "../data/rng.ts";
 import type { RgbImage } from "../data/image_codec.ts";
 import { defineStage } from "./stage.ts";
 import { withDefault } from "../models/schema.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 const Probability = Schema.Finite.check(Schema.isBetween({ minimum: 0, maximum: 1 }));
 const Strength = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0));
@@ -218,11 +219,13 @@ export const applyCropParams = (
 };
 
 const checkImage = (image: RgbImage): void => {
-  if (!(image.width >= 1 && image.height >= 1) || image.data.length !== image.width * image.height * 3) {
-    throw new RangeError(
+  // Runs per sample in a data worker, which turns a failure into a LoaderError naming the file; the
+  // decoder never returns an empty image, so this guards hand-made ones.
+  kernelInvariant(
+    image.width >= 1 && image.height >= 1 && image.data.length === image.width * image.height * 3,
+    () =>
       `multicrop: image must be HWC RGB with data length width*height*3, got ${image.width}x${image.height} and ${image.data.length} bytes`,
-    );
-  }
+  );
 };
 
 /**
@@ -255,9 +258,11 @@ export const collateCrops = (
   const batch = samples.length;
   const total = config.nmbCrops.reduce((a, b) => a + b, 0);
   samples.forEach((crops, b) => {
-    if (crops.length !== total) {
-      throw new RangeError(`collateCrops: sample ${b} has ${crops.length} crops, config has ${total}`);
-    }
+    // Synchronous collation inside the step's scope: the loader's crops come from the same config.
+    kernelInvariant(
+      crops.length === total,
+      () => `collateCrops: sample ${b} has ${crops.length} crops, config has ${total}`,
+    );
   });
   const tensors: tf.Tensor4D[] = [];
   let offset = 0;
@@ -269,13 +274,13 @@ export const collateCrops = (
     for (let v = 0; v < count; v++) {
       for (let b = 0; b < batch; b++) {
         const crop = samples[b][offset + v];
-        if (crop.length !== cropLength) {
-          throw new RangeError(
+        kernelInvariant(
+          crop.length === cropLength,
+          () =>
             `collateCrops: sample ${b} crop ${
               offset + v
             } has ${crop.length} values, expected ${cropLength} (${size}x${size}x${config.channels})`,
-          );
-        }
+        );
         data.set(crop, (v * batch + b) * cropLength);
       }
     }
@@ -311,9 +316,11 @@ export const evalTransform = (image: RgbImage, options: EvalTransformOptions): F
   const newLong = Math.trunc((resize * long) / short);
   const newWidth = image.width <= image.height ? resize : newLong;
   const newHeight = image.width <= image.height ? newLong : resize;
-  if (size > newWidth || size > newHeight) {
-    throw new RangeError(`evalTransform: crop ${size} exceeds the resized image ${newWidth}x${newHeight}`);
-  }
+  // Per sample in a data worker (a failure becomes a LoaderError naming the file).
+  kernelInvariant(
+    size <= newWidth && size <= newHeight,
+    () => `evalTransform: crop ${size} exceeds the resized image ${newWidth}x${newHeight}`,
+  );
   const resized = new Float32Array(newWidth * newHeight * 3);
   cropResize(
     image.data,

@@ -31,6 +31,7 @@ import { fusedLarcStep } from "../backend/fused_larc.ts";
 import { defineStage } from "./stage.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { NonNegative, NonNegativeInt, Positive, Probability, withDefault } from "../models/schema.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 export interface LarcSgdOptions {
   readonly momentum: number;
@@ -124,10 +125,11 @@ export class LarcSgd {
       for (const [name, grad] of Object.entries(grads)) {
         if (grad == null || skip(name)) continue;
         const param = variables[name];
-        if (param === undefined) {
-          // A programming error inside the synchronous update (a tf.tidy): no Effect channel here.
-          throw new RangeError(`LarcSgd.step: no variable named "${name}" for its gradient`);
-        }
+        // A programming error inside the synchronous update (a tf.tidy): no Effect channel here.
+        kernelInvariant(
+          param !== undefined,
+          () => `LarcSgd.step: no variable named "${name}" for its gradient`,
+        );
         let slot = this.#slots.get(name);
         if (slot === undefined) {
           // Created outside this tidy's bookkeeping: tf.variable is kept until disposed.
@@ -171,12 +173,11 @@ export class LarcSgd {
   restore(slots: SerialisedSlots): void {
     for (const [name, { shape, values }] of Object.entries(slots)) {
       const size = shape.reduce((a, b) => a * b, 1);
-      if (values.length !== size) {
-        // Synchronous method of a plain-TypeScript class (also used outside Effect): a caller bug.
-        throw new RangeError(
-          `LarcSgd.restore: slot "${name}" has ${values.length} values for shape [${shape}]`,
-        );
-      }
+      // Synchronous method of a plain-TypeScript class (also used outside Effect): a caller bug.
+      kernelInvariant(
+        values.length === size,
+        () => `LarcSgd.restore: slot "${name}" has ${values.length} values for shape [${shape}]`,
+      );
     }
     this.dispose();
     for (const [name, { shape, values }] of Object.entries(slots)) {

@@ -31,6 +31,7 @@ import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
 import { hostBackendActive, hostCodes, type SinkhornOptions } from "../backend/sinkhorn_host.ts";
 import { type CropLayout, CropLayoutError, inputProblem } from "./crop_layout.ts";
 import { defineTensorStage } from "./stage.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 export type { SinkhornOptions } from "../backend/sinkhorn_host.ts";
 
@@ -75,13 +76,14 @@ export const sinkhornKnopp = (
   options: SinkhornOptions,
   path: ComputePath = "auto",
 ): tf.Tensor2D => {
-  if (scores.rank !== 2) throw new RangeError(`sinkhornKnopp: scores must be [B, K], got [${scores.shape}]`);
-  if (!(options.epsilon > 0)) {
-    throw new RangeError(`sinkhornKnopp: epsilon must be > 0, got ${options.epsilon}`);
-  }
-  if (!Number.isInteger(options.iterations) || options.iterations < 0) {
-    throw new RangeError(`sinkhornKnopp: iterations must be an integer >= 0, got ${options.iterations}`);
-  }
+  // A synchronous tensor function, also run inside the training step's tape: no Effect channel here.
+  // The sinkhorn stage validates its config (the same bounds) with its Schema before any of this runs.
+  kernelInvariant(scores.rank === 2, () => `sinkhornKnopp: scores must be [B, K], got [${scores.shape}]`);
+  kernelInvariant(options.epsilon > 0, () => `sinkhornKnopp: epsilon must be > 0, got ${options.epsilon}`);
+  kernelInvariant(
+    Number.isInteger(options.iterations) && options.iterations >= 0,
+    () => `sinkhornKnopp: iterations must be an integer >= 0, got ${options.iterations}`,
+  );
   return withoutGradient((s) => {
     if (path === "auto" && hostBackendActive()) {
       const codes = hostCodes(s as tf.Tensor2D, options);
