@@ -73,6 +73,20 @@ export interface DnnlConvShape {
 
 export type DnnlDirection = "forward" | "backwardData" | "backwardWeights";
 
+/**
+ * Shapes oneDNN must not be given: the filter gradient of a strided 1x1
+ * convolution on NHWC data whose input channels are not a multiple of the
+ * channel block (8 with AVX2, 16 with AVX-512). Its jit 1x1 kernels first copy
+ * x to unit stride into a per-thread scratchpad space booked as Ci values per
+ * position but addressed in whole blocks (libdnnl2 2.6.3 here; upstream issue
+ * oneDNN#6035): with one thread the copy runs past the scratchpad and corrupts
+ * the C heap (glibc aborts), with more each thread overwrites the next one's
+ * copy while it is read (filter gradients wrong by up to 50, differing run to
+ * run). Those take the im2col + OpenBLAS path instead.
+ */
+export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): boolean =>
+  direction === "backwardWeights" && g.kh === 1 && g.kw === 1 && (g.sh > 1 || g.sw > 1) && g.ci % 16 !== 0;
+
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
   readonly library: string;
@@ -429,8 +443,8 @@ export const loadDnnl = (): Dnnl | undefined => {
 
     const bnPlans = new Map<string, { forward: ArgPlan; backward: ArgPlan }>();
     const bnPlan = (shape: BatchNormShape) => {
-      const key =
-        `${shape.rows},${shape.height},${shape.width},${shape.channels},${shape.epsilon},${shape.relu}`;
+      const key = `${activeThreads()}:${shape.rows},${shape.height},${shape.width},${shape.channels},` +
+        `${shape.epsilon},${shape.relu}`;
       let plan = bnPlans.get(key);
       if (plan !== undefined) return plan;
       // NHWC (oneDNN's nspc: its JIT kernels), [rows, C] as N = rows, H = W = 1.
@@ -527,32 +541,17 @@ export const loadDnnl = (): Dnnl | undefined => {
       library: name,
       batchNorm,
       run: (direction, g, x, w, y) => {
-        const shapeKey = [
-          g.n,
-          g.h,
-          g.w,
-          g.ci,
-          g.oh,
-          g.ow,
-          g.co,
-          g.kh,
-          g.kw,
-          g.sh,
-          g.sw,
-          g.dh,
-          g.dw,
-          g.top,
-          g.left,
-          g.bottom,
-          g.right,
-        ]
-          .join(",");
+        const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
+          .concat([g.top, g.left, g.bottom, g.right]).join(",");
         const weightsLayout = activeKernelSettings().dnnlWeightsLayout;
-        const key = `${direction}:${weightsLayout}:${shapeKey}`;
+        // A primitive books its scratchpad for the threads at its creation: one per thread count.
+        const key = `${direction}:${activeThreads()}:${weightsLayout}:${shapeKey}`;
         let plan = plans.get(key);
         if (plan === undefined) {
           try {
-            plan = build(direction, g, `${weightsLayout}:${shapeKey}`, weightsLayout);
+            plan = overrunsScratchpad(direction, g)
+              ? null
+              : build(direction, g, `${activeThreads()}:${weightsLayout}:${shapeKey}`, weightsLayout);
           } catch {
             plan = null; // a shape oneDNN does not take: the caller falls back, every time
           }
