@@ -109,6 +109,28 @@ const openNativeConv = (
   return { backend, convInfo, g, outShape };
 };
 
+/**
+ * im2col of `xs` in chunks of whole images (the shared scratch bounds the
+ * column buffer); `gemm` consumes each chunk: its column pointer, its first
+ * image and its row count.
+ */
+const forEachColumnChunk = (
+  xs: Float32Array,
+  g: ConvGeometry,
+  scratch: Scratch,
+  gemm: (colPtr: Deno.PointerValue, n0: number, rows: number) => void,
+): void => {
+  const per = imagesPerChunk(g);
+  const rowsPerImage = g.oh * g.ow;
+  const col = scratch.get(per * rowsPerImage * g.kh * g.kw * g.ci);
+  const colPtr = Deno.UnsafePointer.of(col);
+  for (let n0 = 0; n0 < g.n; n0 += per) {
+    const n1 = Math.min(g.n, n0 + per);
+    im2col(xs, g, n0, n1, col);
+    gemm(colPtr, n0, (n1 - n0) * rowsPerImage);
+  }
+};
+
 /** True unless the kernel was asked for a layout other than NHWC. */
 const isNhwc = (dataFormat: string | undefined): boolean => dataFormat === undefined || dataFormat === "NHWC";
 
@@ -163,14 +185,7 @@ const blasConv2D = (
     return out;
   }
   const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
-  const per = imagesPerChunk(g);
-  const rowsPerImage = g.oh * g.ow;
-  const col = scratch.get(per * rowsPerImage * k);
-  const colPtr = Deno.UnsafePointer.of(col);
-  for (let n0 = 0; n0 < g.n; n0 += per) {
-    const n1 = Math.min(g.n, n0 + per);
-    im2col(xs, g, n0, n1, col);
-    const rows = (n1 - n0) * rowsPerImage;
+  forEachColumnChunk(xs, g, scratch, (colPtr, n0, rows) =>
     blas.sgemm(
       false,
       false,
@@ -183,10 +198,9 @@ const blasConv2D = (
       wPtr,
       g.co,
       0,
-      pointerAt(buffer, outOff + n0 * rowsPerImage * g.co * 4),
+      pointerAt(buffer, outOff + n0 * g.oh * g.ow * g.co * 4),
       g.co,
-    );
-  }
+    ));
   return out;
 };
 
@@ -234,29 +248,23 @@ const blasConv2DBackpropFilter =
       return out;
     }
     const xs = new Float32Array(buffer, xOff, g.n * g.h * g.w * g.ci);
-    const per = imagesPerChunk(g);
-    const rowsPerImage = g.oh * g.ow;
-    const col = scratch.get(per * rowsPerImage * k);
-    const colPtr = Deno.UnsafePointer.of(col);
-    for (let n0 = 0; n0 < g.n; n0 += per) {
-      const n1 = Math.min(g.n, n0 + per);
-      im2col(xs, g, n0, n1, col);
+    // dW accumulates over the chunks: beta 0 on the first, 1 after.
+    forEachColumnChunk(xs, g, scratch, (colPtr, n0, rows) =>
       blas.sgemm(
         true,
         false,
         k,
         g.co,
-        (n1 - n0) * rowsPerImage,
+        rows,
         1,
         colPtr,
         k,
-        pointerAt(buffer, dyOff + n0 * rowsPerImage * g.co * 4),
+        pointerAt(buffer, dyOff + n0 * g.oh * g.ow * g.co * 4),
         g.co,
         n0 === 0 ? 0 : 1,
         dwPtr,
         g.co,
-      );
-    }
+      ));
     return out;
   };
 
