@@ -17,7 +17,7 @@ import { Effect, Schema } from "effect";
 import { DecodeError, decodeImage, readImageFile, type RgbImage } from "./image_codec.ts";
 import { reasonOf } from "./errors.ts";
 import { MAX_IDX_BYTES, parseIdx } from "./idx.ts";
-import { MAX_IMAGE_FILE_BYTES, readRegularFile } from "./files.ts";
+import { readRegularFile } from "./files.ts";
 import { cifarImage, cifarLabel, type CifarVariant, invalidCifarLabel, recordLength } from "./cifar.ts";
 
 /** A source that cannot be opened: a missing folder, unknown layout, a malformed record file. */
