@@ -25,6 +25,9 @@ export interface IdxArray {
  */
 export const MAX_IDX_BYTES = 2 ** 31;
 
+/** Compressed bytes handed to the inflater at a time. */
+const GZIP_PIECE = 4096;
+
 /**
  * Gunzips with the built-in `DecompressionStream`, as a stream: `expected(head)`
  * is called on the bytes inflated so far and returns the total size they promise
@@ -37,9 +40,17 @@ export const gunzipBounded = async (
   cap: number,
   expected: (head: Uint8Array) => number | string | undefined,
 ): Promise<Uint8Array | string> => {
-  const reader = new Blob([bytes as Uint8Array<ArrayBuffer>]).stream().pipeThrough(
-    new DecompressionStream("gzip"),
-  ).getReader();
+  // Fed in small pieces: deflate expands at most about 1032:1, so one 4 KB piece inflates to at
+  // most about 4 MB before the size is checked (a Blob's stream hands over far larger pieces).
+  let fed = 0;
+  const input = new ReadableStream<Uint8Array<ArrayBuffer>>({
+    pull(controller) {
+      if (fed >= bytes.length) return controller.close();
+      controller.enqueue(bytes.slice(fed, fed + GZIP_PIECE) as Uint8Array<ArrayBuffer>);
+      fed += GZIP_PIECE;
+    },
+  }, { highWaterMark: 0 });
+  const reader = input.pipeThrough(new DecompressionStream("gzip")).getReader();
   const chunks: Uint8Array[] = [];
   let total = 0;
   let limit: number | undefined;
