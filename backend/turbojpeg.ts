@@ -63,7 +63,11 @@ const decompressor = (lib: Library): TurboJpeg | string => {
       ? "unknown libjpeg-turbo error"
       : new Deno.UnsafePointerView(pointer).getCString();
   };
-  const decodeWith = (handle: Deno.PointerObject, bytes: Uint8Array, maxPixels: number): TurboDecodeResult => {
+  const decodeWith = (
+    handle: Deno.PointerObject,
+    bytes: Uint8Array,
+    maxPixels: number,
+  ): TurboDecodeResult => {
     widthOut[0] = heightOut[0] = 0;
     if (
       lib.symbols.tjDecompressHeader3(
