@@ -15,6 +15,7 @@ const TJERR_FATAL = 1;
 
 const SYMBOLS = {
   tjInitDecompress: { parameters: [], result: "pointer" },
+  tjDestroy: { parameters: ["pointer"], result: "i32" },
   tjDecompressHeader3: {
     parameters: ["pointer", "buffer", "u64", "buffer", "buffer", "buffer", "buffer"],
     result: "i32",
@@ -41,66 +42,86 @@ export interface TurboJpeg {
 }
 
 /**
- * One decompressor over `lib`. The handle is made once and reused by every
- * decode of this thread, so its error state is shared between decodes: the
- * place to change that (a handle per decode, or a reset between decodes) is
- * this function alone.
+ * Decodes through `lib` with a fresh decompressor per image, destroyed after it.
+ * A TurboJPEG handle keeps libjpeg's state after an error (a header error leaves
+ * the next header read failing with the old marker, or a truncated file reading
+ * the previous image's size), so a handle shared between decodes lets one corrupt
+ * file break every later one; a handle costs one small allocation.
  */
 const decompressor = (lib: Library): TurboJpeg | string => {
-  const handle = lib.symbols.tjInitDecompress();
-  if (handle === null) return "tjInitDecompress failed";
+  // Probe once, so that a library that cannot make a handle is reported as unavailable.
+  const probe = lib.symbols.tjInitDecompress();
+  if (probe === null) return "tjInitDecompress failed";
+  lib.symbols.tjDestroy(probe);
   const widthOut = new Int32Array(1);
   const heightOut = new Int32Array(1);
   const subsampOut = new Int32Array(1);
   const colourspaceOut = new Int32Array(1);
-  const message = () => {
+  const message = (handle: Deno.PointerValue) => {
     const pointer = lib.symbols.tjGetErrorStr2(handle);
     return pointer === null
       ? "unknown libjpeg-turbo error"
       : new Deno.UnsafePointerView(pointer).getCString();
   };
-  return {
-    decode(bytes, maxPixels) {
-      if (
-        lib.symbols.tjDecompressHeader3(
-          handle,
-          bytes,
-          BigInt(bytes.length),
-          widthOut,
-          heightOut,
-          subsampOut,
-          colourspaceOut,
-        ) !== 0
-      ) return { kind: "error", reason: `corrupt JPEG header: ${message()}` };
-      const width = widthOut[0]!;
-      const height = heightOut[0]!;
-      if (width <= 0 || height <= 0 || width * height > maxPixels) {
-        return { kind: "error", reason: `JPEG size ${width}x${height} out of range` };
-      }
-      // TurboJPEG cannot convert CMYK/YCCK to RGB; imagescript can.
-      if (colourspaceOut[0] === TJCS_CMYK || colourspaceOut[0] === TJCS_YCCK) return { kind: "unsupported" };
-      const data = new Uint8Array(width * height * 3);
-      const status = lib.symbols.tjDecompress2(
+  const decodeWith = (
+    handle: Deno.PointerObject,
+    bytes: Uint8Array,
+    maxPixels: number,
+  ): TurboDecodeResult => {
+    widthOut[0] = heightOut[0] = 0;
+    if (
+      lib.symbols.tjDecompressHeader3(
         handle,
         bytes,
         BigInt(bytes.length),
-        data,
-        width,
-        0,
-        height,
-        TJPF_RGB,
-        0, // islow DCT, fancy upsampling: PIL's defaults
-      );
-      if (status !== 0) {
-        const text = message();
-        // Warnings leave a complete image, except "Premature end of JPEG file": the
-        // missing rows are filled grey, and a truncated file must not pass silently.
-        if (lib.symbols.tjGetErrorCode(handle) === TJERR_FATAL) {
-          return { kind: "error", reason: `corrupt JPEG: ${text}` };
-        }
-        if (/premature end/i.test(text)) return { kind: "error", reason: `truncated JPEG: ${text}` };
+        widthOut,
+        heightOut,
+        subsampOut,
+        colourspaceOut,
+      ) !== 0
+    ) return { kind: "error", reason: `corrupt JPEG header: ${message(handle)}` };
+    const width = widthOut[0]!;
+    const height = heightOut[0]!;
+    if (width <= 0 || height <= 0 || width * height > maxPixels) {
+      return {
+        kind: "error",
+        reason: `JPEG size ${width}x${height} out of range (at most ${maxPixels} pixels, both sides nonzero)`,
+      };
+    }
+    // TurboJPEG cannot convert CMYK/YCCK to RGB; imagescript can.
+    if (colourspaceOut[0] === TJCS_CMYK || colourspaceOut[0] === TJCS_YCCK) return { kind: "unsupported" };
+    const data = new Uint8Array(width * height * 3);
+    const status = lib.symbols.tjDecompress2(
+      handle,
+      bytes,
+      BigInt(bytes.length),
+      data,
+      width,
+      0,
+      height,
+      TJPF_RGB,
+      0, // islow DCT, fancy upsampling: PIL's defaults
+    );
+    if (status !== 0) {
+      const text = message(handle);
+      // Warnings leave a complete image, except "Premature end of JPEG file": the
+      // missing rows are filled grey, and a truncated file must not pass silently.
+      if (lib.symbols.tjGetErrorCode(handle) === TJERR_FATAL) {
+        return { kind: "error", reason: `corrupt JPEG: ${text}` };
       }
-      return { kind: "image", width, height, data };
+      if (/premature end/i.test(text)) return { kind: "error", reason: `truncated JPEG: ${text}` };
+    }
+    return { kind: "image", width, height, data };
+  };
+  return {
+    decode(bytes, maxPixels) {
+      const handle = lib.symbols.tjInitDecompress();
+      if (handle === null) return { kind: "error", reason: "libjpeg-turbo: tjInitDecompress failed" };
+      try {
+        return decodeWith(handle, bytes, maxPixels);
+      } finally {
+        lib.symbols.tjDestroy(handle);
+      }
     },
   };
 };

@@ -20,6 +20,34 @@ export const recordLength = (variant: CifarVariant): number => (variant === "cif
 export const cifarLabel = (records: Uint8Array, variant: CifarVariant, index: number): number =>
   records[index * recordLength(variant) + (variant === "cifar10" ? 0 : 1)];
 
+/** Classes of a variant: CIFAR-10's 10, CIFAR-100's 100 fine labels (its coarse labels: 20). */
+export const cifarClassCount = (variant: CifarVariant): number => variant === "cifar10" ? 10 : 100;
+
+/**
+ * The first record whose label is outside the variant's classes (CIFAR-100: a
+ * fine label over 99 or a coarse one over 19), or undefined when all are valid.
+ * Checked when a batch is opened: a bad label would otherwise train silently and
+ * break kNN later.
+ */
+export const invalidCifarLabel = (
+  records: Uint8Array,
+  variant: CifarVariant,
+):
+  | { readonly record: number; readonly label: number; readonly field: string; readonly classes: number }
+  | undefined => {
+  const size = recordLength(variant);
+  const classes = cifarClassCount(variant);
+  for (let record = 0; record * size < records.length; record++) {
+    const at = record * size;
+    if (variant === "cifar100" && records[at]! >= 20) {
+      return { record, label: records[at]!, field: "coarse label", classes: 20 };
+    }
+    const label = records[at + (variant === "cifar10" ? 0 : 1)]!;
+    if (label >= classes) return { record, label, field: "label", classes };
+  }
+  return undefined;
+};
+
 /** The image of record `index`, converted from planar CHW to HWC RGB. */
 export const cifarImage = (records: Uint8Array, variant: CifarVariant, index: number): RgbImage => {
   const start = index * recordLength(variant) + (variant === "cifar10" ? 1 : 2);

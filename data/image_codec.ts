@@ -19,6 +19,7 @@ import { decode as parsePng } from "fast-png";
 import { Image } from "imagescript";
 import { turboJpeg, turboJpegLoadError } from "../backend/turbojpeg.ts";
 import { reasonOf } from "./errors.ts";
+import { MAX_IMAGE_FILE_BYTES, readRegularFile } from "./files.ts";
 
 /** An 8-bit RGB image, HWC, row-major: pixel (x, y) channel c is `data[(y * width + x) * 3 + c]`. */
 export interface RgbImage {
@@ -37,14 +38,34 @@ export class DecodeError extends Schema.TaggedError<DecodeError>()("DecodeError"
   }
 }
 
-/** Largest accepted image, in pixels: a guard against a corrupt header asking for gigabytes. */
-const MAX_PIXELS = 1 << 28;
+/**
+ * Largest accepted image, in pixels, by default: PIL's `Image.MAX_IMAGE_PIXELS`
+ * (89,478,485, about 256 MB of RGB). A header declaring more is rejected before
+ * anything is inflated or allocated (a decompression bomb: a few hundred KB of
+ * PNG or JPEG can declare gigabytes). `SWAV_MAX_IMAGE_PIXELS` or
+ * `DecodeOptions.maxPixels` changes it.
+ */
+export const DEFAULT_MAX_IMAGE_PIXELS = 89_478_485;
+
+/** The pixel cap in force: `SWAV_MAX_IMAGE_PIXELS` when it is a positive integer, else the default. */
+export const maxImagePixels = (): number => {
+  let text: string | undefined;
+  try {
+    text = Deno.env.get("SWAV_MAX_IMAGE_PIXELS");
+  } catch {
+    text = undefined; // no --allow-env: the default
+  }
+  const value = Number(text);
+  return text !== undefined && Number.isSafeInteger(value) && value > 0 ? value : DEFAULT_MAX_IMAGE_PIXELS;
+};
 
 /** Which JPEG decoder to use; `auto` takes libjpeg-turbo when it loads. */
 export type JpegDecoder = "auto" | "turbojpeg" | "imagescript";
 
 export interface DecodeOptions {
   readonly jpeg?: JpegDecoder;
+  /** Largest accepted width x height (default `maxImagePixels()`). */
+  readonly maxPixels?: number;
 }
 
 /** The codec's outcome as a value: the image, or why the bytes are not one. */
@@ -80,12 +101,24 @@ export const decodeImage = (
     ),
   );
 
+/**
+ * The bytes of one image file: a regular file (symlinks followed) of at most
+ * `MAX_IMAGE_FILE_BYTES`; a directory, FIFO, device or symlink loop is a
+ * `DecodeError` naming it, and is never opened for reading.
+ */
+export const readImageFile = (path: string): Effect.Effect<Uint8Array, DecodeError> =>
+  Effect.tryPromise({
+    try: () => readRegularFile(path, MAX_IMAGE_FILE_BYTES),
+    catch: (cause) => new DecodeError({ path, reason: `cannot read file: ${reasonOf(cause)}` }),
+  }).pipe(Effect.flatMap((out) =>
+    typeof out === "string"
+      ? Effect.fail(new DecodeError({ path, reason: `cannot read file: ${out}` }))
+      : Effect.succeed(out)
+  ));
+
 /** Reads and decodes one image file; an unreadable file is a `DecodeError` naming it. */
 export const readImage = (path: string, options: DecodeOptions = {}): Effect.Effect<RgbImage, DecodeError> =>
-  Effect.tryPromise({
-    try: () => Deno.readFile(path),
-    catch: (cause) => new DecodeError({ path, reason: `cannot read file: ${reasonOf(cause)}` }),
-  }).pipe(Effect.flatMap((bytes) => decodeImage(bytes, path, options)));
+  Effect.flatMap(readImageFile(path), (bytes) => decodeImage(bytes, path, options));
 
 /**
  * The promise form of `decodeImage`, for plain-TypeScript callers (benchmarks):
@@ -100,8 +133,9 @@ export const decodeImagePromise = async (
 };
 
 const decodeAny = async (bytes: Uint8Array, options: DecodeOptions): Promise<RgbImage | Failed> => {
-  if (isPng(bytes)) return decodePng(bytes);
-  if (isJpeg(bytes)) return await decodeJpeg(bytes, options.jpeg ?? "auto");
+  const maxPixels = options.maxPixels ?? maxImagePixels();
+  if (isPng(bytes)) return decodePng(bytes, maxPixels);
+  if (isJpeg(bytes)) return await decodeJpeg(bytes, options.jpeg ?? "auto", maxPixels);
   return bytes.length === 0 ? "empty file" : "unrecognised image format (neither a PNG nor a JPEG signature)";
 };
 
@@ -123,7 +157,32 @@ const scale16Table = (): Uint8Array => {
   return scale16;
 };
 
-const decodePng = (bytes: Uint8Array): RgbImage | Failed => {
+/** Width and height from the IHDR chunk, which the PNG spec puts first, or why there is none. */
+const pngHeaderSize = (bytes: Uint8Array): { width: number; height: number } | Failed => {
+  if (bytes.length < 8 + 8 + 13) return "truncated PNG (no complete IHDR chunk)";
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const type = String.fromCharCode(bytes[12]!, bytes[13]!, bytes[14]!, bytes[15]!);
+  if (type !== "IHDR" || view.getUint32(8) !== 13) {
+    return "corrupt PNG (the first chunk is not a 13-byte IHDR)";
+  }
+  return { width: view.getUint32(16), height: view.getUint32(20) };
+};
+
+/** Why a declared size is refused (zero, or over the cap), or undefined when it is fine. */
+const sizeProblem = (format: string, width: number, height: number, maxPixels: number): Failed | undefined =>
+  width === 0 || height === 0
+    ? `${format} declares a zero dimension (${width}x${height})`
+    : width * height > maxPixels
+    ? `${format} declares ${width}x${height} pixels, over the cap of ${maxPixels} ` +
+      "(a decompression bomb, or raise SWAV_MAX_IMAGE_PIXELS)"
+    : undefined;
+
+const decodePng = (bytes: Uint8Array, maxPixels: number): RgbImage | Failed => {
+  // The size comes from the header before fast-png inflates anything.
+  const declared = pngHeaderSize(bytes);
+  if (typeof declared === "string") return declared;
+  const refused = sizeProblem("PNG", declared.width, declared.height, maxPixels);
+  if (refused !== undefined) return refused;
   let png: ReturnType<typeof parsePng>;
   try {
     png = parsePng(bytes, { checkCrc: true });
@@ -131,8 +190,8 @@ const decodePng = (bytes: Uint8Array): RgbImage | Failed => {
     return `corrupt or truncated PNG (${reasonOf(cause)})`;
   }
   const { width, height, depth, channels, palette } = png;
-  if (width === 0 || height === 0 || width * height > MAX_PIXELS) {
-    return `PNG size ${width}x${height} out of range`;
+  if (width !== declared.width || height !== declared.height) {
+    return `corrupt PNG (size ${width}x${height} differs from the header's ${declared.width}x${declared.height})`;
   }
   const out = new Uint8Array(width * height * 3);
   if (palette !== undefined) {
@@ -183,21 +242,71 @@ const unpackRows = (data: Uint8Array, width: number, height: number, depth: numb
 // ---------------------------------------------------------------------------------------------
 // JPEG
 
-const decodeJpeg = async (bytes: Uint8Array, decoder: JpegDecoder): Promise<RgbImage | Failed> => {
+/**
+ * Width and height from the first SOF marker, found by walking the marker
+ * segments from SOI, or why there is none. Both decoders run behind it, so a
+ * bomb or a zero size (DNL) is refused before either allocates.
+ */
+export const jpegHeaderSize = (bytes: Uint8Array): { width: number; height: number } | Failed => {
+  let at = 2; // after SOI
+  while (at + 4 <= bytes.length) {
+    // libjpeg skips stray bytes before a marker (with a warning); so does this walk.
+    if (bytes[at] !== 0xff) {
+      at++;
+      continue;
+    }
+    const marker = bytes[at + 1]!;
+    if (marker === 0xff) { // fill byte
+      at++;
+      continue;
+    }
+    // Standalone markers have no length field.
+    if (marker === 0x01 || (marker >= 0xd0 && marker <= 0xd7)) {
+      at += 2;
+      continue;
+    }
+    if (marker === 0xd9 || marker === 0xda) return "corrupt JPEG (no frame header before the scan)";
+    const length = (bytes[at + 2]! << 8) | bytes[at + 3]!;
+    if (length < 2) return `corrupt JPEG (segment length ${length} at byte ${at})`;
+    // SOF0..SOF15, except DHT (C4), JPG (C8) and DAC (CC).
+    if (marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc) {
+      if (at + 9 > bytes.length) break;
+      return {
+        height: (bytes[at + 5]! << 8) | bytes[at + 6]!,
+        width: (bytes[at + 7]! << 8) | bytes[at + 8]!,
+      };
+    }
+    at += 2 + length;
+  }
+  return "corrupt or truncated JPEG (no frame header)";
+};
+
+const decodeJpeg = async (
+  bytes: Uint8Array,
+  decoder: JpegDecoder,
+  maxPixels: number,
+): Promise<RgbImage | Failed> => {
+  const declared = jpegHeaderSize(bytes);
+  if (typeof declared === "string") return declared;
+  const refused = sizeProblem("JPEG", declared.width, declared.height, maxPixels);
+  if (refused !== undefined) return refused;
   if (decoder !== "imagescript") {
     const turbo = turboJpeg();
     if (turbo) {
-      const result = turbo.decode(bytes, MAX_PIXELS);
+      const result = turbo.decode(bytes, maxPixels);
       if (result.kind === "image") return { width: result.width, height: result.height, data: result.data };
       if (result.kind === "error") return result.reason;
     } else if (decoder === "turbojpeg") {
       return `libjpeg-turbo is not available: ${turboJpegLoadError()}`;
     }
   }
-  return await decodeJpegImagescript(bytes);
+  return await decodeJpegImagescript(bytes, declared);
 };
 
-const decodeJpegImagescript = async (bytes: Uint8Array): Promise<RgbImage | Failed> => {
+const decodeJpegImagescript = async (
+  bytes: Uint8Array,
+  declared: { width: number; height: number },
+): Promise<RgbImage | Failed> => {
   // imagescript's wasm decoder accepts some truncated streams (padding the rest grey);
   // a JPEG must end with the EOI marker, which PIL also insists on for a complete load.
   if (!hasEndMarker(bytes)) return "truncated JPEG (no end-of-image marker)";
@@ -208,6 +317,9 @@ const decodeJpegImagescript = async (bytes: Uint8Array): Promise<RgbImage | Fail
     return `corrupt JPEG: ${reasonOf(cause)}`;
   }
   const { width, height, bitmap } = image;
+  if (width !== declared.width || height !== declared.height) {
+    return `corrupt JPEG (decoded ${width}x${height}, the header says ${declared.width}x${declared.height})`;
+  }
   const out = new Uint8Array(width * height * 3);
   for (let i = 0, j = 0; j < out.length; i += 4, j += 3) {
     out[j] = bitmap[i];

@@ -12,11 +12,16 @@
  * `bufferBatches` batches wait for the consumer (backpressure beyond that), so
  * a data set far larger than RAM streams through.
  *
- * Bad samples follow `onError`: `skip` drops them, counts them and logs a summary
- * at the end of each epoch (`skipped` reads the count); `fail` fails the stream
- * with the `DecodeError`.
+ * Bad samples follow `onError`: `skip` drops them and records every one (path
+ * and reason, in sample-index order, the same whatever the worker count); at the
+ * end of each epoch a summary goes to stderr, naming each newly skipped sample on
+ * a line of its own (at most `SKIPPED_LINES` over the loader's life, then a count),
+ * and `skipped` returns them all. `fail` fails the stream with the `DecodeError`.
+ *
+ * The worker count is capped at the number of CPU cores (with a warning): more
+ * workers cannot decode faster, and each costs tens of MB.
  */
-import { Effect, Result, Schema, Scope, Stream } from "effect";
+import { Console, Effect, Result, Schema, Scope, Stream } from "effect";
 import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./image_codec.ts";
 import { reasonOf } from "./errors.ts";
 import type { DataSource, RawSample } from "./sources.ts";
@@ -88,6 +93,8 @@ export interface LoaderOptions {
   readonly shuffle?: boolean;
   /** Worker count; 0 prepares on the calling thread (default 0). */
   readonly workers?: number;
+  /** Most workers started; more are capped with a warning (default: the number of CPU cores). */
+  readonly maxWorkers?: number;
   /** Samples in flight at once (default max(8, 4 x workers)). */
   readonly prefetch?: number;
   /** Finished batches held ahead of the consumer (default 2). */
@@ -96,11 +103,40 @@ export interface LoaderOptions {
   readonly jpeg?: JpegDecoder;
 }
 
+/** One skipped sample: its index in the source, the epoch it was first skipped in, its path and why. */
+export interface SkippedSample {
+  readonly index: number;
+  readonly epoch: number;
+  readonly path: string;
+  readonly reason: string;
+}
+
 export interface SkipReport {
+  /** Skips so far, all epochs together (a sample bad in every epoch counts once per epoch). */
   readonly count: number;
-  /** The first few skipped samples, with why. */
+  /** Every distinct skipped sample, in sample-index order (e.g. for a run folder's `skipped.jsonl`). */
+  readonly samples: ReadonlyArray<SkippedSample>;
+  /** The first 10 of `samples`, for a short summary. */
   readonly examples: ReadonlyArray<{ readonly path: string; readonly reason: string }>;
 }
+
+/** Skipped samples named on stderr over a loader's life, one line each; the rest are counted. */
+export const SKIPPED_LINES = 50;
+
+/** The worker count used for `requested` with at most `cores` allowed, and the warning when it is capped. */
+export const cappedWorkers = (requested: number, cores: number): { workers: number; warning?: string } =>
+  requested > cores && cores > 0
+    ? {
+      workers: cores,
+      warning:
+        `workers: ${requested} requested, capped at ${cores} (the number of CPU cores; more cannot decode faster)`,
+    }
+    : { workers: requested };
+
+const coreCount = (): number => {
+  const n = globalThis.navigator?.hardwareConcurrency;
+  return typeof n === "number" && Number.isInteger(n) && n > 0 ? n : 1;
+};
 
 export interface Loader {
   readonly source: DataSource;
@@ -293,10 +329,16 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
     if (!(Number.isInteger(workers) && workers >= 0)) {
       return yield* new LoaderError({ reason: `workers must be a non-negative integer, got ${workers}` });
     }
-    const prefetch = Math.max(1, options.prefetch ?? Math.max(8, 4 * workers));
-    const pool = workers > 0 ? yield* makePool(workers, prepare, jpeg) : makeLocal(prepare, jpeg);
-    const skips = { count: 0, examples: [] as Array<{ path: string; reason: string }> };
+    const capped = cappedWorkers(workers, options.maxWorkers ?? coreCount());
+    if (capped.warning !== undefined) yield* Console.error(`warning: ${capped.warning}`);
+    const prefetch = Math.max(1, options.prefetch ?? Math.max(8, 4 * capped.workers));
+    const pool = capped.workers > 0
+      ? yield* makePool(capped.workers, prepare, jpeg)
+      : makeLocal(prepare, jpeg);
+    const skips = { count: 0, byIndex: new Map<number, SkippedSample>(), lines: 0 };
 
+    // A skip is a value here, recorded below in stream order: the record does not depend on which
+    // worker finishes first.
     const sample = (index: number, epoch: number) =>
       source.fetch(index).pipe(
         Effect.flatMap((raw) =>
@@ -304,21 +346,48 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
             Effect.map((views): PreparedSample => ({ index, label: raw.label, views })),
           )
         ),
-        Effect.catchTag("DecodeError", (error) => {
-          if (onError === "fail") return Effect.fail(error);
-          skips.count++;
-          if (skips.examples.length < 10) skips.examples.push({ path: error.path, reason: error.reason });
-          return Effect.succeed(undefined);
-        }),
+        Effect.catchTag("DecodeError", (error) =>
+          onError === "fail"
+            ? Effect.fail(error)
+            : Effect.succeed({ skipped: { index, epoch, path: error.path, reason: error.reason } })),
       );
+
+    /** The epoch's summary: a count, then each sample not skipped before, in index order, one line each. */
+    const report = (epoch: number, skipped: number, fresh: SkippedSample[]) =>
+      Effect.suspend(() => {
+        if (skipped === 0) return Effect.void;
+        fresh.sort((a, b) => a.index - b.index);
+        const shown = fresh.slice(0, Math.max(0, SKIPPED_LINES - skips.lines));
+        skips.lines += shown.length;
+        const hidden = fresh.length - shown.length;
+        const lines = [
+          `warning: epoch ${epoch + 1}: skipped ${skipped} unreadable samples` +
+          (fresh.length === skipped ? ":" : ` (${skipped - fresh.length} of them named before)`),
+          ...shown.map((s) => `warning:   skipped ${s.path}: ${s.reason}`),
+          ...(hidden > 0 ? [`warning:   ... and ${hidden} more skipped samples not named here`] : []),
+        ];
+        return Console.error(lines.join("\n"));
+      });
 
     const epochStream = (epoch: number): Stream.Stream<Batch, DecodeError | LoaderError> =>
       Stream.suspend(() => {
-        const before = skips.count;
+        let skipped = 0;
+        const fresh: SkippedSample[] = [];
         return Stream.fromIterable(epochOrder(source.length, seed, epoch, shuffle)).pipe(
           // Ordered: batches do not depend on which worker finishes first.
           Stream.mapEffect((index) => sample(index, epoch), { concurrency: prefetch }),
-          Stream.filter((s): s is PreparedSample => s !== undefined),
+          Stream.filter((s): s is PreparedSample => {
+            if ("skipped" in s) {
+              skips.count++;
+              skipped++;
+              if (!skips.byIndex.has(s.skipped.index)) {
+                skips.byIndex.set(s.skipped.index, s.skipped);
+                fresh.push(s.skipped);
+              }
+              return false;
+            }
+            return true;
+          }),
           Stream.grouped(batchSize),
           Stream.filter((group) => !dropLast || group.length === batchSize),
           Stream.map((group): Batch => ({
@@ -328,18 +397,12 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
             views: group.map((s) => s.views),
           })),
           Stream.buffer({ capacity: bufferBatches }),
-          Stream.onEnd(
-            Effect.suspend(() =>
-              skips.count > before
-                ? Effect.logWarning(
-                  `epoch ${epoch}: skipped ${skips.count - before} unreadable samples, e.g. ` +
-                    skips.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; "),
-                )
-                : Effect.void
-            ),
-          ),
+          // Also when the consumer stops early (a max-steps cap): what was skipped so far is named.
+          Stream.ensuring(Effect.suspend(() => report(epoch, skipped, fresh))),
         );
       });
+
+    const allSkipped = () => [...skips.byIndex.values()].sort((a, b) => a.index - b.index);
 
     return {
       source,
@@ -347,6 +410,13 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
         ? Math.floor(source.length / batchSize)
         : Math.ceil(source.length / batchSize),
       epoch: epochStream,
-      skipped: Effect.sync(() => ({ count: skips.count, examples: [...skips.examples] })),
+      skipped: Effect.sync(() => {
+        const samples = allSkipped();
+        return {
+          count: skips.count,
+          samples,
+          examples: samples.slice(0, 10).map(({ path, reason }) => ({ path, reason })),
+        };
+      }),
     } satisfies Loader;
   });

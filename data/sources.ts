@@ -14,10 +14,11 @@
  * once and their files read lazily, so a folder far larger than RAM streams.
  */
 import { Effect, Schema } from "effect";
-import { DecodeError, decodeImage, type RgbImage } from "./image_codec.ts";
+import { DecodeError, decodeImage, readImageFile, type RgbImage } from "./image_codec.ts";
 import { reasonOf } from "./errors.ts";
-import { parseIdx } from "./idx.ts";
-import { cifarImage, cifarLabel, type CifarVariant, recordLength } from "./cifar.ts";
+import { MAX_IDX_BYTES, parseIdx } from "./idx.ts";
+import { readRegularFile } from "./files.ts";
+import { cifarImage, cifarLabel, type CifarVariant, invalidCifarLabel, recordLength } from "./cifar.ts";
 
 /** A source that cannot be opened: a missing folder, unknown layout, a malformed record file. */
 export class SourceError extends Schema.TaggedError<SourceError>()("SourceError", {
@@ -166,19 +167,26 @@ const imagesUnder = (path: string, limit = Infinity): Effect.Effect<string[], So
         for (const entry of yield* listDir(dir)) {
           if (out.length >= limit) return;
           const full = join(dir, entry.name);
-          if (entry.isDirectory) yield* walk(full);
-          else if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) out.push(full);
+          // Anything named like an image is a sample, whatever it is: a directory, a FIFO, a
+          // dangling or looping symlink is then skipped and named by the loader like a corrupt file.
+          if (IMAGE_EXTENSION.test(entry.name)) out.push(full);
+          else if (entry.isDirectory) yield* walk(full);
         }
       });
     yield* walk(path);
     return out;
   });
 
+/** A record file (IDX, CIFAR): a regular file of at most `MAX_IDX_BYTES`. */
 const readFile = (path: string): Effect.Effect<Uint8Array, SourceError> =>
   Effect.tryPromise({
-    try: () => Deno.readFile(path),
+    try: () => readRegularFile(path, MAX_IDX_BYTES),
     catch: (cause) => new SourceError({ path, reason: `cannot read: ${reasonOf(cause)}` }),
-  });
+  }).pipe(Effect.flatMap((out) =>
+    typeof out === "string"
+      ? Effect.fail(new SourceError({ path, reason: `cannot read: ${out}` }))
+      : Effect.succeed(out)
+  ));
 
 const outOfRange = (path: string, index: number, length: number) =>
   Effect.fail(new DecodeError({ path, reason: `sample index ${index} out of range [0, ${length})` }));
@@ -307,6 +315,15 @@ const openCifar = (
           `size ${bytes.length} is not a multiple of the ${variant} record size ${size}`,
         );
       }
+      const invalid = invalidCifarLabel(bytes, variant);
+      if (invalid) {
+        return yield* sourceError(
+          join(path, name),
+          `record ${invalid.record} has ${invalid.field} ${invalid.label}, outside ${variant}'s 0..${
+            invalid.classes - 1
+          }: a corrupt file, or not ${variant}`,
+        );
+      }
       parts.push(bytes);
     }
     const records = parts.length === 1 ? parts[0] : concatBytes(parts);
@@ -377,7 +394,7 @@ const openImageFolder = (
       }
     } else {
       for (const entry of yield* listDir(folder)) {
-        if (entry.isFile && IMAGE_EXTENSION.test(entry.name)) {
+        if (IMAGE_EXTENSION.test(entry.name)) {
           files.push(join(folder, entry.name));
           labels.push(-1);
         }
@@ -387,10 +404,9 @@ const openImageFolder = (
     const fetch = (index: number): Effect.Effect<RawSample, DecodeError> => {
       if (!(index >= 0 && index < files.length)) return outOfRange(folder, index, files.length);
       const path = files[index];
-      return Effect.tryPromise({
-        try: () => Deno.readFile(path),
-        catch: (cause) => new DecodeError({ path, reason: `cannot read file: ${reasonOf(cause)}` }),
-      }).pipe(Effect.map((bytes) => ({ kind: "encoded" as const, path, label: labels[index], bytes })));
+      return readImageFile(path).pipe(
+        Effect.map((bytes) => ({ kind: "encoded" as const, path, label: labels[index], bytes })),
+      );
     };
     return withRead({
       kind: classes ? "folder" : "flat",

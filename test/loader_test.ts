@@ -63,6 +63,7 @@ Deno.test("same seed, same batches at any worker count and prefetch; keyed by (s
       for (
         const settings of [{ workers: 0, prefetch: 16 }, { workers: 1, prefetch: 3 }, {
           workers: 3,
+          maxWorkers: 3,
           prefetch: 12,
         }]
       ) {
@@ -226,6 +227,7 @@ Deno.test("workers are terminated when the scope closes, interruption included",
     batchSize: 4,
     shuffle: false,
     workers: 3,
+    maxWorkers: 3, // past the core cap of a small machine: the pool size is what is tested here
   };
   await Effect.runPromise(Effect.gen(function* () {
     const fiber = yield* Effect.forkChild(
