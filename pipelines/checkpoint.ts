@@ -174,7 +174,9 @@ export const writeCheckpoint = (
   tempPathFor: (target: string) => string = (target) => `${target}.${crypto.randomUUID()}.tmp`,
 ): Effect.Effect<string, CheckpointError> =>
   Effect.gen(function* () {
-    const bad = checkpoint.arrays.find((a) => a.values instanceof Float32Array && !a.values.every(Number.isFinite))
+    const bad = checkpoint.arrays.find((a) =>
+      a.values instanceof Float32Array && !a.values.every(Number.isFinite)
+    )
       ?.name;
     if (bad !== undefined) {
       return yield* new CheckpointError({

@@ -36,7 +36,13 @@ import {
 import { collapseWarning } from "./collapse.ts";
 import { environmentReport } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
-import { lockRunFolder, openMetricsLog, type RunFolder, writeJsonFile, writeJsonLines } from "./run_folder.ts";
+import {
+  lockRunFolder,
+  openMetricsLog,
+  type RunFolder,
+  writeJsonFile,
+  writeJsonLines,
+} from "./run_folder.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
@@ -95,7 +101,11 @@ const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) 
   Effect.gen(function* () {
     yield* writeJsonFile(folder, "config.json", config);
     yield* writeJsonFile(folder, "seed.json", { seed: config.train.seed });
-    yield* writeJsonFile(folder, "environment.json", yield* environmentReport({ webgpu: backend === "webgpu" }));
+    yield* writeJsonFile(
+      folder,
+      "environment.json",
+      yield* environmentReport({ webgpu: backend === "webgpu" }),
+    );
   });
 
 /** Writes the run's checkpoint at a position with the owner's temp name, then prunes old ones; its path. */
@@ -178,6 +188,13 @@ const skippedWarning = (skipped: { count: number; examples: readonly { path: str
   `${skipped.count} unreadable samples were skipped, e.g. ${
     skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
   }`;
+
+/** Each skipped sample once (a sample unreadable in one epoch is skipped again in the next), in order. */
+const eachSampleOnce = (
+  samples: readonly { path: string; reason: string }[],
+) => [
+  ...new Map(samples.map((s) => [`${s.path}\n${s.reason}`, { path: s.path, reason: s.reason }])).values(),
+];
 
 /** Named trainable variables of a model, keyed by parameter name. */
 const trainableByName = (model: SwavModel): Record<string, tf.Variable> =>
@@ -359,7 +376,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !finishedEpoch });
-      yield* writeJsonLines(folder, "skipped.jsonl", (yield* loader.skipped).examples);
+      yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).examples));
       const knn = finishedEpoch && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
         ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
         : undefined;

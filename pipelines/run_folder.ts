@@ -183,7 +183,10 @@ export const openMetricsLog = (
     const path = `${folder.path}/metrics.jsonl`;
     if (resumeAt !== undefined) {
       const text = yield* Effect.tryPromise({
-        try: () => Deno.readTextFile(path).catch((error) => error instanceof Deno.errors.NotFound ? undefined : Promise.reject(error)),
+        try: () =>
+          Deno.readTextFile(path).catch((error) =>
+            error instanceof Deno.errors.NotFound ? undefined : Promise.reject(error)
+          ),
         catch: (cause) => new RunFolderUnusable({ folder: folder.path, reason: reasonOf(cause) }),
       });
       if (text !== undefined) {

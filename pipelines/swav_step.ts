@@ -267,7 +267,8 @@ export const swavTrainStep = (
           return yield* new NonFiniteState({
             step: input.step,
             tensor,
-            message: `step ${input.step} (epoch ${input.epoch + 1}, loss ${loss}) made ${tensor} non-finite; ` +
+            message:
+              `step ${input.step} (epoch ${input.epoch + 1}, loss ${loss}) made ${tensor} non-finite; ` +
               `the run stops before this step is checkpointed, so the last checkpoint is intact. Try a lower ` +
               `optim.baseLr or optim.trust.`,
           });
