@@ -18,6 +18,10 @@ import { plural } from "../pipelines/wording.ts";
 import { progressHooks } from "./progress.ts";
 import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
+import { exitWithWrapper } from "./wrapper_watch.ts";
+
+/** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
+const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
 
 const configFlag = Flag.String("config").pipe(
   Flag.withDescription("JSON config file (any subset of the fields)"),
@@ -195,5 +199,7 @@ export const cli = Command.make("swav").pipe(
 );
 
 if (import.meta.main) {
+  // A long command stops with npm's Node wrapper: no orphan goes on writing into a run folder.
+  if (longCommands.has(Deno.args[0] ?? "")) exitWithWrapper();
   cli.pipe(Command.run({ version: "0.1.0" }), Effect.provide(NodeServices.layer), NodeRuntime.runMain);
 }

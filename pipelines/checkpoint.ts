@@ -164,30 +164,52 @@ export const checkpointFileName = (step: number): string =>
 /**
  * Writes atomically: the bytes go to a temp file beside the target, are flushed
  * to disk, then renamed over the target (rename is atomic within a folder).
+ * `tempPathFor` names the temp file (the run folder's owner passes its own, so
+ * no other writer can touch it). A checkpoint holding a non-finite value is
+ * refused: resuming from it could only fail again.
  */
 export const writeCheckpoint = (
   folder: string,
   checkpoint: Checkpoint,
+  tempPathFor: (target: string) => string = (target) => `${target}.${crypto.randomUUID()}.tmp`,
 ): Effect.Effect<string, CheckpointError> =>
-  Effect.tryPromise({
-    try: async () => {
-      await Deno.mkdir(folder, { recursive: true });
-      const target = `${folder}/${checkpointFileName(checkpoint.step)}`;
-      const temp = `${target}.${crypto.randomUUID()}.tmp`;
-      const file = await Deno.open(temp, { write: true, create: true, truncate: true });
-      try {
-        const bytes = encodeCheckpoint(checkpoint);
-        let written = 0;
-        while (written < bytes.length) written += await file.write(bytes.subarray(written));
-        await file.sync();
-      } finally {
-        file.close();
-      }
-      await Deno.rename(temp, target);
-      return target;
-    },
-    catch: (error) =>
-      new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+  Effect.gen(function* () {
+    const bad = checkpoint.arrays.find((a) =>
+      a.values instanceof Float32Array && !a.values.every(Number.isFinite)
+    )
+      ?.name;
+    if (bad !== undefined) {
+      return yield* new CheckpointError({
+        path: `${folder}/${checkpointFileName(checkpoint.step)}`,
+        reason: `not written: ${bad} holds a non-finite value`,
+      });
+    }
+    return yield* Effect.tryPromise({
+      try: async () => {
+        await Deno.mkdir(folder, { recursive: true });
+        const target = `${folder}/${checkpointFileName(checkpoint.step)}`;
+        const temp = tempPathFor(target);
+        try {
+          const file = await Deno.open(temp, { write: true, create: true, truncate: true });
+          try {
+            const bytes = encodeCheckpoint(checkpoint);
+            let written = 0;
+            while (written < bytes.length) written += await file.write(bytes.subarray(written));
+            await file.sync();
+          } finally {
+            file.close();
+          }
+          await Deno.rename(temp, target);
+        } catch (error) {
+          // A failed write (a full disk) leaves no temp file behind.
+          await Deno.remove(temp).catch(() => undefined);
+          throw error;
+        }
+        return target;
+      },
+      catch: (error) =>
+        new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
+    });
   }).pipe(
     // An interruption (Ctrl-C) waits for the write to finish: a checkpoint is either complete or absent,
     // and no temp file is left behind.
@@ -246,7 +268,11 @@ export const resolveCheckpointPath = (path: string): Effect.Effect<string, Check
     return latest;
   });
 
-/** Removes all but the newest `keep` checkpoints of a folder (old ones only cost disk), and stale temp files. */
+/**
+ * Removes all but the newest `keep` checkpoints of a folder (old ones only cost
+ * disk). Temp files are left alone: one may be another writer's, half-written;
+ * the run folder's owner removes the stale ones when it takes the lock.
+ */
 export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<void, CheckpointError> =>
   Effect.tryPromise({
     try: async () => {
@@ -257,12 +283,6 @@ export const pruneCheckpoints = (folder: string, keep: number): Effect.Effect<vo
       names.sort();
       for (const name of names.slice(0, Math.max(0, names.length - keep))) {
         await Deno.remove(`${folder}/${name}`).catch(() => undefined);
-      }
-      // Temp files of a write killed by a crash (not by Ctrl-C, which waits for the write) are garbage.
-      for await (const entry of Deno.readDir(folder)) {
-        if (entry.isFile && /^checkpoint-\d+\.swav\.[0-9a-f-]+\.tmp$/.test(entry.name)) {
-          await Deno.remove(`${folder}/${entry.name}`).catch(() => undefined);
-        }
       }
     },
     catch: (error) =>

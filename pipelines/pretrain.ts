@@ -8,8 +8,10 @@
  *
  * State with an owner, all released by the run's scope (interruption included):
  * the model's variables, the optimiser's momentum slots, the embedding queue,
- * the worker pool. Checkpoints are atomic; a non-finite loss stops the run
- * before the update, so the last checkpoint and the weights stay good.
+ * the worker pool, and the run folder's lock (pipelines/run_folder.ts: taken
+ * before anything is written there). Checkpoints are atomic; a non-finite loss
+ * stops the run before the update, a non-finite weight or batch-norm statistic
+ * before the step is checkpointed, so the last checkpoint stays good.
  */
 import type * as tf from "@tensorflow/tfjs";
 import { Effect, Ref, Schema, Stream } from "effect";
@@ -22,13 +24,30 @@ import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts"
 import { checkFitsBackend } from "../stages/encode.ts";
 import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
 import { type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts";
-import { latestCheckpoint, restoreRun, type RunPosition, saveCheckpoint } from "./checkpoint.ts";
+import {
+  assembleCheckpoint,
+  latestCheckpoint,
+  pruneCheckpoints,
+  restoreRun,
+  type RunPosition,
+  type RunState,
+  writeCheckpoint,
+} from "./checkpoint.ts";
 import { collapseWarning } from "./collapse.ts";
+import { environmentReport } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
+import {
+  lockRunFolder,
+  openMetricsLog,
+  type RunFolder,
+  writeJsonFile,
+  writeJsonLines,
+} from "./run_folder.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
-export { NonFiniteLoss } from "./swav_step.ts";
+export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
+export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
 
 /** One line of `metrics.jsonl`. */
 export interface StepMetrics {
@@ -74,40 +93,28 @@ export class DatasetTooSmall extends Schema.TaggedError<DatasetTooSmall>()("Data
   message: Schema.String,
 }) {}
 
-/** The run folder (config, seed, metrics) could not be written. */
-export class RunFolderError extends Schema.TaggedError<RunFolderError>()("RunFolderError", {
-  path: Schema.String,
-  message: Schema.String,
-}) {}
-
-const writeFile = <A>(path: string, write: () => Promise<A>) =>
-  Effect.tryPromise({
-    try: write,
-    catch: (error) =>
-      new RunFolderError({
-        path,
-        message: `cannot write ${path}: ${error instanceof Error ? error.message : error}`,
-      }),
+/**
+ * The run's records, written once the folder is ours: the resolved config, the
+ * seed, and the machine it runs on (the `doctor --json` report).
+ */
+const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) =>
+  Effect.gen(function* () {
+    yield* writeJsonFile(folder, "config.json", config);
+    yield* writeJsonFile(folder, "seed.json", { seed: config.train.seed });
+    yield* writeJsonFile(
+      folder,
+      "environment.json",
+      yield* environmentReport({ webgpu: backend === "webgpu" }),
+    );
   });
 
-const writeJson = (path: string, value: unknown) =>
-  writeFile(path, () => Deno.writeTextFile(path, JSON.stringify(value, null, 2) + "\n"));
-
-/** The run folder with its resolved config and seed, and `metrics.jsonl` open for appending (closed by the scope). */
-const openRunFolder = (config: RunConfig) =>
+/** Writes the run's checkpoint at a position with the owner's temp name, then prunes old ones; its path. */
+const checkpointWriter = (folder: RunFolder, keep: number, run: () => RunState) => (position: RunPosition) =>
   Effect.gen(function* () {
-    const folder = config.train.out;
-    yield* writeFile(folder, () => Deno.mkdir(folder, { recursive: true }));
-    yield* writeJson(`${folder}/config.json`, config);
-    yield* writeJson(`${folder}/seed.json`, { seed: config.train.seed });
-    const path = `${folder}/metrics.jsonl`;
-    const file = yield* Effect.acquireRelease(
-      writeFile(path, () => Deno.open(path, { append: true, create: true, write: true })),
-      (file) => Effect.sync(() => file.close()),
-    );
-    const encoder = new TextEncoder();
-    return (metrics: StepMetrics) =>
-      writeFile(path, () => file.write(encoder.encode(JSON.stringify(metrics) + "\n")));
+    const checkpoint = yield* assembleCheckpoint(position, run());
+    const path = yield* writeCheckpoint(folder.path, checkpoint, folder.tempPathFor);
+    yield* pruneCheckpoints(folder.path, keep);
+    return path;
   });
 
 const sourceOptions = (config: RunConfig) =>
@@ -182,6 +189,13 @@ const skippedWarning = (skipped: { count: number; examples: readonly { path: str
     skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
   }`;
 
+/** Each skipped sample once (a sample unreadable in one epoch is skipped again in the next), in order. */
+const eachSampleOnce = (
+  samples: readonly { path: string; reason: string }[],
+) => [
+  ...new Map(samples.map((s) => [`${s.path}\n${s.reason}`, { path: s.path, reason: s.reason }])).values(),
+];
+
 /** Named trainable variables of a model, keyed by parameter name. */
 const trainableByName = (model: SwavModel): Record<string, tf.Variable> =>
   Object.fromEntries(model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]));
@@ -212,6 +226,8 @@ interface Progress {
   readonly lossSum: number;
   readonly lossCount: number;
   readonly collapseWarned: boolean;
+  /** The epoch's stream ended by itself (not cut by maxSteps): the epoch is done, however many were skipped. */
+  readonly epochEnded: boolean;
 }
 
 const afterStep = (p: Progress, loss: number): Progress => ({
@@ -229,6 +245,7 @@ const newEpoch = (p: Progress, skip: number): Progress => ({
   lossSum: 0,
   lossCount: 0,
   collapseWarned: false,
+  epochEnded: false,
 });
 
 /**
@@ -241,6 +258,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const backend = yield* TensorBackend;
     const { train: trainConfig, swav } = config;
     const { out: runFolder, batchSize } = trainConfig;
+    // The run folder is ours until the scope closes; nothing is written into it before the lock.
+    const folder = yield* lockRunFolder(runFolder);
+    yield* writeRunRecords(folder, config, backend.name);
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config);
@@ -257,14 +277,13 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       ...options.stages,
     });
     const { seed, keepCheckpoints } = trainConfig;
-    const save = (position: RunPosition) =>
-      saveCheckpoint(runFolder, keepCheckpoints, position, {
-        ...state,
-        queue: queues.current(),
-        config,
-        seed,
-        backend: backend.name,
-      });
+    const save = checkpointWriter(folder, keepCheckpoints, () => ({
+      ...state,
+      queue: queues.current(),
+      config,
+      seed,
+      backend: backend.name,
+    }));
 
     // Where we start: fresh, or from the latest checkpoint.
     const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
@@ -282,7 +301,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
     if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
 
-    const writeMetrics = yield* openRunFolder(config);
+    // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
+    const writeMetrics = yield* openMetricsLog(folder, options.resume ? start.step : undefined);
     const knnSources = yield* openKnnSources(config, source.classes !== undefined);
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
@@ -304,6 +324,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
       yield* loader.epoch(epoch).pipe(
         Stream.drop(skip),
+        Stream.onEnd(Ref.update(progress, (p) => ({ ...p, epochEnded: true }))),
         // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
         Stream.take(
           trainConfig.maxSteps === 0
@@ -347,7 +368,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         ),
       );
       const p = yield* Ref.get(progress);
-      const finishedEpoch = p.batchInEpoch >= stepsPerEpoch;
+      const finishedEpoch = p.epochEnded;
       // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
       const path = yield* save(
         finishedEpoch
@@ -355,6 +376,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !finishedEpoch });
+      yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).examples));
       const knn = finishedEpoch && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
         ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
         : undefined;

@@ -125,3 +125,85 @@ export const lockRunFolder = (
     yield* cleanTempFiles;
     return { path: folder, tempPathFor, cleanTempFiles };
   });
+
+const write = (folder: RunFolder, what: () => Promise<void>) =>
+  Effect.tryPromise({
+    try: what,
+    catch: (cause) => new RunFolderUnusable({ folder: folder.path, reason: reasonOf(cause) }),
+  });
+
+/** Writes `text` to `name` in the folder atomically: the owner's temp file, then a rename over the target. */
+export const writeTextAtomic = (
+  folder: RunFolder,
+  name: string,
+  text: string,
+): Effect.Effect<void, RunFolderUnusable> =>
+  write(folder, async () => {
+    const target = `${folder.path}/${name}`;
+    const temp = folder.tempPathFor(target);
+    try {
+      await Deno.writeTextFile(temp, text);
+      await Deno.rename(temp, target);
+    } catch (error) {
+      await Deno.remove(temp).catch(() => {});
+      throw error;
+    }
+  });
+
+/** `value` as pretty JSON in `name`, atomically. */
+export const writeJsonFile = (folder: RunFolder, name: string, value: unknown) =>
+  writeTextAtomic(folder, name, JSON.stringify(value, null, 2) + "\n");
+
+/** `rows` as JSON lines in `name`, atomically (the whole list each time). */
+export const writeJsonLines = (folder: RunFolder, name: string, rows: readonly unknown[]) =>
+  writeTextAtomic(folder, name, rows.map((row) => JSON.stringify(row) + "\n").join(""));
+
+/** The lines of a JSON-lines text that parse and have `step` at most `lastStep` (torn lines dropped). */
+export const linesUpToStep = (text: string, lastStep: number): string[] =>
+  text.split("\n").filter((line) => {
+    try {
+      const step = (JSON.parse(line) as { step?: unknown }).step;
+      return typeof step === "number" && step <= lastStep;
+    } catch {
+      return false;
+    }
+  });
+
+/**
+ * `metrics.jsonl` open for appending, one JSON line per call; the scope closes
+ * it. With `resumeAt` (the step a resumed run continues from), lines of steps
+ * past it (written after the checkpoint the run resumes from) are dropped
+ * first, atomically, so each step appears once.
+ */
+export const openMetricsLog = (
+  folder: RunFolder,
+  resumeAt: number | undefined,
+): Effect.Effect<(row: unknown) => Effect.Effect<void, RunFolderUnusable>, RunFolderUnusable, Scope.Scope> =>
+  Effect.gen(function* () {
+    const path = `${folder.path}/metrics.jsonl`;
+    if (resumeAt !== undefined) {
+      const text = yield* Effect.tryPromise({
+        try: () =>
+          Deno.readTextFile(path).catch((error) =>
+            error instanceof Deno.errors.NotFound ? undefined : Promise.reject(error)
+          ),
+        catch: (cause) => new RunFolderUnusable({ folder: folder.path, reason: reasonOf(cause) }),
+      });
+      if (text !== undefined) {
+        const kept = linesUpToStep(text, resumeAt);
+        yield* writeTextAtomic(folder, "metrics.jsonl", kept.map((line) => line + "\n").join(""));
+      }
+    }
+    const file = yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () => Deno.open(path, { append: true, create: true, write: true }),
+        catch: (cause) => new RunFolderUnusable({ folder: folder.path, reason: reasonOf(cause) }),
+      }),
+      (file) => Effect.sync(() => file.close()),
+    );
+    const encoder = new TextEncoder();
+    return (row: unknown) =>
+      write(folder, async () => {
+        await file.write(encoder.encode(JSON.stringify(row) + "\n"));
+      });
+  });

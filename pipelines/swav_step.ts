@@ -10,6 +10,8 @@
  *   finite-loss      stop before any update when the loss is not a number
  *   optimise         LARC-SGD at this step's learning rate, prototypes frozen early on
  *   queue update     the batch's embeddings into the queue (FIFO); code statistics for metrics
+ *   finite-state     the updated weights and batch-norm statistics are all finite, or the run stops
+ *                    here, before anything of this step reaches a checkpoint
  *
  * A custom pipeline replaces a stage by another stage value of the same types
  * (`SwavStages`); stages/tape.ts keeps the gradient boundary.
@@ -46,6 +48,32 @@ export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFinit
   loss: Schema.Number,
   message: Schema.String,
 }) {}
+
+/**
+ * The update (or the forward's batch-norm statistics) left a weight or
+ * statistic non-finite: the run stops before this step reaches a checkpoint.
+ */
+export class NonFiniteState extends Schema.TaggedError<NonFiniteState>()("NonFiniteState", {
+  step: Schema.Number,
+  tensor: Schema.String,
+  message: Schema.String,
+}) {}
+
+/**
+ * One scalar that is 0 when every value of `variables` is finite and NaN
+ * otherwise (x·0 is 0 for a finite x, NaN for ±Inf and NaN): one small fused
+ * reduction per step, read together with the step's other values.
+ */
+export const finiteProbe = (variables: readonly tf.Variable[]): tf.Scalar =>
+  tf.tidy(() => tf.addN(variables.map((v) => tf.sum(tf.mul(v, 0)))) as tf.Scalar);
+
+/** The name of the first parameter holding a non-finite value (the failure path only: reads every one). */
+export const firstNonFinite = async (model: SwavModel): Promise<string | undefined> => {
+  for (const p of model.params) {
+    if (!(await p.variable.data()).every(Number.isFinite)) return p.name;
+  }
+  return undefined;
+};
 
 /**
  * The stages one step composes. A custom pipeline passes another stage value
@@ -185,7 +213,9 @@ export const swavTrainStep = (
     const optimise = stages.optimise.run(stageConfigs(config).optimise);
     const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
 
-    return (input: StepInput): Effect.Effect<StepOutcome, NonFiniteLoss, Scope.Scope> =>
+    const everyVariable = state.model.params.map((p) => p.variable);
+
+    return (input: StepInput): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState, Scope.Scope> =>
       Effect.gen(function* () {
         const crops = yield* scoped(() => collateCrops(input.batch.views, config.multicrop));
 
@@ -226,8 +256,23 @@ export const swavTrainStep = (
           epochs: config.train.epochs,
         });
 
+        // Weights and batch-norm statistics as updated: checked with the same read as the code statistics.
+        const probe = yield* scoped(() => finiteProbe(everyVariable));
         if (queue !== undefined) yield* pushQueue(queue, out.embeddings).pipe(Effect.orDie);
-        const statistics = yield* Effect.promise(() => codeStatistics(out.codes));
+        const [statistics, finite] = yield* Effect.promise(() =>
+          Promise.all([codeStatistics(out.codes), probe.data()])
+        );
+        if (!Number.isFinite(finite[0]!)) {
+          const tensor = (yield* Effect.promise(() => firstNonFinite(state.model))) ?? "a parameter";
+          return yield* new NonFiniteState({
+            step: input.step,
+            tensor,
+            message:
+              `step ${input.step} (epoch ${input.epoch + 1}, loss ${loss}) made ${tensor} non-finite; ` +
+              `the run stops before this step is checkpointed, so the last checkpoint is intact. Try a lower ` +
+              `optim.baseLr or optim.trust.`,
+          });
+        }
         return { loss, lr: learningRate, ...statistics };
       });
   });
