@@ -278,9 +278,12 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         optimiser,
         queueStartEpoch: swav.queueStartEpoch,
         queueFor: queues.ensure,
+        onWarning: hooks.onWarning,
       });
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
-    if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
+    if (latest !== undefined) {
+      hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
+    }
 
     const writeMetrics = yield* openRunFolder(config);
     const knnSources = yield* openKnnSources(config, source.classes !== undefined);
