@@ -33,6 +33,10 @@ const workersFlag = Flag.Int("workers").pipe(
   Flag.optional,
 );
 
+/** Warnings (a damaged checkpoint skipped, an older file loaded unverified) on stderr, one line each. */
+const printWarning = (message: string) =>
+  console.error(`warning: ${message.trim().replace(/\s*\n\s*/g, " ")}`);
+
 /** The backend: an explicit flag wins, then SWAV_BACKEND, then auto (the layer reads the variable). */
 const backendLayer = (flag: Option.Option<BackendName>) => TensorBackend.layer(Option.getOrUndefined(flag));
 
@@ -116,6 +120,7 @@ export const evalCommand = Command.make("eval", {
       batchSize: Option.getOrUndefined(flags.batchSize),
       workers: Option.getOrUndefined(flags.workers),
       onProgress: progress,
+      onWarning: printWarning,
     }).pipe(Effect.provide(backendLayer(flags.backend)));
     if (flags.json) {
       console.log(JSON.stringify(evaluationJson(result)));
@@ -162,6 +167,7 @@ export const extractCommand = Command.make("extract", {
       batchSize: Option.getOrUndefined(flags.batchSize),
       workers: Option.getOrUndefined(flags.workers),
       onProgress: (done, total) => progress("features", done, total),
+      onWarning: printWarning,
     }).pipe(Effect.provide(backendLayer(flags.backend)));
     console.log(`${sidecar.count} x ${sidecar.dim} features of ${sidecar.source} written to ${flags.out}`);
   }))).pipe(Command.withDescription("Write pooled backbone features of a source as NumPy .npy files"));
@@ -174,7 +180,7 @@ export const exportCommand = Command.make("export", {
   backend: backendFlag,
 }, (flags) =>
   reportFailure(Effect.gen(function* () {
-    const folder = yield* exportCheckpointEncoder(flags.checkpoint, flags.out).pipe(
+    const folder = yield* exportCheckpointEncoder(flags.checkpoint, flags.out, printWarning).pipe(
       Effect.provide(backendLayer(flags.backend)),
     );
     console.log(`encoder written to ${folder}/model.json and ${folder}/weights.bin`);

@@ -119,6 +119,15 @@ export const readRawConfig = (path: string): Effect.Effect<unknown, InvalidConfi
           message: `${path} is not valid JSON: ${(error as Error).message}`,
         }),
     });
+    // Flags merge into the file's object: anything else (an array, a number) would silently become {}.
+    if (!isPlainObject(raw)) {
+      return yield* new InvalidConfig({
+        source: path,
+        message: `${path} holds ${
+          Array.isArray(raw) ? "an array" : raw === null ? "null" : `a ${typeof raw}`
+        }: a config file must be one JSON object, e.g. { "train": { "epochs": 10 } }`,
+      });
+    }
     return raw;
   });
 

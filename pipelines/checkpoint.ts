@@ -16,6 +16,7 @@
  * Tensor names: model variables by their model name (`backbone.layer1.0.conv1.weight`, ...),
  * optimiser slots as `optimiser/<variable name>`, queue as `queue/<crop index>`.
  */
+import { createHash } from "node:crypto";
 import { Effect, Schema } from "effect";
 import {
   loadModelArrays,
@@ -24,6 +25,7 @@ import {
   readModelArrays,
   type SwavModel,
 } from "../models/model.ts";
+import { NonNegativeInt } from "../models/schema.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,
@@ -31,6 +33,7 @@ import {
   restore as restoreQueue,
   serialise as serialiseQueue,
 } from "../state/queue.ts";
+import { readRegularFile } from "./bounded_read.ts";
 
 export const checkpointFormatVersion = 1;
 const magic = new TextEncoder().encode("SWAVCKPT");
@@ -68,6 +71,11 @@ interface HeaderEntry {
   length: number;
 }
 
+/** The payload checksum the header carries from now on (version-1 files written before it have none). */
+const checksumAlgorithm = "sha256";
+const payloadChecksum = (payload: Uint8Array): string =>
+  createHash(checksumAlgorithm).update(payload).digest("hex");
+
 /** Serialises a checkpoint to bytes. */
 export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
   let offset = 0;
@@ -82,6 +90,12 @@ export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
     offset += array.values.length * 4;
     return entry;
   });
+  // The payload is the arrays back to back (offsets above), so its checksum is theirs in order.
+  const hash = createHash(checksumAlgorithm);
+  const views = checkpoint.arrays.map((array) =>
+    new Uint8Array(array.values.buffer, array.values.byteOffset, array.values.byteLength)
+  );
+  for (const part of views) hash.update(part);
   const header = new TextEncoder().encode(JSON.stringify({
     version: checkpointFormatVersion,
     step: checkpoint.step,
@@ -90,6 +104,7 @@ export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
     config: checkpoint.config,
     extra: checkpoint.extra,
     tensors: entries,
+    checksum: { algorithm: checksumAlgorithm, payload: hash.digest("hex") },
   }));
   // Pad the header so the payload starts 4-byte aligned (typed-array views need it).
   const headerLength = Math.ceil(header.length / 4) * 4;
@@ -101,61 +116,131 @@ export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
   view.setUint32(12, headerLength, true);
   bytes.fill(0x20, 16, payloadStart); // spaces: valid trailing JSON whitespace
   bytes.set(header, 16);
-  checkpoint.arrays.forEach((array, i) => {
-    bytes.set(
-      new Uint8Array(array.values.buffer, array.values.byteOffset, array.values.byteLength),
-      payloadStart + entries[i]!.offset,
-    );
-  });
+  views.forEach((part, i) => bytes.set(part, payloadStart + entries[i]!.offset));
   return bytes;
 };
 
-/** Parses checkpoint bytes; `path` only names the file in errors. */
-export const decodeCheckpoint = (bytes: Uint8Array, path: string): Checkpoint => {
-  const fail = (reason: string): never => {
-    // A synchronous decoder (also used outside Effect); readCheckpoint turns this into its error channel.
-    throw new CheckpointError({ path, reason });
-  };
-  if (bytes.length < 16 || magic.some((b, i) => bytes[i] !== b)) fail("not a swav-ts checkpoint (bad magic)");
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const version = view.getUint32(8, true);
-  if (version !== checkpointFormatVersion) {
-    fail(`format version ${version} is not supported (this build reads version ${checkpointFormatVersion})`);
+/** The header JSON of format version 1; `checksum` is absent in files written before it existed. */
+const CheckpointHeader = Schema.Struct({
+  version: Schema.optionalKey(Schema.Literal(checkpointFormatVersion)),
+  step: NonNegativeInt,
+  epoch: NonNegativeInt,
+  batchInEpoch: Schema.optionalKey(NonNegativeInt),
+  config: Schema.Unknown,
+  extra: Schema.optionalKey(Schema.Record(Schema.String, Schema.Unknown)),
+  tensors: Schema.Array(Schema.Struct({
+    name: Schema.String.check(Schema.isNonEmpty()),
+    shape: Schema.Array(NonNegativeInt),
+    dtype: Schema.Literals(["float32", "int32"]),
+    offset: NonNegativeInt,
+    length: NonNegativeInt,
+  })),
+  checksum: Schema.optionalKey(Schema.Struct({
+    algorithm: Schema.Literal(checksumAlgorithm),
+    payload: Schema.String.check(Schema.isPattern(/^[0-9a-f]{64}$/)),
+  })),
+});
+type CheckpointHeader = typeof CheckpointHeader.Type;
+
+/** The largest checkpoint file read (a model, its optimiser slots and queue fit the 4 GiB wasm heap twice). */
+export const maxCheckpointBytes = 8 * 2 ** 30;
+
+/** What the caller is told about a checkpoint that loads but is not fully verified (an older file). */
+export interface ReadOptions {
+  readonly onWarning?: ((message: string) => void) | undefined;
+}
+
+const warn = (options: ReadOptions | undefined, message: string): Effect.Effect<void> =>
+  options?.onWarning === undefined
+    ? Effect.logWarning(message)
+    : Effect.sync(() => options.onWarning!(message));
+
+/**
+ * Checks the tensor table against the payload: every tensor 4-byte aligned,
+ * inside the file, as long as its shape says, none overlapping another, names
+ * unique. Returns the problem, or undefined.
+ */
+const layoutProblem = (tensors: CheckpointHeader["tensors"], payloadLength: number): string | undefined => {
+  const names = new Set<string>();
+  for (const entry of tensors) {
+    if (names.has(entry.name)) return `tensor ${entry.name} appears twice`;
+    names.add(entry.name);
+    const count = entry.shape.reduce((a, b) => a * b, 1);
+    if (count !== entry.length) {
+      return `tensor ${entry.name} has length ${entry.length}, its shape [${entry.shape}] holds ${count}`;
+    }
+    if (entry.offset % 4 !== 0) return `tensor ${entry.name} has offset ${entry.offset}, not 4-byte aligned`;
+    if (entry.offset + entry.length * 4 > payloadLength) return `truncated payload for ${entry.name}`;
   }
-  const headerLength = view.getUint32(12, true);
-  if (16 + headerLength > bytes.length) fail("truncated header");
-  let header: {
-    step: number;
-    epoch: number;
-    batchInEpoch?: number;
-    config: unknown;
-    extra?: Record<string, unknown>;
-    tensors: HeaderEntry[];
-  };
-  try {
-    header = JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + headerLength)));
-  } catch (error) {
-    return fail(`corrupt header: ${error instanceof Error ? error.message : String(error)}`);
+  const sorted = [...tensors].sort((a, b) => a.offset - b.offset);
+  for (let i = 1; i < sorted.length; i++) {
+    const before = sorted[i - 1]!;
+    if (before.offset + before.length * 4 > sorted[i]!.offset) {
+      return `tensors ${before.name} and ${sorted[i]!.name} overlap`;
+    }
   }
-  const payloadStart = 16 + headerLength;
-  const arrays = header.tensors.map((entry): NamedArray => {
-    const start = payloadStart + entry.offset;
-    const end = start + entry.length * 4;
-    if (end > bytes.length) fail(`truncated payload for ${entry.name}`);
-    // Copy out so the arrays own aligned buffers independent of the file bytes.
-    const raw = bytes.slice(start, end);
-    const values = entry.dtype === "int32" ? new Int32Array(raw.buffer) : new Float32Array(raw.buffer);
-    return { name: entry.name, shape: entry.shape, values };
-  });
-  return {
-    step: header.step,
-    epoch: header.epoch,
-    batchInEpoch: header.batchInEpoch ?? 0,
-    config: header.config,
-    extra: header.extra ?? {},
-    arrays,
-  };
+  return undefined;
 };
+
+/**
+ * Parses checkpoint bytes; `path` only names the file in errors. The header is
+ * validated by its schema and the tensor table against the payload before any
+ * tensor is copied out; the payload checksum is checked where the file has one
+ * (a file without one loads with a warning).
+ */
+export const decodeCheckpoint = (
+  bytes: Uint8Array,
+  path: string,
+  options?: ReadOptions,
+): Effect.Effect<Checkpoint, CheckpointError> =>
+  Effect.gen(function* () {
+    const fail = (reason: string) => new CheckpointError({ path, reason });
+    if (bytes.length < 16 || magic.some((b, i) => bytes[i] !== b)) {
+      return yield* fail("not a swav-ts checkpoint (bad magic)");
+    }
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const version = view.getUint32(8, true);
+    if (version !== checkpointFormatVersion) {
+      return yield* fail(
+        `format version ${version} is not supported (this build reads version ${checkpointFormatVersion})`,
+      );
+    }
+    const headerLength = view.getUint32(12, true);
+    if (16 + headerLength > bytes.length) return yield* fail("truncated header");
+    const json = yield* Effect.try({
+      try: () => JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + headerLength))) as unknown,
+      catch: (error) => fail(`corrupt header: ${error instanceof Error ? error.message : String(error)}`),
+    });
+    const header = yield* Schema.decodeUnknownEffect(CheckpointHeader)(json, { errors: "all" }).pipe(
+      Effect.mapError((error) => fail(`invalid header: ${error.message}`)),
+    );
+    const payloadStart = 16 + headerLength;
+    const payload = bytes.subarray(payloadStart);
+    const problem = layoutProblem(header.tensors, payload.length);
+    if (problem !== undefined) return yield* fail(problem);
+    if (header.checksum === undefined) {
+      yield* warn(
+        options,
+        `checkpoint ${path} has no payload checksum (written by an older build): loaded unverified`,
+      );
+    } else if (payloadChecksum(payload) !== header.checksum.payload) {
+      return yield* fail(`payload checksum mismatch: the file is damaged`);
+    }
+    const arrays = header.tensors.map((entry): NamedArray => {
+      // Copy out so the arrays own aligned buffers independent of the file bytes.
+      const raw = payload.slice(entry.offset, entry.offset + entry.length * 4);
+      const values = entry.dtype === "int32" ? new Int32Array(raw.buffer) : new Float32Array(raw.buffer);
+      return { name: entry.name, shape: [...entry.shape], values };
+    });
+    return {
+      step: header.step,
+      epoch: header.epoch,
+      batchInEpoch: header.batchInEpoch ?? 0,
+      config: header.config,
+      extra: header.extra ?? {},
+      arrays,
+    };
+  });
 
 /** The checkpoint file name for a step: zero-padded so names sort by step. */
 export const checkpointFileName = (step: number): string =>
@@ -216,39 +301,90 @@ export const writeCheckpoint = (
     Effect.uninterruptible,
   );
 
-/** Reads one checkpoint file. */
-export const readCheckpoint = (path: string): Effect.Effect<Checkpoint, CheckpointError> =>
-  Effect.tryPromise({
-    try: async () => decodeCheckpoint(await Deno.readFile(path), path),
-    catch: (error) =>
-      error instanceof CheckpointError
-        ? error
-        : new CheckpointError({ path, reason: error instanceof Error ? error.message : String(error) }),
-  });
-
 /**
- * The newest complete checkpoint in a run folder (temp files of an interrupted
- * write are ignored), or undefined when there is none.
+ * Reads one checkpoint file: a regular file of at most `maxCheckpointBytes`
+ * (checked before the buffer is allocated), then `decodeCheckpoint`.
  */
-export const latestCheckpoint = (folder: string): Effect.Effect<string | undefined, CheckpointError> =>
+export const readCheckpoint = (
+  path: string,
+  options?: ReadOptions,
+): Effect.Effect<Checkpoint, CheckpointError> =>
+  readRegularFile(path, maxCheckpointBytes).pipe(
+    Effect.mapError((error) => new CheckpointError({ path, reason: error.reason })),
+    Effect.flatMap((bytes) => decodeCheckpoint(bytes, path, options)),
+  );
+
+const checkpointName = /^checkpoint-\d+\.swav$/;
+
+/** The complete checkpoint files of a folder (temp files of an interrupted write are not), oldest first. */
+const checkpointFiles = (folder: string): Effect.Effect<string[] | undefined, CheckpointError> =>
   Effect.tryPromise({
     try: async () => {
       const names: string[] = [];
       try {
         for await (const entry of Deno.readDir(folder)) {
-          if (entry.isFile && /^checkpoint-\d+\.swav$/.test(entry.name)) names.push(entry.name);
+          if (entry.isFile && checkpointName.test(entry.name)) names.push(entry.name);
         }
       } catch (error) {
         if (error instanceof Deno.errors.NotFound) return undefined;
         throw error;
       }
-      names.sort();
-      const newest = names.at(-1);
-      return newest === undefined ? undefined : `${folder}/${newest}`;
+      return names.sort().map((name) => `${folder}/${name}`);
     },
     catch: (error) =>
       new CheckpointError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
   });
+
+/**
+ * The newest complete checkpoint in a run folder (temp files of an interrupted
+ * write are ignored), or undefined when there is none. Its content is not read:
+ * see `readNewestValidCheckpoint`.
+ */
+export const latestCheckpoint = (folder: string): Effect.Effect<string | undefined, CheckpointError> =>
+  Effect.map(checkpointFiles(folder), (files) => files?.at(-1));
+
+/** A checkpoint read from a run folder, and the newer ones that were damaged and skipped. */
+export interface FoundCheckpoint {
+  readonly path: string;
+  readonly checkpoint: Checkpoint;
+  readonly damaged: readonly CheckpointError[];
+}
+
+/**
+ * The newest checkpoint of `folder` that reads and verifies (older than
+ * `before` when given): a damaged one (truncated, bad header, checksum
+ * mismatch) is skipped with a warning naming it. Undefined when the folder
+ * holds no checkpoint; a CheckpointError naming each file when all are damaged.
+ */
+export const readNewestValidCheckpoint = (
+  folder: string,
+  options?: ReadOptions & { readonly before?: string | undefined },
+): Effect.Effect<FoundCheckpoint | undefined, CheckpointError> =>
+  Effect.gen(function* () {
+    const all = (yield* checkpointFiles(folder)) ?? [];
+    const before = options?.before;
+    const files = before === undefined ? all : all.filter((file) => basename(file) < basename(before));
+    const damaged: CheckpointError[] = [];
+    for (const path of files.reverse()) {
+      const result = yield* Effect.result(readCheckpoint(path, options));
+      if (result._tag === "Success") {
+        for (const error of damaged) {
+          yield* warn(options, `${error.message}; using the older ${path} instead`);
+        }
+        return { path, checkpoint: result.success, damaged };
+      }
+      damaged.push(result.failure);
+    }
+    if (damaged.length === 0) return undefined;
+    return yield* new CheckpointError({
+      path: folder,
+      reason: `every checkpoint is damaged (${
+        damaged.map((error) => `${basename(error.path)}: ${error.reason}`).join("; ")
+      }): restore a copy of the run folder, or start the run again`,
+    });
+  });
+
+const basename = (path: string) => path.slice(path.lastIndexOf("/") + 1);
 
 /**
  * Resolves PATH as given on a command line: a checkpoint file, or a run folder
@@ -266,6 +402,28 @@ export const resolveCheckpointPath = (path: string): Effect.Effect<string, Check
       return yield* new CheckpointError({ path, reason: "the folder holds no checkpoint-*.swav file" });
     }
     return latest;
+  });
+
+/**
+ * Reads PATH as given on a command line: a checkpoint file (it must verify),
+ * or a run folder (its newest checkpoint that verifies, with a warning naming
+ * any newer damaged one).
+ */
+export const readCheckpointAt = (
+  path: string,
+  options?: ReadOptions,
+): Effect.Effect<{ path: string; checkpoint: Checkpoint }, CheckpointError> =>
+  Effect.gen(function* () {
+    const info = yield* Effect.tryPromise({
+      try: () => Deno.stat(path),
+      catch: () => new CheckpointError({ path, reason: "no such file or folder" }),
+    });
+    if (!info.isDirectory) return { path, checkpoint: yield* readCheckpoint(path, options) };
+    const found = yield* readNewestValidCheckpoint(path, options);
+    if (found === undefined) {
+      return yield* new CheckpointError({ path, reason: "the folder holds no checkpoint-*.swav file" });
+    }
+    return found;
   });
 
 /**
@@ -372,7 +530,9 @@ export const saveCheckpoint = (folder: string, keep: number, position: RunPositi
 /**
  * Restores weights, optimiser slots and queue from the checkpoint at `path`;
  * `queueFor(epoch)` creates the queue for the epoch the run continues with.
- * The position to continue from.
+ * When that file is damaged, the newest older checkpoint of its folder that
+ * verifies is used instead, with a warning naming the damaged one. The
+ * position to continue from, and the file it came from.
  */
 export const restoreRun = <E, R>(
   path: string,
@@ -381,16 +541,36 @@ export const restoreRun = <E, R>(
     readonly optimiser: LarcSgd;
     readonly queueStartEpoch: number;
     readonly queueFor: (epoch: number) => Effect.Effect<EmbeddingQueue | undefined, E, R>;
+    readonly onWarning?: ((message: string) => void) | undefined;
   },
-): Effect.Effect<RunPosition, CheckpointError | CheckpointMismatch | ModelWeightsError | QueueError | E, R> =>
+): Effect.Effect<
+  RunPosition & { readonly path: string },
+  CheckpointError | CheckpointMismatch | ModelWeightsError | QueueError | E,
+  R
+> =>
   Effect.gen(function* () {
-    const checkpoint = yield* readCheckpoint(path);
-    yield* loadModelArrays(run.model, checkpoint.arrays, `checkpoint ${path}`);
+    const { path: file, checkpoint } = yield* readWithFallback(path, run);
+    yield* loadModelArrays(run.model, checkpoint.arrays, `checkpoint ${file}`);
+    const params = new Map(run.model.params.map((p) => [p.name, p.variable.shape.join("x")]));
+    const slots = checkpoint.arrays.filter((a) => a.name.startsWith("optimiser/"));
+    for (const slot of slots) {
+      const name = slot.name.slice("optimiser/".length);
+      const shape = params.get(name);
+      if (shape !== slot.shape.join("x") || !(slot.values instanceof Float32Array)) {
+        return yield* new CheckpointMismatch({
+          path: file,
+          message: `checkpoint ${file}: optimiser slot ${name} [${slot.shape}] ${
+            shape === undefined
+              ? "has no model parameter"
+              : `does not fit the parameter [${shape.split("x")}]`
+          }: a checkpoint of another model?`,
+        });
+      }
+    }
     run.optimiser.restore(Object.fromEntries(
-      checkpoint.arrays.filter((a) => a.name.startsWith("optimiser/")).map((a) => [
-        a.name.slice("optimiser/".length),
-        { shape: a.shape, values: a.values as Float32Array },
-      ]),
+      slots.map((
+        a,
+      ) => [a.name.slice("optimiser/".length), { shape: a.shape, values: a.values as Float32Array }]),
     ));
     const savedQueue = checkpoint.extra["queue"] as SavedQueue | undefined;
     if (savedQueue !== undefined) {
@@ -399,13 +579,38 @@ export const restoreRun = <E, R>(
         const embeddings: Float32Array[] = [];
         for (let i = 0; i < savedQueue.cropsForAssign.length; i++) {
           const array = checkpoint.arrays.find((a) => a.name === `queue/${i}`);
-          if (array === undefined) {
-            return yield* new CheckpointMismatch({ path, message: `checkpoint ${path} lacks queue/${i}` });
+          if (array === undefined || !(array.values instanceof Float32Array)) {
+            return yield* new CheckpointMismatch({
+              path: file,
+              message: `checkpoint ${file} lacks queue/${i}`,
+            });
           }
-          embeddings.push(array.values as Float32Array);
+          embeddings.push(array.values);
         }
         yield* restoreQueue(queue, { ...savedQueue, embeddings });
       }
     }
-    return { step: checkpoint.step, epoch: checkpoint.epoch, batchInEpoch: checkpoint.batchInEpoch };
+    return {
+      step: checkpoint.step,
+      epoch: checkpoint.epoch,
+      batchInEpoch: checkpoint.batchInEpoch,
+      path: file,
+    };
+  });
+
+/** Reads `path`; when it is damaged, the newest older checkpoint of its folder that verifies (warning). */
+const readWithFallback = (path: string, options: ReadOptions) =>
+  Effect.gen(function* () {
+    const direct = yield* Effect.result(readCheckpoint(path, options));
+    if (direct._tag === "Success") return { path, checkpoint: direct.success };
+    const folder = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) : ".";
+    const older = yield* readNewestValidCheckpoint(folder, { ...options, before: path });
+    if (older === undefined) {
+      return yield* new CheckpointError({
+        path,
+        reason: `${direct.failure.reason}; no older checkpoint to fall back to: start again without --resume`,
+      });
+    }
+    yield* warn(options, `${direct.failure.message}; resuming from the older ${older.path}`);
+    return older;
   });

@@ -15,7 +15,7 @@ import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { type NpyValues, writeNpy } from "../data/npy.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
-import { readCheckpoint, resolveCheckpointPath } from "./checkpoint.ts";
+import { readCheckpointAt } from "./checkpoint.ts";
 import { type EncoderInput, exportEncoder, loadEncoder } from "./export.ts";
 import { extractFeatures, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
@@ -43,18 +43,24 @@ export interface LoadedEncoder {
 const isExportFolder = (path: string) =>
   Effect.promise(() => Deno.stat(`${path}/model.json`).then((s) => s.isFile, () => false));
 
+/** Where a warning goes (a damaged checkpoint skipped, an unverified older file). */
+export type OnWarning = ((message: string) => void) | undefined;
+
 /**
- * Loads PATH: a checkpoint file, a run folder (its latest checkpoint), or a
- * folder written by `exportEncoder`. The scope disposes the model.
+ * Loads PATH: a checkpoint file, a run folder (its newest checkpoint that
+ * verifies; a newer damaged one is named in a warning), or a folder written by
+ * `exportEncoder`. The scope disposes the model.
  */
-export const loadForEvaluation = (path: string): Effect.Effect<LoadedEncoder, unknown, Scope.Scope> =>
+export const loadForEvaluation = (
+  path: string,
+  onWarning?: OnWarning,
+): Effect.Effect<LoadedEncoder, unknown, Scope.Scope> =>
   Effect.gen(function* () {
     if (yield* isExportFolder(path)) {
       const { model, input } = yield* loadEncoder(path);
       return { model, input, config: undefined, path, step: undefined };
     }
-    const file = yield* resolveCheckpointPath(path);
-    const checkpoint = yield* readCheckpoint(file);
+    const { path: file, checkpoint } = yield* readCheckpointAt(path, { onWarning });
     const config = yield* decodeRunConfig(checkpoint.config, `${file} (its config)`).pipe(
       Effect.mapError((error) =>
         new EvaluationError({
@@ -129,6 +135,7 @@ export interface EvaluateOptions {
   /** Progress: phase ("train features", "test features", "linear probe"), done, total. */
   readonly onProgress?: ((phase: string, done: number, total: number) => void) | undefined;
   readonly onProbeEpoch?: ((report: ProbeEpoch, epochs: number) => void) | undefined;
+  readonly onWarning?: OnWarning;
 }
 
 export interface KnnEvaluation {
@@ -233,7 +240,7 @@ export const confusionOf = (predictions: Int32Array, labels: Int32Array, classes
 /** Evaluates a checkpoint (or exported encoder) by kNN or a linear probe. */
 export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, unknown> =>
   Effect.scoped(Effect.gen(function* () {
-    const encoder = yield* loadForEvaluation(options.checkpoint);
+    const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);
     const specs = yield* defaultSourceSpecs(encoder, options);
     const channels = encoder.model.config.inputChannels;
     const train = yield* openEvalSource(specs.train, channels);
@@ -344,7 +351,28 @@ export interface ExtractToFolderOptions {
   readonly batchSize?: number | undefined;
   readonly workers?: number | undefined;
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
+  readonly onWarning?: OnWarning;
 }
+
+/**
+ * Fails unless `folder` can be created and written: checked before any work,
+ * so a bad `--out` costs nothing (a probe file is written and removed).
+ */
+export const ensureWritableFolder = (folder: string): Effect.Effect<void, EvaluationError> =>
+  Effect.tryPromise({
+    try: async () => {
+      await Deno.mkdir(folder, { recursive: true });
+      const probe = `${folder}/.swav-write-check-${crypto.randomUUID()}`;
+      await Deno.writeFile(probe, new Uint8Array(0), { createNew: true });
+      await Deno.remove(probe);
+    },
+    catch: (error) =>
+      new EvaluationError({
+        message: `cannot write to ${folder}: ${
+          error instanceof Error ? error.message : String(error)
+        }: give --out a folder you can write`,
+      }),
+  });
 
 /** What `extractToFolder` wrote (also the content of `features.json`). */
 export interface ExtractSidecar {
@@ -373,7 +401,8 @@ const toInt64 = (values: Int32Array): NpyValues => BigInt64Array.from(values, (v
  */
 export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<ExtractSidecar, unknown> =>
   Effect.scoped(Effect.gen(function* () {
-    const encoder = yield* loadForEvaluation(options.checkpoint);
+    yield* ensureWritableFolder(options.out);
+    const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);
     const spec = options.data ??
       (encoder.config === undefined ? undefined : withSplit(encoder.config.data.source, "train"));
     if (spec === undefined) {
@@ -423,8 +452,13 @@ export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<
   }));
 
 /** Exports the backbone of PATH (checkpoint or run folder) to `out` (see `pipelines/export.ts`). */
-export const exportCheckpointEncoder = (checkpoint: string, out: string): Effect.Effect<string, unknown> =>
+export const exportCheckpointEncoder = (
+  checkpoint: string,
+  out: string,
+  onWarning?: OnWarning,
+): Effect.Effect<string, unknown> =>
   Effect.scoped(Effect.gen(function* () {
-    const encoder = yield* loadForEvaluation(checkpoint);
+    yield* ensureWritableFolder(out);
+    const encoder = yield* loadForEvaluation(checkpoint, onWarning);
     return yield* exportEncoder(encoder.model, out, encoder.input);
   }));

@@ -23,6 +23,8 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { decodeModelConfig, type ModelConfig, type NamedVariable, type SwavModel } from "../models/model.ts";
 import { backboneParamSpecs, backbonePlan } from "../models/resnet.ts";
+import { NonNegativeInt, Positive, PositiveInt } from "../models/schema.ts";
+import { readRegularFile, regularFileSize, resolveInside, type UnsafeFile } from "./bounded_read.ts";
 
 export const encoderFormat = "swav-ts-encoder";
 export const encoderFormatVersion = 1;
@@ -104,46 +106,101 @@ export const exportEncoder = (
       new EncoderError({ path: folder, reason: error instanceof Error ? error.message : String(error) }),
   });
 
-/** Reads and checks `folder/model.json`. */
+/** The largest `model.json` read, and the largest weights total (the 4 GiB wasm heap holds no more). */
+export const maxManifestBytes = 16 * 2 ** 20;
+export const maxWeightsBytes = 4 * 2 ** 30;
+
+/** `model.json` past its format and version check; `model` is decoded by the model's own schema. */
+const ManifestSchema = Schema.Struct({
+  model: Schema.Unknown,
+  featureDim: PositiveInt,
+  input: Schema.Struct({
+    size: PositiveInt.check(Schema.isLessThanOrEqualTo(4096)),
+    channels: Schema.Literals([1, 3]),
+    mean: Schema.Array(Schema.Finite),
+    std: Schema.Array(Positive),
+  }),
+  layout: Schema.String,
+  weightsManifest: Schema.Array(Schema.Struct({
+    paths: Schema.Array(Schema.String).check(Schema.isNonEmpty()),
+    weights: Schema.Array(Schema.Struct({
+      name: Schema.String,
+      shape: Schema.Array(NonNegativeInt),
+      dtype: Schema.Literal("float32"),
+    })),
+  })).check(Schema.isNonEmpty()),
+});
+
+/** Reads and checks `folder/model.json` (a regular file of at most `maxManifestBytes`). */
 export const readEncoderManifest = (folder: string): Effect.Effect<EncoderManifest, EncoderError> =>
   Effect.gen(function* () {
     const fail = (reason: string) => Effect.fail(new EncoderError({ path: folder, reason }));
-    const text = yield* Effect.tryPromise({
-      try: () => Deno.readTextFile(`${folder}/model.json`),
-      catch: (error) =>
+    const path = yield* resolveInside(folder, "model.json").pipe(
+      Effect.mapError((error) =>
         new EncoderError({
           path: folder,
-          reason: error instanceof Deno.errors.NotFound ? "no model.json in the folder" : String(error),
-        }),
-    });
-    let raw: Partial<EncoderManifest>;
+          reason: error.reason === "no such file"
+            ? "no model.json in the folder"
+            : `model.json: ${error.reason}`,
+        })
+      ),
+    );
+    const bytes = yield* readRegularFile(path, maxManifestBytes).pipe(
+      Effect.mapError((error) => new EncoderError({ path: folder, reason: `model.json: ${error.reason}` })),
+    );
+    let raw: { format?: unknown; version?: unknown };
     try {
-      raw = JSON.parse(text);
+      raw = JSON.parse(new TextDecoder().decode(bytes));
     } catch (error) {
       return yield* fail(`model.json is not valid JSON: ${(error as Error).message}`);
     }
-    if (raw.format !== encoderFormat) return yield* fail(`model.json is not a ${encoderFormat} export`);
+    if (typeof raw !== "object" || raw === null || raw.format !== encoderFormat) {
+      return yield* fail(`model.json is not a ${encoderFormat} export`);
+    }
     if (raw.version !== encoderFormatVersion) {
       return yield* fail(
         `format version ${raw.version} is not supported (this build reads ${encoderFormatVersion})`,
       );
     }
-    const model = yield* decodeModelConfig(raw.model).pipe(
+    const checked = yield* Schema.decodeUnknownEffect(ManifestSchema)(raw, { errors: "all" }).pipe(
+      Effect.mapError((error) => new EncoderError({ path: folder, reason: `model.json: ${error.message}` })),
+    );
+    const model = yield* decodeModelConfig(checked.model).pipe(
       Effect.mapError((error) =>
         new EncoderError({ path: folder, reason: `model config: ${error.message}` })
       ),
     );
-    if (!Array.isArray(raw.weightsManifest) || raw.input === undefined) {
-      return yield* fail("model.json lacks weightsManifest or input");
+    const { input } = checked;
+    if (
+      input.channels !== model.inputChannels || input.mean.length !== input.channels ||
+      input.std.length !== input.channels
+    ) {
+      return yield* fail(
+        `model.json: input has ${input.channels} channels, mean ${input.mean.length} and std ${input.std.length} ` +
+          `values, the model ${model.inputChannels} channels`,
+      );
     }
-    return { ...raw, model } as EncoderManifest;
+    return {
+      format: encoderFormat,
+      version: encoderFormatVersion,
+      model,
+      featureDim: checked.featureDim,
+      input: { ...input, mean: [...input.mean], std: [...input.std] },
+      layout: checked.layout,
+      weightsManifest: checked.weightsManifest.map((group) => ({
+        paths: [...group.paths],
+        weights: group.weights.map((w) => ({ name: w.name, shape: [...w.shape], dtype: w.dtype })),
+      })),
+    };
   });
 
 /**
  * Loads an exported backbone as a model whose parameters are the backbone's
  * only (the head's names are absent): enough for `extractFeatures`. Every
- * parameter of the architecture must be present with its shape. The scope
- * disposes the variables.
+ * parameter of the architecture must be present with its shape. Weight files
+ * are resolved inside the folder and their sizes checked against the manifest
+ * (and `maxWeightsBytes`) before anything is read. The scope disposes the
+ * variables.
  */
 export const loadEncoder = (
   folder: string,
@@ -151,31 +208,49 @@ export const loadEncoder = (
   Effect.gen(function* () {
     const manifest = yield* readEncoderManifest(folder);
     const fail = (reason: string) => new EncoderError({ path: folder, reason });
+    const unsafe = (error: UnsafeFile) => fail(`cannot read weights: ${error.message}`);
     const byName = new Map<string, { shape: number[]; values: Float32Array }>();
+    let total = 0;
     for (const group of manifest.weightsManifest) {
-      const entries = group.weights;
-      const buffers = yield* Effect.tryPromise({
-        try: () => Promise.all(group.paths.map((p) => Deno.readFile(`${folder}/${p}`))),
-        catch: (error) =>
-          fail(`cannot read weights: ${error instanceof Error ? error.message : String(error)}`),
-      });
+      const expected = group.weights.reduce((n, entry) => n + 4 * entry.shape.reduce((a, b) => a * b, 1), 0);
+      total += expected;
+      if (!Number.isSafeInteger(expected) || total > maxWeightsBytes) {
+        return yield* Effect.fail(
+          fail(`the manifest declares more than ${maxWeightsBytes / 2 ** 30} GiB of weights`),
+        );
+      }
+      const files: string[] = [];
+      let size = 0;
+      for (const relative of group.paths) {
+        const file = yield* Effect.mapError(resolveInside(folder, relative), unsafe);
+        size += yield* Effect.mapError(regularFileSize(file, maxWeightsBytes), unsafe);
+        files.push(file);
+      }
+      if (size < expected) {
+        return yield* Effect.fail(
+          fail(`weights file too short: ${size} bytes, the manifest needs ${expected}`),
+        );
+      }
+      if (size > expected) {
+        return yield* Effect.fail(fail(`weights file has ${size - expected} bytes past the manifest`));
+      }
+      const buffers: Uint8Array[] = [];
+      for (const file of files) {
+        buffers.push(yield* Effect.mapError(readRegularFile(file, maxWeightsBytes), unsafe));
+      }
       const bytes = buffers.length === 1 ? buffers[0]! : concatBytes(buffers);
+      if (bytes.length !== expected) {
+        return yield* Effect.fail(fail("a weights file changed while it was read"));
+      }
       let offset = 0;
-      for (const entry of entries) {
-        if (entry.dtype !== "float32") return yield* Effect.fail(fail(`${entry.name}: dtype ${entry.dtype}`));
+      for (const entry of group.weights) {
         const count = entry.shape.reduce((a, b) => a * b, 1);
-        if (offset + count * 4 > bytes.length) {
-          return yield* Effect.fail(fail(`weights file too short at ${entry.name}`));
-        }
         // slice: an aligned copy independent of the file buffer.
         byName.set(entry.name, {
           shape: entry.shape,
           values: new Float32Array(bytes.slice(offset, offset + count * 4).buffer),
         });
         offset += count * 4;
-      }
-      if (offset !== bytes.length) {
-        return yield* Effect.fail(fail(`weights file has ${bytes.length - offset} bytes past the manifest`));
       }
     }
     const plan = backbonePlan(manifest.model);

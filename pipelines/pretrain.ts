@@ -297,9 +297,12 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         optimiser,
         queueStartEpoch: swav.queueStartEpoch,
         queueFor: queues.ensure,
+        onWarning: hooks.onWarning,
       });
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
-    if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
+    if (latest !== undefined) {
+      hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
+    }
 
     // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
     const writeMetrics = yield* openMetricsLog(folder, options.resume ? start.step : undefined);

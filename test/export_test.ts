@@ -105,3 +105,56 @@ Deno.test("export: broken folders fail with EncoderError naming the problem", as
     });
   });
 });
+
+Deno.test("export: weight paths stay inside the folder, only regular files are read, sizes checked first", async (t) => {
+  await withFolder(async (root) => {
+    const folder = `${root}/a/b/export`;
+    const config = await Effect.runPromise(decodeModelConfig({ arch: "resnet18", width: 4, stem: "cifar" }));
+    const model = makeSwavModel(config, 1);
+    await Effect.runPromise(exportEncoder(model, folder, input));
+    disposeModel(model);
+    const manifestText = await Deno.readTextFile(`${folder}/model.json`);
+    const withPaths = (paths: string[]) => {
+      const manifest = JSON.parse(manifestText);
+      manifest.weightsManifest[0].paths = paths;
+      return Deno.writeTextFile(`${folder}/model.json`, JSON.stringify(manifest));
+    };
+    const load = async () => {
+      const exit = await Effect.runPromiseExit(Effect.scoped(loadEncoder(folder)));
+      assert.ok(Exit.isFailure(exit), "loaded");
+      return String(exit.cause);
+    };
+    await t.step("../ out of the folder", async () => {
+      await withPaths(["../../../../../../../../../../etc/passwd"]);
+      assert.match(await load(), /EncoderError.*leaves its folder/s);
+    });
+    await t.step("an absolute path", async () => {
+      await withPaths(["/etc/passwd"]);
+      assert.match(await load(), /EncoderError.*leaves its folder/s);
+    });
+    await t.step("a symlink pointing out", async () => {
+      await Deno.symlink("/etc/passwd", `${folder}/link.bin`);
+      await withPaths(["link.bin"]);
+      assert.match(await load(), /EncoderError.*outside the folder/s);
+    });
+    await t.step("a folder named like a weights file", async () => {
+      await Deno.mkdir(`${folder}/dir.bin`);
+      await withPaths(["dir.bin"]);
+      assert.match(await load(), /EncoderError.*not a regular file/s);
+    });
+    await t.step("a declared size far past the file", async () => {
+      const manifest = JSON.parse(manifestText);
+      manifest.weightsManifest[0].weights[0].shape = [1 << 20, 1 << 12];
+      await Deno.writeTextFile(`${folder}/model.json`, JSON.stringify(manifest));
+      assert.match(await load(), /EncoderError.*(more than 4 GiB|too short)/s);
+    });
+    await t.step("a fractional shape", async () => {
+      const manifest = JSON.parse(manifestText);
+      manifest.weightsManifest[0].weights[0].shape = [1.5, 2];
+      await Deno.writeTextFile(`${folder}/model.json`, JSON.stringify(manifest));
+      assert.match(await load(), /EncoderError.*shape/s);
+    });
+    await Deno.writeTextFile(`${folder}/model.json`, manifestText);
+    await Effect.runPromise(Effect.scoped(loadEncoder(folder)));
+  });
+});
