@@ -1,22 +1,10 @@
 /**
- * Checkpoints: everything needed to resume a run exactly, in one file written
- * atomically (temp file in the same folder, fsync, rename), so a crash or a
- * Ctrl-C mid-write leaves the previous checkpoint intact and loadable.
- *
- * File format (version 1), little-endian:
- *
- *   bytes 0..7    magic "SWAVCKPT"
- *   bytes 8..11   uint32 format version (1)
- *   bytes 12..15  uint32 header length H
- *   bytes 16..    H bytes of UTF-8 JSON header:
- *                 { version, step, epoch, config, rng, extra, tensors: [{ name, shape, dtype, offset, length }] }
- *   then          the tensor payload: each tensor's float32 (or int32) values, 4-byte aligned,
- *                 at `offset` bytes from the payload start, `length` elements long.
- *
- * Tensor names: model variables by their model name (`backbone.layer1.0.conv1.weight`, ...),
- * optimiser slots as `optimiser/<variable name>`, queue as `queue/<crop index>`.
+ * Checkpoints on disk and resume: everything needed to resume a run exactly,
+ * in one file written atomically (temp file in the same folder, fsync,
+ * rename), so a crash or a Ctrl-C mid-write leaves the previous checkpoint
+ * intact and loadable. The byte format is in `checkpoint_format.ts`; reading a
+ * run folder falls back to the newest checkpoint that verifies.
  */
-import { createHash } from "node:crypto";
 import { Effect, Schema } from "effect";
 import {
   loadModelArrays,
@@ -25,7 +13,6 @@ import {
   readModelArrays,
   type SwavModel,
 } from "../models/model.ts";
-import { NonNegativeInt } from "../models/schema.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,
@@ -34,213 +21,25 @@ import {
   serialise as serialiseQueue,
 } from "../state/queue.ts";
 import { readRegularFile } from "./bounded_read.ts";
+import {
+  type Checkpoint,
+  CheckpointError,
+  decodeCheckpoint,
+  encodeCheckpoint,
+  maxCheckpointBytes,
+  type ReadOptions,
+  readWarning,
+} from "./checkpoint_format.ts";
 
-export const checkpointFormatVersion = 1;
-const magic = new TextEncoder().encode("SWAVCKPT");
-
-export type { NamedArray } from "../models/model.ts";
-
-/** The content of a checkpoint. */
-export interface Checkpoint {
-  /** Optimiser steps taken (the next step's index). */
-  readonly step: number;
-  /** The epoch to continue with, and how many batches of it are already done. */
-  readonly epoch: number;
-  readonly batchInEpoch: number;
-  /** The resolved config of the run (JSON). */
-  readonly config: unknown;
-  /** Anything else small and JSON-able (RNG seed and counters, metrics so far). */
-  readonly extra: Record<string, unknown>;
-  readonly arrays: readonly NamedArray[];
-}
-
-export class CheckpointError extends Schema.TaggedError<CheckpointError>()("CheckpointError", {
-  path: Schema.String,
-  reason: Schema.String,
-}) {
-  override get message(): string {
-    return `checkpoint ${this.path}: ${this.reason}`;
-  }
-}
-
-interface HeaderEntry {
-  name: string;
-  shape: number[];
-  dtype: "float32" | "int32";
-  offset: number;
-  length: number;
-}
-
-/** The payload checksum the header carries from now on (version-1 files written before it have none). */
-const checksumAlgorithm = "sha256";
-const payloadChecksum = (payload: Uint8Array): string =>
-  createHash(checksumAlgorithm).update(payload).digest("hex");
-
-/** Serialises a checkpoint to bytes. */
-export const encodeCheckpoint = (checkpoint: Checkpoint): Uint8Array => {
-  let offset = 0;
-  const entries: HeaderEntry[] = checkpoint.arrays.map((array) => {
-    const entry: HeaderEntry = {
-      name: array.name,
-      shape: [...array.shape],
-      dtype: array.values instanceof Int32Array ? "int32" : "float32",
-      offset,
-      length: array.values.length,
-    };
-    offset += array.values.length * 4;
-    return entry;
-  });
-  // The payload is the arrays back to back (offsets above), so its checksum is theirs in order.
-  const hash = createHash(checksumAlgorithm);
-  const views = checkpoint.arrays.map((array) =>
-    new Uint8Array(array.values.buffer, array.values.byteOffset, array.values.byteLength)
-  );
-  for (const part of views) hash.update(part);
-  const header = new TextEncoder().encode(JSON.stringify({
-    version: checkpointFormatVersion,
-    step: checkpoint.step,
-    epoch: checkpoint.epoch,
-    batchInEpoch: checkpoint.batchInEpoch,
-    config: checkpoint.config,
-    extra: checkpoint.extra,
-    tensors: entries,
-    checksum: { algorithm: checksumAlgorithm, payload: hash.digest("hex") },
-  }));
-  // Pad the header so the payload starts 4-byte aligned (typed-array views need it).
-  const headerLength = Math.ceil(header.length / 4) * 4;
-  const payloadStart = 16 + headerLength;
-  const bytes = new Uint8Array(payloadStart + offset);
-  bytes.set(magic, 0);
-  const view = new DataView(bytes.buffer);
-  view.setUint32(8, checkpointFormatVersion, true);
-  view.setUint32(12, headerLength, true);
-  bytes.fill(0x20, 16, payloadStart); // spaces: valid trailing JSON whitespace
-  bytes.set(header, 16);
-  views.forEach((part, i) => bytes.set(part, payloadStart + entries[i]!.offset));
-  return bytes;
-};
-
-/** The header JSON of format version 1; `checksum` is absent in files written before it existed. */
-const CheckpointHeader = Schema.Struct({
-  version: Schema.optionalKey(Schema.Literal(checkpointFormatVersion)),
-  step: NonNegativeInt,
-  epoch: NonNegativeInt,
-  batchInEpoch: Schema.optionalKey(NonNegativeInt),
-  config: Schema.Unknown,
-  extra: Schema.optionalKey(Schema.Record(Schema.String, Schema.Unknown)),
-  tensors: Schema.Array(Schema.Struct({
-    name: Schema.String.check(Schema.isNonEmpty()),
-    shape: Schema.Array(NonNegativeInt),
-    dtype: Schema.Literals(["float32", "int32"]),
-    offset: NonNegativeInt,
-    length: NonNegativeInt,
-  })),
-  checksum: Schema.optionalKey(Schema.Struct({
-    algorithm: Schema.Literal(checksumAlgorithm),
-    payload: Schema.String.check(Schema.isPattern(/^[0-9a-f]{64}$/)),
-  })),
-});
-type CheckpointHeader = typeof CheckpointHeader.Type;
-
-/** The largest checkpoint file read (a model, its optimiser slots and queue fit the 4 GiB wasm heap twice). */
-export const maxCheckpointBytes = 8 * 2 ** 30;
-
-/** What the caller is told about a checkpoint that loads but is not fully verified (an older file). */
-export interface ReadOptions {
-  readonly onWarning?: ((message: string) => void) | undefined;
-}
-
-const warn = (options: ReadOptions | undefined, message: string): Effect.Effect<void> =>
-  options?.onWarning === undefined
-    ? Effect.logWarning(message)
-    : Effect.sync(() => options.onWarning!(message));
-
-/**
- * Checks the tensor table against the payload: every tensor 4-byte aligned,
- * inside the file, as long as its shape says, none overlapping another, names
- * unique. Returns the problem, or undefined.
- */
-const layoutProblem = (tensors: CheckpointHeader["tensors"], payloadLength: number): string | undefined => {
-  const names = new Set<string>();
-  for (const entry of tensors) {
-    if (names.has(entry.name)) return `tensor ${entry.name} appears twice`;
-    names.add(entry.name);
-    const count = entry.shape.reduce((a, b) => a * b, 1);
-    if (count !== entry.length) {
-      return `tensor ${entry.name} has length ${entry.length}, its shape [${entry.shape}] holds ${count}`;
-    }
-    if (entry.offset % 4 !== 0) return `tensor ${entry.name} has offset ${entry.offset}, not 4-byte aligned`;
-    if (entry.offset + entry.length * 4 > payloadLength) return `truncated payload for ${entry.name}`;
-  }
-  const sorted = [...tensors].sort((a, b) => a.offset - b.offset);
-  for (let i = 1; i < sorted.length; i++) {
-    const before = sorted[i - 1]!;
-    if (before.offset + before.length * 4 > sorted[i]!.offset) {
-      return `tensors ${before.name} and ${sorted[i]!.name} overlap`;
-    }
-  }
-  return undefined;
-};
-
-/**
- * Parses checkpoint bytes; `path` only names the file in errors. The header is
- * validated by its schema and the tensor table against the payload before any
- * tensor is copied out; the payload checksum is checked where the file has one
- * (a file without one loads with a warning).
- */
-export const decodeCheckpoint = (
-  bytes: Uint8Array,
-  path: string,
-  options?: ReadOptions,
-): Effect.Effect<Checkpoint, CheckpointError> =>
-  Effect.gen(function* () {
-    const fail = (reason: string) => new CheckpointError({ path, reason });
-    if (bytes.length < 16 || magic.some((b, i) => bytes[i] !== b)) {
-      return yield* fail("not a swav-ts checkpoint (bad magic)");
-    }
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const version = view.getUint32(8, true);
-    if (version !== checkpointFormatVersion) {
-      return yield* fail(
-        `format version ${version} is not supported (this build reads version ${checkpointFormatVersion})`,
-      );
-    }
-    const headerLength = view.getUint32(12, true);
-    if (16 + headerLength > bytes.length) return yield* fail("truncated header");
-    const json = yield* Effect.try({
-      try: () => JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + headerLength))) as unknown,
-      catch: (error) => fail(`corrupt header: ${error instanceof Error ? error.message : String(error)}`),
-    });
-    const header = yield* Schema.decodeUnknownEffect(CheckpointHeader)(json, { errors: "all" }).pipe(
-      Effect.mapError((error) => fail(`invalid header: ${error.message}`)),
-    );
-    const payloadStart = 16 + headerLength;
-    const payload = bytes.subarray(payloadStart);
-    const problem = layoutProblem(header.tensors, payload.length);
-    if (problem !== undefined) return yield* fail(problem);
-    if (header.checksum === undefined) {
-      yield* warn(
-        options,
-        `checkpoint ${path} has no payload checksum (written by an older build): loaded unverified`,
-      );
-    } else if (payloadChecksum(payload) !== header.checksum.payload) {
-      return yield* fail(`payload checksum mismatch: the file is damaged`);
-    }
-    const arrays = header.tensors.map((entry): NamedArray => {
-      // Copy out so the arrays own aligned buffers independent of the file bytes.
-      const raw = payload.slice(entry.offset, entry.offset + entry.length * 4);
-      const values = entry.dtype === "int32" ? new Int32Array(raw.buffer) : new Float32Array(raw.buffer);
-      return { name: entry.name, shape: [...entry.shape], values };
-    });
-    return {
-      step: header.step,
-      epoch: header.epoch,
-      batchInEpoch: header.batchInEpoch ?? 0,
-      config: header.config,
-      extra: header.extra ?? {},
-      arrays,
-    };
-  });
+export {
+  type Checkpoint,
+  CheckpointError,
+  checkpointFormatVersion,
+  decodeCheckpoint,
+  encodeCheckpoint,
+  maxCheckpointBytes,
+  type ReadOptions,
+} from "./checkpoint_format.ts";
 
 /** The checkpoint file name for a step: zero-padded so names sort by step. */
 export const checkpointFileName = (step: number): string =>
@@ -369,7 +168,7 @@ export const readNewestValidCheckpoint = (
       const result = yield* Effect.result(readCheckpoint(path, options));
       if (result._tag === "Success") {
         for (const error of damaged) {
-          yield* warn(options, `${error.message}; using the older ${path} instead`);
+          yield* readWarning(options, `${error.message}; using the older ${path} instead`);
         }
         return { path, checkpoint: result.success, damaged };
       }
@@ -611,6 +410,6 @@ const readWithFallback = (path: string, options: ReadOptions) =>
         reason: `${direct.failure.reason}; no older checkpoint to fall back to: start again without --resume`,
       });
     }
-    yield* warn(options, `${direct.failure.message}; resuming from the older ${older.path}`);
+    yield* readWarning(options, `${direct.failure.message}; resuming from the older ${older.path}`);
     return older;
   });
