@@ -25,6 +25,7 @@ import { type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts
 import { latestCheckpoint, restoreRun, type RunPosition, saveCheckpoint } from "./checkpoint.ts";
 import { collapseWarning } from "./collapse.ts";
 import { knnTop1 } from "./knn.ts";
+import { runRecords } from "./run_records.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
@@ -283,6 +284,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     if (latest !== undefined) hooks.onInfo?.(`resumed from ${latest} at ${resumedAt}`);
 
     const writeMetrics = yield* openRunFolder(config);
+    const records = runRecords(runFolder);
     const knnSources = yield* openKnnSources(config, source.classes !== undefined);
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
@@ -338,6 +340,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
             if (collapse !== undefined) {
               p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
               hooks.onWarning?.(collapse);
+              yield* records.event(p.step, "collapse", collapse);
             }
             if (trainConfig.checkpointEvery > 0 && p.step % trainConfig.checkpointEvery === 0) {
               const path = yield* save({ step: p.step, epoch, batchInEpoch: p.batchInEpoch });
@@ -366,9 +369,13 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       };
       reports.push(report);
       hooks.onEpoch?.(report);
+      yield* records.epoch(report);
     }
     const skipped = yield* loader.skipped;
     if (skipped.count > 0) hooks.onWarning?.(skippedWarning(skipped));
+    if (skipped.count > 0) {
+      yield* records.event((yield* Ref.get(progress)).step, "skipped", skippedWarning(skipped));
+    }
     const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
     return {
       steps: step,
