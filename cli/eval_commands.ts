@@ -13,6 +13,7 @@ import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { evaluate, evaluationJson, exportCheckpointEncoder, extractToFolder } from "../pipelines/evaluate.ts";
+import { writeEvalRecord } from "../pipelines/run_records.ts";
 import { reportFailure } from "./report.ts";
 
 const checkpointFlag = Flag.String("checkpoint").pipe(
@@ -123,6 +124,10 @@ export const evalCommand = Command.make("eval", {
       onWarning: printWarning,
     }).pipe(Effect.provide(backendLayer(flags.backend)));
     if (flags.json) {
+      // Kept beside the checkpoint for the run report; a folder that cannot be written only warns.
+      yield* writeEvalRecord(evaluationJson(result)).pipe(
+        Effect.catch((e) => Effect.sync(() => console.error(`warning: ${e.message}`))),
+      );
       console.log(JSON.stringify(evaluationJson(result)));
       return;
     }

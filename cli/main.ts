@@ -12,6 +12,7 @@ import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { openSource } from "../data/sources.ts";
 import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
+import { withDashboard } from "./dashboard.ts";
 import { demoConfig, runDemo } from "../pipelines/demo.ts";
 import { announceSpeedupHint } from "../pipelines/environment.ts";
 import { plural } from "../pipelines/wording.ts";
@@ -127,6 +128,10 @@ const pretrainCommand = Command.make("pretrain", {
   ),
   workers: Flag.Int("workers").pipe(Flag.withDescription("data worker threads"), Flag.optional),
   json: jsonFlag,
+  dashboard: Flag.Boolean("dashboard").pipe(
+    Flag.withDescription("serve the run's live report on 127.0.0.1 (a free port; the URL goes to stderr)"),
+    Flag.withDefault(false),
+  ),
 }, (flags) =>
   reportFailure(Effect.gen(function* () {
     const config = yield* resolveConfig(
@@ -147,7 +152,8 @@ const pretrainCommand = Command.make("pretrain", {
       backend: yield* backendChoice(config, flags.backend),
       jpeg: !config.data.source.startsWith("builtin:"),
     });
-    const result = yield* pretrain(config, { resume: flags.resume, hooks: progressHooks() }).pipe(
+    const run = pretrain(config, { resume: flags.resume, hooks: progressHooks() });
+    const result = yield* withDashboard(flags.dashboard, config.train.out, run).pipe(
       Effect.provide(backendLayer(config, flags.backend)),
     );
     const summary = {

@@ -6,13 +6,7 @@
  * run folder falls back to the newest checkpoint that verifies.
  */
 import { Effect, Schema } from "effect";
-import {
-  loadModelArrays,
-  ModelWeightsError,
-  type NamedArray,
-  readModelArrays,
-  type SwavModel,
-} from "../models/model.ts";
+import { loadModelArrays, ModelWeightsError, readModelArrays, type SwavModel } from "../models/model.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,
@@ -38,6 +32,7 @@ export {
   decodeCheckpoint,
   encodeCheckpoint,
   maxCheckpointBytes,
+  type NamedArray,
   type ReadOptions,
 } from "./checkpoint_format.ts";
 

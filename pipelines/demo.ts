@@ -3,6 +3,8 @@
  * set, then compare kNN accuracy of its features with the same network at its
  * random initialisation, on the same data. Needs no download.
  */
+import { buildReport } from "./report_html.ts";
+import { RunRecordError } from "./run_records.ts";
 import { Effect } from "effect";
 import { type BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
@@ -131,6 +133,15 @@ export const runDemo = (options: DemoOptions) =>
           `  time            ${report.seconds} s; run folder ${result.runFolder}`,
         ].join("\n"),
       );
+      // The run's report beside it (curves, retrieval, feature map); the --json line stays last.
+      const reportPath = `${result.runFolder}/report.html`;
+      const html = yield* buildReport(result.runFolder, { generatedAt: new Date().toISOString() });
+      yield* Effect.tryPromise({
+        try: () => Deno.writeTextFile(reportPath, html),
+        catch: (error) =>
+          new RunRecordError({ path: reportPath, message: `cannot write ${reportPath}: ${error}` }),
+      });
+      console.log(`  report          ${reportPath} (live while training: deno task dashboard RUN_DIR)`);
       if (options.json) console.log(JSON.stringify(report));
       return report;
     });

@@ -40,11 +40,14 @@ import {
   lockRunFolder,
   openMetricsLog,
   type RunFolder,
+  type RunFolderUnusable,
   writeJsonFile,
   writeJsonLines,
 } from "./run_folder.ts";
+import { runRecords } from "./run_records.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
+import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
@@ -184,11 +187,6 @@ const queueKeeper = (config: RunConfig, hooks: PretrainHooks) => {
   };
 };
 
-const skippedWarning = (skipped: { count: number; examples: readonly { path: string; reason: string }[] }) =>
-  `${skipped.count} unreadable samples were skipped, e.g. ${
-    skipped.examples.slice(0, 3).map((e) => `${e.path} (${e.reason})`).join("; ")
-  }`;
-
 /** Each skipped sample once (a sample unreadable in one epoch is skipped again in the next), in order. */
 const eachSampleOnce = (
   samples: readonly { path: string; reason: string }[],
@@ -248,6 +246,92 @@ const newEpoch = (p: Progress, skip: number): Progress => ({
   epochEnded: false,
 });
 
+/** What the loop hands to the per-step and per-epoch bookkeeping. */
+interface RunContext {
+  readonly config: RunConfig;
+  readonly hooks: PretrainHooks;
+  readonly progress: Ref.Ref<Progress>;
+  readonly records: ReturnType<typeof runRecords>;
+  readonly writeMetrics: (row: StepMetrics) => Effect.Effect<void, RunFolderUnusable>;
+  readonly save: ReturnType<typeof checkpointWriter>;
+  readonly stepsPerEpoch: number;
+  readonly totalSteps: number;
+}
+
+/** After a step: count it, write its metrics line, report progress, check for collapse, checkpoint if due. */
+const afterTrainStep = (
+  run: RunContext,
+  epoch: number,
+  outcome: { loss: number; lr: number; codeEntropy: number; prototypesInUse: number },
+  seconds: number,
+) =>
+  Effect.gen(function* () {
+    const { config, hooks, progress } = run;
+    let p = yield* Ref.updateAndGet(progress, (p) => afterStep(p, outcome.loss));
+    const metrics: StepMetrics = {
+      epoch: epoch + 1,
+      step: p.step,
+      loss: outcome.loss,
+      lr: outcome.lr,
+      images_per_s: config.train.batchSize / seconds,
+      code_entropy: outcome.codeEntropy,
+      prototypes_in_use: outcome.prototypesInUse,
+    };
+    yield* run.writeMetrics(metrics);
+    hooks.onStep?.(metrics, {
+      stepInEpoch: p.batchInEpoch,
+      stepsPerEpoch: run.stepsPerEpoch,
+      totalSteps: run.totalSteps,
+    });
+    const collapse = p.collapseWarned
+      ? undefined
+      : collapseWarning(p.step, outcome.loss, outcome.prototypesInUse, {
+        prototypes: config.model.prototypes,
+        freezePrototypesIters: config.swav.freezePrototypesIters,
+      });
+    if (collapse !== undefined) {
+      p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
+      hooks.onWarning?.(collapse);
+      yield* run.records.event(p.step, "collapse", collapse);
+    }
+    const every = config.train.checkpointEvery;
+    if (every > 0 && p.step % every === 0) {
+      const path = yield* run.save({ step: p.step, epoch, batchInEpoch: p.batchInEpoch });
+      yield* Ref.update(progress, (p) => ({ ...p, lastCheckpoint: path }));
+    }
+  });
+
+/** The epoch's report, told to the hooks and kept in epochs.jsonl. */
+const reportEpoch = (
+  run: RunContext,
+  epoch: number,
+  p: Progress,
+  elapsedMs: number,
+  knn: number | undefined,
+) =>
+  Effect.gen(function* () {
+    const report: EpochReport = {
+      epoch: epoch + 1,
+      meanLoss: p.lossCount === 0 ? Number.NaN : p.lossSum / p.lossCount,
+      seconds: elapsedMs / 1000,
+      ...(knn === undefined ? {} : { knnTop1: knn }),
+    };
+    run.hooks.onEpoch?.(report);
+    yield* run.records.epoch(report);
+    return report;
+  });
+
+/** One warning for the run's skipped samples (the loader names each one as it goes), also in events.jsonl. */
+const warnSkipped = (run: RunContext, skipped: { readonly count: number }) =>
+  Effect.gen(function* () {
+    if (skipped.count === 0) return;
+    const text =
+      `${plural(skipped.count, "unreadable sample")} ${skipped.count === 1 ? "was" : "were"} skipped ` +
+      "(each named above; all listed in skipped.jsonl)";
+    run.hooks.onWarning?.(text);
+    yield* run.records.event((yield* Ref.get(run.progress)).step, "skipped", text);
+  });
+
 /**
  * Pretrains a SwAV model as `config` says. With `resume`, continues exactly
  * from the latest checkpoint in the run folder.
@@ -306,6 +390,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
 
     // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
     const writeMetrics = yield* openMetricsLog(folder, options.resume ? start.step : undefined);
+    const records = runRecords(runFolder);
     const knnSources = yield* openKnnSources(config, source.classes !== undefined);
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
@@ -318,6 +403,16 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       lastCheckpoint: undefined,
       stopped: false,
     });
+    const run: RunContext = {
+      config,
+      hooks,
+      progress,
+      records,
+      writeMetrics,
+      save,
+      stepsPerEpoch,
+      totalSteps,
+    };
 
     for (let epoch = start.epoch; epoch < trainConfig.epochs; epoch++) {
       if ((yield* Ref.get(progress)).stopped) break;
@@ -338,62 +433,27 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           Effect.scoped(Effect.gen(function* () {
             const t0 = performance.now();
             // The step, stage by stage (pipelines/swav_step.ts).
-            const { loss, lr, codeEntropy, prototypesInUse } = yield* trainStep({
-              batch,
-              step: (yield* Ref.get(progress)).step,
-              epoch,
-            });
-            let p = yield* Ref.updateAndGet(progress, (p) => afterStep(p, loss));
-            const metrics: StepMetrics = {
-              epoch: epoch + 1,
-              step: p.step,
-              loss,
-              lr,
-              images_per_s: batchSize / ((performance.now() - t0) / 1000),
-              code_entropy: codeEntropy,
-              prototypes_in_use: prototypesInUse,
-            };
-            yield* writeMetrics(metrics);
-            hooks.onStep?.(metrics, { stepInEpoch: p.batchInEpoch, stepsPerEpoch, totalSteps });
-            const collapse = p.collapseWarned ? undefined : collapseWarning(p.step, loss, prototypesInUse, {
-              prototypes: config.model.prototypes,
-              freezePrototypesIters: swav.freezePrototypesIters,
-            });
-            if (collapse !== undefined) {
-              p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
-              hooks.onWarning?.(collapse);
-            }
-            if (trainConfig.checkpointEvery > 0 && p.step % trainConfig.checkpointEvery === 0) {
-              const path = yield* save({ step: p.step, epoch, batchInEpoch: p.batchInEpoch });
-              yield* Ref.update(progress, (p) => ({ ...p, lastCheckpoint: path }));
-            }
+            const outcome = yield* trainStep({ batch, step: (yield* Ref.get(progress)).step, epoch });
+            yield* afterTrainStep(run, epoch, outcome, (performance.now() - t0) / 1000);
           }))
         ),
       );
       const p = yield* Ref.get(progress);
-      const finishedEpoch = p.epochEnded;
       // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
       const path = yield* save(
-        finishedEpoch
+        p.epochEnded
           ? { step: p.step, epoch: epoch + 1, batchInEpoch: 0 }
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
-      yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !finishedEpoch });
-      yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).examples));
-      const knn = finishedEpoch && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
+      yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
+      yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).samples));
+      const knn = p.epochEnded && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
         ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
         : undefined;
-      const report: EpochReport = {
-        epoch: epoch + 1,
-        meanLoss: p.lossCount === 0 ? Number.NaN : p.lossSum / p.lossCount,
-        seconds: (performance.now() - epochStart) / 1000,
-        ...(knn === undefined ? {} : { knnTop1: knn }),
-      };
-      reports.push(report);
-      hooks.onEpoch?.(report);
+      reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn));
     }
     const skipped = yield* loader.skipped;
-    if (skipped.count > 0) hooks.onWarning?.(skippedWarning(skipped));
+    yield* warnSkipped(run, skipped);
     const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
     return {
       steps: step,

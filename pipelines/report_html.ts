@@ -1,0 +1,286 @@
+/**
+ * The run report as one self-contained HTML page: styles inline, plots as inline `<svg>`
+ * (pipelines/report_plots.ts), images as `data:` PNGs, nothing fetched from the network.
+ * The dashboard serves the same page with a small inline script that follows the run live.
+ */
+import { Effect } from "effect";
+import type { EpochRecord } from "./run_records.ts";
+import {
+  computeModelViews,
+  type ModelViews,
+  readRunRecords,
+  type RunRecords,
+  type Thumb,
+  type ViewOptions,
+} from "./run_report.ts";
+import { barSpec, heatmapSpec, lineSpec, renderSvg, scatterSpec } from "./report_plots.ts";
+
+export const escapeHtml = (text: string): string =>
+  text.replace(
+    /[&<>"']/g,
+    (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]!,
+  );
+
+/** At most `count` rows, evenly spaced, the last one always kept: long runs stay light to draw. */
+const thin = <A>(rows: readonly A[], count: number): A[] =>
+  rows.length <= count
+    ? [...rows]
+    : Array.from({ length: count }, (_, i) => rows[Math.round((i * (rows.length - 1)) / (count - 1))]!);
+
+const figure = (title: string, svg: string, note = "") =>
+  `<figure class="plot"><figcaption>${escapeHtml(title)} <a class="cfg" href="#config">config</a>${
+    note === "" ? "" : ` <span class="note">${escapeHtml(note)}</span>`
+  }</figcaption>${svg}</figure>`;
+
+const prototypesOf = (records: RunRecords): number | undefined => {
+  const model = records.config?.model as { prototypes?: unknown } | undefined;
+  return typeof model?.prototypes === "number" ? model.prototypes : undefined;
+};
+
+/** The curves over steps and epochs (the part the dashboard re-renders as the run grows). */
+export const renderCurves = (records: RunRecords): Effect.Effect<string> =>
+  Effect.gen(function* () {
+    if (
+      records.metrics.length === 0
+    ) return `<p class="empty">no steps recorded yet (metrics.jsonl is empty)</p>`;
+    const rows = thin(records.metrics, 1500).map((m) => ({ ...m }));
+    const step = { field: "step", title: "step" };
+    const k = prototypesOf(records);
+    const parts: string[] = [];
+    const line = (title: string, field: string, rules: { value: number; label: string }[] = []) =>
+      Effect.map(renderSvg(lineSpec(rows, step, { field, title }, rules)), (svg) => figure(title, svg));
+    parts.push(
+      yield* line(
+        "loss",
+        "loss",
+        k === undefined ? [] : [{ value: Math.log(k), label: `ln K = ${Math.log(k).toFixed(3)}` }],
+      ),
+    );
+    parts.push(yield* line("learning rate", "lr"));
+    parts.push(yield* line("images/s", "images_per_s"));
+    parts.push(yield* line("code entropy", "code_entropy"));
+    parts.push(yield* line("prototypes in use", "prototypes_in_use"));
+    const epochs = records.epochs.filter((e) => e.mean_loss !== null);
+    if (epochs.length > 0) {
+      const svg = yield* renderSvg(
+        lineSpec(epochs as EpochRecord[] as never, { field: "epoch", title: "epoch" }, {
+          field: "mean_loss",
+          title: "mean loss",
+        }),
+      );
+      parts.push(figure("mean loss per epoch", svg));
+    }
+    const accuracy = records.epochs.flatMap((e) => [
+      ...(e.knn_top1 === undefined ? [] : [{ epoch: e.epoch, top1: e.knn_top1, series: "kNN top-1" }]),
+      ...(e.online_probe_top1 === undefined
+        ? []
+        : [{ epoch: e.epoch, top1: e.online_probe_top1, series: "online probe top-1" }]),
+    ]);
+    if (accuracy.length > 0) {
+      const svg = yield* renderSvg(
+        lineSpec(
+          accuracy,
+          { field: "epoch", title: "epoch" },
+          { field: "top1", title: "top-1", zero: true },
+          [],
+          "series",
+        ),
+      );
+      parts.push(figure("kNN / online-probe top-1 per epoch", svg));
+    } else {
+      parts.push(
+        `<p class="empty">no kNN or online-probe accuracy recorded (train.knnEvery, labelled data)</p>`,
+      );
+    }
+    return `<div class="grid">${parts.join("\n")}</div>`;
+  });
+
+const img = (thumb: Thumb, role: string) =>
+  `<img class="${role}" alt="${escapeHtml(thumb.label)}" title="${
+    escapeHtml(thumb.label)
+  }" src="data:image/png;base64,${thumb.pngBase64}">`;
+
+const renderRetrieval = (views: ModelViews) => {
+  const rows = views.queries.map((query, q) =>
+    `<tr><td>${img(query, "query")}</td><td class="nn">${
+      views.trained[q]!.map((t) => img(t, "neighbour trained")).join("")
+    }</td><td class="nn">${views.random[q]!.map((t) => img(t, "neighbour random")).join("")}</td></tr>`
+  );
+  const where = views.fromTrain
+    ? `The source has no test split: the queries are a fixed sample of training images (${
+      escapeHtml(views.testSource)
+    }), never their own neighbours.`
+    : `Queries: ${views.queries.length} fixed test images of ${escapeHtml(views.testSource)}.`;
+  return `<p>${where} Neighbours: the ${
+    views.trained[0]?.length ?? 0
+  } most similar (cosine of backbone features) of ${views.trainPool} training images.</p>
+<table class="retrieval"><thead><tr><th>query</th><th>nearest, last checkpoint</th><th>nearest, random init</th></tr></thead>
+<tbody>${rows.join("\n")}</tbody></table>`;
+};
+
+const renderModelViews = (views: ModelViews) =>
+  Effect.gen(function* () {
+    const usage = views.prototypeUsage
+      .map((count, k) => ({ prototype: k, count }))
+      .sort((a, b) => b.count - a.count || a.prototype - b.prototype)
+      .map((r, rank) => ({ rank: rank + 1, count: r.count, prototype: r.prototype }));
+    const used = usage.filter((u) => u.count > 0).length;
+    const usageSvg = yield* renderSvg(
+      barSpec(usage, { field: "rank", title: "prototypes, most used first", labels: false }, {
+        field: "count",
+        title: "test images",
+      }),
+    );
+    const labelled = views.classes !== undefined && views.map.some((p) => p.label >= 0);
+    const points = views.map.map((p) => ({
+      x: Math.round(p.x * 1e4) / 1e4,
+      y: Math.round(p.y * 1e4) / 1e4,
+      ...(labelled ? { class: views.classes![p.label] ?? String(p.label) } : {}),
+    }));
+    const mapSvg = points.length === 0
+      ? ""
+      : yield* renderSvg(scatterSpec(points, labelled ? "class" : undefined));
+    return `<section id="checkpoint"><h2>At the last checkpoint</h2>
+<p class="meta">${escapeHtml(views.checkpoint)}${views.step === undefined ? "" : `, step ${views.step}`}</p>
+${
+      figure(
+        "prototype usage",
+        usageSvg,
+        `${used} of ${views.prototypes} prototypes take at least one of ${views.testCount} ${
+          views.fromTrain ? "training" : "test"
+        } images`,
+      )
+    }
+<h3>Retrieval</h3>
+${renderRetrieval(views)}
+<h3>Feature map</h3>
+${
+      mapSvg === "" ? `<p class="empty">too few images for a map</p>` : figure(
+        "UMAP of backbone features",
+        mapSvg,
+        `${points.length} ${views.fromTrain ? "training" : "test"} images, seeded${
+          labelled ? ", coloured by class" : ""
+        }`,
+      )
+    }
+</section>`;
+  });
+
+const renderEval = (result: Record<string, unknown>) =>
+  Effect.gen(function* () {
+    const classes = Array.isArray(result.classes) ? result.classes.map(String) : [];
+    const confusion = Array.isArray(result.confusion) ? result.confusion as number[][] : [];
+    const perClass = Array.isArray(result.per_class_accuracy)
+      ? result.per_class_accuracy as (number | null)[]
+      : [];
+    const method = String(result.method ?? "");
+    const top1 = typeof result.top1 === "number" ? `${(100 * result.top1).toFixed(2)}%` : "?";
+    const cells = confusion.flatMap((row, t) => {
+      const rowMax = Math.max(...row);
+      return row.map((count, p) => ({
+        truth: classes[t] ?? String(t),
+        predicted: classes[p] ?? String(p),
+        count,
+        rowMax,
+      }));
+    });
+    const heat = cells.length === 0 ? "" : yield* renderSvg(heatmapSpec(cells, classes));
+    const bars = perClass.length === 0 ? "" : yield* renderSvg(
+      barSpec(
+        perClass.map((a, c) => ({ class: classes[c] ?? String(c), accuracy: a })),
+        { field: "class", title: "class" },
+        { field: "accuracy", title: "accuracy" },
+      ),
+    );
+    return `<section class="eval"><h3>${
+      escapeHtml(method === "knn" ? "kNN" : method === "linear" ? "linear probe" : method)
+    }: top-1 ${top1}</h3>
+<p class="meta">${escapeHtml(String(result.checkpoint ?? ""))}</p>
+<div class="grid">${heat === "" ? "" : figure("confusion matrix", heat)}${
+      bars === "" ? "" : figure("per-class accuracy", bars)
+    }</div></section>`;
+  });
+
+const style = `body{font:14px/1.4 sans-serif;margin:1.5em auto;max-width:1000px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.grid{display:flex;flex-wrap:wrap;gap:1em}figure.plot{margin:0}figcaption{font-weight:bold;margin-bottom:.3em}
+.note,.meta{color:#666;font-weight:normal}.cfg{font-weight:normal;font-size:.85em}
+.warning{background:#fdecea;border:1px solid #e74c3c;padding:.6em 1em;border-radius:4px}
+table.retrieval{border-collapse:collapse}table.retrieval td{padding:3px 8px 3px 0;vertical-align:middle}
+table.retrieval img{width:40px;height:40px;image-rendering:pixelated;margin-right:2px;border:1px solid #ccc}
+table.retrieval img.query{border:2px solid #333}td.nn{white-space:nowrap}
+pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}.empty{color:#888}`;
+
+/** The live part of the dashboard: on each server-sent event, re-fetch the curves and events. */
+const liveScript = `<script>
+const source = new EventSource("events");
+const refresh = async (id, path) => {
+  const response = await fetch(path, { cache: "no-store" });
+  if (response.ok) document.getElementById(id).innerHTML = await response.text();
+};
+source.addEventListener("metrics", () => { refresh("curves", "fragment/curves"); refresh("events", "fragment/events"); });
+source.addEventListener("checkpoint", () => location.reload());
+</script>`;
+
+export const renderEvents = (records: RunRecords): string => {
+  if (records.events.length === 0) return `<p class="empty">no warnings</p>`;
+  return records.events.map((e) =>
+    `<p class="${e.kind === "collapse" ? "warning collapse" : "warning"}">step ${e.step}: ${
+      escapeHtml(e.text)
+    }</p>`
+  ).join("\n");
+};
+
+export interface RenderOptions {
+  /** Shown at the top; the only part that changes between two reports of the same run folder. */
+  readonly generatedAt?: string;
+  /** The dashboard's page: adds the script that follows the run. */
+  readonly live?: boolean;
+}
+
+/** The whole page. */
+export const renderReport = (
+  records: RunRecords,
+  views: ModelViews | undefined,
+  options: RenderOptions = {},
+): Effect.Effect<string> =>
+  Effect.gen(function* () {
+    const last = records.metrics.at(-1);
+    const evals = yield* Effect.forEach(records.evals, renderEval);
+    const title = `SwAV run ${records.folder}`;
+    return `<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>${style}</style></head>
+<body>
+<h1>${escapeHtml(title)}</h1>
+<p class="meta">${
+      last === undefined
+        ? "no steps yet"
+        : `step ${last.step}, epoch ${last.epoch}, last loss ${last.loss.toFixed(4)}`
+    }${
+      options.generatedAt === undefined ? "" : ` · generated <time>${escapeHtml(options.generatedAt)}</time>`
+    }</p>
+<details id="config"><summary>config</summary><pre>${
+      escapeHtml(records.config === undefined ? "(no config.json)" : JSON.stringify(records.config, null, 2))
+    }</pre></details>
+<section><h2>Warnings</h2><div id="events">${renderEvents(records)}</div></section>
+<section><h2>Training curves</h2><div id="curves">${yield* renderCurves(records)}</div></section>
+${
+      views === undefined
+        ? `<section id="checkpoint"><h2>At the last checkpoint</h2><p class="empty">no checkpoint yet</p></section>`
+        : yield* renderModelViews(views)
+    }
+${evals.length === 0 ? "" : `<section id="evaluation"><h2>Evaluation</h2>${evals.join("\n")}</section>`}
+${options.live ? liveScript : ""}
+</body></html>
+`;
+  });
+
+/** The report of a run folder: its records, and the model views of its latest checkpoint when it has one. */
+export const buildReport = (folder: string, options: RenderOptions & ViewOptions = {}) =>
+  Effect.gen(function* () {
+    const records = yield* readRunRecords(folder);
+    const views = yield* computeModelViews(folder, options);
+    return yield* renderReport(records, views, options);
+  });

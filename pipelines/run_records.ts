@@ -1,0 +1,95 @@
+/**
+ * What a run folder keeps for its report, beside `metrics.jsonl` (one line per step):
+ *
+ *   epochs.jsonl      one line per finished epoch: epoch, mean_loss, knn_top1 / online_probe_top1 where run
+ *   events.jsonl      warnings with the step they fired at (the collapse check, skipped samples)
+ *   eval-<method>.json  the last `eval --json` result of a checkpoint of this folder (confusion matrix included)
+ *
+ * Appends only: a resumed run adds lines, and readers keep the last line per epoch.
+ */
+import { Effect, Schema } from "effect";
+
+/** A record file of the run folder could not be written. */
+export class RunRecordError extends Schema.TaggedError<RunRecordError>()("RunRecordError", {
+  path: Schema.String,
+  message: Schema.String,
+}) {}
+
+const failWith = (path: string) => (error: unknown) =>
+  new RunRecordError({
+    path,
+    message: `cannot write ${path}: ${error instanceof Error ? error.message : String(error)}`,
+  });
+
+/** One line of `epochs.jsonl`. */
+export interface EpochRecord {
+  readonly epoch: number;
+  readonly mean_loss: number | null;
+  readonly knn_top1?: number;
+  readonly online_probe_top1?: number;
+}
+
+/** One line of `events.jsonl`. */
+export interface EventRecord {
+  readonly step: number;
+  readonly kind: string;
+  readonly text: string;
+}
+
+/** What the pretrain loop reports per epoch (structurally: the fields this file keeps). */
+export interface EpochLike {
+  readonly epoch: number;
+  readonly meanLoss: number;
+  readonly knnTop1?: number | undefined;
+  readonly onlineProbeTop1?: number | undefined;
+}
+
+export const epochRecord = (report: EpochLike): EpochRecord => ({
+  epoch: report.epoch,
+  mean_loss: Number.isFinite(report.meanLoss) ? report.meanLoss : null,
+  ...(report.knnTop1 === undefined ? {} : { knn_top1: report.knnTop1 }),
+  ...(report.onlineProbeTop1 === undefined ? {} : { online_probe_top1: report.onlineProbeTop1 }),
+});
+
+const appendLine = (path: string, value: unknown) =>
+  Effect.tryPromise({
+    try: () => Deno.writeTextFile(path, JSON.stringify(value) + "\n", { append: true, create: true }),
+    catch: failWith(path),
+  });
+
+/** The appenders of a run folder's `epochs.jsonl` and `events.jsonl`. */
+export const runRecords = (folder: string) => ({
+  epoch: (report: EpochLike) => appendLine(`${folder}/epochs.jsonl`, epochRecord(report)),
+  event: (step: number, kind: string, text: string) =>
+    appendLine(`${folder}/events.jsonl`, { step, kind, text } satisfies EventRecord),
+});
+
+/** The run folder of a checkpoint file (`.../checkpoint-N.swav`), or undefined for an exported encoder. */
+export const runFolderOfCheckpoint = (checkpoint: string): string | undefined => {
+  if (!/checkpoint-\d+\.swav$/.test(checkpoint)) return undefined;
+  const slash = checkpoint.lastIndexOf("/");
+  return slash < 0 ? "." : checkpoint.slice(0, slash) || "/";
+};
+
+/**
+ * Writes an evaluation's JSON (`evaluationJson`'s shape: method, top1, confusion, ...) as
+ * `eval-<method>.json` into the run folder of the checkpoint it evaluated, atomically.
+ * Returns the path, or undefined when the checkpoint is not in a run folder (an exported encoder).
+ */
+export const writeEvalRecord = (json: Record<string, unknown>) =>
+  Effect.gen(function* () {
+    const checkpoint = typeof json.checkpoint === "string" ? json.checkpoint : "";
+    const folder = runFolderOfCheckpoint(checkpoint);
+    const method = typeof json.method === "string" ? json.method : "";
+    if (folder === undefined || !/^[a-z]+$/.test(method)) return undefined;
+    const path = `${folder}/eval-${method}.json`;
+    const temp = `${path}.${crypto.randomUUID()}.tmp`;
+    yield* Effect.tryPromise({
+      try: async () => {
+        await Deno.writeTextFile(temp, JSON.stringify(json, null, 2) + "\n");
+        await Deno.rename(temp, path);
+      },
+      catch: failWith(path),
+    }).pipe(Effect.tapError(() => Effect.promise(() => Deno.remove(temp).catch(() => undefined))));
+    return path;
+  });
