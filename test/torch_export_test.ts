@@ -1,0 +1,142 @@
+/**
+ * Exports PyTorch and ONNX tools load: safetensors into torch (reference/interop_check.py with
+ * Debian's /usr/bin/python3 and python3-torch; skipped with a printed reason where absent), ONNX
+ * through onnx.checker (python3-onnx). Tolerance: norm-wise relative 1e-4 against torch float64.
+ */
+import * as tf from "@tensorflow/tfjs";
+import assert from "node:assert/strict";
+import { Effect } from "effect";
+import { initBackend } from "../backend/tensor_backend.ts";
+import { makeSwavModel } from "../models/model.ts";
+import { backboneForward } from "../models/resnet.ts";
+import { loadWeightsFile, scopedModelFromWeights } from "../pipelines/torch_weights.ts";
+import { encodeSafetensors, exportSafetensors } from "../pipelines/export_safetensors.ts";
+import { exportOnnx, ONNX_OPSET } from "../pipelines/export_onnx.ts";
+import { relativeError, values } from "./_helpers.ts";
+
+await initBackend("wasm");
+
+const TOL = 1e-4;
+const dir = new URL("./fixtures/torch/", import.meta.url).pathname;
+const script = new URL("../reference/interop_check.py", import.meta.url).pathname;
+const expected = JSON.parse(await Deno.readTextFile(`${dir}expected.json`));
+
+const python = "/usr/bin/python3";
+const probe = async (module: string): Promise<string | undefined> => {
+  try {
+    const out = await new Deno.Command(python, { args: ["-c", `import ${module}`], stderr: "null" }).output();
+    return out.success ? undefined : `${python} has no ${module} (apt-get install python3-${module})`;
+  } catch {
+    return `${python} is not installed`;
+  }
+};
+const noTorch = await probe("torch");
+const noOnnx = await probe("onnx");
+if (noTorch) console.log(`skipping the torch load checks: ${noTorch}`);
+if (noOnnx) console.log(`skipping the onnx.checker check: ${noOnnx}`);
+
+const runPython = async (...args: string[]) => {
+  const out = await new Deno.Command(python, { args: [script, ...args] }).output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.ok(out.success, `interop_check.py ${args[0]} failed: ${new TextDecoder().decode(out.stderr)}`);
+  return JSON.parse(text);
+};
+
+Deno.test("safetensors: header, F32, torch names and layouts", () => {
+  const bytes = encodeSafetensors([{ name: "a.weight", shape: [2, 1, 1, 1], values: Float32Array.of(1, 2) }]);
+  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+  assert.equal((8 + n) % 8, 0);
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
+  assert.deepEqual(header["a.weight"], { dtype: "F32", shape: [2, 1, 1, 1], data_offsets: [0, 8] });
+  assert.deepEqual(new Float32Array(bytes.slice(8 + n).buffer), Float32Array.of(1, 2));
+});
+
+for (const name of ["resnet18", "resnet50"]) {
+  Deno.test({
+    name: `${name} from a .pth, exported as safetensors with head, loads in torch with the same outputs`,
+    ignore: noTorch !== undefined,
+    fn: async () => {
+      const e = expected[name];
+      const tmp = await Deno.makeTempDir();
+      try {
+        await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+          const model = yield* scopedModelFromWeights(yield* loadWeightsFile(`${dir}${name}.pth`));
+          yield* exportSafetensors(model, `${tmp}/m.safetensors`, { head: true });
+        })));
+        await Deno.writeTextFile(`${tmp}/input.json`, JSON.stringify(e));
+        const config = { ...e.config, in_channels: 3 };
+        delete config.inputChannels;
+        const torch = await runPython(
+          "safetensors",
+          `${tmp}/m.safetensors`,
+          JSON.stringify(config),
+          `${tmp}/input.json`,
+        );
+        assert.ok(relativeError(torch.features, e.features) < TOL);
+        assert.ok(relativeError(torch.scores, e.scores) < TOL);
+      } finally {
+        await Deno.remove(tmp, { recursive: true });
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "a width-64 ResNet-18 backbone loads strictly into torchvision's resnet18 (fc = Identity)",
+  ignore: noTorch !== undefined,
+  fn: async () => {
+    const tmp = await Deno.makeTempDir();
+    using model = makeSwavModel({
+      arch: "resnet18",
+      width: 64,
+      inputChannels: 3,
+      stem: "imagenet",
+      hidden: 0,
+      out: 8,
+      prototypes: 4,
+    }, 5);
+    try {
+      await Effect.runPromise(exportSafetensors(model, `${tmp}/r18.safetensors`));
+      const input = Array.from({ length: 2 * 48 * 48 * 3 }, (_, i) => Math.sin(i * 0.37));
+      const x = tf.tensor4d(input, [2, 48, 48, 3]);
+      const features = backboneForward(model.plan, model.param, x, { training: false });
+      const ours = await values(features);
+      tf.dispose([x, features]);
+      await Deno.writeTextFile(`${tmp}/input.json`, JSON.stringify({ input, inputShape: [2, 48, 48, 3] }));
+      const torch = await runPython(
+        "safetensors",
+        `${tmp}/r18.safetensors`,
+        '"torchvision:resnet18"',
+        `${tmp}/input.json`,
+      );
+      const error = relativeError(ours, torch.features);
+      assert.ok(error < TOL, `relative error ${error}`);
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "the ONNX export (backbone, head + prototypes) passes onnx.checker",
+  ignore: noOnnx !== undefined,
+  fn: async () => {
+    const tmp = await Deno.makeTempDir();
+    try {
+      for (const head of [false, true]) {
+        await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+          const model = yield* scopedModelFromWeights(yield* loadWeightsFile(`${dir}resnet50.pth`));
+          yield* exportOnnx(model, `${tmp}/m.onnx`, { head });
+        })));
+        const report = await runPython("onnx", `${tmp}/m.onnx`);
+        assert.deepEqual(report, {
+          ok: true,
+          opset: ONNX_OPSET,
+          outputs: head ? ["features", "embeddings", "scores"] : ["features"],
+        });
+      }
+    } finally {
+      await Deno.remove(tmp, { recursive: true });
+    }
+  },
+});
