@@ -180,15 +180,32 @@ export const extractCommand = Command.make("extract", {
 export const exportCommand = Command.make("export", {
   checkpoint: checkpointFlag,
   out: Flag.String("out").pipe(
-    Flag.withDescription("folder for model.json + weights.bin (TF.js weights format)"),
+    Flag.withDescription(
+      "tfjs: a folder for model.json + weights.bin; safetensors / onnx: the file to write",
+    ),
+  ),
+  format: Flag.Literals("format", ["tfjs", "safetensors", "onnx"] as const).pipe(
+    Flag.withDescription("tfjs (TF.js weights, default), safetensors (torchvision names) or onnx (opset 13)"),
+    Flag.withDefault("tfjs" as const),
+  ),
+  head: Flag.Boolean("head").pipe(
+    Flag.withDescription("safetensors / onnx: include the projection head and prototypes"),
+    Flag.withDefault(false),
   ),
   backend: backendFlag,
 }, (flags) =>
   reportFailure(Effect.gen(function* () {
-    const folder = yield* exportCheckpointEncoder(flags.checkpoint, flags.out, printWarning).pipe(
-      Effect.provide(backendLayer(flags.backend)),
+    const written = yield* exportCheckpointEncoder(flags.checkpoint, flags.out, printWarning, {
+      format: flags.format,
+      head: flags.head,
+    }).pipe(Effect.provide(backendLayer(flags.backend)));
+    console.log(
+      flags.format === "tfjs"
+        ? `encoder written to ${written}/model.json and ${written}/weights.bin`
+        : `encoder written to ${written} (${flags.format})`,
     );
-    console.log(`encoder written to ${folder}/model.json and ${folder}/weights.bin`);
   }))).pipe(
-    Command.withDescription("Export the trained backbone (TF.js weights + manifest) for other tools"),
+    Command.withDescription(
+      "Export the trained backbone as TF.js weights, safetensors or ONNX for other tools",
+    ),
   );

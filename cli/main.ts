@@ -121,6 +121,10 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.withDescription("continue from the latest checkpoint in --out"),
     Flag.withDefault(false),
   ),
+  init: Flag.String("init").pipe(
+    Flag.withDescription("start a fresh run from these weights (a PyTorch checkpoint: .pt, .pth, .pth.tar)"),
+    Flag.optional,
+  ),
   batchSize: Flag.Int("batch-size").pipe(Flag.withDescription("images per step"), Flag.optional),
   maxSteps: Flag.Int("max-steps").pipe(
     Flag.withDescription("stop after this many steps in total (smoke runs)"),
@@ -152,7 +156,11 @@ const pretrainCommand = Command.make("pretrain", {
       backend: yield* backendChoice(config, flags.backend),
       jpeg: !config.data.source.startsWith("builtin:"),
     });
-    const run = pretrain(config, { resume: flags.resume, hooks: progressHooks() });
+    const run = pretrain(config, {
+      resume: flags.resume,
+      ...(Option.isSome(flags.init) ? { init: flags.init.value } : {}),
+      hooks: progressHooks(),
+    });
     const result = yield* withDashboard(flags.dashboard, config.train.out, run).pipe(
       Effect.provide(backendLayer(config, flags.backend)),
     );

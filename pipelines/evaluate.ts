@@ -16,12 +16,15 @@ import { type NpyValues, writeNpy } from "../data/npy.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import { readCheckpointAt } from "./checkpoint.ts";
+import { exportOnnx } from "./export_onnx.ts";
+import { exportSafetensors } from "./export_safetensors.ts";
 import { type EncoderInput, exportEncoder, loadEncoder } from "./export.ts";
 import { extractFeatures, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
 import { scopedModel, withSplit } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
+import { isTorchCheckpointFile, loadTorchForEvaluation } from "./torch_weights.ts";
 
 /** Evaluation cannot run as asked: wrong data, wrong checkpoint, nothing to compare. */
 export class EvaluationError extends Schema.TaggedError<EvaluationError>()("EvaluationError", {
@@ -56,6 +59,7 @@ export const loadForEvaluation = (
   onWarning?: OnWarning,
 ): Effect.Effect<LoadedEncoder, unknown, Scope.Scope> =>
   Effect.gen(function* () {
+    if (yield* isTorchCheckpointFile(path)) return yield* loadTorchForEvaluation(path);
     if (yield* isExportFolder(path)) {
       const { model, input } = yield* loadEncoder(path);
       return { model, input, config: undefined, path, step: undefined };
@@ -452,13 +456,26 @@ export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<
   }));
 
 /** Exports the backbone of PATH (checkpoint or run folder) to `out` (see `pipelines/export.ts`). */
+/** What `export` writes: TF.js weights (a folder), safetensors or ONNX (a file). */
+export type ExportFormat = "tfjs" | "safetensors" | "onnx";
+
 export const exportCheckpointEncoder = (
   checkpoint: string,
   out: string,
   onWarning?: OnWarning,
+  options: { readonly format?: ExportFormat; readonly head?: boolean } = {},
 ): Effect.Effect<string, unknown> =>
   Effect.scoped(Effect.gen(function* () {
-    yield* ensureWritableFolder(out);
+    const format = options.format ?? "tfjs";
+    // A folder for TF.js; the file's folder otherwise. Checked before any work.
+    yield* ensureWritableFolder(format === "tfjs" ? out : parentFolder(out));
     const encoder = yield* loadForEvaluation(checkpoint, onWarning);
+    if (format === "safetensors") return yield* exportSafetensors(encoder.model, out, { head: options.head });
+    if (format === "onnx") return yield* exportOnnx(encoder.model, out, { head: options.head });
     return yield* exportEncoder(encoder.model, out, encoder.input);
   }));
+
+const parentFolder = (path: string): string => {
+  const slash = path.lastIndexOf("/");
+  return slash < 0 ? "." : slash === 0 ? "/" : path.slice(0, slash);
+};

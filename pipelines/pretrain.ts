@@ -47,6 +47,7 @@ import {
 import { runRecords } from "./run_records.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
+import { initFromWeightsFile } from "./torch_weights.ts";
 import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
@@ -208,6 +209,8 @@ export const scopedModel = (config: SwavModel["config"], seed: number) =>
 export interface PretrainOptions {
   /** Continue from the latest checkpoint in the run folder. */
   readonly resume?: boolean;
+  /** A fresh run starts from these weights (a PyTorch checkpoint: pipelines/torch_weights.ts). */
+  readonly init?: string;
   readonly hooks?: PretrainHooks;
   /** Replaces stages of the SwAV step by stage values of the same types: a custom pipeline. */
   readonly stages?: Partial<SwavStages>;
@@ -386,6 +389,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
     if (latest !== undefined) {
       hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
+    } else if (options.init !== undefined) {
+      yield* initFromWeightsFile(model, options.init);
+      hooks.onInfo?.(`weights initialised from ${options.init}`);
     }
 
     // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
