@@ -285,19 +285,17 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, un
     if (options.method === "knn") {
       const k = options.k ?? encoder.config?.train.knnK ?? 200;
       const temperature = options.temperature ?? encoder.config?.train.knnTemperature ?? 0.1;
-      const result = yield* Effect.promise(() =>
-        knnClassify(
-          trainFeatures.features,
-          trainFeatures.labels,
-          testFeatures.features,
-          testFeatures.labels,
-          {
-            k,
-            temperature,
-            numClasses: classes.length,
-            chunkSize: options.chunkSize ?? 256,
-          },
-        )
+      const result = yield* knnClassify(
+        trainFeatures.features,
+        trainFeatures.labels,
+        testFeatures.features,
+        testFeatures.labels,
+        {
+          k,
+          temperature,
+          numClasses: classes.length,
+          chunkSize: options.chunkSize ?? 256,
+        },
       );
       return {
         method: "knn",
@@ -310,27 +308,25 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, un
       } satisfies KnnEvaluation;
     }
     const epochs = options.epochs ?? linearProbeDefaults.epochs;
-    const result = yield* Effect.promise(() =>
-      trainLinearProbe(
-        trainFeatures.features,
-        trainFeatures.labels,
-        testFeatures.features,
-        testFeatures.labels,
-        {
-          ...linearProbeDefaults,
-          numClasses: classes.length,
-          epochs,
-          ...(options.lr === undefined ? {} : { lr: options.lr }),
-          ...(options.probeBatchSize === undefined ? {} : { batchSize: options.probeBatchSize }),
-          ...(options.weightDecay === undefined ? {} : { weightDecay: options.weightDecay }),
-          ...(options.seed === undefined ? {} : { seed: options.seed }),
-          ...(options.chunkSize === undefined ? {} : { chunkSize: options.chunkSize }),
-          onEpoch: (report, total) => {
-            options.onProbeEpoch?.(report, total);
-            options.onProgress?.("linear probe", report.epoch, total);
-          },
+    const result = yield* trainLinearProbe(
+      trainFeatures.features,
+      trainFeatures.labels,
+      testFeatures.features,
+      testFeatures.labels,
+      {
+        ...linearProbeDefaults,
+        numClasses: classes.length,
+        epochs,
+        ...(options.lr === undefined ? {} : { lr: options.lr }),
+        ...(options.probeBatchSize === undefined ? {} : { batchSize: options.probeBatchSize }),
+        ...(options.weightDecay === undefined ? {} : { weightDecay: options.weightDecay }),
+        ...(options.seed === undefined ? {} : { seed: options.seed }),
+        ...(options.chunkSize === undefined ? {} : { chunkSize: options.chunkSize }),
+        onEpoch: (report, total) => {
+          options.onProbeEpoch?.(report, total);
+          options.onProgress?.("linear probe", report.epoch, total);
         },
-      )
+      },
     );
     return {
       method: "linear",

@@ -25,6 +25,7 @@ import { decodeModelConfig, type ModelConfig, type NamedVariable, type SwavModel
 import { backboneParamSpecs, backbonePlan } from "../models/resnet.ts";
 import { NonNegativeInt, Positive, PositiveInt } from "../models/schema.ts";
 import { readRegularFile, regularFileSize, resolveInside, type UnsafeFile } from "./bounded_read.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 
 export const encoderFormat = "swav-ts-encoder";
 export const encoderFormatVersion = 1;
@@ -284,7 +285,9 @@ export const loadEncoder = (
           params,
           param: (name) => {
             const variable = lookup.get(name);
-            if (variable === undefined) throw new Error(`the exported encoder has no parameter ${name}`);
+            // A lookup inside the synchronous forward pass, where no Effect runs; the manifest was
+            // checked against the architecture's parameters when the encoder loaded.
+            kernelInvariant(variable !== undefined, () => `the exported encoder has no parameter ${name}`);
             return variable;
           },
           [Symbol.dispose]: () => params.forEach((p) => p.variable.isDisposed || p.variable.dispose()),

@@ -8,7 +8,7 @@
  * at once is chunk x N, whatever the size of the test set.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect } from "effect";
+import { Effect, Schema } from "effect";
 import type { RunConfig } from "../config/config.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -32,11 +32,35 @@ export interface KnnResult {
   readonly predictions: Int32Array;
 }
 
+/** Features and labels that do not fit together (kNN, linear probe). */
+export class EvaluationInputError extends Schema.TaggedError<EvaluationInputError>()("EvaluationInputError", {
+  message: Schema.String,
+}) {}
+
 /**
  * Classifies `testFeatures` [M, D] by the labelled `trainFeatures` [N, D].
  * Features need not be normalised: both sides are L2-normalised here.
  */
-export const knnClassify = async (
+export const knnClassify = (
+  trainFeatures: tf.Tensor2D,
+  trainLabels: Int32Array,
+  testFeatures: tf.Tensor2D,
+  testLabels: Int32Array,
+  options: KnnOptions,
+): Effect.Effect<KnnResult, EvaluationInputError> => {
+  const n = trainFeatures.shape[0];
+  const m = testFeatures.shape[0];
+  const problem = trainLabels.length !== n
+    ? `kNN: ${trainLabels.length} train labels for ${n} features`
+    : testLabels.length !== m
+    ? `kNN: ${testLabels.length} test labels for ${m} features`
+    : undefined;
+  if (problem !== undefined) return Effect.fail(new EvaluationInputError({ message: problem }));
+  return Effect.promise(() => knnVotes(trainFeatures, trainLabels, testFeatures, testLabels, options));
+};
+
+/** The chunked vote, on inputs already checked to fit. */
+const knnVotes = async (
   trainFeatures: tf.Tensor2D,
   trainLabels: Int32Array,
   testFeatures: tf.Tensor2D,
@@ -45,8 +69,6 @@ export const knnClassify = async (
 ): Promise<KnnResult> => {
   const n = trainFeatures.shape[0];
   const m = testFeatures.shape[0];
-  if (trainLabels.length !== n) throw new Error(`kNN: ${trainLabels.length} train labels for ${n} features`);
-  if (testLabels.length !== m) throw new Error(`kNN: ${testLabels.length} test labels for ${m} features`);
   const k = Math.min(options.k, n);
   const chunkSize = options.chunkSize ?? 256;
   const bank = tf.tidy(() => l2NormaliseRows(trainFeatures).transpose());
@@ -100,12 +122,10 @@ export const knnTop1 = (model: SwavModel, train: DataSource, test: DataSource, c
     };
     const a = yield* extractFeatures(model, train, common);
     const b = yield* extractFeatures(model, test, common);
-    const result = yield* Effect.promise(() =>
-      knnClassify(a.features, a.labels, b.features, b.labels, {
-        k: config.train.knnK,
-        temperature: config.train.knnTemperature,
-        numClasses: train.classes?.length ?? 1 + Math.max(...a.labels),
-      })
-    ).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([a.features, b.features]))));
+    const result = yield* knnClassify(a.features, a.labels, b.features, b.labels, {
+      k: config.train.knnK,
+      temperature: config.train.knnTemperature,
+      numClasses: train.classes?.length ?? 1 + Math.max(...a.labels),
+    }).pipe(Effect.ensuring(Effect.sync(() => tf.dispose([a.features, b.features]))));
     return result.top1;
   });

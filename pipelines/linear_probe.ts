@@ -16,8 +16,10 @@
  * dL/dlogits = (softmax - onehot) / B, so no gradient tape is needed.
  */
 import * as tf from "@tensorflow/tfjs";
+import { Effect } from "effect";
 import { epochOrder } from "../data/loader.ts";
 import { rngFor } from "../data/rng.ts";
+import { EvaluationInputError } from "./knn.ts";
 
 export interface LinearProbeOptions {
   readonly numClasses: number;
@@ -110,15 +112,35 @@ export const initialProbeWeights = (dim: number, classes: number, seed: number) 
   return { weight, bias: new Float32Array(classes) };
 };
 
-const checkLabels = (labels: Int32Array, rows: number, classes: number, what: string) => {
-  if (labels.length !== rows) {
-    throw new Error(`linear probe: ${labels.length} ${what} labels for ${rows} rows`);
+const labelsProblem = (
+  labels: Int32Array,
+  rows: number,
+  classes: number,
+  what: string,
+): string | undefined => {
+  if (labels.length !== rows) return `linear probe: ${labels.length} ${what} labels for ${rows} rows`;
+  const outside = labels.find((label) => !(label >= 0 && label < classes));
+  return outside === undefined
+    ? undefined
+    : `linear probe: ${what} label ${outside} is outside 0..${classes - 1} (unlabelled data?)`;
+};
+
+/** Why these features and labels cannot train a probe, or undefined. */
+const probeInputProblem = (
+  trainFeatures: tf.Tensor2D,
+  trainLabels: Int32Array,
+  testFeatures: tf.Tensor2D,
+  testLabels: Int32Array,
+  options: LinearProbeOptions,
+): string | undefined => {
+  const [n, dim] = trainFeatures.shape;
+  if (testFeatures.shape[1] !== dim) {
+    return `linear probe: test features have ${testFeatures.shape[1]} columns, train ${dim}`;
   }
-  for (const label of labels) {
-    if (!(label >= 0 && label < classes)) {
-      throw new Error(`linear probe: ${what} label ${label} is outside 0..${classes - 1} (unlabelled data?)`);
-    }
-  }
+  if (n === 0) return "linear probe: no training features";
+  if (!(options.epochs >= 1)) return "linear probe: epochs must be at least 1";
+  return labelsProblem(trainLabels, n, options.numClasses, "train") ??
+    labelsProblem(testLabels, testFeatures.shape[0], options.numClasses, "test");
 };
 
 /** Scores a linear classifier on test features: top-1/top-5, predictions, confusion, per-class accuracy. */
@@ -164,7 +186,20 @@ export const scoreClassifier = async (
  * Trains the probe on `trainFeatures` [N, D] and scores it on `testFeatures`
  * [M, D] after every epoch. The caller keeps ownership of the feature tensors.
  */
-export const trainLinearProbe = async (
+export const trainLinearProbe = (
+  trainFeatures: tf.Tensor2D,
+  trainLabels: Int32Array,
+  testFeatures: tf.Tensor2D,
+  testLabels: Int32Array,
+  options: LinearProbeOptions,
+): Effect.Effect<LinearProbeResult, EvaluationInputError> => {
+  const problem = probeInputProblem(trainFeatures, trainLabels, testFeatures, testLabels, options);
+  if (problem !== undefined) return Effect.fail(new EvaluationInputError({ message: problem }));
+  return Effect.promise(() => probeEpochs(trainFeatures, trainLabels, testFeatures, testLabels, options));
+};
+
+/** The probe's epochs, on inputs already checked to fit. */
+const probeEpochs = async (
   trainFeatures: tf.Tensor2D,
   trainLabels: Int32Array,
   testFeatures: tf.Tensor2D,
@@ -173,12 +208,6 @@ export const trainLinearProbe = async (
 ): Promise<LinearProbeResult> => {
   const [n, dim] = trainFeatures.shape;
   const classes = options.numClasses;
-  if (testFeatures.shape[1] !== dim) {
-    throw new Error(`linear probe: test features have ${testFeatures.shape[1]} columns, train ${dim}`);
-  }
-  if (n === 0) throw new Error("linear probe: no training features");
-  checkLabels(trainLabels, n, classes, "train");
-  checkLabels(testLabels, testFeatures.shape[0], classes, "test");
   const init = options.init ?? initialProbeWeights(dim, classes, options.seed);
   // In tidies: tf.variable keeps its initial tensor alive otherwise.
   const weight = tf.tidy(() => tf.variable(tf.tensor2d(init.weight, [dim, classes])));
@@ -220,15 +249,17 @@ export const trainLinearProbe = async (
       history.push(report);
       options.onEpoch?.(report, options.epochs);
     }
-    if (best === undefined || last === undefined) throw new Error("linear probe: epochs must be at least 1");
+    // epochs >= 1 was checked, so both are set.
+    const top = best!;
+    const final = last!;
     return {
-      top1: best.top1,
-      top5: best.top5,
-      bestEpoch: best.epoch,
-      lastTop1: last.top1,
-      lastTop5: last.top5,
-      perClassAccuracy: best.perClassAccuracy,
-      confusion: best.confusion,
+      top1: top.top1,
+      top5: top.top5,
+      bestEpoch: top.epoch,
+      lastTop1: final.top1,
+      lastTop5: final.top5,
+      perClassAccuracy: top.perClassAccuracy,
+      confusion: top.confusion,
       history,
       weight: (await weight.data()) as Float32Array,
       bias: (await bias.data()) as Float32Array,

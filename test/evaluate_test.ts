@@ -93,13 +93,13 @@ Deno.test("linear probe: two epochs equal a float64 torch-SGD reference (momentu
       const result = await assertNoTensorLeak("probe", async () => {
         const features = tf.tensor2d(x, [n, d]);
         try {
-          return await trainLinearProbe(features, labels, features, labels, {
+          return await Effect.runPromise(trainLinearProbe(features, labels, features, labels, {
             ...o,
             finalLr: 0,
             numClasses: c,
             seed: 11,
             init,
-          });
+          }));
         } finally {
           features.dispose();
         }
@@ -135,7 +135,7 @@ Deno.test("linear probe: separable features reach high accuracy; confusion rows 
     const a = tf.tensor2d(train.x, [400, d]);
     const b = tf.tensor2d(test.x, [153, d]);
     try {
-      return await trainLinearProbe(a, train.labels, b, test.labels, {
+      return await Effect.runPromise(trainLinearProbe(a, train.labels, b, test.labels, {
         numClasses: c,
         epochs: 10,
         batchSize: 64,
@@ -146,7 +146,7 @@ Deno.test("linear probe: separable features reach high accuracy; confusion rows 
         nesterov: false,
         seed: 1,
         chunkSize: 50,
-      });
+      }));
     } finally {
       tf.dispose([a, b]);
     }
@@ -235,9 +235,11 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
         const options = { size: 16, mean: config.multicrop.mean, std: config.multicrop.std, workers: 0 };
         const a = yield* extractFeatures(model, yield* openSource(`${data}/demo:train`), options);
         const b = yield* extractFeatures(model, yield* openSource(`${data}/demo:test`), options);
-        const r = yield* Effect.promise(() =>
-          knnClassify(a.features, a.labels, b.features, b.labels, { k: 5, temperature: 0.1, numClasses: 10 })
-        );
+        const r = yield* knnClassify(a.features, a.labels, b.features, b.labels, {
+          k: 5,
+          temperature: 0.1,
+          numClasses: 10,
+        });
         tf.dispose([a.features, b.features]);
         return r;
       }));

@@ -1,5 +1,6 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
+import { Effect } from "effect";
 import { knnClassify } from "../pipelines/knn.ts";
 import { assertNoTensorLeak, useBackend } from "./_helpers.ts";
 
@@ -48,12 +49,12 @@ Deno.test("kNN matches a float64 reference on random clustered features", async 
     const trainT = tf.tensor2d(train.feats.map((f) => Array.from(f)));
     const testT = tf.tensor2d(test.feats.map((f) => Array.from(f)));
     // A chunk size that does not divide the test set, to exercise the last partial chunk.
-    const r = await knnClassify(trainT, train.labels, testT, test.labels, {
+    const r = await Effect.runPromise(knnClassify(trainT, train.labels, testT, test.labels, {
       k,
       temperature,
       numClasses,
       chunkSize: 32,
-    });
+    }));
     tf.dispose([trainT, testT]);
     return r;
   });
