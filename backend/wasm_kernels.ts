@@ -98,6 +98,7 @@ const conv2DBackpropFilterVia = (backendName: string) => {
   const transpose = kernel("Transpose", backendName);
   const slice = kernel("Slice", backendName);
   const conv2D = kernel("Conv2D", backendName);
+  const fill = kernel("Fill", backendName);
   return (args: KernelArgs): TensorInfo => {
     const { inputs, backend } = args;
     const attrs = args.attrs as unknown as tf.Conv2DBackpropFilterAttrs & {
@@ -128,6 +129,16 @@ const conv2DBackpropFilterVia = (backendName: string) => {
       () => "Conv2DBackpropFilter: strides and dilations both > 1 are not supported",
     );
     const plan = planFilterGrad(convInfo);
+    if (plan.keepHeight <= 0 || plan.keepWidth <= 0) {
+      // Along one axis every filter tap falls in the padding (a 1x1 filter with padding and a stride
+      // larger than the input, say): the input never meets the filter, so its gradient is 0. The
+      // swapped convolution would get an empty input, which XNNPACK rejects.
+      return fill({
+        inputs: {},
+        backend,
+        attrs: { shape: [...attrs.filterShape], value: 0, dtype: "float32" },
+      });
+    }
     const temporaries: TensorInfo[] = [];
     const keep = (info: TensorInfo) => {
       temporaries.push(info);

@@ -252,3 +252,41 @@ Deno.test("wasm Conv2DBackpropInput frees every intermediate buffer on the wasm 
   assert.equal(backend.numDataIds(), before);
   tf.dispose([dy, w]);
 });
+
+Deno.test("wasm Conv2DBackpropFilter is 0 where every filter tap falls in the padding (was an XNNPACK error)", async () => {
+  await initBackend("wasm");
+  // Width 1 with padding 1 and stride 3: the 1x1 filter only ever meets the left padding along the width,
+  // so its gradient is 0; the swapped convolution used to get an empty input and return garbage.
+  const cases: Array<{ x: [number, number, number, number]; co: number; stride: number; pad: number }> = [
+    { x: [2, 3, 1, 9], co: 5, stride: 3, pad: 1 },
+    { x: [1, 1, 4, 3], co: 2, stride: 2, pad: 1 },
+  ];
+  for (const { x: shape, co, stride, pad } of cases) {
+    await assertNoTensorLeak(`filter gradient ${shape}`, async () => {
+      const gradient = async () => {
+        // Freed buffers full of non-zeros: an output that is never written then shows up as wrong.
+        for (let size = 1; size <= 1 << 12; size *= 2) tf.fill([size], 7).dispose();
+        const [x, filter, dy] = tf.tidy(() => {
+          const x = tf.randomNormal(shape, 0, 1, "float32", 1) as tf.Tensor4D;
+          const filter = tf.randomNormal([1, 1, shape[3], co], 0, 1, "float32", 2) as tf.Tensor4D;
+          const dy = tf.randomNormal(tf.conv2d(x, filter, stride, pad).shape, 0, 1, "float32", 3);
+          return [x, filter, dy];
+        });
+        const g = tf.grad((f: tf.Tensor) => tf.sum(tf.mul(tf.conv2d(x, f as tf.Tensor4D, stride, pad), dy)))(
+          filter,
+        );
+        const values = Float64Array.from(await g.data());
+        tf.dispose([x, filter, dy, g]);
+        return values;
+      };
+      const wasm = await withKernelSettings({ blas: false }, gradient);
+      await tf.setBackend("cpu");
+      const cpu = await gradient();
+      await tf.setBackend("wasm");
+      assert.ok(
+        relativeError(wasm, cpu) < 1e-5,
+        `x [${shape}] stride ${stride} pad ${pad}: ${relativeError(wasm, cpu)}`,
+      );
+    });
+  }
+});
