@@ -1,17 +1,19 @@
 /**
  * Exports PyTorch and ONNX tools load: safetensors into torch (reference/interop_check.py with
  * Debian's /usr/bin/python3 and python3-torch; skipped with a printed reason where absent), ONNX
- * through onnx.checker (python3-onnx). Tolerance: norm-wise relative 1e-4 against torch float64.
+ * through onnx.checker (python3-onnx), and runs under ONNX Runtime (onnxruntime-node's CPU
+ * binary, which ships in its npm tarball; skipped with a printed reason where the native module
+ * does not load). Tolerance: norm-wise relative 1e-4 against torch float64 or our forward.
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { Effect } from "effect";
 import { initBackend } from "../backend/tensor_backend.ts";
-import { makeSwavModel } from "../models/model.ts";
+import { makeSwavModel, modelForward } from "../models/model.ts";
 import { backboneForward } from "../models/resnet.ts";
 import { loadWeightsFile, scopedModelFromWeights } from "../pipelines/torch_weights.ts";
 import { encodeSafetensors, exportSafetensors } from "../pipelines/export_safetensors.ts";
-import { exportOnnx, ONNX_OPSET } from "../pipelines/export_onnx.ts";
+import { exportOnnx, ONNX_OPSET, onnxModelBytes } from "../pipelines/export_onnx.ts";
 import { relativeError, values } from "./_helpers.ts";
 
 await initBackend("wasm");
@@ -34,6 +36,20 @@ const noTorch = await probe("torch");
 const noOnnx = await probe("onnx");
 if (noTorch) console.log(`skipping the torch load checks: ${noTorch}`);
 if (noOnnx) console.log(`skipping the onnx.checker check: ${noOnnx}`);
+
+// The native module loads through Deno's Node-API support; its install script (CUDA providers from
+// NuGet) is never run, and the CPU provider needs nothing beyond the npm tarball.
+type Ort = typeof import("onnxruntime-node");
+const loadOrt = async (): Promise<Ort | string> => {
+  try {
+    // Importing requires the .node binding, which links libonnxruntime.so.
+    return await import("onnxruntime-node");
+  } catch (error) {
+    return `onnxruntime-node does not load: ${error instanceof Error ? error.message : String(error)}`;
+  }
+};
+const ort = await loadOrt();
+if (typeof ort === "string") console.log(`skipping the ONNX Runtime checks: ${ort}`);
 
 const runPython = async (...args: string[]) => {
   const out = await new Deno.Command(python, { args: [script, ...args] }).output();
@@ -140,3 +156,51 @@ Deno.test({
     }
   },
 });
+
+for (const name of ["resnet18", "resnet50"]) {
+  Deno.test({
+    name: `${name}'s ONNX export with head runs under ONNX Runtime with our eval-mode outputs`,
+    ignore: typeof ort === "string",
+    fn: async () => {
+      if (typeof ort === "string") return;
+      const e = expected[name];
+      const [n, h, w, c] = e.inputShape as number[];
+      const { bytes, ours } = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+        const model = yield* scopedModelFromWeights(yield* loadWeightsFile(`${dir}${name}.pth`));
+        const bytes = yield* onnxModelBytes(model, { head: true });
+        const x = tf.tensor4d(e.input, [n!, h!, w!, c!]);
+        const out = modelForward(model, [x], { training: false });
+        const ours = {
+          features: yield* Effect.promise(() => values(out.features)),
+          embeddings: yield* Effect.promise(() => values(out.embeddings)),
+          scores: yield* Effect.promise(() => values(out.scores)),
+        };
+        tf.dispose([x, out.features, out.embeddings, out.scores]);
+        return { bytes, ours };
+      })));
+      // NHWC -> NCHW, torch's layout.
+      const nchw = new Float32Array(n! * c! * h! * w!);
+      for (let b = 0; b < n!; b++) {
+        for (let y = 0; y < h!; y++) {
+          for (let x = 0; x < w!; x++) {
+            for (let k = 0; k < c!; k++) {
+              nchw[((b * c! + k) * h! + y) * w! + x] = e.input[((b * h! + y) * w! + x) * c! + k];
+            }
+          }
+        }
+      }
+      const session = await ort.InferenceSession.create(bytes);
+      try {
+        const result = await session.run({ images: new ort.Tensor("float32", nchw, [n!, c!, h!, w!]) });
+        for (const output of ["features", "embeddings", "scores"] as const) {
+          const got = result[output]!;
+          assert.equal(got.dims[0], n);
+          const error = relativeError(got.data as Float32Array, ours[output]);
+          assert.ok(error < TOL, `${output}: relative error ${error}`);
+        }
+      } finally {
+        await session.release();
+      }
+    },
+  });
+}
