@@ -109,7 +109,13 @@ export {
 
 // Pipelines
 export { decodeRunConfig, loadRunConfig, RunConfig, type RunConfigInput } from "./config/config.ts";
-export { pretrain, type PretrainOptions } from "./pipelines/pretrain.ts";
+export {
+  NonFiniteState,
+  pretrain,
+  type PretrainOptions,
+  RunFolderBusy,
+  RunFolderUnusable,
+} from "./pipelines/pretrain.ts";
 export {
   forwardBackward,
   NonFiniteLoss,

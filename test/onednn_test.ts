@@ -75,9 +75,9 @@ Deno.test(
         return values;
       };
       // The plain wasm kernel: the reference.
-      const reference = await withKernelSettings({ blas: false }, async () => filterGrad());
+      const reference = await withKernelSettings({ blas: false }, () => Promise.resolve(filterGrad()));
       for (const threads of [2, 1]) {
-        await withKernelSettings({ threads }, async () => {
+        await withKernelSettings({ threads }, () => {
           const first = filterGrad();
           assert.ok(relativeError(first, reference) < 1e-5, `ci ${ci}, ${threads} threads`);
           for (let i = 0; i < 30; i++) {
@@ -85,6 +85,7 @@ Deno.test(
             tf.tidy(() => tf.randomNormal([1 + 97 * i]).dataSync());
             assert.deepEqual(filterGrad(), first, `ci ${ci}, ${threads} threads, repeat ${i}`);
           }
+          return Promise.resolve();
         });
       }
       x.dispose();
