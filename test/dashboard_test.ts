@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { Effect } from "effect";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import { startDashboard } from "../cli/dashboard.ts";
-import { tinyRun, writeTinyData } from "./_tiny_run.ts";
+import { tinyRun, tinyRunConfig, writeTinyData } from "./_tiny_run.ts";
 
 const wasm = TensorBackend.layer("wasm");
 const runWithBackend = <A>(effect: Effect.Effect<A, unknown, TensorBackend>) =>
@@ -120,6 +120,56 @@ Deno.test("the dashboard follows a training run live, serves only the run folder
   } finally {
     await dashboard.shutdown();
     await Deno.remove(out, { recursive: true }).catch(() => {});
+    await Deno.remove(data, { recursive: true });
+  }
+});
+
+Deno.test("pretrain --dashboard prints a 127.0.0.1 URL that serves the live page while the run trains", async () => {
+  const data = await writeTinyData();
+  const folder = await Deno.makeTempDir({ prefix: "swav-dashboard-cli-" });
+  try {
+    await Deno.writeTextFile(
+      `${folder}/run.json`,
+      JSON.stringify(tinyRunConfig(data, `${folder}/run`, { epochs: 30, knnEvery: 0 })),
+    );
+    const child = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        new URL("../cli/main.ts", import.meta.url).pathname,
+        "pretrain",
+        "--config",
+        `${folder}/run.json`,
+        "--dashboard",
+      ],
+      env: { NO_COLOR: "1", SWAV_BACKEND: "wasm", SWAV_THREADS: "2" },
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    try {
+      // The URL line comes before the first step; read stderr until it shows (bounded).
+      const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+      let text = "";
+      const deadline = Date.now() + 60_000;
+      while (!/dashboard: (http:\/\/\S+)/.test(text) && Date.now() < deadline) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        text += value;
+      }
+      const url = /dashboard: (http:\/\/\S+)/.exec(text)?.[1];
+      assert.ok(url !== undefined, `no dashboard URL on stderr: ${text.slice(-400)}`);
+      assert.ok(url.startsWith("http://127.0.0.1:"), url);
+      const page = await fetch(url);
+      assert.equal(page.status, 200);
+      assert.match(await page.text(), /<html/i);
+      reader.releaseLock();
+    } finally {
+      child.kill("SIGKILL");
+      await child.status;
+      await child.stderr.cancel().catch(() => {});
+    }
+  } finally {
+    await Deno.remove(folder, { recursive: true });
     await Deno.remove(data, { recursive: true });
   }
 });
