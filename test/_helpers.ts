@@ -40,3 +40,24 @@ export const useBackend = async (name: "wasm" | "cpu" | "webgpu" = "wasm"): Prom
   const { initBackend } = await import("../backend/tensor_backend.ts");
   await initBackend(name);
 };
+
+/** The command line's entry point (`deno task pretrain|eval|...` run it). */
+export const cliPath = new URL("../cli/main.ts", import.meta.url).pathname;
+
+/**
+ * Runs `deno run --allow-all cli/main.ts ...args` to its end on the wasm backend
+ * (2 native threads unless `env` says otherwise); its exit code and output.
+ */
+export const runCli = async (args: readonly string[], env: Record<string, string> = {}) => {
+  const output = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", cliPath, ...args],
+    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm", SWAV_THREADS: "2", ...env },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return {
+    code: output.code,
+    stdout: new TextDecoder().decode(output.stdout),
+    stderr: new TextDecoder().decode(output.stderr),
+  };
+};

@@ -5,22 +5,9 @@
  */
 import assert from "node:assert/strict";
 import { writeDemoDataset } from "../data/demo_dataset.ts";
+import { runCli } from "./_helpers.ts";
 
-const cli = new URL("../cli/main.ts", import.meta.url).pathname;
-
-const swav = async (...args: string[]) => {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", cli, ...args],
-    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm", SWAV_THREADS: "2" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  return {
-    code: output.code,
-    stdout: new TextDecoder().decode(output.stdout),
-    stderr: new TextDecoder().decode(output.stderr),
-  };
-};
+const swav = (...args: string[]) => runCli(args);
 
 /** Exit code 1, exactly one `error:` line, no stack trace. */
 const assertOneLineError = (r: { code: number; stderr: string }, pattern: RegExp) => {

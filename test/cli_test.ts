@@ -1,21 +1,8 @@
 import assert from "node:assert/strict";
 import { writeDemoDataset } from "../data/demo_dataset.ts";
+import { cliPath, runCli } from "./_helpers.ts";
 
-const cli = new URL("../cli/main.ts", import.meta.url).pathname;
-
-const swav = async (...args: string[]) => {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", cli, ...args],
-    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  return {
-    code: output.code,
-    stdout: new TextDecoder().decode(output.stdout),
-    stderr: new TextDecoder().decode(output.stderr),
-  };
-};
+const swav = (...args: string[]) => runCli(args);
 
 /** A tiny labelled data set under `folder/data` and a config for it at `folder/tiny.json`. */
 const writeTinyRun = async (
@@ -119,7 +106,7 @@ Deno.test("pretrain CLI: Ctrl-C stops cleanly, leaving only complete checkpoints
       args: [
         "run",
         "--allow-all",
-        cli,
+        cliPath,
         "pretrain",
         "--config",
         `${folder}/tiny.json`,

@@ -9,25 +9,12 @@ import { Effect } from "effect";
 import { writeDemoDataset } from "../data/demo_dataset.ts";
 import { latestCheckpoint, readCheckpoint } from "../pipelines/checkpoint.ts";
 import { loadWeightsFile } from "../pipelines/torch_weights.ts";
-import { relativeError } from "./_helpers.ts";
+import { relativeError, runCli } from "./_helpers.ts";
 
-const cli = new URL("../cli/main.ts", import.meta.url).pathname;
 const fixture = new URL("./fixtures/torch/resnet18.pth", import.meta.url).pathname;
 const python = "/usr/bin/python3";
 
-const swav = async (...args: string[]) => {
-  const output = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", cli, ...args],
-    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm", SWAV_THREADS: "2" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  return {
-    code: output.code,
-    stdout: new TextDecoder().decode(output.stdout),
-    stderr: new TextDecoder().decode(output.stderr),
-  };
-};
+const swav = (...args: string[]) => runCli(args);
 
 const hasPythonOnnx = async (): Promise<boolean> => {
   try {
