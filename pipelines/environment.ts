@@ -168,62 +168,53 @@ const memoryBytes = (): number | undefined => {
   }
 };
 
-const openBlasStatus = (): LibraryStatus => {
-  const variable = "SWAV_BLAS_LIB";
-  const info = blasInfo();
-  const named = envValue(variable);
+/** `fields` without its undefined entries: the report lists only what is known. */
+const known = (fields: Record<string, unknown>): Record<string, unknown> =>
+  Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
+
+/**
+ * A native library's status: where the kernels loaded it from and what it says of itself
+ * (`details`), or the name tried and why it did not load. `switchVariable` = "0" turns it off.
+ */
+const libraryStatus = (
+  variable: string,
+  soname: string,
+  switchVariable: string,
+  info: { readonly active: boolean; readonly library?: string; readonly reason?: string },
+  details: (library: string) => Record<string, unknown> & { readonly error?: string },
+): LibraryStatus => {
   if (info.library === undefined) {
-    const disabled = envValue("SWAV_BLAS") === "0";
+    const disabled = envValue(switchVariable) === "0";
     return {
       found: false,
-      library: named ?? "libopenblas.so.0",
+      library: envValue(variable) ?? soname,
       variable,
       ...(disabled ? { disabled } : {}),
       error: info.reason ?? "not loaded",
     };
   }
-  const { version, config, core, error } = openBlasDetails(info.library);
-  const file = mappedFile(info.library);
+  const { error, ...rest } = details(info.library);
   return {
     found: true,
     library: info.library,
     variable,
-    ...(file === undefined ? {} : { file }),
-    ...(version === undefined ? {} : { version }),
-    ...(core === undefined ? {} : { core }),
-    ...(config === undefined ? {} : { config }),
+    ...known({ file: mappedFile(info.library), ...rest }),
     ...(info.active ? {} : { disabled: true }),
-    ...(error === undefined ? {} : { error }),
-  };
+    ...known({ error }),
+  } as LibraryStatus;
 };
 
-const oneDnnStatus = (): LibraryStatus => {
-  const variable = "SWAV_DNNL_LIB";
-  const info = dnnlInfo();
-  if (info.library === undefined) {
-    const disabled = envValue("SWAV_DNNL") === "0";
-    return {
-      found: false,
-      library: envValue(variable) ?? "libdnnl.so.2",
-      variable,
-      ...(disabled ? { disabled } : {}),
-      error: info.reason ?? "not loaded",
-    };
-  }
-  const { version, isa, bf16, error } = dnnlDetails(info.library);
-  const file = mappedFile(info.library);
-  return {
-    found: true,
-    library: info.library,
-    variable,
-    ...(file === undefined ? {} : { file }),
-    ...(version === undefined ? {} : { version }),
-    ...(isa === undefined ? {} : { isa }),
-    ...(bf16 === undefined ? {} : { bf16 }),
-    ...(info.active ? {} : { disabled: true }),
-    ...(error === undefined ? {} : { error }),
-  };
-};
+const openBlasStatus = (): LibraryStatus =>
+  libraryStatus("SWAV_BLAS_LIB", "libopenblas.so.0", "SWAV_BLAS", blasInfo(), (library) => {
+    const { version, config, core, error } = openBlasDetails(library);
+    return { version, core, config, error };
+  });
+
+const oneDnnStatus = (): LibraryStatus =>
+  libraryStatus("SWAV_DNNL_LIB", "libdnnl.so.2", "SWAV_DNNL", dnnlInfo(), (library) => {
+    const { version, isa, bf16, error } = dnnlDetails(library);
+    return { version, isa, bf16, error };
+  });
 
 const jpegStatus = (): EnvironmentReport["jpeg"] => {
   const decoder = jpegBackend();
