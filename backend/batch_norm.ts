@@ -25,13 +25,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { BATCH_NORM_TRAIN, BATCH_NORM_TRAIN_GRAD, nativeBatchNormActive } from "./batch_norm_kernels.ts";
 import { kernelInvariant } from "./invariant.ts";
-import {
-  batchNormSyncWorld,
-  combineMoments,
-  globalGradientSums,
-  globalMean,
-  globalVariance,
-} from "./sync_batch_norm.ts";
+import { batchNormSyncWorld, combineMoments, globalGradientSums } from "./sync_batch_norm.ts";
 import type { Communicator } from "./communicator.ts";
 
 /** Broadcast rows shorter than this are slow in tfjs-backend-wasm's binary ops. */
@@ -153,20 +147,24 @@ export const batchNormTrain = <T extends tf.Tensor>(
     const save = args[3] as tf.GradSaveFunc;
     const xv = xIn.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
     let mean = channelMean(view, xv);
-    if (world !== undefined) {
-      const global = globalMean(world, mean.dataSync(), count);
-      globalCount = global.count;
-      mean = tf.tensor1d(Float32Array.from(global.mean));
-    }
     const centred = tf.sub(xv, rowOf(view, mean)) as tf.Tensor2D;
     let variance = channelMean(view, tf.mul(centred, centred));
-    if (world !== undefined) {
-      variance = tf.tensor1d(
-        Float32Array.from(globalVariance(world, variance.dataSync(), count, globalCount)),
-      );
+    let invStd: tf.Tensor1D;
+    let xhat: tf.Tensor2D;
+    if (world === undefined) {
+      invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
+      xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
+    } else {
+      // This rank's moments combined into the global batch's; x̂ = (x − M)·s = centred·s + (mean − M)·s.
+      const global = combineMoments(world, mean.dataSync(), variance.dataSync(), count);
+      globalCount = global.count;
+      const localMean = mean;
+      mean = tf.tensor1d(Float32Array.from(global.mean));
+      variance = tf.tensor1d(Float32Array.from(global.variance));
+      invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
+      const offset = tf.mul(tf.sub(localMean, mean), invStd);
+      xhat = tf.add(tf.mul(centred, rowOf(view, invStd)), rowOf(view, offset)) as tf.Tensor2D;
     }
-    const invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
-    const xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
     const normalised = tf.add(tf.mul(xhat, rowOf(view, gammaIn)), rowOf(view, betaIn));
     const yv = relu ? tf.relu(normalised) : normalised;
     stats = { mean: tf.keep(mean), variance: tf.keep(variance) };

@@ -5,15 +5,17 @@
  * When the communicator has several ranks and the `syncBatchNorm` kernel
  * setting is on, each rank's batch is a shard of one global batch:
  *
- * - forward: the mean and the biased variance are those of the global batch.
- *   The mean comes from all-reduced per-channel sums (count · local mean, with
- *   the counts), then the variance from all-reduced sums of squares centred on
- *   that global mean (Chan et al.'s combination where only local moments are
- *   known), which avoids E[x²] − E[x]²'s cancellation. Both in float64.
+ * - forward: the mean and the biased variance are those of the global batch,
+ *   combined from each rank's own (centred, two-pass) moments and counts in one
+ *   float64 all-reduce (Chan et al.'s pairwise combination; see `combineMoments`).
  * - backward: dx needs Σ dy and Σ dy·x̂ over the global batch; those per-channel
  *   sums are all-reduced (float64). dgamma and dbeta stay this rank's own sums,
  *   as SyncBatchNorm returns them: the data-parallel gradient all-reduce then
  *   averages them with every other parameter's gradient.
+ *
+ * One all-reduce in the forward and one in the backward per batch-norm call:
+ * on a busy machine each collective waits for every rank to be scheduled, so
+ * their number, not their few kilobytes, is the cost.
  *
  * Every rank must run the same sequence of batch norms (same layers, same
  * channel counts), as every rank of a data-parallel step does.
@@ -27,39 +29,13 @@ export const batchNormSyncWorld = (): Communicator | undefined => {
   return world.size > 1 && activeKernelSettings().syncBatchNorm ? world : undefined;
 };
 
-/** The global mean per channel from this rank's mean over `count` values, and the global count. */
-export const globalMean = (
-  world: Communicator,
-  localMean: ArrayLike<number>,
-  count: number,
-): { readonly mean: Float64Array; readonly count: number } => {
-  const channels = localMean.length;
-  const sums = new Float64Array(channels + 1);
-  for (let c = 0; c < channels; c++) sums[c] = localMean[c]! * count;
-  sums[channels] = count;
-  world.allReduce(sums, "sum");
-  const total = sums[channels]!;
-  return { mean: sums.subarray(0, channels).map((s) => s / total), count: total };
-};
-
 /**
- * The global biased variance per channel from this rank's mean of squared
- * deviations from the global mean (over `count` values) and the global count.
- */
-export const globalVariance = (
-  world: Communicator,
-  localMeanSquare: ArrayLike<number>,
-  count: number,
-  globalCount: number,
-): Float64Array => {
-  const sums = Float64Array.from(localMeanSquare, (m) => m * count);
-  world.allReduce(sums, "sum");
-  return sums.map((s) => s / globalCount);
-};
-
-/**
- * Global moments from this rank's mean and biased variance over `count` values:
- * Σ_r n_r·(var_r + (mean_r − M)²) / N, with M the global mean.
+ * Global moments from this rank's mean and biased variance over `count` values,
+ * in one all-reduce of [Σ n·mean, Σ n·(var + mean²), Σ n] (float64): M = Σ n·mean / N
+ * and V = Σ n·(var + mean²) / N − M², which is Σ_r n_r·(var_r + (mean_r − M)²) / N.
+ * The subtraction loses ~1e−16·(1 + M²/V) of V in float64, below float32's
+ * rounding for any channel whose |mean| / std is under ~10⁴ (beyond that float32
+ * activations cannot resolve their own variance either).
  */
 export const combineMoments = (
   world: Communicator,
@@ -67,9 +43,23 @@ export const combineMoments = (
   localVariance: ArrayLike<number>,
   count: number,
 ): { readonly mean: Float64Array; readonly variance: Float64Array; readonly count: number } => {
-  const { mean, count: total } = globalMean(world, localMean, count);
-  const square = Float64Array.from(localVariance, (v, c) => v + (localMean[c]! - mean[c]!) ** 2);
-  return { mean, variance: globalVariance(world, square, count, total), count: total };
+  const channels = localMean.length;
+  const sums = new Float64Array(2 * channels + 1);
+  for (let c = 0; c < channels; c++) {
+    const m = localMean[c]!;
+    sums[c] = count * m;
+    sums[channels + c] = count * (localVariance[c]! + m * m);
+  }
+  sums[2 * channels] = count;
+  world.allReduce(sums, "sum");
+  const total = sums[2 * channels]!;
+  const mean = new Float64Array(channels);
+  const variance = new Float64Array(channels);
+  for (let c = 0; c < channels; c++) {
+    mean[c] = sums[c]! / total;
+    variance[c] = Math.max(0, sums[channels + c]! / total - mean[c]! * mean[c]!);
+  }
+  return { mean, variance, count: total };
 };
 
 /**

@@ -131,9 +131,11 @@ def batch_norm(x_nhwc, gamma, beta, dy, relu):
     }
 
 
-def bn_case(shape, relu, splits):
+def bn_case(shape, relu, splits, far=False):
     c = shape[-1]
     x = torch.randn(*shape, generator=generator) * (1 + 0.3 * torch.arange(c)) + (torch.arange(c) - c / 2) * 0.5
+    if far:  # channel means far from zero against their spread: |mean| / std ~ 60
+        x = 30 + 0.5 * torch.randn(*shape, generator=generator)
     gamma = 0.5 + torch.rand(c, generator=generator)
     beta = torch.randn(c, generator=generator)
     dy = torch.randn(*shape, generator=generator)
@@ -159,11 +161,14 @@ def bn_case(shape, relu, splits):
     }
 
 
+# No shard of 2 rows: two values normalise to +-sqrt(v / (v + eps)) whatever they are, so their dx is
+# O(eps / v), a cancellation float32 cannot resolve (see test/batch_norm_test.ts).
 batch_norm_cases = [
     bn_case((8, 3, 3, 5), True, {"2": [4, 4], "4": [2, 2, 2, 2]}),
     bn_case((8, 2, 3, 4), False, {"2": [4, 4], "4": [2, 2, 2, 2]}),
     bn_case((16, 10), True, {"2": [8, 8], "4": [4, 4, 4, 4]}),
     bn_case((12, 7), False, {"2": [5, 7], "4": [3, 3, 3, 3]}),
+    bn_case((13, 5), True, {"2": [6, 7], "4": [4, 3, 3, 3]}, far=True),
 ]
 
 with open("test/fixtures/distributed.json", "w") as f:
