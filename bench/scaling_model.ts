@@ -9,7 +9,8 @@
  * per GPU) and P workers train on P times the images. Per step, each rank all-reduces
  * - the gradients: every trainable parameter in float32, in buckets of `--bucket-mb`;
  * - synchronised batch norm: per batch-norm call (each backbone layer once per resolution group, the
- *   head's once) two forward messages ((C + 1) and C float64) and one backward (2C float64);
+ *   head's once) one forward message (2C + 1 float64: the moments and the count) and one backward
+ *   (2C float64: Σ dy and Σ dy·x̂), as backend/sync_batch_norm.ts sends them;
  * - distributed Sinkhorn (host path), per assignment crop: the extremes (2 float64), the total (1), the
  *   prototype sums (K float64) per iteration and one flag.
  * Time of one all-reduce of n bytes over P ranks, MPICH's algorithms (Thakur, Rabenseifner & Gropp
@@ -108,7 +109,7 @@ const messagesOf = (setting: Setting, bucketBytes: number, iterations = 3) => {
   for (const s of specs.filter((s) => s.name.endsWith(".running_mean"))) {
     const channels = s.shape[0]!;
     const calls = s.name.startsWith("projection_head") ? 1 : groups;
-    for (let c = 0; c < calls; c++) batchNorm.push((channels + 1) * 8, channels * 8, 2 * channels * 8);
+    for (let c = 0; c < calls; c++) batchNorm.push((2 * channels + 1) * 8, 2 * channels * 8);
   }
   const sinkhorn: number[] = [];
   for (let c = 0; c < assignCrops; c++) {

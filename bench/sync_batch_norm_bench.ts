@@ -9,8 +9,11 @@
  *
  * `--batch` is the global batch (each rank holds batch / size images, two crops each). Every round
  * times forward + backward of all the calls with and without synchronisation, alternated, on the
- * oneDNN path and the tensor-op path; rank 0 prints one JSON line per path with the median ms of each
- * and their ratio (a side-by-side ratio, meaningful on a busy machine where absolute times are not).
+ * oneDNN path and the tensor-op path; rank 0 prints one JSON line per path with the median ms of each,
+ * their ratio (a side-by-side ratio, meaningful on a busy machine where absolute times are not), the
+ * collectives per pass and the median ms spent inside them (waiting for the other ranks included:
+ * on an oversubscribed machine each one waits for every rank to be scheduled), so that the compute
+ * the synchronisation adds is the rest.
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
@@ -25,6 +28,17 @@ const arg = (name: string, fallback: number): number => {
 };
 
 const main = async (world: Communicator): Promise<void> => {
+  // Counts the collectives and the time inside them. The kernels call the installed communicator,
+  // this very object, so wrapping its method here sees all of them (a measurement, not library code).
+  let collectives = 0;
+  let collectiveMs = 0;
+  const allReduce = world.allReduce;
+  (world as { allReduce: Communicator["allReduce"] }).allReduce = (data, op) => {
+    const start = performance.now();
+    allReduce(data, op);
+    collectiveMs += performance.now() - start;
+    collectives++;
+  };
   const batch = arg("--batch", 64);
   const rounds = arg("--rounds", 5);
   const reps = arg("--reps", 5);
@@ -50,9 +64,11 @@ const main = async (world: Communicator): Promise<void> => {
     };
   });
 
-  /** Forward + backward of every call once; milliseconds. */
-  const pass = (): number => {
+  /** Forward + backward of every call once: milliseconds, collectives and ms inside them. */
+  const pass = () => {
     world.barrier();
+    collectives = 0;
+    collectiveMs = 0;
     const start = performance.now();
     for (const [i, [, calls]] of layers.entries()) {
       const { x, dy, gamma, beta } = inputs[i]!;
@@ -66,18 +82,28 @@ const main = async (world: Communicator): Promise<void> => {
         );
       }
     }
+    const ms = performance.now() - start;
     world.barrier();
-    return performance.now() - start;
+    return { ms, collectives, collectiveMs };
   };
 
   const median = (v: number[]) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)]!;
   for (const path of loadDnnl() === undefined ? ["tensor ops"] : ["oneDNN", "tensor ops"]) {
     const times: Record<"sync" | "local", number[]> = { sync: [], local: [] };
+    const inside: number[] = [];
+    let count = 0;
     for (let r = 0; r < rounds; r++) {
       for (const sync of r % 2 === 0 ? [true, false] : [false, true]) {
         await withKernelSettings({ nativeBatchNorm: path === "oneDNN", syncBatchNorm: sync }, () => {
           pass(); // warm-up (plans, first allocations)
-          for (let i = 0; i < reps; i++) times[sync ? "sync" : "local"].push(pass());
+          for (let i = 0; i < reps; i++) {
+            const p = pass();
+            times[sync ? "sync" : "local"].push(p.ms);
+            if (sync) {
+              inside.push(p.collectiveMs);
+              count = p.collectives;
+            }
+          }
           return Promise.resolve();
         });
       }
@@ -92,6 +118,8 @@ const main = async (world: Communicator): Promise<void> => {
         syncMs: Math.round(sync * 10) / 10,
         localMs: Math.round(local * 10) / 10,
         ratio: Math.round((sync / local) * 100) / 100,
+        collectives: count,
+        collectiveMs: Math.round(median(inside) * 10) / 10,
       }));
     }
   }
