@@ -25,6 +25,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { BATCH_NORM_TRAIN, BATCH_NORM_TRAIN_GRAD, nativeBatchNormActive } from "./batch_norm_kernels.ts";
 import { kernelInvariant } from "./invariant.ts";
+import { batchNormSyncWorld, combineMoments, globalGradientSums } from "./sync_batch_norm.ts";
+import type { Communicator } from "./communicator.ts";
 
 /** Broadcast rows shorter than this are slow in tfjs-backend-wasm's binary ops. */
 const MIN_ROW = 256;
@@ -88,6 +90,12 @@ export interface BatchNormTrainOutput<T extends tf.Tensor> {
   readonly mean: tf.Tensor1D;
   /** Biased batch variance per channel [C] (carries no gradient; for running statistics). */
   readonly variance: tf.Tensor1D;
+  /**
+   * Values per channel the statistics are over: this batch's, or the global
+   * batch's (all ranks) under synchronised batch norm; the unbiased running
+   * variance divides by count − 1.
+   */
+  readonly count: number;
 }
 
 /**
@@ -104,8 +112,14 @@ const intoCallerScope = (kept: { mean: tf.Tensor1D; variance: tf.Tensor1D }) => 
 /**
  * BatchNorm over all axes but the last of x ([N, H, W, C], [N, C], ...) with
  * this batch's statistics, as torch's train mode normalises, optionally fused
- * with the ReLU that follows it. All three outputs belong to the caller's scope
+ * with the ReLU that follows it. The tensor outputs belong to the caller's scope
  * (a tf.tidy disposes them as usual).
+ *
+ * Synchronised (backend/sync_batch_norm.ts: several ranks and the
+ * `syncBatchNorm` setting on), the statistics are the global batch's and the
+ * backward all-reduces Σ dy and Σ dy·x̂ for dx, as PyTorch's SyncBatchNorm; the
+ * per-channel vectors cross to the host for the collectives (a cheap copy on
+ * wasm and cpu, a synchronous read on webgpu). Otherwise nothing changes.
  */
 export const batchNormTrain = <T extends tf.Tensor>(
   x: T,
@@ -122,7 +136,9 @@ export const batchNormTrain = <T extends tf.Tensor>(
     gamma.size === view.channels && beta.size === view.channels,
     () => `batchNormTrain: gamma/beta of size ${gamma.size}/${beta.size} for input [${shape}]`,
   );
-  if (nativeBatchNormActive()) return nativeBatchNormTrain(x, gamma, beta, epsilon, relu);
+  const world = batchNormSyncWorld();
+  if (nativeBatchNormActive()) return nativeBatchNormTrain(x, gamma, beta, epsilon, relu, world, count);
+  let globalCount = count;
   // The statistics leave the custom gradient's forward (which runs in its own
   // tidy, off the tape) kept; they are cloned into the caller's scope below.
   let stats: { mean: tf.Tensor1D; variance: tf.Tensor1D } | undefined;
@@ -130,11 +146,25 @@ export const batchNormTrain = <T extends tf.Tensor>(
     const [xIn, gammaIn, betaIn] = args as [tf.Tensor, tf.Tensor1D, tf.Tensor1D];
     const save = args[3] as tf.GradSaveFunc;
     const xv = xIn.reshape([view.rows, view.repeat * view.channels]) as tf.Tensor2D;
-    const mean = channelMean(view, xv);
+    let mean = channelMean(view, xv);
     const centred = tf.sub(xv, rowOf(view, mean)) as tf.Tensor2D;
-    const variance = channelMean(view, tf.mul(centred, centred));
-    const invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
-    const xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
+    let variance = channelMean(view, tf.mul(centred, centred));
+    let invStd: tf.Tensor1D;
+    let xhat: tf.Tensor2D;
+    if (world === undefined) {
+      invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
+      xhat = tf.mul(centred, rowOf(view, invStd)) as tf.Tensor2D;
+    } else {
+      // This rank's moments combined into the global batch's; x̂ = (x − M)·s = centred·s + (mean − M)·s.
+      const global = combineMoments(world, mean.dataSync(), variance.dataSync(), count);
+      globalCount = global.count;
+      const localMean = mean;
+      mean = tf.tensor1d(Float32Array.from(global.mean));
+      variance = tf.tensor1d(Float32Array.from(global.variance));
+      invStd = tf.rsqrt(tf.add(variance, epsilon)) as tf.Tensor1D;
+      const offset = tf.mul(tf.sub(localMean, mean), invStd);
+      xhat = tf.add(tf.mul(centred, rowOf(view, invStd)), rowOf(view, offset)) as tf.Tensor2D;
+    }
     const normalised = tf.add(tf.mul(xhat, rowOf(view, gammaIn)), rowOf(view, betaIn));
     const yv = relu ? tf.relu(normalised) : normalised;
     stats = { mean: tf.keep(mean), variance: tf.keep(variance) };
@@ -163,9 +193,13 @@ export const batchNormTrain = <T extends tf.Tensor>(
           // Means rather than sums: dbeta/N and dgamma/N are what dx needs.
           const dbetaMean = channelMean(view, dyv);
           const dgammaMean = channelMean(view, tf.mul(dyv, sxhat));
+          // Synchronised, dx needs the means over the global batch; dgamma and dbeta stay this rank's.
+          const [dxBetaMean, dxGammaMean] = world === undefined
+            ? [dbetaMean, dgammaMean]
+            : globalGradientMeans(world, dbetaMean, dgammaMean, count, globalCount);
           const a = tf.mul(sGamma, sInvStd); // gamma·invstd
-          const xhatCoef = tf.mul(a, tf.neg(dgammaMean)); // −gamma·invstd·dgamma/N
-          const shift = tf.mul(a, tf.neg(dbetaMean)); // −gamma·invstd·dbeta/N
+          const xhatCoef = tf.mul(a, tf.neg(dxGammaMean)); // −gamma·invstd·dgamma/N
+          const shift = tf.mul(a, tf.neg(dxBetaMean)); // −gamma·invstd·dbeta/N
           const dx = tf.add(
             tf.add(tf.mul(dyv, rowOf(view, a)), tf.mul(sxhat, rowOf(view, xhatCoef))),
             rowOf(view, shift),
@@ -175,13 +209,34 @@ export const batchNormTrain = <T extends tf.Tensor>(
     };
   });
   const y = op(x, gamma, beta) as T;
-  return { y, ...intoCallerScope(stats!) };
+  return { y, ...intoCallerScope(stats!), count: globalCount };
+};
+
+/** Means of dy and dy·x̂ over the global batch from this rank's means over `count` values. */
+const globalGradientMeans = (
+  world: Communicator,
+  dbetaMean: tf.Tensor1D,
+  dgammaMean: tf.Tensor1D,
+  count: number,
+  globalCount: number,
+): [tf.Tensor1D, tf.Tensor1D] => {
+  const channels = dbetaMean.size;
+  const sums = globalGradientSums(
+    world,
+    Float64Array.from(dbetaMean.dataSync(), (m) => m * count),
+    Float64Array.from(dgammaMean.dataSync(), (m) => m * count),
+  );
+  const means = Float32Array.from(sums, (s) => s / globalCount);
+  return [tf.tensor1d(means.subarray(0, channels)), tf.tensor1d(means.subarray(channels))];
 };
 
 /**
  * The same op through oneDNN's batch-normalisation primitives (backend/batch_norm_kernels.ts):
  * one kernel forward (statistics, normalisation, ReLU) and one backward. The forward
  * saves x, the statistics and, with ReLU, oneDNN's bit mask of the positive outputs.
+ * Synchronised (`world` given), a first forward gives this rank's moments, which are
+ * combined over the ranks, and a second normalises with the global ones; the backward
+ * kernel all-reduces the gradient sums (its `globalCount`).
  */
 const nativeBatchNormTrain = <T extends tf.Tensor>(
   x: T,
@@ -189,20 +244,39 @@ const nativeBatchNormTrain = <T extends tf.Tensor>(
   beta: tf.Tensor1D,
   epsilon: number,
   relu: boolean,
+  world: Communicator | undefined,
+  count: number,
 ): BatchNormTrainOutput<T> => {
   const attrs = { epsilon, relu } as unknown as tf.NamedAttrMap;
+  let globalCount = count;
   let stats: { mean: tf.Tensor1D; variance: tf.Tensor1D } | undefined;
   const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
     const [xIn, gammaIn, betaIn] = args as [tf.Tensor, tf.Tensor1D, tf.Tensor1D];
     const save = args[3] as tf.GradSaveFunc;
-    const [y, mean, variance, workspace] = tf.engine().runKernel(
+    const inputs = { x: xIn, gamma: gammaIn, beta: betaIn };
+    let [y, mean, variance, workspace] = tf.engine().runKernel(
       BATCH_NORM_TRAIN,
-      { x: xIn, gamma: gammaIn, beta: betaIn },
+      inputs,
       attrs,
     ) as tf.Tensor[];
+    if (world !== undefined) {
+      const global = combineMoments(world, mean!.dataSync(), variance!.dataSync(), count);
+      tf.dispose([y!, mean!, variance!, ...(workspace === undefined ? [] : [workspace])]);
+      globalCount = global.count;
+      mean = tf.tensor1d(Float32Array.from(global.mean));
+      variance = tf.tensor1d(Float32Array.from(global.variance));
+      [y, workspace] = tf.engine().runKernel(
+        BATCH_NORM_TRAIN,
+        { ...inputs, mean, variance },
+        attrs,
+      ) as tf.Tensor[];
+    }
     stats = { mean: tf.keep(mean as tf.Tensor1D), variance: tf.keep(variance as tf.Tensor1D) };
     const saved = [xIn, mean!, variance!, gammaIn, betaIn];
     save(workspace === undefined ? saved : [...saved, workspace]);
+    const gradAttrs = world === undefined
+      ? attrs
+      : { epsilon, relu, globalCount } as unknown as tf.NamedAttrMap;
     return {
       value: y as T,
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
@@ -216,10 +290,10 @@ const nativeBatchNormTrain = <T extends tf.Tensor>(
           dy,
         };
         if (sWorkspace !== undefined) inputs.workspace = sWorkspace;
-        return tf.engine().runKernel(BATCH_NORM_TRAIN_GRAD, inputs, attrs) as tf.Tensor[];
+        return tf.engine().runKernel(BATCH_NORM_TRAIN_GRAD, inputs, gradAttrs) as tf.Tensor[];
       },
     };
   });
   const y = op(x, gamma, beta) as T;
-  return { y, ...intoCallerScope(stats!) };
+  return { y, ...intoCallerScope(stats!), count: globalCount };
 };

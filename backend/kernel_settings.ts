@@ -44,6 +44,14 @@ export interface KernelSettings {
   readonly fastConv2DBackpropInput: boolean;
   /** The training step's backward frees memory as it walks (`leanVariableGrads`) instead of `tf.variableGrads`. */
   readonly leanBackward: boolean;
+  /**
+   * Synchronised batch norm when the communicator has more than one rank: the
+   * forward normalises with the statistics of the global batch (all ranks) and
+   * the backward all-reduces the per-channel gradient sums, as PyTorch's
+   * SyncBatchNorm. false: each rank normalises with its own batch's statistics.
+   * A world of one is unaffected either way.
+   */
+  readonly syncBatchNorm: boolean;
 }
 
 /** What every run uses. */
@@ -61,6 +69,7 @@ export const defaultKernelSettings: KernelSettings = {
   chunkFloats: 1 << 22,
   fastConv2DBackpropInput: true,
   leanBackward: true,
+  syncBatchNorm: true,
 };
 
 /** A kernel setting out of its range. */

@@ -31,6 +31,7 @@ import {
   DNNL_FORWARD_TRAINING,
   DNNL_FUSE_NORM_RELU,
   DNNL_STREAM_DEFAULT,
+  DNNL_USE_GLOBAL_STATS,
   DNNL_USE_SCALE,
   DNNL_USE_SHIFT,
   dnnlSymbols,
@@ -147,8 +148,12 @@ export interface BatchNormShape {
 export interface DnnlBatchNorm {
   /** Bytes of the ReLU workspace the forward writes and the backward reads (0 without relu). */
   workspaceBytes(shape: BatchNormShape): number;
-  /** y = [relu](gamma (x − mean)/√(var + eps) + beta), with the batch mean and biased variance. */
-  forward(shape: BatchNormShape, p: BatchNormForwardPointers): void;
+  /**
+   * y = [relu](gamma (x − mean)/√(var + eps) + beta), with the batch mean and biased
+   * variance, written to `mean` and `variance`; with `givenStatistics`, read from them
+   * instead (synchronised batch norm's global statistics).
+   */
+  forward(shape: BatchNormShape, p: BatchNormForwardPointers, givenStatistics?: boolean): void;
   /** dx, dgamma, dbeta from dy (the gradient of y) and the forward's statistics. */
   backward(shape: BatchNormShape, p: BatchNormBackwardPointers): void;
 }
@@ -441,7 +446,8 @@ export const loadDnnl = (): Dnnl | undefined => {
       ok(d.dnnl_stream_wait(stream), "dnnl_stream_wait");
     };
 
-    const bnPlans = new Map<string, { forward: ArgPlan; backward: ArgPlan }>();
+    /** Per shape: the forward (statistics computed or, synchronised batch norm's, given) and the backward. */
+    const bnPlans = new Map<string, { forward: ArgPlan; givenStats: () => ArgPlan; backward: ArgPlan }>();
     const bnPlan = (shape: BatchNormShape) => {
       const key = `${activeThreads()}:${shape.rows},${shape.height},${shape.width},${shape.channels},` +
         `${shape.epsilon},${shape.relu}`;
@@ -452,18 +458,21 @@ export const loadDnnl = (): Dnnl | undefined => {
       const n = shape.rows / (h * w);
       const data = memoryDesc([n, c, h, w], [h * w * c, 1, w * c, c]);
       const flags = DNNL_USE_SCALE | DNNL_USE_SHIFT | (shape.relu ? DNNL_FUSE_NORM_RELU : 0);
-      const fdesc = new Uint8Array(OP_DESC_BYTES);
-      ok(
-        d.dnnl_batch_normalization_forward_desc_init(
-          ptr(fdesc),
-          DNNL_FORWARD_TRAINING,
-          ptr(data),
-          shape.epsilon,
-          flags,
-        ),
-        "dnnl batch normalization forward desc",
-      );
-      const forwardPd = primitiveDesc(fdesc, null);
+      const forwardPd = (extraFlags: number) => {
+        const fdesc = new Uint8Array(OP_DESC_BYTES);
+        ok(
+          d.dnnl_batch_normalization_forward_desc_init(
+            ptr(fdesc),
+            DNNL_FORWARD_TRAINING,
+            ptr(data),
+            shape.epsilon,
+            flags | extraFlags,
+          ),
+          "dnnl batch normalization forward desc",
+        );
+        return primitiveDesc(fdesc, null);
+      };
+      const computedStatsPd = forwardPd(0);
       const bdesc = new Uint8Array(OP_DESC_BYTES);
       ok(
         d.dnnl_batch_normalization_backward_desc_init(
@@ -476,26 +485,21 @@ export const loadDnnl = (): Dnnl | undefined => {
         ),
         "dnnl batch normalization backward desc",
       );
-      const backwardPd = primitiveDesc(bdesc, forwardPd);
+      const backwardPd = primitiveDesc(bdesc, computedStatsPd);
       const workspace = shape.relu ? [ARG_WORKSPACE] : [];
+      // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
+      const forwardArgs = [ARG_SRC, ARG_DST, ARG_MEAN, ARG_VARIANCE, ARG_SCALE, ARG_SHIFT, ...workspace];
+      let givenStats: ArgPlan | undefined;
       plan = {
-        forward: argPlan(forwardPd, [
-          ARG_SRC,
-          ARG_DST,
-          ARG_MEAN,
-          ARG_VARIANCE,
-          ARG_SCALE,
-          // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
-          ARG_SHIFT,
-          ...workspace,
-        ]),
+        forward: argPlan(computedStatsPd, forwardArgs),
+        // Made on first use (synchronised runs only); the backward reads its fused-ReLU workspace too.
+        givenStats: () => givenStats ??= argPlan(forwardPd(DNNL_USE_GLOBAL_STATS), forwardArgs),
         backward: argPlan(backwardPd, [
           ARG_SRC,
           ARG_MEAN,
           ARG_VARIANCE,
           ARG_DIFF_DST,
           ARG_SCALE,
-          // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
           ARG_SHIFT,
           ...workspace,
           ARG_DIFF_SRC,
@@ -508,7 +512,7 @@ export const loadDnnl = (): Dnnl | undefined => {
     };
     const batchNorm: DnnlBatchNorm = {
       workspaceBytes: (shape) => bnPlan(shape).forward.workspaceBytes,
-      forward: (shape, p) => {
+      forward: (shape, p, givenStatistics = false) => {
         const pointers = new Map<number, Deno.PointerValue>([
           [ARG_SRC, p.x],
           [ARG_DST, p.y],
@@ -518,7 +522,7 @@ export const loadDnnl = (): Dnnl | undefined => {
           [ARG_SHIFT, p.beta],
         ]);
         if (shape.relu) pointers.set(ARG_WORKSPACE, p.workspace!);
-        runPlan(bnPlan(shape).forward, pointers);
+        runPlan(givenStatistics ? bnPlan(shape).givenStats() : bnPlan(shape).forward, pointers);
       },
       backward: (shape, p) => {
         const pointers = new Map<number, Deno.PointerValue>([

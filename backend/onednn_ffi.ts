@@ -102,6 +102,8 @@ export const DNNL_FORMAT_TAG_ANY = 1;
 export const QUERY_WEIGHTS_MD = 131;
 export const QUERY_EXEC_ARG_MD = 255;
 export const DNNL_BACKWARD = 128;
+/** Batch norm takes the mean and variance as inputs instead of computing them. */
+export const DNNL_USE_GLOBAL_STATS = 0x1;
 export const DNNL_FUSE_NORM_RELU = 0x4;
 export const DNNL_USE_SCALE = 0x8;
 export const DNNL_USE_SHIFT = 0x10;

@@ -7,6 +7,7 @@
  * path where this returns undefined.
  */
 import * as tf from "@tensorflow/tfjs";
+import { activeCommunicator, type Communicator } from "./communicator.ts";
 import { wasmHeap } from "./wasm_heap.ts";
 
 export interface SinkhornOptions {
@@ -145,6 +146,15 @@ const usable = (sum: number): boolean => sum >= MIN_SUM && sum <= MAX_SUM;
  * Exact arithmetic gives the reference's values; float64 rounding is ~1e−15
  * relative, far below the float32 output's. The b·k exponentials are most of
  * the cost.
+ *
+ * With a `world` of several ranks, each holding its own b rows of one matrix
+ * of b·size rows, this is the reference's `distributed_sinkhorn`: B is b·size,
+ * and the maximum (with the minimum, for the spread check), the total and the
+ * prototype (column) sums are all-reduced in float64, so every rank returns its
+ * rows of the codes of the whole matrix. Every rank takes the same branch: the
+ * checks read all-reduced values, and a rank whose own row sum is unusable
+ * poisons the next all-reduced column sums with NaN (or, after the last
+ * iteration, one all-reduced flag), so all fall back to the log domain together.
  */
 export const plainDomainCodes = (
   scores: ArrayLike<number>,
@@ -152,28 +162,44 @@ export const plainDomainCodes = (
   k: number,
   { epsilon, iterations }: SinkhornOptions,
   out: Float32Array = new Float32Array(b * k),
+  world: Communicator = activeCommunicator(),
 ): Float32Array | undefined => {
   const n = b * k;
   if (n === 0 || scores.length !== n) return undefined;
-  const max = maxOf(scores);
+  const distributed = world.size > 1;
+  const batch = b * world.size; // the reference's B = Q.shape[1] · world_size
+  let max = maxOf(scores);
+  let min = minOf(scores);
+  if (distributed) {
+    const extremes = Float64Array.of(max, -min);
+    world.allReduce(extremes, "max");
+    max = extremes[0]!;
+    min = -extremes[1]!;
+  }
   // NaN scores are skipped by maxOf and minOf and caught by the sum checks; ±Infinity makes the spread infinite.
-  if (!((max - minOf(scores)) / epsilon <= PLAIN_DOMAIN_MAX_SPREAD)) return undefined;
+  if (!((max - min) / epsilon <= PLAIN_DOMAIN_MAX_SPREAD)) return undefined;
 
   const kernel = kernelScratch(n);
-  const total = exponentiate(kernel, scores, max, epsilon); // ≥ 1: the maximum's entry is exp(0)
+  let total = exponentiate(kernel, scores, max, epsilon); // ≥ 1: the maximum's entry is exp(0)
+  if (distributed) {
+    const sum = Float64Array.of(total);
+    world.allReduce(sum, "sum");
+    total = sum[0]!;
+  }
   if (!usable(total)) return undefined;
   const u = new Float64Array(b).fill(1 / total); // Q /= sum(Q)
   const v = new Float64Array(k).fill(1);
   // the reference returns Q · B
   if (iterations === 0) {
-    for (let r = 0; r < b; r++) writeRow(out, kernel, r, v, u[r]! * b);
+    for (let r = 0; r < b; r++) writeRow(out, kernel, r, v, u[r]! * batch);
     return out;
   }
 
   const sums = new Float64Array(k);
   for (let it = 0; it < iterations; it++) {
-    // Prototypes (columns): v_j = 1 / (K Σ_i E_ij u_i).
+    // Prototypes (columns): v_j = 1 / (K Σ_i E_ij u_i), the sum over every rank's rows.
     columnSums(sums, kernel, u);
+    if (distributed) world.allReduce(sums, "sum");
     for (let j = 0; j < k; j++) {
       if (!usable(sums[j]!)) return undefined;
       v[j] = 1 / (k * sums[j]!);
@@ -182,15 +208,23 @@ export const plainDomainCodes = (
     // Samples (rows): u_i = 1 / (B Σ_j E_ij v_j).
     for (let r = 0; r < b; r++) {
       const sum = rowSum(kernel, r, v);
-      if (!usable(sum)) return undefined;
-      u[r] = 1 / (b * sum);
+      if (usable(sum)) u[r] = 1 / (batch * sum);
+      else if (distributed) u[r] = NaN; // makes every rank's next column sums NaN
+      else return undefined;
     }
   }
   // The last sample normalisation then Q · B: each row divided by its sum (u_i cancels).
+  let unusable = 0;
   for (let r = 0; r < b; r++) {
     const sum = rowSum(kernel, r, v);
-    if (!usable(sum)) return undefined;
-    writeRow(out, kernel, r, v, 1 / sum);
+    if (usable(sum)) writeRow(out, kernel, r, v, 1 / sum);
+    else if (distributed) unusable = 1;
+    else return undefined;
+  }
+  if (distributed) {
+    const flag = Float64Array.of(unusable);
+    world.allReduce(flag, "max");
+    if (flag[0] !== 0) return undefined;
   }
   return out;
 };

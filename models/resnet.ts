@@ -214,8 +214,9 @@ export const batchNorm = <T extends tf.Tensor>(
   );
   // The closed-form backward (backend/batch_norm.ts): tf.batchNorm's gradient tiles every statistic
   // to the activation's shape, which made BatchNorm the largest cost of a wasm training step.
-  const { y, mean, variance } = batchNormTrain(x, scale, offset, BN_EPS, { relu });
-  if (options.updateRunningStats ?? true) updateRunningStats(params, name, mean, variance, count);
+  // Synchronised batch norm's statistics are the global batch's: its count is every rank's values.
+  const { y, mean, variance, count: statsCount } = batchNormTrain(x, scale, offset, BN_EPS, { relu });
+  if (options.updateRunningStats ?? true) updateRunningStats(params, name, mean, variance, statsCount);
   return y;
 };
 
