@@ -44,6 +44,12 @@ export interface KernelSettings {
   readonly fastConv2DBackpropInput: boolean;
   /** The training step's backward frees memory as it walks (`leanVariableGrads`) instead of `tf.variableGrads`. */
   readonly leanBackward: boolean;
+  /**
+   * Batch norm's statistics over the whole data-parallel batch (every rank's
+   * samples, through `activeCommunicator()`) rather than the rank's own: the run
+   * config's `model.syncBatchNorm`. Nothing changes in a world of one.
+   */
+  readonly syncBatchNorm: boolean;
 }
 
 /** What every run uses. */
@@ -61,6 +67,7 @@ export const defaultKernelSettings: KernelSettings = {
   chunkFloats: 1 << 22,
   fastConv2DBackpropInput: true,
   leanBackward: true,
+  syncBatchNorm: true,
 };
 
 /** A kernel setting out of its range. */
