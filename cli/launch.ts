@@ -109,6 +109,13 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
     });
     const status = yield* Effect.promise(() => child.status);
     for (const [signal, handler] of handlers) Deno.removeSignalListener(signal, handler);
+    if (status.code !== 0) {
+      // A rank killed from outside cannot say so itself: mpiexec's banner above names its PID and signal.
+      console.error(
+        `error: the job of ${options.procs} processes stopped (mpiexec exit code ${status.code}; the lines ` +
+          `above name the process and the cause); its last checkpoint stays usable: --resume continues`,
+      );
+    }
     return status.code;
   });
 
