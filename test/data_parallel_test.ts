@@ -12,33 +12,7 @@ import assert from "node:assert/strict";
 import { mergeQueueRows, splitQueueRows } from "../state/queue.ts";
 import { buckets } from "../pipelines/data_parallel.ts";
 import { runCli } from "./_helpers.ts";
-import { tinyRunConfig, writeTinyData } from "./_tiny_run.ts";
-
-const mpiexec = (() => {
-  try {
-    return new Deno.Command("mpiexec", { args: ["--version"], stdout: "null", stderr: "null" }).outputSync()
-      .success;
-  } catch {
-    return false;
-  }
-})();
-const noMpi = !mpiexec;
-
-/** A tiny run's config file: queue from epoch 2 (full after its first step), 4 steps an epoch. */
-export const writeParallelConfig = async (data: string, dir: string, train: object = {}) => {
-  const config = tinyRunConfig(data, `${dir}/unused`, { knnEvery: 0, ...train });
-  const path = `${dir}/config.json`;
-  await Deno.writeTextFile(
-    path,
-    JSON.stringify({ ...config, swav: { freezePrototypesIters: 2, queueLength: 16, queueStartEpoch: 1 } }),
-  );
-  return path;
-};
-
-export const readMetrics = async (folder: string) =>
-  (await Deno.readTextFile(`${folder}/metrics.jsonl`)).trim().split("\n").map((line) =>
-    JSON.parse(line) as { step: number; loss: number; code_entropy: number; prototypes_in_use: number }
-  );
+import { noMpi, readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
 Deno.test("buckets: gradients packed in order into buckets of at most the limit; big ones alone", () => {
   const sizes = Array.from({ length: 40 }, () => 1 + Math.floor(Math.random() * 300));
