@@ -179,10 +179,10 @@ const openTrainingData = (config: RunConfig, batchSize: number, comm: Communicat
   Effect.gen(function* () {
     const { seed } = config.train;
     const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
-    if (source.length < batchSize) {
+    if (source.length < config.train.batchSize) {
       return yield* new DatasetTooSmall({
-        message:
-          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
+        message: `the data set has ${source.length} samples, fewer than one batch of ` +
+          `${config.train.batchSize}: lower train.batchSize`,
       });
     }
     const loader = yield* makeLoader({
