@@ -27,6 +27,8 @@ export interface Communicator {
   readonly allReduce: (data: Float32Array | Float64Array, op: ReduceOp) => void;
   /** Copies `root`'s `data` into every rank's `data`. */
   readonly broadcast: (data: Float32Array | Float64Array | Uint8Array, root: number) => void;
+  /** `root` gets every rank's `data` (equal lengths), rank-major; the other ranks get undefined. */
+  readonly gather: (data: Float32Array, root: number) => Float32Array | undefined;
   readonly barrier: () => void;
   /** Ends every rank of the job with `code` (the caller prints why first). */
   readonly abort: (code: number) => void;
@@ -40,6 +42,7 @@ export const singleProcess: Communicator = {
   library: "",
   allReduce: () => {},
   broadcast: () => {},
+  gather: (data) => Float32Array.from(data),
   barrier: () => {},
   abort: (code) => Deno.exit(code),
 };
@@ -92,6 +95,7 @@ const openWorld = (library: string): Effect.Effect<Communicator, CommunicatorUna
         library: mpi.version,
         allReduce: mpi.allReduce,
         broadcast: mpi.broadcast,
+        gather: mpi.gather,
         barrier: mpi.barrier,
         abort: mpi.abort,
       };

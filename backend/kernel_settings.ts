@@ -50,6 +50,7 @@ export interface KernelSettings {
    * the backward all-reduces the per-channel gradient sums, as PyTorch's
    * SyncBatchNorm. false: each rank normalises with its own batch's statistics.
    * A world of one is unaffected either way.
+   * (The run config's `model.syncBatchNorm`.)
    */
   readonly syncBatchNorm: boolean;
 }

@@ -37,6 +37,10 @@ const mpiSymbols = {
     result: "i32",
   },
   MPI_Bcast: { parameters: ["buffer", "i32", "i32", "i32", "i32"], result: "i32" },
+  MPI_Gather: {
+    parameters: ["buffer", "i32", "i32", "buffer", "i32", "i32", "i32", "i32"],
+    result: "i32",
+  },
   MPI_Barrier: { parameters: ["i32"], result: "i32" },
   MPI_Abort: { parameters: ["i32", "i32"], result: "i32" },
   MPI_Get_library_version: { parameters: ["buffer", "buffer"], result: "i32" },
@@ -70,6 +74,7 @@ export interface MpiWorld {
   readonly version: string;
   allReduce(data: Float32Array | Float64Array, op: ReduceOp): void;
   broadcast(data: Float32Array | Float64Array | Uint8Array, root: number): void;
+  gather(data: Float32Array, root: number): Float32Array | undefined;
   barrier(): void;
   abort(code: number): void;
   finalize(): void;
@@ -125,6 +130,15 @@ export const openMpi = (path: string = mpiLibraryPath()): MpiWorld => {
         const slice = data.subarray(start, Math.min(data.length, start + MAX_COUNT));
         ok(m.MPI_Bcast(slice, slice.length, type, root, MPI_COMM_WORLD), "MPI_Bcast");
       }
+    },
+    gather(data, root) {
+      kernelInvariant(data.length < MAX_COUNT, () => `MPI_Gather: ${data.length} floats is too many`);
+      const out = new Float32Array(rank === root ? data.length * size : 0);
+      ok(
+        m.MPI_Gather(data, data.length, MPI_FLOAT, out, data.length, MPI_FLOAT, root, MPI_COMM_WORLD),
+        "MPI_Gather",
+      );
+      return rank === root ? out : undefined;
     },
     barrier() {
       ok(m.MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");

@@ -5,6 +5,7 @@
  *   deno task bench [--json] [--stage NAME] [--backend wasm] [--threads N] [--reps N]
  *                   [--arch resnet18] [--width 16] [--batch 64] [--crops 2x32+4x16]
  *                   [--hidden 2048] [--out 128] [--prototypes 3000] [--no-blas]
+ *                   [--procs N] [--sync-bn true|false] [--help]
  *
  * Stages (the names of bench/torch_step.py too):
  *
@@ -23,10 +24,20 @@
  * each stage prints one line {"stage", "ms", "images_per_s", ...}. The default
  * configuration is the benchmark one of BENCHMARKS.md: ResNet-18, cifar stem,
  * width 16, batch 64, 2 crops of 32x32, head 2048/128, 3000 prototypes, LARC-SGD.
+ *
+ * `--procs N` times the data-parallel step over MPI: the command re-runs itself
+ * as N processes under `mpiexec` (cli/launch.ts); `--batch` is the global batch,
+ * split evenly across them; gradients are averaged over the processes before
+ * the update (and, where the kernels support it, batch norm and Sinkhorn sum
+ * over the global batch: `--sync-bn`). Rank 0 alone prints, with `procs` added;
+ * `ms` is then the median wall time of one data-parallel step and
+ * `images_per_s` counts the global batch. Without `--threads` each process gets
+ * max(1, cores / N) threads.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect, ManagedRuntime, Schema } from "effect";
+import { Effect, Layer, ManagedRuntime, Schema } from "effect";
 import { Image } from "imagescript";
+import { activeCommunicator, CommunicatorService } from "../backend/communicator.ts";
 import { defaultThreads } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { dnnlInfo } from "../backend/onednn.ts";
@@ -40,6 +51,8 @@ import { disposeModel, makeSwavModel, modelForward, type SwavModel } from "../mo
 import { normalisePrototypes } from "../models/prototypes.ts";
 import { announceSpeedupHint } from "../pipelines/environment.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
+import { averageGradients, everyRankHasBatch, meanOverRanks } from "../pipelines/data_parallel.ts";
+import { launchUnderMpi, shouldLaunch } from "../cli/launch.ts";
 import { decodeImagePromise } from "../data/image_codec.ts";
 import { collateCrops, MulticropConfig, multicropSample } from "../stages/multicrop.ts";
 import { LarcSgd } from "../stages/optimise.ts";
@@ -72,9 +85,38 @@ export interface BenchOptions {
   readonly hidden: number;
   readonly out: number;
   readonly prototypes: number;
+  /** Processes of the data-parallel step (`--batch` is split across them). */
+  readonly procs: number;
+  /** Batch norm over the global batch when procs > 1. */
+  readonly syncBn: boolean;
+  /** `--threads` was given (else each process gets cores / procs). */
+  readonly threadsGiven: boolean;
 }
 
-/** Parses `2x32+4x16` into [[2, 32], [4, 16]]. */
+/** What `bench --help` prints. */
+export const benchUsage =
+  `deno task bench: each stage of a SwAV training step, and the whole step, on synthetic data
+
+  --stage NAME        one of ${stageNames.join(", ")} (default: all)
+  --json              one JSON line per stage {"stage", "ms", "images_per_s", ...}
+  --backend NAME      ${backendNames.join(", ")} (default wasm)
+  --threads N         native threads per process (default SWAV_THREADS, else cores / procs)
+  --reps N            timed runs per stage after a warm-up; ms is their median (default 5)
+  --arch A            resnet18, resnet34 or resnet50 (default resnet18, cifar stem)
+  --width N           channels of the first stage (default 16)
+  --batch N           images per step: the global batch, split across --procs (default 64)
+  --crops SPEC        crop groups COUNTxSIZE joined by + (default 2x32)
+  --hidden N          projection head's hidden width (default 2048; 0: one linear layer)
+  --out N             embedding size (default 128)
+  --prototypes N      prototypes (default 3000)
+  --no-blas           plain wasm kernels (no OpenBLAS / oneDNN)
+  --procs N           time the data-parallel step on N MPI processes (mpiexec, Debian 'mpich'); rank 0
+                      prints, with "procs"; ms is the median wall time of one data-parallel step and
+                      images_per_s counts the global batch (default 1)
+  --sync-bn BOOL      true|false: batch norm over the global batch when --procs > 1 (default true)
+  --help              this text`;
+
+/** Parses `2x32+4x16`` into [[2, 32], [4, 16]]. */
 export const parseCrops = (text: string): [number, number][] =>
   text.split("+").map((part) => {
     const match = /^(\d+)x(\d+)$/.exec(part.trim());
@@ -112,6 +154,8 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     "--hidden",
     "--out",
     "--prototypes",
+    "--procs",
+    "--sync-bn",
   ]);
   for (const a of args) {
     if (a.startsWith("--") && !known.has(a)) {
@@ -126,6 +170,15 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
   if (!(backendNames as readonly string[]).includes(backend)) {
     throw new Error(`--backend: unknown backend '${backend}' (one of ${backendNames.join(", ")})`);
   }
+  const syncBn = value("--sync-bn") ?? "true";
+  if (syncBn !== "true" && syncBn !== "false") throw new Error(`--sync-bn: true or false, got '${syncBn}'`);
+  const procs = int("--procs", 1);
+  const batch = int("--batch", 64);
+  if (batch % procs !== 0) {
+    throw new Error(
+      `--batch ${batch} does not split evenly over ${procs} processes: use a multiple of ${procs}`,
+    );
+  }
   const arch = value("--arch") ?? "resnet18";
   if (arch !== "resnet18" && arch !== "resnet34" && arch !== "resnet50") {
     throw new Error(`--arch: resnet18, resnet34 or resnet50, got '${arch}'`);
@@ -139,11 +192,14 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     reps: int("--reps", 5),
     arch,
     width: int("--width", 16),
-    batch: int("--batch", 64),
+    batch,
     crops: parseCrops(value("--crops") ?? "2x32"),
     hidden: int("--hidden", 2048, 0),
     out: int("--out", 128),
     prototypes: int("--prototypes", 3000),
+    procs,
+    syncBn: syncBn === "true",
+    threadsGiven: value("--threads") !== undefined,
   };
 };
 
@@ -160,7 +216,10 @@ const median = (xs: readonly number[]): number => {
  */
 const timeMedian = async (reps: number, run: () => Promise<void>): Promise<number> => {
   const warmStart = performance.now();
-  for (let i = 0; i < 20 && (i === 0 || performance.now() - warmStart < 500); i++) await run();
+  // With several processes they agree on each further warm-up run: each run may hold collectives.
+  const comm = activeCommunicator();
+  const more = (wanted: boolean) => comm.size === 1 ? wanted : everyRankHasBatch(wanted, comm);
+  for (let i = 0; i < 20 && (i === 0 || more(performance.now() - warmStart < 500)); i++) await run();
   const times: number[] = [];
   for (let i = 0; i < reps; i++) {
     const t0 = performance.now();
@@ -262,15 +321,26 @@ export const trainStep = async (
   const variableList = Object.values(variables);
   normalisePrototypes(model.param(PROTOTYPES_WEIGHT));
   const tape = forwardBackward(parts, crops, variableList);
-  const loss = (await tape.loss.data())[0]!;
+  // Data parallel (bench --procs): the global loss, gradients averaged over the processes in buckets.
+  const comm = activeCommunicator();
+  const local = (await tape.loss.data())[0]!;
+  const loss = comm.size > 1 ? meanOverRanks(local, comm) : local;
   if (!Number.isFinite(loss)) throw new Error(`bench step: loss ${loss}`);
-  const grads: tf.NamedTensorMap = {};
+  let grads: tf.NamedTensorMap = {};
   for (const [name, variable] of Object.entries(variables)) {
     const g = tape.grads[variable.name];
     if (g !== undefined) grads[name] = g;
   }
+  const averaged = comm.size > 1 ? await averageGradients(grads, comm) : undefined;
+  if (averaged !== undefined) grads = averaged.grads;
   optimiser.step(variables, grads, 0.01);
-  tf.dispose([tape.loss, tape.embeddings, ...tape.codes, ...Object.values(tape.grads)]);
+  tf.dispose([
+    tape.loss,
+    tape.embeddings,
+    ...tape.codes,
+    ...Object.values(tape.grads),
+    ...(averaged?.created ?? []),
+  ]);
   await variableList[0]!.data();
 };
 
@@ -408,9 +478,14 @@ export const runBench = async (
         tf.dispose(Object.values(grads));
       }
       if (wants("step")) {
+        const comm = activeCommunicator();
         report(
           "step",
-          await timeMedian(o.reps, () => trainStep(fixture, parts)),
+          // With several processes each timed step starts together: the time is the data-parallel step's.
+          await timeMedian(o.reps, () => {
+            comm.barrier();
+            return trainStep(fixture, parts);
+          }),
         );
       }
     } finally {
@@ -428,20 +503,57 @@ const describe = (o: BenchOptions): string =>
   }, head ${o.hidden}/${o.out}, ${o.prototypes} prototypes, LARC-SGD`;
 
 if (import.meta.main) {
-  let options: BenchOptions;
+  if (Deno.args.includes("--help") || Deno.args.includes("-h")) {
+    console.log(benchUsage);
+    Deno.exit(0);
+  }
+  let global: BenchOptions;
   try {
-    options = parseBenchArgs(Deno.args);
+    global = parseBenchArgs(Deno.args);
   } catch (error) {
     console.error(`bench: ${(error as Error).message}`);
     Deno.exit(2);
   }
+  if (shouldLaunch(global.procs)) {
+    // This process only starts mpiexec, which runs this same command as --procs ranks.
+    const code = await Effect.runPromise(
+      launchUnderMpi({
+        procs: global.procs,
+        threads: global.threadsGiven ? global.threads : undefined,
+        script: new URL(import.meta.url).pathname,
+        args: Deno.args,
+      }).pipe(Effect.catch((error) => Effect.sync(() => (console.error(`bench: ${error.message}`), 1)))),
+    );
+    Deno.exit(code);
+  }
+  const communicator = await Effect.runPromise(
+    Effect.scoped(Effect.service(CommunicatorService)).pipe(
+      Effect.provide(CommunicatorService.auto),
+      Effect.result,
+    ),
+  );
+  if (communicator._tag === "Failure") {
+    console.error(`bench: ${communicator.failure.message}`);
+    Deno.exit(1);
+  }
+  const comm = communicator.success;
+  // Each rank times its share of the global batch; rank 0 reports for the job.
+  const options: BenchOptions = { ...global, batch: global.batch / comm.size };
+  const lead = comm.rank === 0;
   // The benchmark decodes PNGs: only the native kernels would speed it up.
   await Effect.runPromise(
     announceSpeedupHint({ backend: options.backend, jpeg: false, nativeOff: !options.blas }),
   );
   // The backend and its kernel settings for the whole run, released (variables disposed) at the end.
   const runtime = ManagedRuntime.make(
-    TensorBackend.layer(options.backend, { threads: options.threads, blas: options.blas }),
+    Layer.merge(
+      TensorBackend.layer(options.backend, {
+        threads: options.threads,
+        blas: options.blas,
+        syncBatchNorm: options.syncBn,
+      }),
+      CommunicatorService.auto,
+    ),
   );
   const { name: backend, settings } = await runtime.runPromise(Effect.service(TensorBackend));
   const blas = blasInfo();
@@ -451,20 +563,32 @@ if (import.meta.main) {
     blas: blas.active ? blas.library : "off",
     dnnl: blas.active && dnnlInfo().active ? dnnlInfo().library : "off",
     tfjs: tf.version.tfjs,
-    config: describe(options),
+    config: describe(global),
     fastConv2DBackpropInput: settings.fastConv2DBackpropInput,
   };
-  if (!options.json) {
+  if (!options.json && lead) {
     console.log(
-      `backend ${backend}, blas ${header.blas}, dnnl ${header.dnnl}, threads ${options.threads}, reps ${options.reps}\n${header.config}\n`,
+      `${
+        comm.size > 1 ? `procs ${comm.size}, sync-bn ${options.syncBn}, ` : ""
+      }backend ${backend}, blas ${header.blas}, dnnl ${header.dnnl}, threads ${options.threads}, reps ${options.reps}\n${header.config}\n`,
     );
     console.log(`| ${"stage".padEnd(16)} | ${"ms".padStart(9)} | ${"images/s".padStart(9)} |`);
     console.log(`| ${"-".repeat(16)} | --------: | --------: |`);
   }
-  const results = await runBench(options, (r) => {
+  const results = await runBench(options, (local) => {
+    if (!lead) return;
+    // Every rank works at once on its share: the job's throughput counts the global batch.
+    const r = { ...local, images_per_s: Number((local.images_per_s * comm.size).toFixed(2)) };
     if (options.json) {
       console.log(
-        JSON.stringify({ ...r, backend, threads: options.threads, blas: header.blas, dnnl: header.dnnl }),
+        JSON.stringify({
+          ...r,
+          backend,
+          threads: options.threads,
+          blas: header.blas,
+          dnnl: header.dnnl,
+          ...(comm.size > 1 ? { procs: comm.size, sync_bn: options.syncBn } : {}),
+        }),
       );
     } else {
       console.log(
@@ -475,7 +599,7 @@ if (import.meta.main) {
     }
   });
   const step = results.find((r) => r.stage === "step");
-  if (!options.json && step !== undefined && results.length > 1) {
+  if (!options.json && lead && step !== undefined && results.length > 1) {
     console.log("\nshare of step time per stage (stages timed on their own):");
     for (const r of results) {
       if (r.stage === "step" || r.stage === "decode" || r.stage === "multicrop") continue;

@@ -219,6 +219,7 @@ const config: ModelConfig = {
   hidden: 512,
   out: 128,
   prototypes: 100,
+  syncBatchNorm: true,
 };
 const model = makeSwavModel(config, 1);
 const batch = 64;

@@ -7,6 +7,7 @@ import { NodeRuntime, NodeServices } from "@effect/platform-node";
 import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, resolveBackendName, TensorBackend } from "../backend/tensor_backend.ts";
+import { CommunicatorService } from "../backend/communicator.ts";
 import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { openSource } from "../data/sources.ts";
@@ -20,6 +21,7 @@ import { progressHooks } from "./progress.ts";
 import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
 import { exitWithWrapper } from "./wrapper_watch.ts";
+import { abortJobOnFailure, launchUnderMpi, shouldLaunch } from "./launch.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
 const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
@@ -57,8 +59,10 @@ const overrides = (flags: {
   batchSize?: number;
   maxSteps?: number;
   workers?: number;
+  syncBatchNorm?: boolean;
 }) => ({
   data: { source: flags.data, workers: flags.workers },
+  model: { syncBatchNorm: flags.syncBatchNorm },
   train: {
     epochs: flags.epochs,
     out: flags.out,
@@ -107,8 +111,36 @@ const isBuiltinDemo = (flagOverrides: { data?: { source?: string | undefined } }
 const backendChoice = (config: RunConfig, flag: Option.Option<string>) =>
   resolveBackendName(Option.getOrUndefined(flag) as BackendName | undefined, config.train.backend);
 
-const backendLayer = (config: RunConfig, flag: Option.Option<string>) =>
-  TensorBackend.layer(backendChoice(config, flag));
+const backendLayer = (config: RunConfig, flag: Option.Option<string>, threads?: number) =>
+  TensorBackend.layer(backendChoice(config, flag), {
+    syncBatchNorm: config.model.syncBatchNorm,
+    ...(threads === undefined ? {} : { threads }),
+  });
+
+/** `--procs`, `--hostfile`, `--threads`, `--sync-bn`: data-parallel training over MPI (cli/launch.ts). */
+export const parallelFlags = {
+  procs: Flag.Int("procs").pipe(
+    Flag.withDescription(
+      "train on N processes (MPI data parallel: mpiexec on this machine, or the hosts of --hostfile); " +
+        "the batch is split between them",
+    ),
+    Flag.optional,
+  ),
+  hostfile: Flag.String("hostfile").pipe(
+    Flag.withDescription("MPICH host file (one host[:slots] a line) for --procs on several machines"),
+    Flag.optional,
+  ),
+  threads: Flag.Int("threads").pipe(
+    Flag.withDescription("native threads per process (default SWAV_THREADS, else cores / procs)"),
+    Flag.optional,
+  ),
+  syncBn: Flag.Boolean("sync-bn").pipe(
+    Flag.withDescription(
+      "batch norm over the global batch when --procs > 1 (model.syncBatchNorm, default true)",
+    ),
+    Flag.optional,
+  ),
+};
 
 const pretrainCommand = Command.make("pretrain", {
   config: configFlag,
@@ -136,50 +168,77 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.withDescription("serve the run's live report on 127.0.0.1 (a free port; the URL goes to stderr)"),
     Flag.withDefault(false),
   ),
+  ...parallelFlags,
 }, (flags) =>
-  reportFailure(Effect.gen(function* () {
-    const config = yield* resolveConfig(
-      flags.config,
-      overrides({
-        data: Option.getOrUndefined(flags.data),
-        epochs: Option.getOrUndefined(flags.epochs),
-        out: Option.getOrUndefined(flags.out),
-        backend: Option.getOrUndefined(flags.backend),
-        seed: Option.getOrUndefined(flags.seed),
-        batchSize: Option.getOrUndefined(flags.batchSize),
-        maxSteps: Option.getOrUndefined(flags.maxSteps),
-        workers: Option.getOrUndefined(flags.workers),
-      }),
-    );
-    // Image folders may hold JPEGs; the built-in set is PNG.
-    yield* announceSpeedupHint({
-      backend: yield* backendChoice(config, flags.backend),
-      jpeg: !config.data.source.startsWith("builtin:"),
-    });
-    const run = pretrain(config, {
-      resume: flags.resume,
-      ...(Option.isSome(flags.init) ? { init: flags.init.value } : {}),
-      hooks: progressHooks(),
-    });
-    const result = yield* withDashboard(flags.dashboard, config.train.out, run).pipe(
-      Effect.provide(backendLayer(config, flags.backend)),
-    );
-    const summary = {
-      steps: result.steps,
-      epochs: result.epochs,
-      loss: result.lastLoss,
-      run: result.runFolder,
-      checkpoint: result.checkpoint,
-      skipped: result.skippedSamples,
-    };
-    console.log(
-      flags.json
-        ? JSON.stringify(summary)
-        : `done: ${plural(summary.steps, "step")}, last loss ${
-          summary.loss.toFixed(4)
-        }, checkpoint ${summary.checkpoint}`,
-    );
-  }))).pipe(Command.withDescription("Pretrain a SwAV model (config file + flag overrides)"));
+  reportFailure(
+    Effect.gen(function* () {
+      const config = yield* resolveConfig(
+        flags.config,
+        overrides({
+          data: Option.getOrUndefined(flags.data),
+          epochs: Option.getOrUndefined(flags.epochs),
+          out: Option.getOrUndefined(flags.out),
+          backend: Option.getOrUndefined(flags.backend),
+          seed: Option.getOrUndefined(flags.seed),
+          batchSize: Option.getOrUndefined(flags.batchSize),
+          maxSteps: Option.getOrUndefined(flags.maxSteps),
+          workers: Option.getOrUndefined(flags.workers),
+          syncBatchNorm: Option.getOrUndefined(flags.syncBn),
+        }),
+      );
+      const threads = Option.getOrUndefined(flags.threads);
+      // --procs N: this process only starts mpiexec, which runs this same command as N ranks.
+      if (shouldLaunch(Option.getOrUndefined(flags.procs))) {
+        Deno.exitCode = yield* launchUnderMpi({
+          procs: Option.getOrThrow(flags.procs),
+          hostfile: Option.getOrUndefined(flags.hostfile),
+          threads,
+          script: new URL(import.meta.url).pathname,
+          args: Deno.args,
+        });
+        return;
+      }
+      const comm = yield* CommunicatorService;
+      const lead = comm.rank === 0;
+      // Image folders may hold JPEGs; the built-in set is PNG.
+      if (lead) {
+        yield* announceSpeedupHint({
+          backend: yield* backendChoice(config, flags.backend),
+          jpeg: !config.data.source.startsWith("builtin:"),
+        });
+      }
+      const run = pretrain(config, {
+        resume: flags.resume,
+        ...(Option.isSome(flags.init) ? { init: flags.init.value } : {}),
+        // Rank 0 alone reports (and writes the run folder).
+        hooks: lead ? progressHooks() : {},
+      });
+      const result = yield* abortJobOnFailure(
+        comm,
+        withDashboard(flags.dashboard && lead, config.train.out, run).pipe(
+          Effect.provide(backendLayer(config, flags.backend, threads)),
+        ),
+      );
+      if (!lead) return;
+      const summary = {
+        steps: result.steps,
+        epochs: result.epochs,
+        loss: result.lastLoss,
+        run: result.runFolder,
+        checkpoint: result.checkpoint,
+        skipped: result.skippedSamples,
+      };
+      console.log(
+        flags.json
+          ? JSON.stringify(summary)
+          : `done: ${plural(summary.steps, "step")}, last loss ${
+            summary.loss.toFixed(4)
+          }, checkpoint ${summary.checkpoint}`,
+      );
+    }).pipe(Effect.provide(CommunicatorService.auto)),
+  )).pipe(
+    Command.withDescription("Pretrain a SwAV model (config file + flag overrides)"),
+  );
 
 const demoCommand = Command.make("demo", {
   epochs: epochsFlag,

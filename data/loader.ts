@@ -101,6 +101,8 @@ export interface LoaderOptions {
   readonly bufferBatches?: number;
   readonly onError?: "skip" | "fail";
   readonly jpeg?: JpegDecoder;
+  /** This rank's part of each epoch in a data-parallel job (`shardOrder`); the whole epoch without. */
+  readonly shard?: { readonly rank: number; readonly size: number };
 }
 
 /** One skipped sample: its index in the source, the epoch it was first skipped in, its path and why. */
@@ -158,6 +160,28 @@ export const epochOrder = (length: number, seed: number, epoch: number, shuffle 
       for (let i = 0; i < length; i++) yield i;
     },
   };
+
+/**
+ * Rank `rank`'s part of an epoch's `order` among `size` ranks, with PyTorch's
+ * `DistributedSampler` semantics: the order is padded to a multiple of `size`
+ * by wrapping around to its start, and rank r takes positions r, r + size,
+ * r + 2·size, ... Every rank computes the same order (same seed and epoch), so
+ * the shards are disjoint apart from the padding and together cover the epoch.
+ * Local batch k of every rank together is then positions [k·B, (k+1)·B) of the
+ * padded order (B = size · local batch): one process's batch k, as a set.
+ */
+export const shardOrder = (order: Iterable<number>, rank: number, size: number): number[] => {
+  const all = [...order];
+  if (size <= 1 || all.length === 0) return all;
+  const total = Math.ceil(all.length / size) * size;
+  const out: number[] = [];
+  for (let position = rank; position < total; position += size) out.push(all[position % all.length]!);
+  return out;
+};
+
+/** Samples per epoch a rank reads: the padded epoch's share. */
+export const shardLength = (length: number, size: number): number =>
+  size <= 1 ? length : Math.ceil(length / size);
 
 /** Imports a prepare function; fails with a `LoaderError` when the module or export is missing. */
 export const importPrepare = (ref: PrepareRef): Effect.Effect<PrepareFn, LoaderError> =>
@@ -322,7 +346,12 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
       bufferBatches = 2,
       onError = "skip",
       jpeg = "auto",
+      shard,
     } = options;
+    if (shard !== undefined && !(shard.size >= 1 && shard.rank >= 0 && shard.rank < shard.size)) {
+      return yield* new LoaderError({ reason: `shard ${shard.rank} of ${shard.size} does not exist` });
+    }
+    const perEpoch = shardLength(source.length, shard?.size ?? 1);
     if (!(Number.isInteger(batchSize) && batchSize > 0)) {
       return yield* new LoaderError({ reason: `batchSize must be a positive integer, got ${batchSize}` });
     }
@@ -373,7 +402,9 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
       Stream.suspend(() => {
         let skipped = 0;
         const fresh: SkippedSample[] = [];
-        return Stream.fromIterable(epochOrder(source.length, seed, epoch, shuffle)).pipe(
+        const order = epochOrder(source.length, seed, epoch, shuffle);
+        const mine = shard === undefined ? order : shardOrder(order, shard.rank, shard.size);
+        return Stream.fromIterable(mine).pipe(
           // Ordered: batches do not depend on which worker finishes first.
           Stream.mapEffect((index) => sample(index, epoch), { concurrency: prefetch }),
           Stream.filter((s): s is PreparedSample => {
@@ -406,9 +437,7 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
 
     return {
       source,
-      batchesPerEpoch: dropLast
-        ? Math.floor(source.length / batchSize)
-        : Math.ceil(source.length / batchSize),
+      batchesPerEpoch: dropLast ? Math.floor(perEpoch / batchSize) : Math.ceil(perEpoch / batchSize),
       epoch: epochStream,
       skipped: Effect.sync(() => {
         const samples = allSkipped();

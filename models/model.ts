@@ -39,6 +39,11 @@ export const ModelConfig = Schema.Struct({
   out: withDefault(positiveInt, 128),
   /** Number of prototypes K. */
   prototypes: withDefault(positiveInt, 3000),
+  /**
+   * Data-parallel runs: batch norm over the global batch (the reference's
+   * SyncBatchNorm) rather than each process's share. No effect in one process.
+   */
+  syncBatchNorm: withDefault(Schema.Boolean, true),
 });
 export type ModelConfig = typeof ModelConfig.Type;
 

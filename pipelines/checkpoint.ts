@@ -13,6 +13,7 @@ import {
   type QueueError,
   restore as restoreQueue,
   serialise as serialiseQueue,
+  type SerialisedQueue,
 } from "../state/queue.ts";
 import { readRegularFile } from "./bounded_read.ts";
 import {
@@ -268,6 +269,8 @@ export interface RunState {
   readonly model: SwavModel;
   readonly optimiser: LarcSgd;
   readonly queue: EmbeddingQueue | undefined;
+  /** The queue as saved, when given (every rank's, gathered), instead of this process's `queue`. */
+  readonly savedQueue?: SerialisedQueue | undefined;
   readonly config: unknown;
   readonly seed: number;
   readonly backend: string;
@@ -277,7 +280,8 @@ export interface RunState {
 export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect.Effect<Checkpoint> =>
   Effect.gen(function* () {
     const slots = yield* Effect.promise(() => run.optimiser.serialise());
-    const savedQueue = run.queue === undefined ? undefined : yield* serialiseQueue(run.queue);
+    const savedQueue = run.savedQueue ??
+      (run.queue === undefined ? undefined : yield* serialiseQueue(run.queue));
     const arrays = [
       ...(yield* readModelArrays(run.model)),
       ...Object.entries(slots).map(([name, slot]) => ({
@@ -328,7 +332,7 @@ export const saveCheckpoint = (folder: string, keep: number, position: RunPositi
  * verifies is used instead, with a warning naming the damaged one. The
  * position to continue from, and the file it came from.
  */
-export const restoreRun = <E, R>(
+export const restoreRun = <E, R, S = never>(
   path: string,
   run: {
     readonly model: SwavModel;
@@ -336,10 +340,12 @@ export const restoreRun = <E, R>(
     readonly queueStartEpoch: number;
     readonly queueFor: (epoch: number) => Effect.Effect<EmbeddingQueue | undefined, E, R>;
     readonly onWarning?: ((message: string) => void) | undefined;
+    /** This process's part of the saved queue (data-parallel ranks); the whole queue without. */
+    readonly queueShard?: (saved: SerialisedQueue) => Effect.Effect<SerialisedQueue, S>;
   },
 ): Effect.Effect<
   RunPosition & { readonly path: string },
-  CheckpointError | CheckpointMismatch | ModelWeightsError | QueueError | E,
+  CheckpointError | CheckpointMismatch | ModelWeightsError | QueueError | E | S,
   R
 > =>
   Effect.gen(function* () {
@@ -381,7 +387,8 @@ export const restoreRun = <E, R>(
           }
           embeddings.push(array.values);
         }
-        yield* restoreQueue(queue, { ...savedQueue, embeddings });
+        const whole: SerialisedQueue = { ...savedQueue, embeddings };
+        yield* restoreQueue(queue, run.queueShard === undefined ? whole : yield* run.queueShard(whole));
       }
     }
     return {

@@ -15,6 +15,7 @@
  */
 import type * as tf from "@tensorflow/tfjs";
 import { Effect, Ref, Schema, Stream } from "effect";
+import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
 import { makeLoader } from "../data/loader.ts";
@@ -23,7 +24,13 @@ import { openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
 import { checkFitsBackend } from "../stages/encode.ts";
 import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
-import { type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts";
+import {
+  effectiveQueueLength,
+  type EmbeddingQueue,
+  makeQueue,
+  queueActiveAt,
+  serialise as serialiseQueue,
+} from "../state/queue.ts";
 import {
   assembleCheckpoint,
   latestCheckpoint,
@@ -34,6 +41,13 @@ import {
   writeCheckpoint,
 } from "./checkpoint.ts";
 import { collapseWarning } from "./collapse.ts";
+import {
+  broadcastModel,
+  everyRankHasBatch,
+  gatherQueue,
+  localBatchSize,
+  shardQueue,
+} from "./data_parallel.ts";
 import { environmentReport } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
 import {
@@ -52,6 +66,7 @@ import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
+export { DataParallelError } from "./data_parallel.ts";
 
 /** One line of `metrics.jsonl`. */
 export interface StepMetrics {
@@ -112,10 +127,25 @@ const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) 
     );
   });
 
-/** Writes the run's checkpoint at a position with the owner's temp name, then prunes old ones; its path. */
-const checkpointWriter = (folder: RunFolder, keep: number, run: () => RunState) => (position: RunPosition) =>
+/**
+ * Writes the run's checkpoint at a position with the owner's temp name, then
+ * prunes old ones; its path. With several ranks every rank calls it (the
+ * queues are gathered) and rank 0, the folder's owner, writes.
+ */
+const checkpointWriter = (
+  folder: RunFolder | undefined,
+  keep: number,
+  run: () => RunState,
+  comm: Communicator,
+) =>
+(position: RunPosition) =>
   Effect.gen(function* () {
-    const checkpoint = yield* assembleCheckpoint(position, run());
+    const state = run();
+    const savedQueue = comm.size > 1 && state.queue !== undefined
+      ? gatherQueue(yield* serialiseQueue(state.queue), comm)
+      : undefined;
+    if (folder === undefined) return undefined;
+    const checkpoint = yield* assembleCheckpoint(position, { ...state, savedQueue });
     const path = yield* writeCheckpoint(folder.path, checkpoint, folder.tempPathFor);
     yield* pruneCheckpoints(folder.path, keep);
     return path;
@@ -140,15 +170,19 @@ const openKnnSources = (config: RunConfig, labelled: boolean) =>
     return { train, test };
   });
 
-/** The training source and its loader: decode -> multicrop in a Worker pool, batched (the scope stops it). */
-const openTrainingData = (config: RunConfig) =>
+/**
+ * The training source and its loader: decode -> multicrop in a Worker pool,
+ * batched (the scope stops it); with several ranks, this rank's shard of each
+ * epoch in batches of `batchSize` (the rank's share of the global batch).
+ */
+const openTrainingData = (config: RunConfig, batchSize: number, comm: Communicator) =>
   Effect.gen(function* () {
-    const { batchSize, seed } = config.train;
+    const { seed } = config.train;
     const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
-    if (source.length < batchSize) {
+    if (source.length < config.train.batchSize) {
       return yield* new DatasetTooSmall({
-        message:
-          `the data set has ${source.length} samples, fewer than one batch of ${batchSize}: lower train.batchSize`,
+        message: `the data set has ${source.length} samples, fewer than one batch of ` +
+          `${config.train.batchSize}: lower train.batchSize`,
       });
     }
     const loader = yield* makeLoader({
@@ -160,12 +194,18 @@ const openTrainingData = (config: RunConfig) =>
       workers: config.data.workers,
       bufferBatches: config.data.prefetch,
       onError: config.data.onError,
+      ...(comm.size > 1 ? { shard: { rank: comm.rank, size: comm.size } } : {}),
     });
     return { source, loader };
   });
 
-/** The embedding queue, created at swav.queueStartEpoch (or on resume); the run's scope disposes it. */
-const queueKeeper = (config: RunConfig, hooks: PretrainHooks) => {
+/**
+ * The embedding queue, created at swav.queueStartEpoch (or on resume); the run's
+ * scope disposes it. With several ranks each holds `queueLength / size` rows of
+ * its own samples, as the reference does (the length first rounded down to a
+ * multiple of the global batch).
+ */
+const queueKeeper = (config: RunConfig, hooks: PretrainHooks, comm: Communicator) => {
   let queue: EmbeddingQueue | undefined;
   const { swav } = config;
   return {
@@ -174,8 +214,8 @@ const queueKeeper = (config: RunConfig, hooks: PretrainHooks) => {
       Effect.gen(function* () {
         if (queue === undefined && queueActiveAt(epoch, swav)) {
           queue = yield* makeQueue({
-            length: swav.queueLength,
-            batchSize: config.train.batchSize,
+            length: effectiveQueueLength(swav.queueLength, config.train.batchSize) / comm.size,
+            batchSize: config.train.batchSize / comm.size,
             dim: config.model.out,
             cropsForAssign: swav.cropsForAssign,
           });
@@ -344,20 +384,24 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const hooks = options.hooks ?? {};
     const backend = yield* TensorBackend;
     const { train: trainConfig, swav } = config;
-    const { out: runFolder, batchSize } = trainConfig;
-    // The run folder is ours until the scope closes; nothing is written into it before the lock.
-    const folder = yield* lockRunFolder(runFolder);
-    yield* writeRunRecords(folder, config, backend.name);
+    const { out: runFolder } = trainConfig;
+    // Data parallel: each of `size` ranks takes `batchSize / size` samples of every global batch.
+    const comm = activeCommunicator();
+    const batchSize = yield* localBatchSize(trainConfig.batchSize, comm.size);
+    // The run folder is rank 0's until the scope closes; nothing is written into it before the lock,
+    // and other ranks write nothing there.
+    const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
+    if (folder !== undefined) yield* writeRunRecords(folder, config, backend.name);
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
-    const { source, loader } = yield* openTrainingData(config);
+    const { source, loader } = yield* openTrainingData(config, batchSize, comm);
     const stepsPerEpoch = loader.batchesPerEpoch;
 
     // State owned by this scope: model, optimiser, and the queue (created at queueStartEpoch or on resume).
     yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
     const model = yield* scopedModel(config.model, trainConfig.seed);
     const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
-    const queues = queueKeeper(config, hooks);
+    const queues = queueKeeper(config, hooks, comm);
     const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
     const trainStep = yield* swavTrainStep(config, state, { batchSize, itersPerEpoch: stepsPerEpoch }, {
       ...swavStages,
@@ -370,7 +414,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       config,
       seed,
       backend: backend.name,
-    }));
+    }), comm);
 
     // Where we start: fresh, or from the latest checkpoint.
     const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
@@ -385,6 +429,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         queueStartEpoch: swav.queueStartEpoch,
         queueFor: queues.ensure,
         onWarning: hooks.onWarning,
+        ...(comm.size > 1 ? { queueShard: (saved) => shardQueue(saved, comm) } : {}),
       });
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
     if (latest !== undefined) {
@@ -393,11 +438,19 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       yield* initFromWeightsFile(model, options.init);
       hooks.onInfo?.(`weights initialised from ${options.init}`);
     }
+    // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
+    if (comm.size > 1) yield* Effect.promise(() => broadcastModel(model, comm));
 
     // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
-    const writeMetrics = yield* openMetricsLog(folder, options.resume ? start.step : undefined);
-    const records = runRecords(runFolder);
-    const knnSources = yield* openKnnSources(config, source.classes !== undefined);
+    const writeMetrics = folder === undefined
+      ? () => Effect.void
+      : yield* openMetricsLog(folder, options.resume ? start.step : undefined);
+    const records = folder === undefined
+      ? { epoch: () => Effect.void, event: () => Effect.void }
+      : runRecords(runFolder);
+    const knnSources = comm.rank === 0
+      ? yield* openKnnSources(config, source.classes !== undefined)
+      : undefined;
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
       ? Math.min(trainConfig.maxSteps, stepsPerEpoch * trainConfig.epochs)
@@ -426,8 +479,11 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       const epochStart = performance.now();
       const skip = epoch === start.epoch ? start.batchInEpoch : 0;
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
-      yield* loader.epoch(epoch).pipe(
-        Stream.drop(skip),
+      // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
+      // unreadable samples may run out first, and the others then end the epoch with it.
+      const agreement = { ended: false };
+      const batches = loader.epoch(epoch).pipe(Stream.drop(skip));
+      yield* (comm.size > 1 ? Stream.concat(batches, Stream.make(undefined)) : batches).pipe(
         Stream.onEnd(Ref.update(progress, (p) => ({ ...p, epochEnded: true }))),
         // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
         Stream.take(
@@ -437,6 +493,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         ),
         Stream.runForEach((batch) =>
           Effect.scoped(Effect.gen(function* () {
+            if (agreement.ended) return;
+            if (comm.size > 1 && !everyRankHasBatch(batch !== undefined, comm)) agreement.ended = true;
+            if (batch === undefined || agreement.ended) return;
             const t0 = performance.now();
             // The step, stage by stage (pipelines/swav_step.ts).
             const outcome = yield* trainStep({ batch, step: (yield* Ref.get(progress)).step, epoch });
@@ -452,7 +511,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
-      yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).samples));
+      if (folder !== undefined) {
+        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).samples));
+      }
       const knn = p.epochEnded && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
         ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
         : undefined;

@@ -18,6 +18,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
+import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
@@ -41,6 +42,14 @@ import type { Stage, TensorStage } from "../stages/stage.ts";
 import { type SwappedLossConfig, type SwappedLossInput, swappedLossStage } from "../stages/swapped_loss.ts";
 import { onOneTape, onTape, type TapeOutputs } from "../stages/tape.ts";
 import { type EmbeddingQueue, push as pushQueue, queueScores as scoreQueue } from "../state/queue.ts";
+import {
+  averageGradients,
+  checkParametersAgree,
+  type DataParallelError,
+  debugParamsRequested,
+  meanOverRanks,
+  prototypesInUseOverRanks,
+} from "./data_parallel.ts";
 
 /** The loss stopped being a finite number: the run stops before applying the update. */
 export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFiniteLoss", {
@@ -150,9 +159,13 @@ export const forwardBackward = (
     variables,
   );
 
-/** Code entropy and prototypes in use, read from the codes (asynchronously). */
+/**
+ * Code entropy and prototypes in use, read from the codes (asynchronously); with
+ * several ranks, of the global batch (mean entropy, prototypes used on any rank).
+ */
 export const codeStatistics = async (
   codes: readonly tf.Tensor2D[],
+  comm: Communicator = activeCommunicator(),
 ): Promise<{ readonly codeEntropy: number; readonly prototypesInUse: number }> => {
   const [entropy, argmax] = tf.tidy(() => {
     const all = tf.concat(codes as tf.Tensor2D[], 0);
@@ -161,6 +174,12 @@ export const codeStatistics = async (
   });
   const [h, winners] = await Promise.all([entropy.data(), argmax.data()]);
   tf.dispose([entropy, argmax]);
+  if (comm.size > 1) {
+    return {
+      codeEntropy: meanOverRanks(h[0]!, comm),
+      prototypesInUse: prototypesInUseOverRanks(winners, codes[0]!.shape[1], comm),
+    };
+  }
   return { codeEntropy: h[0]!, prototypesInUse: new Set(winners).size };
 };
 
@@ -214,8 +233,13 @@ export const swavTrainStep = (
     const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
 
     const everyVariable = state.model.params.map((p) => p.variable);
+    // Data parallel (several ranks): the loss is the global batch's, gradients are averaged over the ranks.
+    const comm = activeCommunicator();
+    const debugParams = debugParamsRequested();
 
-    return (input: StepInput): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState, Scope.Scope> =>
+    return (
+      input: StepInput,
+    ): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError, Scope.Scope> =>
       Effect.gen(function* () {
         const crops = yield* scoped(() => collateCrops(input.batch.views, config.multicrop));
 
@@ -230,7 +254,9 @@ export const swavTrainStep = (
           forwardBackward(tape, crops, Object.values(state.variables), { queueScores })
         );
 
-        const loss = (yield* Effect.promise(() => out.loss.data()))[0]!;
+        const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
+        // Every rank sees the same (global) loss, so a non-finite one stops all of them at this step.
+        const loss = comm.size > 1 ? meanOverRanks(local, comm) : local;
         if (!Number.isFinite(loss)) {
           return yield* new NonFiniteLoss({
             step: input.step,
@@ -242,10 +268,16 @@ export const swavTrainStep = (
           });
         }
 
-        const grads: tf.NamedTensorMap = {};
+        let grads: tf.NamedTensorMap = {};
         for (const [name, variable] of Object.entries(state.variables)) {
           const g = out.grads[variable.name];
           if (g !== undefined) grads[name] = g;
+        }
+        if (comm.size > 1) {
+          grads = (yield* Effect.acquireRelease(
+            Effect.promise(() => averageGradients(grads, comm)),
+            (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
+          )).grads;
         }
         const { learningRate } = yield* optimise({
           optimiser: state.optimiser,
@@ -260,7 +292,7 @@ export const swavTrainStep = (
         const probe = yield* scoped(() => finiteProbe(everyVariable));
         if (queue !== undefined) yield* pushQueue(queue, out.embeddings).pipe(Effect.orDie);
         const [statistics, finite] = yield* Effect.promise(() =>
-          Promise.all([codeStatistics(out.codes), probe.data()])
+          Promise.all([codeStatistics(out.codes, comm), probe.data()])
         );
         if (!Number.isFinite(finite[0]!)) {
           const tensor = (yield* Effect.promise(() => firstNonFinite(state.model))) ?? "a parameter";
@@ -273,6 +305,7 @@ export const swavTrainStep = (
               `optim.baseLr or optim.trust.`,
           });
         }
+        if (debugParams) yield* checkParametersAgree(state.model, comm, input.step);
         return { loss, lr: learningRate, ...statistics };
       });
   });

@@ -262,3 +262,50 @@ export const restore = (queue: EmbeddingQueue, saved: SerialisedQueue): Effect.E
       return { embeddings, filled: saved.filled };
     });
   });
+
+/**
+ * Data-parallel queues in one process's layout. Rank r of `size` holds, newest
+ * batch first, its own `b` rows of each global batch; those rows are positions
+ * r, r + size, r + 2·size, ... of the global batch (the sampler's shards: see
+ * `shardOrder` in data/loader.ts). `mergeQueueRows` takes every rank's queue,
+ * rank-major ([size][T·b, dim], as MPI_Gather gives them), and returns the
+ * [T·B, dim] rows one process with batch B = size·b would hold; `splitQueueRows`
+ * is its inverse for one rank. A world of one is the identity.
+ */
+export const mergeQueueRows = (
+  rankMajor: Float32Array,
+  dim: number,
+  b: number,
+  size: number,
+): Float32Array => {
+  const perRank = rankMajor.length / size;
+  const out = new Float32Array(rankMajor.length);
+  const rows = perRank / dim;
+  for (let r = 0; r < size; r++) {
+    for (let row = 0; row < rows; row++) {
+      const t = Math.floor(row / b);
+      const j = row % b;
+      const global = t * b * size + j * size + r;
+      out.set(rankMajor.subarray(r * perRank + row * dim, r * perRank + (row + 1) * dim), global * dim);
+    }
+  }
+  return out;
+};
+
+/** Rank `rank`'s rows of one process's queue at global batch `batch` (the inverse of `mergeQueueRows`). */
+export const splitQueueRows = (
+  rows: Float32Array,
+  dim: number,
+  batch: number,
+  size: number,
+  rank: number,
+): Float32Array => {
+  const b = batch / size;
+  const local = rows.length / dim / size;
+  const out = new Float32Array(local * dim);
+  for (let row = 0; row < local; row++) {
+    const global = Math.floor(row / b) * batch + (row % b) * size + rank;
+    out.set(rows.subarray(global * dim, (global + 1) * dim), row * dim);
+  }
+  return out;
+};

@@ -39,3 +39,30 @@ export const tinyRun = async (
   );
   if (Exit.isFailure(exit)) throw new Error(`tiny run failed: ${exit.cause}`);
 };
+
+/** Whether `mpiexec` runs here (the data-parallel tests need MPICH). */
+const mpiexec = (() => {
+  try {
+    return new Deno.Command("mpiexec", { args: ["--version"], stdout: "null", stderr: "null" }).outputSync()
+      .success;
+  } catch {
+    return false;
+  }
+})();
+export const noMpi = !mpiexec;
+
+/** A tiny run's config file: queue from epoch 2 (full after its first step), 4 steps an epoch. */
+export const writeParallelConfig = async (data: string, dir: string, train: object = {}) => {
+  const config = tinyRunConfig(data, `${dir}/unused`, { knnEvery: 0, ...train });
+  const path = `${dir}/config.json`;
+  await Deno.writeTextFile(
+    path,
+    JSON.stringify({ ...config, swav: { freezePrototypesIters: 2, queueLength: 16, queueStartEpoch: 1 } }),
+  );
+  return path;
+};
+
+export const readMetrics = async (folder: string) =>
+  (await Deno.readTextFile(`${folder}/metrics.jsonl`)).trim().split("\n").map((line) =>
+    JSON.parse(line) as { step: number; loss: number; code_entropy: number; prototypes_in_use: number }
+  );

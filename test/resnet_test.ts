@@ -286,6 +286,7 @@ Deno.test("ModelConfig: defaults are the reference's; errors name the field", as
     hidden: 2048,
     out: 128,
     prototypes: 3000,
+    syncBatchNorm: true,
   });
   for (
     const [field, bad] of [

@@ -110,6 +110,7 @@ Deno.test({
       hidden: 0,
       out: 8,
       prototypes: 4,
+      syncBatchNorm: true,
     }, 5);
     try {
       await Effect.runPromise(exportSafetensors(model, `${tmp}/r18.safetensors`));

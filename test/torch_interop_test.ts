@@ -67,6 +67,7 @@ for (const name of ["resnet18", "resnet50"]) {
           hidden: 16,
           out: 8,
           prototypes: 10,
+          syncBatchNorm: true,
         },
       );
       const featureError = relativeError(ours.features, e.features);

@@ -23,6 +23,7 @@ const modelConfig: ModelConfig = {
   hidden: 16,
   out: 8,
   prototypes: 12,
+  syncBatchNorm: true,
 };
 
 /** Loss and flattened gradients of one step on the active backend, for fixed inputs. */

@@ -1,0 +1,138 @@
+/**
+ * `--procs N`: a command re-runs itself as N MPI processes. `mpiexec` must start
+ * the real Deno binary (`Deno.execPath()`): npm's `node_modules/.bin/deno`
+ * wrapper breaks `MPI_Init` (`PMI_Get_appnum returned -1`). Each rank gets the
+ * same arguments and this process's permissions, and `SWAV_THREADS` =
+ * max(1, floor(cores / N)) unless `SWAV_THREADS` or `--threads` says otherwise.
+ * Inside the ranks `mpiexec`'s environment (`PMI_SIZE`) makes
+ * `CommunicatorService.auto` open MPI.
+ *
+ * A rank that fails prints one line naming itself and the cause, then aborts
+ * the whole job (`MPI_Abort`): no rank is left waiting in a collective.
+ */
+import { Cause, Effect } from "effect";
+import { type Communicator, CommunicatorUnavailable } from "../backend/communicator.ts";
+import { launchedByMpi, mpiLibraryPath } from "../backend/mpi.ts";
+import { failureLine } from "./report.ts";
+
+export interface LaunchOptions {
+  readonly procs: number;
+  readonly hostfile?: string | undefined;
+  readonly threads?: number | undefined;
+  /** The script and its arguments, as the ranks run them. */
+  readonly script: string;
+  readonly args: readonly string[];
+}
+
+/** Threads per rank: `SWAV_THREADS` or `--threads` when given, else the cores shared out evenly. */
+export const threadsPerRank = (procs: number, cores: number, given?: number): number =>
+  given ?? Math.max(1, Math.floor(cores / procs));
+
+const envThreads = (): string | undefined => {
+  try {
+    return Deno.env.get("SWAV_THREADS") || undefined;
+  } catch {
+    return undefined;
+  }
+};
+
+/** The permission flags this process holds, for the ranks (never more than the caller has). */
+const grantedPermissions = (): string[] => {
+  const names = ["read", "write", "env", "ffi", "sys", "net", "run"] as const;
+  return names.filter((name) => Deno.permissions.querySync({ name }).state === "granted")
+    .map((name) => `--allow-${name}`);
+};
+
+/** True when this process should start `mpiexec` rather than train: more than one process asked, not a rank. */
+export const shouldLaunch = (procs: number | undefined): boolean =>
+  procs !== undefined && procs > 1 && !launchedByMpi();
+
+/** MPICH is there: its library opens and `mpiexec` runs; otherwise the one-line error naming the package. */
+const checkMpich = (): Effect.Effect<void, CommunicatorUnavailable> =>
+  Effect.try({
+    try: () => Deno.dlopen(mpiLibraryPath(), {}).close(),
+    catch: (error) =>
+      new CommunicatorUnavailable({
+        library: mpiLibraryPath(),
+        reason: error instanceof Error ? error.message.split("\n")[0]! : String(error),
+      }),
+  });
+
+/** Runs the command as `procs` MPI processes and returns their exit code (mpiexec's). */
+export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, CommunicatorUnavailable> =>
+  Effect.gen(function* () {
+    yield* checkMpich();
+    const cores = navigator.hardwareConcurrency ?? 1;
+    const fromEnv = envThreads();
+    const threads = fromEnv === undefined ? threadsPerRank(options.procs, cores, options.threads) : undefined;
+    const args = [
+      "-n",
+      String(options.procs),
+      ...(options.hostfile === undefined ? [] : ["-f", options.hostfile]),
+      Deno.execPath(),
+      "run",
+      ...grantedPermissions(),
+      options.script,
+      ...options.args,
+    ];
+    const child = yield* Effect.try({
+      try: () =>
+        new Deno.Command("mpiexec", {
+          args,
+          env: threads === undefined ? {} : { SWAV_THREADS: String(threads) },
+          stdin: "inherit",
+          stdout: "inherit",
+          stderr: "inherit",
+        }).spawn(),
+      catch: (error) =>
+        new CommunicatorUnavailable({
+          library: "mpiexec",
+          reason: error instanceof Deno.errors.NotFound
+            ? "mpiexec is not on PATH"
+            : error instanceof Error
+            ? error.message
+            : String(error),
+        }),
+    });
+    // Ctrl-C or a stop of the launcher reaches the ranks through mpiexec.
+    const forward = (signal: Deno.Signal) => () => {
+      try {
+        child.kill(signal);
+      } catch {
+        // already ended
+      }
+    };
+    const handlers = (["SIGINT", "SIGTERM"] as const).map((signal) => {
+      const handler = forward(signal);
+      Deno.addSignalListener(signal, handler);
+      return [signal, handler] as const;
+    });
+    const status = yield* Effect.promise(() => child.status);
+    for (const [signal, handler] of handlers) Deno.removeSignalListener(signal, handler);
+    if (status.code !== 0) {
+      // A rank killed from outside cannot say so itself: mpiexec's banner above names its PID and signal.
+      console.error(
+        `error: the job of ${options.procs} processes stopped (mpiexec exit code ${status.code}; the lines ` +
+          `above name the process and the cause); its last checkpoint stays usable: --resume continues`,
+      );
+    }
+    return status.code;
+  });
+
+/**
+ * A rank's failure: one line naming the rank and the cause, then `MPI_Abort`
+ * ends every rank of the job. A world of one reports as `reportFailure` does.
+ */
+export const abortJobOnFailure = <A, E, R>(
+  comm: Communicator,
+  effect: Effect.Effect<A, E, R>,
+): Effect.Effect<A, E, R> =>
+  comm.size === 1 ? effect : effect.pipe(
+    Effect.catchCause((cause) =>
+      Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.sync(() => {
+        console.error(failureLine(cause).replace(/^error: /, `error: rank ${comm.rank} of ${comm.size}: `));
+        comm.abort(1);
+        return undefined as never;
+      })
+    ),
+  );

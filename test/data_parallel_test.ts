@@ -1,0 +1,221 @@
+/**
+ * Data-parallel pretraining over MPI (`pretrain --procs N`), end to end through
+ * the CLI on a tiny model: the parameter hash agrees on every rank after every
+ * step (`SWAV_DEBUG_PARAMS=1`); queues split and merge back to one process's
+ * layout; a rank that fails ends the whole job with a line naming it; kill -9
+ * of a rank ends the job and `--resume` finishes the run; and without MPICH,
+ * `--procs 2` fails with one line naming the package. Oversubscribed (2 and 4
+ * ranks on whatever cores there are) on purpose. The equivalence of N ranks
+ * with one process lives in test/data_parallel_equivalence_test.ts.
+ */
+import assert from "node:assert/strict";
+import { mergeQueueRows, splitQueueRows } from "../state/queue.ts";
+import { buckets } from "../pipelines/data_parallel.ts";
+import { runCli } from "./_helpers.ts";
+import { noMpi, readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
+
+Deno.test("buckets: gradients packed in order into buckets of at most the limit; big ones alone", () => {
+  const sizes = Array.from({ length: 40 }, () => 1 + Math.floor(Math.random() * 300));
+  sizes.splice(7, 0, 5000);
+  const limit = 1000;
+  const groups = buckets(sizes, limit);
+  assert.deepEqual(groups.flat(), sizes.map((_, i) => i), "every gradient once, in order");
+  for (const group of groups) {
+    const floats = group.reduce((n, i) => n + sizes[i]!, 0);
+    assert.ok(floats <= limit || group.length === 1, `bucket of ${floats} floats`);
+  }
+  assert.ok(groups.length < sizes.length / 3, "few buckets, not one per gradient");
+});
+
+Deno.test("queue rows: split per rank and merged back give one process's layout", () => {
+  const [dim, batch, batches] = [3, 8, 4];
+  const rows = Float32Array.from({ length: batches * batch * dim }, () => Math.random());
+  for (const size of [1, 2, 4, 8]) {
+    const parts = Array.from({ length: size }, (_, r) => splitQueueRows(rows, dim, batch, size, r));
+    // Rank r's row j of batch t is row t·B + j·size + r of the whole (the sampler's positions).
+    const b = batch / size;
+    for (let r = 0; r < size; r++) {
+      for (let row = 0; row < batches * b; row++) {
+        const global = Math.floor(row / b) * batch + (row % b) * size + r;
+        assert.deepEqual(
+          parts[r]!.subarray(row * dim, (row + 1) * dim),
+          rows.subarray(global * dim, (global + 1) * dim),
+        );
+      }
+    }
+    const rankMajor = new Float32Array(rows.length);
+    parts.forEach((p, r) => rankMajor.set(p, r * p.length));
+    assert.deepEqual(mergeQueueRows(rankMajor, dim, b, size), rows, `size ${size}`);
+  }
+});
+
+Deno.test({
+  name: "--procs 2 and 4: parameters hash the same on every rank after every step; resume on another size",
+  ignore: noMpi,
+  fn: async () => {
+    const data = await writeTinyData();
+    const dir = await Deno.makeTempDir({ prefix: "swav-mpi-" });
+    try {
+      const config = await writeParallelConfig(data, dir);
+      const out = `${dir}/run`;
+      const four = await runCli(
+        ["pretrain", "--config", config, "--out", out, "--procs", "4", "--max-steps", "9", "--json"],
+        { SWAV_DEBUG_PARAMS: "1" },
+      );
+      assert.equal(four.code, 0, four.stderr);
+      assert.equal(
+        four.stdout.trim().split("\n").filter((l) => l.startsWith("{")).length,
+        1,
+        "rank 0 alone prints",
+      );
+      assert.equal((await readMetrics(out)).length, 9);
+      // The checkpoint holds every rank's queue in one process's layout: 2 ranks continue from it.
+      const two = await runCli(
+        [
+          "pretrain",
+          "--config",
+          config,
+          "--out",
+          out,
+          "--procs",
+          "2",
+          "--resume",
+          "--max-steps",
+          "12",
+          "--json",
+        ],
+        { SWAV_DEBUG_PARAMS: "1" },
+      );
+      assert.equal(two.code, 0, two.stderr);
+      assert.match(two.stderr, /resumed from .* at step 9/);
+      assert.deepEqual(
+        (await readMetrics(out)).map((m) => m.step),
+        Array.from({ length: 12 }, (_, i) => i + 1),
+      );
+      const odd = await runCli(["pretrain", "--config", config, "--out", `${dir}/odd`, "--procs", "3"]);
+      assert.equal(odd.code, 1);
+      assert.match(odd.stderr, /batchSize 16 does not split evenly over 3 processes/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+      await Deno.remove(data, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "a rank that fails ends the job with a line naming it; kill -9 of a rank ends it; --resume finishes",
+  ignore: noMpi,
+  fn: async () => {
+    const data = await writeTinyData();
+    const dir = await Deno.makeTempDir({ prefix: "swav-mpi-fault-" });
+    try {
+      // Bad data with onError fail: one rank's shard holds the corrupt file.
+      await Deno.writeTextFile(`${data}/train/disc/zz_corrupt.png`, "not a png");
+      const bad = await writeParallelConfig(data, dir);
+      const raw = JSON.parse(await Deno.readTextFile(bad));
+      await Deno.writeTextFile(bad, JSON.stringify({ ...raw, data: { ...raw.data, onError: "fail" } }));
+      const t0 = performance.now();
+      const failed = await runCli(["pretrain", "--config", bad, "--out", `${dir}/bad`, "--procs", "2"]);
+      assert.notEqual(failed.code, 0);
+      assert.match(failed.stderr, /error: rank [01] of 2: DecodeError: .*zz_corrupt\.png/);
+      assert.ok(performance.now() - t0 < 60_000, "the job ends, no rank waits in a collective");
+      await Deno.remove(`${data}/train/disc/zz_corrupt.png`);
+
+      // kill -9 of rank 1 once a checkpoint exists: the whole job ends; --resume continues from it.
+      const config = await writeParallelConfig(data, dir, { checkpointEvery: 2, epochs: 4 });
+      const out = `${dir}/killed`;
+      const child = new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "--allow-all",
+          new URL("../cli/main.ts", import.meta.url).pathname,
+          "pretrain",
+          "--config",
+          config,
+          "--out",
+          out,
+          "--procs",
+          "2",
+        ],
+        env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
+        stdout: "piped",
+        stderr: "piped",
+      }).spawn();
+      const stderr = new Response(child.stderr).text();
+      const stdout = new Response(child.stdout).text();
+      const checkpointed = async () => {
+        for await (const entry of Deno.readDir(out)) if (entry.name.endsWith(".swav")) return true;
+        return false;
+      };
+      const deadline = performance.now() + 120_000;
+      while (!(await checkpointed().catch(() => false))) {
+        assert.ok(performance.now() < deadline, "a checkpoint within 2 minutes");
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      const rank1 = rankPid(out, 1);
+      assert.ok(rank1 !== undefined, "rank 1's process found");
+      Deno.kill(rank1, "SIGKILL");
+      const killedAt = performance.now();
+      const status = await child.status;
+      assert.notEqual(status.code, 0);
+      assert.ok(performance.now() - killedAt < 30_000, "the job ends within seconds");
+      // mpiexec names the killed process and the signal (on stdout); the launcher says what happened.
+      assert.match(await stdout, /Killed \(signal 9\)/);
+      assert.match(await stderr, /error: the job of 2 processes stopped .*--resume continues/);
+      const resumed = await runCli([
+        "pretrain",
+        "--config",
+        config,
+        "--out",
+        out,
+        "--procs",
+        "2",
+        "--resume",
+        "--json",
+      ]);
+      assert.equal(resumed.code, 0, resumed.stderr);
+      assert.equal(JSON.parse(resumed.stdout.trim().split("\n").at(-1)!).steps, 28);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+      await Deno.remove(data, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "--procs 2 without MPICH fails with one line naming the Debian package",
+  fn: async () => {
+    const data = await writeTinyData();
+    const dir = await Deno.makeTempDir({ prefix: "swav-nompi-" });
+    try {
+      const config = await writeParallelConfig(data, dir);
+      const result = await runCli(
+        ["pretrain", "--config", config, "--out", `${dir}/run`, "--procs", "2"],
+        { SWAV_MPI_LIB: `${dir}/libmpich-missing.so` },
+      );
+      assert.equal(result.code, 1);
+      const lines = result.stderr.trim().split("\n").filter((l) => l.startsWith("error"));
+      assert.equal(lines.length, 1, result.stderr);
+      assert.match(lines[0]!, /install Debian's 'mpich' package/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+      await Deno.remove(data, { recursive: true });
+    }
+  },
+});
+
+/** The pid of the rank `rank` training into `out` (its environment says PMI_RANK). */
+const rankPid = (out: string, rank: number): number | undefined => {
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const cmdline = Deno.readTextFileSync(`/proc/${entry.name}/cmdline`);
+      if (!cmdline.includes(out)) continue;
+      const environ = Deno.readTextFileSync(`/proc/${entry.name}/environ`).split("\0");
+      if (environ.includes(`PMI_RANK=${rank}`)) return Number(entry.name);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return undefined;
+};
