@@ -43,6 +43,7 @@ const resnet18 = (width: number): ModelConfig => ({
   hidden: 2048,
   out: 128,
   prototypes: 3000,
+  syncBatchNorm: true,
 });
 
 const settings: readonly Setting[] = [
