@@ -4,7 +4,9 @@ import { TensorBackend } from "../backend/tensor_backend.ts";
 import { startDashboard } from "../cli/dashboard.ts";
 import { tinyRun, tinyRunConfig, writeTinyData } from "./_tiny_run.ts";
 
-const wasm = TensorBackend.layer("wasm");
+// The dashboard renders beside the training run, on the backend that run started: a second
+// `TensorBackend.layer` would dispose every tf.Variable on release, the training run's included.
+const wasm = TensorBackend.withSettings({});
 const runWithBackend = <A>(effect: Effect.Effect<A, unknown, TensorBackend>) =>
   Effect.runPromise(effect.pipe(Effect.provide(wasm)));
 
