@@ -8,7 +8,8 @@ import { readNpy } from "../data/npy.ts";
 import { openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, readModelArrays } from "../models/model.ts";
 import { writeCheckpoint } from "../pipelines/checkpoint.ts";
-import { evaluate, evaluationJson, extractToFolder } from "../pipelines/evaluate.ts";
+import { evaluate, evaluationJson } from "../pipelines/evaluate.ts";
+import { extractToFolder } from "../pipelines/extract_folder.ts";
 import { extractFeatures } from "../pipelines/extract.ts";
 import { knnClassify } from "../pipelines/knn.ts";
 import { probeLearningRate, trainLinearProbe } from "../pipelines/linear_probe.ts";
@@ -229,10 +230,18 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
       assert.equal(result.trainSamples, 60);
       assert.equal(result.testSamples, 30);
       assert.equal(result.k, 5);
+      // An image folder: Resize(int(16 x 256 / 224) = 18) before CenterCrop(16), as the reference's 256 -> 224.
+      assert.equal(result.resize, 18);
       assert.match(result.checkpoint, /checkpoint-000000012\.swav$/);
       // The same model, extracted and classified directly.
       const direct = await Effect.runPromise(Effect.gen(function* () {
-        const options = { size: 16, mean: config.multicrop.mean, std: config.multicrop.std, workers: 0 };
+        const options = {
+          size: 16,
+          resize: 18,
+          mean: config.multicrop.mean,
+          std: config.multicrop.std,
+          workers: 0,
+        };
         const a = yield* extractFeatures(model, yield* openSource(`${data}/demo:train`), options);
         const b = yield* extractFeatures(model, yield* openSource(`${data}/demo:test`), options);
         const r = yield* knnClassify(a.features, a.labels, b.features, b.labels, {
@@ -258,16 +267,69 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
           train: `${data}/demo:train`,
           test: `${data}/demo:test`,
           method: "linear",
+          protocol: "features",
           epochs: 3,
           probeBatchSize: 16,
         })));
       assert.equal(result.method, "linear");
       if (result.method !== "linear") return;
+      assert.equal(result.protocol, "features");
       assert.equal(result.history.length, 3);
       assert.ok(result.lastTop1 <= result.top1);
       const json = evaluationJson(result);
       assert.equal(json["last_top1"], result.lastTop1);
       assert.equal(json["best_epoch"], result.bestEpoch);
+      assert.equal(json["protocol"], "features");
+    });
+
+    await t.step("linear, paper protocol (the default on an image folder), both RegLogs", async () => {
+      for (const variant of [{}, { pooling: "avgpool" as const, batchNorm: true }]) {
+        const epochs: number[] = [];
+        const result = await assertNoTensorLeak("evaluate paper", () =>
+          Effect.runPromise(evaluate({
+            checkpoint: run,
+            method: "linear",
+            epochs: 2,
+            probeBatchSize: 16,
+            onProbeEpoch: (report) => epochs.push(report.epoch),
+            ...variant,
+          })));
+        assert.equal(result.method, "linear");
+        if (result.method !== "linear") return;
+        assert.equal(result.protocol, "paper");
+        assert.equal(result.pooling, variant.pooling ?? "global");
+        assert.deepEqual(epochs, [1, 2]);
+        assert.equal(result.history.length, 2);
+        assert.ok(result.lastTop1 <= result.top1);
+        assert.deepEqual(
+          result.confusion.map((row) => row.reduce((s, v) => s + v, 0)),
+          new Array(10).fill(3),
+        );
+        const json = evaluationJson(result);
+        assert.equal(json["protocol"], "paper");
+        assert.equal(json["resize"], 18);
+      }
+    });
+
+    await t.step("semisup on 50% of the labels leaves the checkpoint file unchanged", async () => {
+      const file = `${run}/checkpoint-000000012.swav`;
+      const before = await Deno.readFile(file);
+      const result = await assertNoTensorLeak(
+        "evaluate semisup",
+        () =>
+          Effect.runPromise(
+            evaluate({ checkpoint: run, method: "semisup", labels: "50%", epochs: 2, probeBatchSize: 8 }),
+          ),
+      );
+      assert.equal(result.method, "semisup");
+      if (result.method !== "semisup") return;
+      // 6 train images per class: round(0.5 x 6) = 3 of each of the 10 classes.
+      assert.equal(result.subsetSamples, 30);
+      assert.equal(result.history.length, 2);
+      assert.deepEqual(await Deno.readFile(file), before);
+      const json = evaluationJson(result);
+      assert.equal(json["method"], "semisup");
+      assert.equal(json["subset_samples"], 30);
     });
 
     await t.step("extract writes features.npy, labels.npy and a sidecar", async () => {
