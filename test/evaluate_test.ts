@@ -350,9 +350,12 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
       const json = JSON.parse(await Deno.readTextFile(`${out}/features.json`));
       assert.deepEqual(json, JSON.parse(JSON.stringify(sidecar)));
       assert.equal(json.classes.length, 10);
+      // The same test-time transform as evaluate's: Resize(18) + CenterCrop(16) on an image folder.
+      assert.equal(json.resize, 18);
       const direct = await Effect.runPromise(
         extractFeatures(model, await Effect.runPromise(openSource(`${data}/demo:test`)), {
           size: 16,
+          resize: 18,
           mean: config.multicrop.mean,
           std: config.multicrop.std,
           batchSize: 256,
