@@ -14,6 +14,7 @@ import { extractFeatures } from "../pipelines/extract.ts";
 import { knnClassify } from "../pipelines/knn.ts";
 import { probeLearningRate, trainLinearProbe } from "../pipelines/linear_probe.ts";
 import { rngFor } from "../data/rng.ts";
+import { liveTensors } from "../backend/resources.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
 await useBackend("wasm");
@@ -285,21 +286,27 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
     await t.step("linear, paper protocol (the default on an image folder), both RegLogs", async () => {
       for (const variant of [{}, { pooling: "avgpool" as const, batchNorm: true }]) {
         const epochs: number[] = [];
+        const live: number[] = [];
         const result = await assertNoTensorLeak("evaluate paper", () =>
           Effect.runPromise(evaluate({
             checkpoint: run,
             method: "linear",
-            epochs: 2,
+            epochs: 3,
             probeBatchSize: 16,
-            onProbeEpoch: (report) => epochs.push(report.epoch),
+            onProbeEpoch: (report) => {
+              epochs.push(report.epoch);
+              live.push(liveTensors().tensors);
+            },
             ...variant,
           })));
+        // No tensor accumulates from one epoch to the next.
+        assert.equal(new Set(live).size, 1, `live tensors per epoch ${live}`);
         assert.equal(result.method, "linear");
         if (result.method !== "linear") return;
         assert.equal(result.protocol, "paper");
         assert.equal(result.pooling, variant.pooling ?? "global");
-        assert.deepEqual(epochs, [1, 2]);
-        assert.equal(result.history.length, 2);
+        assert.deepEqual(epochs, [1, 2, 3]);
+        assert.equal(result.history.length, 3);
         assert.ok(result.lastTop1 <= result.top1);
         assert.deepEqual(
           result.confusion.map((row) => row.reduce((s, v) => s + v, 0)),
@@ -314,18 +321,22 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
     await t.step("semisup on 50% of the labels leaves the checkpoint file unchanged", async () => {
       const file = `${run}/checkpoint-000000012.swav`;
       const before = await Deno.readFile(file);
-      const result = await assertNoTensorLeak(
-        "evaluate semisup",
-        () =>
-          Effect.runPromise(
-            evaluate({ checkpoint: run, method: "semisup", labels: "50%", epochs: 2, probeBatchSize: 8 }),
-          ),
-      );
+      const live: number[] = [];
+      const result = await assertNoTensorLeak("evaluate semisup", () =>
+        Effect.runPromise(evaluate({
+          checkpoint: run,
+          method: "semisup",
+          labels: "50%",
+          epochs: 3,
+          probeBatchSize: 8,
+          onProbeEpoch: () => live.push(liveTensors().tensors),
+        })));
+      assert.equal(new Set(live).size, 1, `live tensors per epoch ${live}`);
       assert.equal(result.method, "semisup");
       if (result.method !== "semisup") return;
       // 6 train images per class: round(0.5 x 6) = 3 of each of the 10 classes.
       assert.equal(result.subsetSamples, 30);
-      assert.equal(result.history.length, 2);
+      assert.equal(result.history.length, 3);
       assert.deepEqual(await Deno.readFile(file), before);
       const json = evaluationJson(result);
       assert.equal(json["method"], "semisup");
