@@ -512,6 +512,27 @@ Deno.test("eval/extract/export CLI: --json line, .npy output, an export evaluate
     const unlabelled = await swav("eval", "--checkpoint", run, "--test", `${data}/flat`);
     assert.equal(unlabelled.code, 1);
     assert.match(unlabelled.stderr, /error: EvaluationError: the test source .*flat is unlabelled/);
+    // Flags of another method, or a value the flag cannot take: one line, before any work.
+    for (
+      const [args, line] of [
+        [["--resize", "big"], /^error: EvalFlagError: --resize big: give auto, none or a size in pixels\n$/],
+        [
+          ["--method", "knn", "--labels", "1%"],
+          /^error: EvalFlagError: --labels applies to --method semisup\n$/,
+        ],
+        [
+          ["--method", "linear", "--protocol", "features", "--bn"],
+          /^error: EvalFlagError: --pooling and --bn apply to --method linear --protocol paper\n$/,
+        ],
+      ] as const
+    ) {
+      const bad = await swav("eval", "--checkpoint", run, ...args);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stderr, line);
+    }
+    const small = await swav("eval", "--checkpoint", run, "--resize", "8", "--workers", "0");
+    assert.equal(small.code, 1);
+    assert.match(small.stderr, /error: EvaluationError: --resize 8 is smaller than the crop size 16/);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
