@@ -44,8 +44,8 @@ const workersFlag = Flag.Int("workers").pipe(
 );
 const resizeFlag = Flag.String("resize").pipe(
   Flag.withDescription(
-    "test-time Resize (shorter side) before CenterCrop(crop size): auto (256/224 x size for image folders, " +
-      "none for IDX/CIFAR), none, or N pixels",
+    "test-time Resize (shorter side) before CenterCrop(crop size): auto (int(size x 256 / 224), the " +
+      "reference's 256 for 224), none, or N pixels",
   ),
   Flag.optional,
 );

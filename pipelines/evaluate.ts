@@ -11,8 +11,8 @@
  * Sources default to the run's data set: its train split, and `data.testSource`
  * or its test split. The test-time transform is the reference's: Resize(shorter
  * side) + CenterCrop(the first crop size), the run's mean and std; the resize is
- * `evalResizeFor(size)` (256 for 224) for image folders and none for record data
- * sets whose images already have the crop size (`evalResizeSide`).
+ * `evalResizeFor(size)` (256 for 224) for every source, record data sets whose
+ * images already have the crop size included (`evalResizeSide`).
  */
 import { Effect, Schema, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
@@ -128,17 +128,17 @@ export const defaultSourceSpecs = (
 
 /**
  * The test-time resize: `"auto"` (default) is `evalResizeFor(size)` (Resize(256) before
- * CenterCrop(224), in proportion) for image folders, and no resize for IDX and CIFAR, whose
- * images already have the crop size (measured better on Fashion-MNIST kNN: README, Evaluation);
+ * CenterCrop(224), in proportion) for every source; for IDX and CIFAR, whose images already have
+ * the crop size, it measured better than no resize on Fashion-MNIST kNN (README, Evaluation).
  * `"none"` crops without resizing beyond the crop size; a number is the shorter side.
  */
 export type ResizeOption = "auto" | "none" | number;
 
 /** The shorter side to resize to before the centre crop of `size`, or undefined for none. */
-export const evalResizeSide = (option: ResizeOption, size: number, kind: SourceKind): number | undefined => {
+export const evalResizeSide = (option: ResizeOption, size: number, _kind: SourceKind): number | undefined => {
   if (option === "none") return undefined;
   if (typeof option === "number") return option;
-  return kind === "folder" || kind === "flat" ? evalResizeFor(size) : undefined;
+  return evalResizeFor(size);
 };
 
 /** `--resize auto|none|N` as a value, or undefined when it is none of them. */

@@ -96,12 +96,12 @@ const close = (label: string, got: ArrayLike<number>, want: ArrayLike<number>, t
   assert.ok(error < tol, `${label}: relative error ${error.toExponential(2)} >= ${tol}`);
 };
 
-Deno.test("eval transform: the resize rule is int(size x 256 / 224), the default only for image folders", () => {
+Deno.test("eval transform: the resize rule is int(size x 256 / 224), the default for every source", () => {
   fixture.resizeRule.forEach((want, i) => assert.equal(evalResizeFor(i + 1), want, `size ${i + 1}`));
   assert.equal(evalResizeFor(224), 256);
   assert.equal(evalResizeSide("auto", 224, "folder"), 256);
-  assert.equal(evalResizeSide("auto", 28, "idx"), undefined);
-  assert.equal(evalResizeSide("auto", 32, "cifar10"), undefined);
+  assert.equal(evalResizeSide("auto", 28, "idx"), 32);
+  assert.equal(evalResizeSide("auto", 32, "cifar10"), 36);
   assert.equal(evalResizeSide("none", 224, "folder"), undefined);
   assert.equal(evalResizeSide(300, 224, "idx"), 300);
 });
