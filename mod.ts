@@ -126,14 +126,12 @@ export {
 } from "./pipelines/swav_step.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
 export { knnClassify, knnTop1 } from "./pipelines/knn.ts";
-export {
-  evaluate,
-  type Evaluation,
-  EvaluationError,
-  extractToFolder,
-  loadForEvaluation,
-} from "./pipelines/evaluate.ts";
+export { evaluate, type Evaluation, EvaluationError, loadForEvaluation } from "./pipelines/evaluate.ts";
+export { extractToFolder } from "./pipelines/extract_folder.ts";
 export { trainLinearProbe } from "./pipelines/linear_probe.ts";
+export { linearEvaluation } from "./pipelines/linear_eval.ts";
+export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
+export { evalResizeFor, trainCrop } from "./data/eval_augment.ts";
 export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
 export { decodeNpy, encodeNpy, NpyError, readNpy, writeNpy } from "./data/npy.ts";
 export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";

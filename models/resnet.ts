@@ -284,7 +284,18 @@ export const backboneForward = (
   params: ParamLookup,
   x: tf.Tensor4D,
   options: ForwardOptions,
-): tf.Tensor2D =>
+): tf.Tensor2D => tf.tidy(() => tf.mean(backboneFeatureMap(plan, params, x, options), [1, 2]) as tf.Tensor2D);
+
+/**
+ * The backbone's last feature map [N, h, w, featureDim] before global pooling
+ * (SwAV's `eval_mode=True` output, which the linear evaluation's pooling variant reads).
+ */
+export const backboneFeatureMap = (
+  plan: BackbonePlan,
+  params: ParamLookup,
+  x: tf.Tensor4D,
+  options: ForwardOptions,
+): tf.Tensor4D =>
   tf.tidy(() => {
     // Inside tf.tidy (and the gradient tape), where no Effect runs; without it a wrong channel
     // count would surface as an opaque conv shape error from TF.js.
@@ -297,7 +308,7 @@ export const backboneForward = (
     // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.
     if (plan.maxPool) y = tf.maxPool(y, 3, 2, 1);
     for (const b of plan.blocks) y = block(params, b, y, options);
-    return tf.mean(y, [1, 2]) as tf.Tensor2D;
+    return y;
   });
 
 /** Spatial size after a conv/pool with torch's floor rounding. */

@@ -8,11 +8,13 @@ import { readNpy } from "../data/npy.ts";
 import { openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, readModelArrays } from "../models/model.ts";
 import { writeCheckpoint } from "../pipelines/checkpoint.ts";
-import { evaluate, evaluationJson, extractToFolder } from "../pipelines/evaluate.ts";
+import { evaluate, evaluationJson } from "../pipelines/evaluate.ts";
+import { extractToFolder } from "../pipelines/extract_folder.ts";
 import { extractFeatures } from "../pipelines/extract.ts";
 import { knnClassify } from "../pipelines/knn.ts";
 import { probeLearningRate, trainLinearProbe } from "../pipelines/linear_probe.ts";
 import { rngFor } from "../data/rng.ts";
+import { liveTensors } from "../backend/resources.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
 await useBackend("wasm");
@@ -229,10 +231,18 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
       assert.equal(result.trainSamples, 60);
       assert.equal(result.testSamples, 30);
       assert.equal(result.k, 5);
+      // An image folder: Resize(int(16 x 256 / 224) = 18) before CenterCrop(16), as the reference's 256 -> 224.
+      assert.equal(result.resize, 18);
       assert.match(result.checkpoint, /checkpoint-000000012\.swav$/);
       // The same model, extracted and classified directly.
       const direct = await Effect.runPromise(Effect.gen(function* () {
-        const options = { size: 16, mean: config.multicrop.mean, std: config.multicrop.std, workers: 0 };
+        const options = {
+          size: 16,
+          resize: 18,
+          mean: config.multicrop.mean,
+          std: config.multicrop.std,
+          workers: 0,
+        };
         const a = yield* extractFeatures(model, yield* openSource(`${data}/demo:train`), options);
         const b = yield* extractFeatures(model, yield* openSource(`${data}/demo:test`), options);
         const r = yield* knnClassify(a.features, a.labels, b.features, b.labels, {
@@ -258,16 +268,79 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
           train: `${data}/demo:train`,
           test: `${data}/demo:test`,
           method: "linear",
+          protocol: "features",
           epochs: 3,
           probeBatchSize: 16,
         })));
       assert.equal(result.method, "linear");
       if (result.method !== "linear") return;
+      assert.equal(result.protocol, "features");
       assert.equal(result.history.length, 3);
       assert.ok(result.lastTop1 <= result.top1);
       const json = evaluationJson(result);
       assert.equal(json["last_top1"], result.lastTop1);
       assert.equal(json["best_epoch"], result.bestEpoch);
+      assert.equal(json["protocol"], "features");
+    });
+
+    await t.step("linear, paper protocol (the default on an image folder), both RegLogs", async () => {
+      for (const variant of [{}, { pooling: "avgpool" as const, batchNorm: true }]) {
+        const epochs: number[] = [];
+        const live: number[] = [];
+        const result = await assertNoTensorLeak("evaluate paper", () =>
+          Effect.runPromise(evaluate({
+            checkpoint: run,
+            method: "linear",
+            epochs: 3,
+            probeBatchSize: 16,
+            onProbeEpoch: (report) => {
+              epochs.push(report.epoch);
+              live.push(liveTensors().tensors);
+            },
+            ...variant,
+          })));
+        // No tensor accumulates from one epoch to the next.
+        assert.equal(new Set(live).size, 1, `live tensors per epoch ${live}`);
+        assert.equal(result.method, "linear");
+        if (result.method !== "linear") return;
+        assert.equal(result.protocol, "paper");
+        assert.equal(result.pooling, variant.pooling ?? "global");
+        assert.deepEqual(epochs, [1, 2, 3]);
+        assert.equal(result.history.length, 3);
+        assert.ok(result.lastTop1 <= result.top1);
+        assert.deepEqual(
+          result.confusion.map((row) => row.reduce((s, v) => s + v, 0)),
+          new Array(10).fill(3),
+        );
+        const json = evaluationJson(result);
+        assert.equal(json["protocol"], "paper");
+        assert.equal(json["resize"], 18);
+      }
+    });
+
+    await t.step("semisup on 50% of the labels leaves the checkpoint file unchanged", async () => {
+      const file = `${run}/checkpoint-000000012.swav`;
+      const before = await Deno.readFile(file);
+      const live: number[] = [];
+      const result = await assertNoTensorLeak("evaluate semisup", () =>
+        Effect.runPromise(evaluate({
+          checkpoint: run,
+          method: "semisup",
+          labels: "50%",
+          epochs: 3,
+          probeBatchSize: 8,
+          onProbeEpoch: () => live.push(liveTensors().tensors),
+        })));
+      assert.equal(new Set(live).size, 1, `live tensors per epoch ${live}`);
+      assert.equal(result.method, "semisup");
+      if (result.method !== "semisup") return;
+      // 6 train images per class: round(0.5 x 6) = 3 of each of the 10 classes.
+      assert.equal(result.subsetSamples, 30);
+      assert.equal(result.history.length, 3);
+      assert.deepEqual(await Deno.readFile(file), before);
+      const json = evaluationJson(result);
+      assert.equal(json["method"], "semisup");
+      assert.equal(json["subset_samples"], 30);
     });
 
     await t.step("extract writes features.npy, labels.npy and a sidecar", async () => {
@@ -288,9 +361,12 @@ Deno.test("evaluate: kNN on a run folder equals extract + knnClassify; linear pr
       const json = JSON.parse(await Deno.readTextFile(`${out}/features.json`));
       assert.deepEqual(json, JSON.parse(JSON.stringify(sidecar)));
       assert.equal(json.classes.length, 10);
+      // The same test-time transform as evaluate's: Resize(18) + CenterCrop(16) on an image folder.
+      assert.equal(json.resize, 18);
       const direct = await Effect.runPromise(
         extractFeatures(model, await Effect.runPromise(openSource(`${data}/demo:test`)), {
           size: 16,
+          resize: 18,
           mean: config.multicrop.mean,
           std: config.multicrop.std,
           batchSize: 256,
@@ -436,6 +512,27 @@ Deno.test("eval/extract/export CLI: --json line, .npy output, an export evaluate
     const unlabelled = await swav("eval", "--checkpoint", run, "--test", `${data}/flat`);
     assert.equal(unlabelled.code, 1);
     assert.match(unlabelled.stderr, /error: EvaluationError: the test source .*flat is unlabelled/);
+    // Flags of another method, or a value the flag cannot take: one line, before any work.
+    for (
+      const [args, line] of [
+        [["--resize", "big"], /^error: EvalFlagError: --resize big: give auto, none or a size in pixels\n$/],
+        [
+          ["--method", "knn", "--labels", "1%"],
+          /^error: EvalFlagError: --labels applies to --method semisup\n$/,
+        ],
+        [
+          ["--method", "linear", "--protocol", "features", "--bn"],
+          /^error: EvalFlagError: --pooling and --bn apply to --method linear --protocol paper\n$/,
+        ],
+      ] as const
+    ) {
+      const bad = await swav("eval", "--checkpoint", run, ...args);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stderr, line);
+    }
+    const small = await swav("eval", "--checkpoint", run, "--resize", "8", "--workers", "0");
+    assert.equal(small.code, 1);
+    assert.match(small.stderr, /error: EvaluationError: --resize 8 is smaller than the crop size 16/);
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
