@@ -34,6 +34,7 @@ from torch_step import LARC, SwavResNet18, swapped_loss  # noqa: E402
 
 def parse():
     p = argparse.ArgumentParser()
+    p.add_argument("--stage", choices=["step"], default="step", help="only the whole step (as bench --stage step)")
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
