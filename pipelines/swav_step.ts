@@ -21,7 +21,7 @@ import { Effect, Schema, type Scope } from "effect";
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
-import type { RunConfig } from "../config/config.ts";
+import { effectiveOptim, type RunConfig } from "../config/config.ts";
 import type { Batch } from "../data/loader.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -94,8 +94,11 @@ export const swavStages: SwavStages = {
   optimise: optimiseStage,
 };
 
-/** Each stage's config, read from its sections of the run config. */
-export const stageConfigs = (config: RunConfig) => ({
+/**
+ * Each stage's config, read from its sections of the run config. The learning rates are scaled
+ * (optim.lrScaling) for the global batch: train.batchSize x `processes`.
+ */
+export const stageConfigs = (config: RunConfig, processes = 1) => ({
   encode: { training: true } satisfies EncodeConfig,
   assign: { epsilon: config.swav.epsilon, sinkhornIterations: config.swav.sinkhornIterations },
   loss: {
@@ -103,7 +106,10 @@ export const stageConfigs = (config: RunConfig) => ({
     cropsForAssign: config.swav.cropsForAssign,
     temperature: config.swav.temperature,
   },
-  optimise: { ...config.optim, freezePrototypesIters: config.swav.freezePrototypesIters },
+  optimise: {
+    ...effectiveOptim(config.optim, config.train.batchSize * processes),
+    freezePrototypesIters: config.swav.freezePrototypesIters,
+  },
 });
 
 /** The crop layout of a batch of `batchSize` samples. */
@@ -190,6 +196,11 @@ export interface StepOutcome {
   readonly codeEntropy: number;
   /** Distinct prototypes that are the argmax of some sample's code in this batch. */
   readonly prototypesInUse: number;
+  /**
+   * The backbone's pooled features of the batch's crops [batch * crops, F], crop-major, as constants
+   * (for the online probe); owned by the caller's scope, valid until it closes.
+   */
+  readonly features?: tf.Tensor2D | undefined;
 }
 
 /**
@@ -273,6 +284,6 @@ export const swavTrainStep = (
               `optim.baseLr or optim.trust.`,
           });
         }
-        return { loss, lr: learningRate, ...statistics };
+        return { loss, lr: learningRate, ...statistics, features: out.features };
       });
   });
