@@ -16,7 +16,8 @@
  *                      Otherwise 0.
  *   multicrop.sizeCrops  for the small-data recipe only (`cropSideFromData`: the CLI asks when the user's
  *                      config names no sizeCrops), with one size group:
- *                      at the images' own shorter side (28 for Fashion-MNIST, 32 for CIFAR).
+ *                      at the images' own shorter side (28 for Fashion-MNIST, 32 for CIFAR);
+ *                      and for a grey source (IDX) multicrop.channels and model.inputChannels 1.
  */
 import type { DataSource } from "../data/sources.ts";
 
@@ -34,12 +35,15 @@ export interface DataFacts {
   readonly length: number;
   /** Shorter side of the first image, where it was read. */
   readonly imageSide?: number | undefined;
+  /** The channels the source feeds (1 for grey sets such as IDX), where known. */
+  readonly channels?: 1 | 3 | undefined;
 }
 
 export const factsOf = (source: DataSource, imageSide?: number): DataFacts => ({
   classes: source.classes?.length,
   length: source.length,
   imageSide,
+  channels: source.channels,
 });
 
 /** The prototype count for a data set (see the module comment). */
@@ -72,11 +76,18 @@ export const withDataDefaults = (
   const side = facts.imageSide;
   // The caller asks only where the user's own config names no crop size (the preset's 32 is a fallback).
   const oneGroup = Array.isArray(multicrop["nmbCrops"]) && multicrop["nmbCrops"].length === 1;
-  const crops = options.cropSideFromData && oneGroup && side !== undefined ? { sizeCrops: [side] } : {};
+  const fromData = options.cropSideFromData === true;
+  const crops = {
+    ...(fromData && oneGroup && side !== undefined ? { sizeCrops: [side] } : {}),
+    ...(fromData && facts.channels === 1 && multicrop["channels"] === undefined ? { channels: 1 } : {}),
+  };
+  const channels = fromData && facts.channels === 1 && model["inputChannels"] === undefined
+    ? { inputChannels: 1 }
+    : {};
   return {
     ...config,
     ...(Object.keys(crops).length === 0 ? {} : { multicrop: { ...multicrop, ...crops } }),
-    model: { ...model, prototypes },
+    model: { ...model, ...channels, prototypes },
     swav: { ...swav, queueLength },
   };
 };

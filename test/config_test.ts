@@ -43,6 +43,10 @@ Deno.test("data defaults: 3000 prototypes, 10x the classes for small sets, a que
   assert.deepEqual((await decode(withDataDefaults(recipeConfig("small-data"), facts))).multicrop.sizeCrops, [
     32,
   ]);
+  const grey = await decode(
+    withDataDefaults(recipeConfig("small-data"), { ...facts, channels: 1 }, { cropSideFromData: true }),
+  );
+  assert.deepEqual([grey.multicrop.channels, grey.model.inputChannels], [1, 1]);
   assert.deepEqual(
     (await decode(withDataDefaults({}, facts, { cropSideFromData: true }))).multicrop.sizeCrops,
     [
