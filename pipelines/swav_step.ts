@@ -221,6 +221,7 @@ export const swavTrainStep = (
     );
     if (problem !== undefined) return yield* new CropLayoutError({ message: problem });
     const tape = swavTape(state.model, config, batchSize, stages);
+    // TODO(MPI, issue 13): pass the communicator's size, so that optim.lrScaling sees the global batch.
     const optimise = stages.optimise.run(stageConfigs(config).optimise);
     const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
 
