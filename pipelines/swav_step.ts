@@ -146,7 +146,7 @@ export const forwardBackward = (
   tape: SwavTape,
   crops: readonly tf.Tensor4D[],
   variables: readonly tf.Variable[],
-  options: { queueScores?: readonly tf.Tensor2D[] | undefined } = {},
+  options: { queueScores?: readonly tf.Tensor2D[] | undefined; keepFeatures?: boolean } = {},
 ): TapeOutputs =>
   onTape(
     // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
@@ -154,6 +154,7 @@ export const forwardBackward = (
     activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
     () => tape(crops, options.queueScores),
     variables,
+    options.keepFeatures,
   );
 
 /** Code entropy and prototypes in use, read from the codes (asynchronously). */
@@ -239,7 +240,10 @@ export const swavTrainStep = (
 
         // On one tape: encode -> scores -> (detached) Sinkhorn codes -> swapped prediction.
         const out = yield* scoped(() =>
-          forwardBackward(tape, crops, Object.values(state.variables), { queueScores })
+          forwardBackward(tape, crops, Object.values(state.variables), {
+            queueScores,
+            keepFeatures: config.train.onlineProbe,
+          })
         );
 
         const loss = (yield* Effect.promise(() => out.loss.data()))[0]!;

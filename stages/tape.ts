@@ -100,6 +100,8 @@ export const onTape = (
   variableGrads: VariableGrads,
   forward: () => TapeForward,
   variables: readonly tf.Variable[],
+  /** Also hand back the backbone's features (for an online probe); off, they are freed with the tape. */
+  keepFeatures = false,
 ): TapeOutputs => {
   let kept: tf.Tensor2D | undefined;
   let codes: tf.Tensor2D[] = [];
@@ -109,7 +111,7 @@ export const onTape = (
     codes = out.codes.map((c) => tf.keep(c));
     kept = tf.keep(out.embeddings);
     // Kept as they are (no op is added to the tape): the probe reads them after the backward pass.
-    features = out.features === undefined ? undefined : tf.keep(out.features);
+    features = keepFeatures && out.features !== undefined ? tf.keep(out.features) : undefined;
     return out.loss;
   }, variables as tf.Variable[]);
   return { loss: value, grads, embeddings: kept!, codes, ...(features === undefined ? {} : { features }) };
