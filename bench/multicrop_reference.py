@@ -42,7 +42,7 @@ def get_color_distortion(s=1.0):
 
 def build(nmb, size, min_scale, max_scale, blur):
     color_transform = [get_color_distortion()] + ([PILRandomGaussianBlur()] if blur else [])
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    mean, std = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
     trans = []
     for i in range(len(size)):
         crop = transforms.RandomResizedCrop(size[i], scale=(min_scale[i], max_scale[i]))

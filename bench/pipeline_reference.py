@@ -68,7 +68,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __init__(self, folder, nmb, size, min_scale, max_scale, blur):
         self.paths = sorted(str(p) for p in Path(folder).iterdir() if p.suffix in (".jpg", ".png"))
         color_transform = [get_color_distortion()] + ([PILRandomGaussianBlur()] if blur else [])
-        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        mean, std = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
         self.trans = []
         for i in range(len(size)):
             crop = transforms.RandomResizedCrop(size[i], scale=(min_scale[i], max_scale[i]))

@@ -237,7 +237,7 @@ def main():
             scale = (0.14, 1.0) if g == 0 else (0.08, 0.4)
             trans += [T.Compose([T.RandomResizedCrop(size, scale=scale), T.RandomHorizontalFlip(0.5), jitter,
                                  T.RandomGrayscale(0.2), T.ToTensor(),
-                                 T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])] * n
+                                 T.Normalize([0.485, 0.456, 0.406], [0.228, 0.224, 0.225])])] * n
 
         def multicrop():
             per = [[t(im) for t in trans] for im in images]

@@ -10,6 +10,7 @@ import { BackendName, resolveBackendName, TensorBackend } from "../backend/tenso
 import { CommunicatorService } from "../backend/communicator.ts";
 import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
+import { RECIPE_NAMES, recipeConfig, type RecipeName } from "../config/recipes.ts";
 import { openSource } from "../data/sources.ts";
 import { resolveSourceSpec } from "../pipelines/sources.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
@@ -60,10 +61,12 @@ const overrides = (flags: {
   maxSteps?: number;
   workers?: number;
   syncBatchNorm?: boolean;
+  onlineProbe?: boolean;
 }) => ({
   data: { source: flags.data, workers: flags.workers },
   model: { syncBatchNorm: flags.syncBatchNorm },
   train: {
+    onlineProbe: flags.onlineProbe,
     epochs: flags.epochs,
     out: flags.out,
     backend: flags.backend,
@@ -80,14 +83,22 @@ const overrides = (flags: {
  */
 const resolveConfig = (
   file: Option.Option<string>,
-  flagOverrides: { data?: { source?: string | undefined } },
+  flagOverrides: { data?: { source?: string | undefined }; train?: { epochs?: number | undefined } },
+  recipe: Option.Option<RecipeName> = Option.none(),
 ) =>
   Effect.gen(function* () {
-    const name = Option.getOrElse(file, () => "command line");
-    // Without a config file, the built-in data set trains with the demo's recipe (sized for a CPU);
-    // other sources start from the schema's defaults (the paper's recipe).
-    const base = Option.isSome(file)
-      ? yield* readRawConfig(file.value)
+    const name = Option.getOrElse(file, () =>
+      Option.isSome(recipe) ? `recipe ${recipe.value}` : "command line");
+    const fileRaw = Option.isSome(file) ? yield* readRawConfig(file.value) : undefined;
+    // A recipe is the base, its schedule rescaled to the epochs asked for; a config file merges over it.
+    // Without either, the built-in data set trains with the demo's recipe (sized for a CPU); other
+    // sources start from the schema's defaults (the paper's recipe).
+    const fileEpochs = (fileRaw as { train?: { epochs?: unknown } } | undefined)?.train?.epochs;
+    const epochs = flagOverrides.train?.epochs ?? (typeof fileEpochs === "number" ? fileEpochs : undefined);
+    const base = Option.isSome(recipe)
+      ? mergeConfig(recipeConfig(recipe.value, epochs), fileRaw ?? {})
+      : fileRaw !== undefined
+      ? fileRaw
       : isBuiltinDemo(flagOverrides)
       ? demoConfig
       : {};
@@ -97,7 +108,15 @@ const resolveConfig = (
       yield* resolveSourceSpec(provisional.data.source),
       provisional.data.channels === undefined ? {} : { channels: provisional.data.channels },
     );
-    return yield* decodeRunConfig(withDataDefaults(raw, factsOf(source)), name);
+    // The small-data recipe crops at the images' own side unless the user's file names a size.
+    const fileCrops = (fileRaw as { multicrop?: { sizeCrops?: unknown } } | undefined)?.multicrop?.sizeCrops;
+    const cropSideFromData = Option.getOrUndefined(recipe) === "small-data" && fileCrops === undefined &&
+      source.length > 0;
+    const side = cropSideFromData
+      ? yield* Effect.map(source.read(0), (s) =>
+        Math.min(s.image.width, s.image.height))
+      : undefined;
+    return yield* decodeRunConfig(withDataDefaults(raw, factsOf(source, side), { cropSideFromData }), name);
   });
 
 /** True when the flags name no data source, or the built-in one. */
@@ -163,6 +182,19 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.optional,
   ),
   workers: Flag.Int("workers").pipe(Flag.withDescription("data worker threads"), Flag.optional),
+  recipe: Flag.Literals("recipe", RECIPE_NAMES).pipe(
+    Flag.withDescription(
+      "start from a preset: the reference's scripts (swav_800ep_pretrain, swav_400ep_pretrain, " +
+        "swav_400ep_bs256_pretrain) or small-data; --epochs rescales its schedule",
+    ),
+    Flag.optional,
+  ),
+  onlineProbe: Flag.Boolean("online-probe").pipe(
+    Flag.withDescription(
+      "train a linear probe on the detached features during pretraining (labelled sources)",
+    ),
+    Flag.optional,
+  ),
   json: jsonFlag,
   dashboard: Flag.Boolean("dashboard").pipe(
     Flag.withDescription("serve the run's live report on 127.0.0.1 (a free port; the URL goes to stderr)"),
@@ -184,7 +216,9 @@ const pretrainCommand = Command.make("pretrain", {
           maxSteps: Option.getOrUndefined(flags.maxSteps),
           workers: Option.getOrUndefined(flags.workers),
           syncBatchNorm: Option.getOrUndefined(flags.syncBn),
+          onlineProbe: Option.getOrUndefined(flags.onlineProbe),
         }),
+        flags.recipe,
       );
       const threads = Option.getOrUndefined(flags.threads);
       // --procs N: this process only starts mpiexec, which runs this same command as N ranks.

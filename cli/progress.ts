@@ -50,7 +50,10 @@ export const progressHooks = (options: { quiet?: boolean } = {}): PretrainHooks 
     },
     onEpoch: (r: EpochReport) => {
       if (options.quiet) return;
-      const knn = r.knnTop1 === undefined ? "" : ` kNN top-1 ${(100 * r.knnTop1).toFixed(2)}%`;
+      const knn = (r.knnTop1 === undefined ? "" : ` kNN top-1 ${(100 * r.knnTop1).toFixed(2)}%`) +
+        (r.onlineProbeTop1 === undefined
+          ? ""
+          : ` online probe top-1 ${(100 * r.onlineProbeTop1).toFixed(2)}%`);
       write(
         `${tty ? "\r\x1b[2K" : ""}epoch ${r.epoch}: mean loss ${r.meanLoss.toFixed(4)}${knn} (${
           r.seconds.toFixed(1)

@@ -13,6 +13,7 @@ import { NonNegativeInt, Positive, PositiveInt, withDefault } from "../models/sc
 import { freezeFields, larcFields, scheduleFields } from "../stages/optimise.ts";
 import { sinkhornFields } from "../stages/sinkhorn.ts";
 import { swappedLossFields } from "../stages/swapped_loss.ts";
+import { RecipeInfo } from "./recipes.ts";
 
 /** Where the images come from. */
 export const DataConfig = Schema.Struct({
@@ -48,8 +49,28 @@ export const SwavConfig = Schema.Struct({
 export type SwavConfig = typeof SwavConfig.Type;
 
 /** The optimise stage's schedule and LARC-SGD settings. */
-export const OptimConfig = Schema.Struct({ ...scheduleFields, ...larcFields });
+export const OptimConfig = Schema.Struct({
+  ...scheduleFields,
+  ...larcFields,
+  /**
+   * "none": the rates are used as given. "linear": baseLr, finalLr and startWarmup are per 256 images,
+   * multiplied by the global batch (train.batchSize x processes) / 256 (Goyal et al.'s rule).
+   */
+  lrScaling: withDefault(Schema.Literals(["none", "linear"]), "none"),
+});
 export type OptimConfig = typeof OptimConfig.Type;
+
+/** The optim section's schedule and LARC settings with `lrScaling` applied for a global batch. */
+export const effectiveOptim = (optim: OptimConfig, globalBatch: number) => {
+  const { lrScaling, ...rest } = optim;
+  const factor = lrScaling === "linear" ? globalBatch / 256 : 1;
+  return {
+    ...rest,
+    baseLr: rest.baseLr * factor,
+    finalLr: rest.finalLr * factor,
+    startWarmup: rest.startWarmup * factor,
+  };
+};
 
 /** The run: length, seed, outputs. */
 export const TrainConfig = Schema.Struct({
@@ -67,11 +88,18 @@ export const TrainConfig = Schema.Struct({
   knnEvery: withDefault(NonNegativeInt, 0),
   knnK: withDefault(PositiveInt, 200),
   knnTemperature: withDefault(Positive, 0.1),
+  /**
+   * A linear classifier trained on the detached backbone features of each batch during pretraining
+   * (labelled sources only); its test top-1 per epoch goes to epochs.jsonl (online_probe_top1).
+   */
+  onlineProbe: withDefault(Schema.Boolean, false),
   /** Stop after this many steps in total (0 = no limit): for tests and smoke runs. */
   maxSteps: withDefault(NonNegativeInt, 0),
 });
 
 export const RunConfig = Schema.Struct({
+  /** The preset the run started from (`--recipe`), recorded for the run folder's config.json. */
+  recipe: Schema.optionalKey(RecipeInfo),
   data: withDefault(DataConfig, {}),
   multicrop: withDefault(MulticropConfig, {}),
   model: withDefault(ModelConfig, {}),

@@ -278,11 +278,21 @@ export const modelForward = (
     // Synchronous forward inside tf.tidy and the gradient tape, where no Effect runs; the encode
     // stage only ever passes the groups of a non-empty crop list.
     kernelInvariant(cropGroups.length > 0, () => "modelForward needs at least one crop group");
-    const perGroup = cropGroups.map((group) => backboneForward(model.plan, model.param, group, options));
+    // Adjacent groups of one resolution go through the backbone together (one set of batch-norm
+    // statistics), as the reference's unique_consecutive does: a config listing [2, 2] crops of one
+    // size trains like [4].
+    const merged = mergesGroups(cropGroups) ? groupCropsByResolution(cropGroups) : cropGroups;
+    const perGroup = merged.map((group) => backboneForward(model.plan, model.param, group, options));
     const features = perGroup.length === 1 ? perGroup[0]! : tf.concat(perGroup, 0);
     const { embeddings, scores } = headForward(model.config, model.param, features, options);
     return { embeddings, scores, features };
   });
+
+/** True when two adjacent groups have the same resolution (and would be merged). */
+const mergesGroups = (groups: readonly tf.Tensor4D[]): boolean =>
+  groups.some((g, i) =>
+    i > 0 && g.shape[1] === groups[i - 1]!.shape[1] && g.shape[2] === groups[i - 1]!.shape[2]
+  );
 
 /**
  * Concatenates consecutive crops of the same resolution, as SwAV's forward does

@@ -13,14 +13,14 @@
  * stops the run before the update, a non-finite weight or batch-norm statistic
  * before the step is checkpointed, so the last checkpoint stays good.
  */
-import type * as tf from "@tensorflow/tfjs";
+import * as tf from "@tensorflow/tfjs";
 import { Effect, Ref, Schema, Stream } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
 import { makeLoader } from "../data/loader.ts";
 import { multicropPrepare } from "../stages/multicrop.ts";
-import { openSource } from "../data/sources.ts";
+import { type DataSource, openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
 import { checkFitsBackend } from "../stages/encode.ts";
 import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
@@ -50,6 +50,7 @@ import {
 } from "./data_parallel.ts";
 import { environmentReport } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
+import { makeOnlineProbe, type OnlineProbe } from "./online_probe.ts";
 import {
   lockRunFolder,
   openMetricsLog,
@@ -83,6 +84,8 @@ export interface EpochReport {
   readonly epoch: number;
   readonly meanLoss: number;
   readonly knnTop1?: number;
+  /** Test top-1 of the online probe (train.onlineProbe), when it runs. */
+  readonly onlineProbeTop1?: number;
   readonly seconds: number;
 }
 
@@ -351,6 +354,7 @@ const reportEpoch = (
   p: Progress,
   elapsedMs: number,
   knn: number | undefined,
+  probe?: number | undefined,
 ) =>
   Effect.gen(function* () {
     const report: EpochReport = {
@@ -358,6 +362,7 @@ const reportEpoch = (
       meanLoss: p.lossCount === 0 ? Number.NaN : p.lossSum / p.lossCount,
       seconds: elapsedMs / 1000,
       ...(knn === undefined ? {} : { knnTop1: knn }),
+      ...(probe === undefined ? {} : { onlineProbeTop1: probe }),
     };
     run.hooks.onEpoch?.(report);
     yield* run.records.epoch(report);
@@ -451,6 +456,10 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const knnSources = comm.rank === 0
       ? yield* openKnnSources(config, source.classes !== undefined)
       : undefined;
+    // Rank 0 alone reports, so it alone trains and scores the online probe (on its shard's features).
+    const probe = comm.rank === 0
+      ? yield* onlineProbeFor(config, model, source.classes?.length, knnSources?.test)
+      : undefined;
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
       ? Math.min(trainConfig.maxSteps, stepsPerEpoch * trainConfig.epochs)
@@ -499,6 +508,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
             const t0 = performance.now();
             // The step, stage by stage (pipelines/swav_step.ts).
             const outcome = yield* trainStep({ batch, step: (yield* Ref.get(progress)).step, epoch });
+            if (probe !== undefined && outcome.features !== undefined) {
+              trainProbe(probe.probe, outcome.features, batch.labels);
+            }
             yield* afterTrainStep(run, epoch, outcome, (performance.now() - t0) / 1000);
           }))
         ),
@@ -517,7 +529,10 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       const knn = p.epochEnded && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
         ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
         : undefined;
-      reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn));
+      const probeTop1 = p.epochEnded && probe !== undefined
+        ? yield* probe.probe.top1(model, probe.test, config)
+        : undefined;
+      reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1));
     }
     const skipped = yield* loader.skipped;
     yield* warnSkipped(run, skipped);
@@ -532,6 +547,32 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       skippedSamples: skipped.count,
     } satisfies PretrainResult;
   }));
+
+/** The online probe and its test split, when train.onlineProbe asks for one and the source has labels. */
+const onlineProbeFor = (
+  config: RunConfig,
+  model: SwavModel,
+  classes: number | undefined,
+  knnTest: DataSource | undefined,
+) =>
+  Effect.gen(function* () {
+    if (!config.train.onlineProbe || classes === undefined || classes < 2) return undefined;
+    const test = knnTest ?? (yield* openSource(
+      yield* resolveSourceSpec(config.data.testSource ?? withSplit(config.data.source, "test")),
+      sourceOptions(config),
+    ));
+    return { probe: yield* makeOnlineProbe(model.plan.featureDim, classes), test };
+  });
+
+/** One probe step on the first crop's features (rows [0, batch) of the crop-major features). */
+const trainProbe = (probe: OnlineProbe, features: tf.Tensor2D, labels: Int32Array) => {
+  const first = tf.tidy(() => features.slice([0, 0], [labels.length, -1]));
+  try {
+    probe.train(first, labels);
+  } finally {
+    first.dispose();
+  }
+};
 
 /** `path[:split]` with its split replaced. */
 export const withSplit = (spec: string, split: "train" | "test"): string =>

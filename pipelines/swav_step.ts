@@ -22,7 +22,7 @@ import { activeCommunicator, type Communicator } from "../backend/communicator.t
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
-import type { RunConfig } from "../config/config.ts";
+import { effectiveOptim, type RunConfig } from "../config/config.ts";
 import type { Batch } from "../data/loader.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -103,8 +103,11 @@ export const swavStages: SwavStages = {
   optimise: optimiseStage,
 };
 
-/** Each stage's config, read from its sections of the run config. */
-export const stageConfigs = (config: RunConfig) => ({
+/**
+ * Each stage's config, read from its sections of the run config. The learning rates are scaled
+ * (optim.lrScaling) for the global batch: train.batchSize x `processes`.
+ */
+export const stageConfigs = (config: RunConfig, processes = 1) => ({
   encode: { training: true } satisfies EncodeConfig,
   assign: { epsilon: config.swav.epsilon, sinkhornIterations: config.swav.sinkhornIterations },
   loss: {
@@ -112,7 +115,10 @@ export const stageConfigs = (config: RunConfig) => ({
     cropsForAssign: config.swav.cropsForAssign,
     temperature: config.swav.temperature,
   },
-  optimise: { ...config.optim, freezePrototypesIters: config.swav.freezePrototypesIters },
+  optimise: {
+    ...effectiveOptim(config.optim, config.train.batchSize * processes),
+    freezePrototypesIters: config.swav.freezePrototypesIters,
+  },
 });
 
 /** The crop layout of a batch of `batchSize` samples. */
@@ -149,7 +155,7 @@ export const forwardBackward = (
   tape: SwavTape,
   crops: readonly tf.Tensor4D[],
   variables: readonly tf.Variable[],
-  options: { queueScores?: readonly tf.Tensor2D[] | undefined } = {},
+  options: { queueScores?: readonly tf.Tensor2D[] | undefined; keepFeatures?: boolean } = {},
 ): TapeOutputs =>
   onTape(
     // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
@@ -157,6 +163,7 @@ export const forwardBackward = (
     activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
     () => tape(crops, options.queueScores),
     variables,
+    options.keepFeatures,
   );
 
 /**
@@ -209,6 +216,11 @@ export interface StepOutcome {
   readonly codeEntropy: number;
   /** Distinct prototypes that are the argmax of some sample's code in this batch. */
   readonly prototypesInUse: number;
+  /**
+   * The backbone's pooled features of the batch's crops [batch * crops, F], crop-major, as constants
+   * (for the online probe); owned by the caller's scope, valid until it closes.
+   */
+  readonly features?: tf.Tensor2D | undefined;
 }
 
 /**
@@ -229,6 +241,7 @@ export const swavTrainStep = (
     );
     if (problem !== undefined) return yield* new CropLayoutError({ message: problem });
     const tape = swavTape(state.model, config, batchSize, stages);
+    // TODO(MPI, issue 13): pass the communicator's size, so that optim.lrScaling sees the global batch.
     const optimise = stages.optimise.run(stageConfigs(config).optimise);
     const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
 
@@ -251,7 +264,10 @@ export const swavTrainStep = (
 
         // On one tape: encode -> scores -> (detached) Sinkhorn codes -> swapped prediction.
         const out = yield* scoped(() =>
-          forwardBackward(tape, crops, Object.values(state.variables), { queueScores })
+          forwardBackward(tape, crops, Object.values(state.variables), {
+            queueScores,
+            keepFeatures: config.train.onlineProbe,
+          })
         );
 
         const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
@@ -306,6 +322,6 @@ export const swavTrainStep = (
           });
         }
         if (debugParams) yield* checkParametersAgree(state.model, comm, input.step);
-        return { loss, lr: learningRate, ...statistics };
+        return { loss, lr: learningRate, ...statistics, features: out.features };
       });
   });

@@ -277,6 +277,16 @@ def main():
             ],
             seed=3,
         ),
+        # Two adjacent groups of one size (a config listing [1, 1, 2] crops of [8, 8, 4] px): the reference
+        # merges them into one backbone pass (one set of batch-norm statistics), then the 4 px group.
+        make_case(
+            "resnet18-cifar-w2-adjacent-equal-groups",
+            dict(arch="resnet18", width=2, in_channels=3, stem="cifar", hidden=8, out=4, prototypes=5),
+            crops=[(8, 1), (8, 1), (4, 2)],
+            batch=3,
+            grad_params=["backbone.conv1.weight", "backbone.bn1.weight", "backbone.layer4.1.bn2.bias"],
+            seed=4,
+        ),
     ]
     fixture = {
         "generator": "reference/resnet_reference.py (torch %s, torchvision %s, float64)"

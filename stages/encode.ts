@@ -41,6 +41,8 @@ export interface EncodeOutput {
   readonly embeddings: tf.Tensor2D;
   /** Prototype scores z·Cᵀ [N, K]. */
   readonly scores: tf.Tensor2D;
+  /** Pooled backbone features [N, F] (`apply` only; an online probe reads them as constants). */
+  readonly features?: tf.Tensor2D;
 }
 
 /**
@@ -52,8 +54,10 @@ export const encodeStage = defineTensorStage<EncodeInput, EncodeOutput, EncodeCo
   name: "encode",
   config: EncodeConfig,
   apply: (config) => (input) => {
-    const { embeddings, scores } = modelForward(input.model, input.cropGroups, { training: config.training });
-    return { embeddings, scores };
+    const { embeddings, scores, features } = modelForward(input.model, input.cropGroups, {
+      training: config.training,
+    });
+    return { embeddings, scores, features };
   },
   run: (config) => (input) =>
     scoped(() => {

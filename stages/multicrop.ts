@@ -75,9 +75,9 @@ const MulticropFields = Schema.Struct({
   blurProbability: withDefault(Probability, 0.5),
   /** Range of the blur's sigma (the reference's PIL radius), sampled uniformly. */
   blurSigma: withDefault(Pair, [0.1, 2.0]),
-  /** Per-channel normalisation (ImageNet statistics by default). */
+  /** Per-channel normalisation: the SwAV reference's constants (src/multicropdataset.py: std 0.228, not torchvision's 0.229). */
   mean: withDefault(Triple, [0.485, 0.456, 0.406]),
-  std: withDefault(Triple, [0.229, 0.224, 0.225]),
+  std: withDefault(Triple, [0.228, 0.224, 0.225]),
   /** Output channels: 3 (RGB) or 1 (luma of the final RGB, normalised with mean[0], std[0]). */
   channels: withDefault(Schema.Literals([1, 3]), 3),
 });

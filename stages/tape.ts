@@ -61,6 +61,8 @@ export interface TapeForward {
   readonly embeddings: tf.Tensor2D;
   /** One code [batch, K] per assignment crop, without gradient. */
   readonly codes: tf.Tensor2D[];
+  /** The backbone's pooled features [batch * crops, F], crop-major, where the encoder gives them (online probe). */
+  readonly features?: tf.Tensor2D | undefined;
 }
 
 /**
@@ -75,9 +77,9 @@ export const onOneTape = <EncodeIn>(
 ) => {
   const assignDetached = detached(assign);
   return (input: TapeInput<EncodeIn>): TapeForward => {
-    const { embeddings, scores } = encode(input.encode);
+    const { embeddings, scores, features } = encode(input.encode);
     const codes = assignDetached({ scores, layout: input.layout, queueScores: input.queueScores });
-    return { loss: loss({ scores, codes }), embeddings, codes };
+    return { loss: loss({ scores, codes }), embeddings, codes, features };
   };
 };
 
@@ -89,6 +91,8 @@ export interface TapeOutputs {
   readonly embeddings: tf.Tensor2D;
   /** The codes, [batch, K] each (for metrics). */
   readonly codes: tf.Tensor2D[];
+  /** The backbone's pooled features as constants, where the encoder gives them (for an online probe). */
+  readonly features?: tf.Tensor2D | undefined;
 }
 
 /** Runs `forward` under `variableGrads` over `variables`: gradients of its loss. */
@@ -96,14 +100,19 @@ export const onTape = (
   variableGrads: VariableGrads,
   forward: () => TapeForward,
   variables: readonly tf.Variable[],
+  /** Also hand back the backbone's features (for an online probe); off, they are freed with the tape. */
+  keepFeatures = false,
 ): TapeOutputs => {
   let kept: tf.Tensor2D | undefined;
   let codes: tf.Tensor2D[] = [];
+  let features: tf.Tensor2D | undefined;
   const { value, grads } = variableGrads(() => {
     const out = forward();
     codes = out.codes.map((c) => tf.keep(c));
     kept = tf.keep(out.embeddings);
+    // Kept as they are (no op is added to the tape): the probe reads them after the backward pass.
+    features = keepFeatures && out.features !== undefined ? tf.keep(out.features) : undefined;
     return out.loss;
   }, variables as tf.Variable[]);
-  return { loss: value, grads, embeddings: kept!, codes };
+  return { loss: value, grads, embeddings: kept!, codes, ...(features === undefined ? {} : { features }) };
 };

@@ -56,7 +56,7 @@ Deno.test("MulticropConfig: reference defaults, small-image profile, errors name
       0.5,
     ]);
     assert.deepEqual([c.blurSigma, c.flipProbability, c.channels], [[0.1, 2.0], 0.5, 3]);
-    assert.deepEqual([c.mean, c.std], [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]);
+    assert.deepEqual([c.mean, c.std], [[0.485, 0.456, 0.406], [0.228, 0.224, 0.225]]);
     assert.deepEqual(defaultMulticropConfig, c);
   });
   await t.step("the small-image profile decodes to 2x32 + 4x16 without blur", () => {
@@ -92,7 +92,7 @@ Deno.test("multicropSample: crops grouped by size, normalised HWC, channels 3 or
   const crops = multicropSample(image, config, rngFor(1, 2, 3));
   assert.deepEqual(crops.map((c) => c.length), [40, 40, 16, 16, 16, 16, 16, 16].map((s) => s * s * 3));
   for (const crop of crops) {
-    // [0, 1] values normalised by the ImageNet statistics stay within [-0.485/0.229, (1-0.406)/0.225].
+    // [0, 1] values normalised by the ImageNet statistics stay within [-0.485/0.228, (1-0.406)/0.225].
     for (const v of crop) assert.ok(Number.isFinite(v) && v >= -2.12 && v <= 2.65, `value ${v}`);
   }
   const grey = multicropSample(image, decode({ sizeCrops: [40, 16], channels: 1 }), rngFor(1, 2, 3));

@@ -8,6 +8,7 @@ import { latestCheckpoint, readCheckpoint } from "../pipelines/checkpoint.ts";
 import { pretrain, type PretrainOptions, type StepMetrics } from "../pipelines/pretrain.ts";
 import { SwappedLossConfig, swappedLossStage } from "../stages/swapped_loss.ts";
 import { tensorStage } from "../stages/stage.ts";
+import { useBackend } from "./_helpers.ts";
 
 /** A tiny labelled image-folder data set (10 classes of 16 px PNGs), written once per test run. */
 const dataFolder = await Deno.makeTempDir({ prefix: "swav-pretrain-test-" });
@@ -214,4 +215,49 @@ Deno.test("the optional kNN check runs at epoch ends on the labelled splits", as
     const top1 = reports[1]!.knnTop1;
     assert.ok(top1 !== undefined && top1 >= 0 && top1 <= 1, `kNN top-1 ${top1}`);
   });
+});
+
+Deno.test("the online probe: test top-1 per epoch in epochs.jsonl, SwAV losses unchanged, tensor count flat", async () => {
+  await useBackend("wasm");
+  const losses = async (onlineProbe: boolean) => {
+    const seen: number[] = [];
+    const counts: number[] = [];
+    const lines: { epoch: number; knn_top1?: number; online_probe_top1?: number }[] = [];
+    const before = tf.memory().numTensors;
+    await withRunFolder(async (out) => {
+      const config = await decode(
+        tinyConfig(out, { train: { epochs: 4, knnEvery: 2, knnK: 5, onlineProbe } }),
+      );
+      const exit = await run(config, {
+        hooks: {
+          onStep: (m) => {
+            seen.push(m.loss);
+            counts.push(tf.memory().numTensors);
+          },
+        },
+      });
+      assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
+      const text = await Deno.readTextFile(`${out}/epochs.jsonl`);
+      lines.push(...text.trim().split("\n").map((l) => JSON.parse(l)));
+    });
+    // (The first run of the file leaves the backend's one-time allocations: checked on the second.)
+    if (onlineProbe) {
+      assert.equal(tf.memory().numTensors, before, "the run's scope releases the probe's tensors");
+    }
+    return { seen, counts, lines };
+  };
+  const without = await losses(false);
+  const withProbe = await losses(true);
+  // The probe reads the features as constants: the SwAV losses are those of a run without it, bit for bit.
+  assert.deepEqual(withProbe.seen, without.seen);
+  assert.equal(withProbe.lines.length, 4);
+  for (const line of withProbe.lines) {
+    const top1 = line.online_probe_top1;
+    assert.ok(top1 !== undefined && top1 >= 0 && top1 <= 1, `epoch ${line.epoch}: online probe ${top1}`);
+    assert.equal(line.knn_top1 !== undefined, line.epoch % 2 === 0, `epoch ${line.epoch}: kNN only when due`);
+  }
+  assert.ok(without.lines.every((l) => l.online_probe_top1 === undefined));
+  // After the prototypes unfreeze (step 6) every step holds the same number of tensors.
+  const steady = withProbe.counts.slice(8);
+  assert.ok(steady.every((c) => c === steady[0]), `tensor count drifts: ${withProbe.counts}`);
 });
