@@ -54,7 +54,7 @@ export const OptimConfig = Schema.Struct({
   ...larcFields,
   /**
    * "none": the rates are used as given. "linear": baseLr, finalLr and startWarmup are per 256 images,
-   * multiplied by the global batch (train.batchSize x processes) / 256 (Goyal et al.'s rule).
+   * multiplied by the global batch (train.batchSize, which --procs N splits over the ranks) / 256 (Goyal et al.'s rule).
    */
   lrScaling: withDefault(Schema.Literals(["none", "linear"]), "none"),
 });

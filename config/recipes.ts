@@ -59,6 +59,7 @@ const referenceModel = {
   hidden: 2048,
   out: 128,
   prototypes: 3000,
+  syncBatchNorm: true,
 };
 
 const referenceSwav = { temperature: 0.1, epsilon: 0.05, sinkhornIterations: 3, cropsForAssign: [0, 1] };
@@ -71,7 +72,7 @@ const largeBatch = (epochs: number, name: RecipeName) => ({
     referenceWorkers: 64,
     referenceEpochs: epochs,
     referencePrecision: "fp16",
-    // The scripts' --sync_bn apex. TODO(MPI, issue 13): set model.syncBatchNorm once that field exists.
+    // The scripts' --sync_bn apex: model.syncBatchNorm (on whenever several processes train).
     referenceSyncBatchNorm: true,
     epochScale: 1,
   },
@@ -104,7 +105,7 @@ const presets: Record<RecipeName, Record<string, unknown>> = {
       referenceWorkers: 4,
       referenceEpochs: 400,
       referencePrecision: "fp16",
-      // The script's --sync_bn pytorch. TODO(MPI, issue 13): set model.syncBatchNorm once that field exists.
+      // The script's --sync_bn pytorch: model.syncBatchNorm (on whenever several processes train).
       referenceSyncBatchNorm: true,
       epochScale: 1,
     },

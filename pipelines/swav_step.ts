@@ -105,9 +105,9 @@ export const swavStages: SwavStages = {
 
 /**
  * Each stage's config, read from its sections of the run config. The learning rates are scaled
- * (optim.lrScaling) for the global batch: train.batchSize x `processes`.
+ * (optim.lrScaling) for the global batch, train.batchSize (with --procs N each rank takes 1/N of it).
  */
-export const stageConfigs = (config: RunConfig, processes = 1) => ({
+export const stageConfigs = (config: RunConfig) => ({
   encode: { training: true } satisfies EncodeConfig,
   assign: { epsilon: config.swav.epsilon, sinkhornIterations: config.swav.sinkhornIterations },
   loss: {
@@ -116,7 +116,7 @@ export const stageConfigs = (config: RunConfig, processes = 1) => ({
     temperature: config.swav.temperature,
   },
   optimise: {
-    ...effectiveOptim(config.optim, config.train.batchSize * processes),
+    ...effectiveOptim(config.optim, config.train.batchSize),
     freezePrototypesIters: config.swav.freezePrototypesIters,
   },
 });
@@ -241,7 +241,6 @@ export const swavTrainStep = (
     );
     if (problem !== undefined) return yield* new CropLayoutError({ message: problem });
     const tape = swavTape(state.model, config, batchSize, stages);
-    // TODO(MPI, issue 13): pass the communicator's size, so that optim.lrScaling sees the global batch.
     const optimise = stages.optimise.run(stageConfigs(config).optimise);
     const prototypes = state.model.param(PROTOTYPES_WEIGHT) as tf.Variable<tf.Rank.R2>;
 
