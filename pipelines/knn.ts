@@ -13,6 +13,7 @@ import type { RunConfig } from "../config/config.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
 import { l2NormaliseRows } from "../models/prototypes.ts";
+import { evalResizeFor } from "../data/eval_augment.ts";
 import { extractFeatures } from "./extract.ts";
 
 export interface KnnOptions {
@@ -107,19 +108,30 @@ const knnVotes = async (
 };
 
 /**
+ * How pretraining scores features (the periodic kNN, the online probe): the run's
+ * crop size, mean and std, and the test-time resize `eval` uses by default
+ * (Resize(256/224 x size) before the centre crop), so the numbers agree with `eval`.
+ */
+export const runEvalTransform = (config: RunConfig) => {
+  const size = config.multicrop.sizeCrops[0]!;
+  return {
+    size,
+    resize: evalResizeFor(size),
+    mean: config.multicrop.mean,
+    std: config.multicrop.std,
+    workers: config.data.workers,
+    onError: config.data.onError,
+  };
+};
+
+/**
  * kNN top-1 of the model's backbone features on a labelled train/test pair,
  * with the run config's eval transform and kNN settings (used by pretrain's
  * periodic check and by the demo).
  */
 export const knnTop1 = (model: SwavModel, train: DataSource, test: DataSource, config: RunConfig) =>
   Effect.gen(function* () {
-    const common = {
-      size: config.multicrop.sizeCrops[0]!,
-      mean: config.multicrop.mean,
-      std: config.multicrop.std,
-      workers: config.data.workers,
-      onError: config.data.onError,
-    };
+    const common = runEvalTransform(config);
     const a = yield* extractFeatures(model, train, common);
     const b = yield* extractFeatures(model, test, common);
     const result = yield* knnClassify(a.features, a.labels, b.features, b.labels, {

@@ -19,6 +19,7 @@ import type { RunConfig } from "../config/config.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
 import { extractFeatures } from "./extract.ts";
+import { runEvalTransform } from "./knn.ts";
 
 export interface OnlineProbe {
   /** One SGD step on features [B, D] (constants) and their labels; unlabelled rows (-1) are skipped. */
@@ -78,13 +79,7 @@ export const makeOnlineProbe = (featureDim: number, numClasses: number) =>
       },
       top1: (model, test, config) =>
         Effect.gen(function* () {
-          const { features, labels } = yield* extractFeatures(model, test, {
-            size: config.multicrop.sizeCrops[0]!,
-            mean: config.multicrop.mean,
-            std: config.multicrop.std,
-            workers: config.data.workers,
-            onError: config.data.onError,
-          });
+          const { features, labels } = yield* extractFeatures(model, test, runEvalTransform(config));
           const predicted = tf.tidy(() => features.matMul(v.weight).add(v.bias).argMax(1));
           const values = yield* Effect.promise(() => predicted.data());
           tf.dispose([features, predicted]);
