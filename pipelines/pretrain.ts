@@ -453,13 +453,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const records = folder === undefined
       ? { epoch: () => Effect.void, event: () => Effect.void }
       : runRecords(runFolder);
-    const knnSources = comm.rank === 0
-      ? yield* openKnnSources(config, source.classes !== undefined)
-      : undefined;
-    // Rank 0 alone reports, so it alone trains and scores the online probe (on its shard's features).
-    const probe = comm.rank === 0
-      ? yield* onlineProbeFor(config, model, source.classes?.length, knnSources?.test)
-      : undefined;
+    const { knnSources, probe } = yield* openEpochScoring(config, model, source, comm);
     const reports: EpochReport[] = [];
     const totalSteps = trainConfig.maxSteps > 0
       ? Math.min(trainConfig.maxSteps, stepsPerEpoch * trainConfig.epochs)
@@ -526,12 +520,9 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       if (folder !== undefined) {
         yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).samples));
       }
-      const knn = p.epochEnded && knnSources !== undefined && (epoch + 1) % trainConfig.knnEvery === 0
-        ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
-        : undefined;
-      const probeTop1 = p.epochEnded && probe !== undefined
-        ? yield* probe.probe.top1(model, probe.test, config)
-        : undefined;
+      const { knn, probeTop1 } = p.epochEnded
+        ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
+        : { knn: undefined, probeTop1: undefined };
       reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1));
     }
     const skipped = yield* loader.skipped;
@@ -547,6 +538,34 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       skippedSamples: skipped.count,
     } satisfies PretrainResult;
   }));
+
+/**
+ * What scores the features after each epoch: the kNN's train/test sources and the online probe.
+ * Rank 0 alone reports, so it alone scores (the probe trains on its shard's features).
+ */
+const openEpochScoring = (config: RunConfig, model: SwavModel, source: DataSource, comm: Communicator) =>
+  Effect.gen(function* () {
+    if (comm.rank !== 0) return { knnSources: undefined, probe: undefined };
+    const knnSources = yield* openKnnSources(config, source.classes !== undefined);
+    const probe = yield* onlineProbeFor(config, model, source.classes?.length, knnSources?.test);
+    return { knnSources, probe };
+  });
+
+/** The end of an epoch's kNN top-1 (every `knnEvery` epochs) and online-probe top-1, where they run. */
+const scoreEpoch = (
+  config: RunConfig,
+  model: SwavModel,
+  epoch: number,
+  knnSources: { readonly train: DataSource; readonly test: DataSource } | undefined,
+  probe: { readonly probe: OnlineProbe; readonly test: DataSource } | undefined,
+) =>
+  Effect.gen(function* () {
+    const knn = knnSources !== undefined && (epoch + 1) % config.train.knnEvery === 0
+      ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
+      : undefined;
+    const probeTop1 = probe !== undefined ? yield* probe.probe.top1(model, probe.test, config) : undefined;
+    return { knn, probeTop1 };
+  });
 
 /** The online probe and its test split, when train.onlineProbe asks for one and the source has labels. */
 const onlineProbeFor = (
