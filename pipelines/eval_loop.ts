@@ -20,6 +20,15 @@ export interface EvalInput {
   readonly resize: number | undefined;
 }
 
+/** What an image-level evaluation run reads and reports, beside its own hyper-parameters. */
+export interface EvalRunSettings<Epoch> {
+  readonly input: EvalInput;
+  readonly workers: number;
+  readonly onError: "skip" | "fail";
+  readonly onEpoch?: ((report: Epoch, epochs: number) => void) | undefined;
+  readonly onProgress?: ((phase: string, done: number, total: number) => void) | undefined;
+}
+
 /** The train-time transform of eval_linear.py / eval_semisup.py, as a loader prepare. */
 export const trainCropPrepare = (input: EvalInput): PrepareRef<TrainCropOptions> => ({
   module: new URL("../data/eval_augment.ts", import.meta.url).href,

@@ -26,6 +26,7 @@ import {
   batchLoader,
   crossEntropy,
   type EvalInput,
+  type EvalRunSettings,
   forEachBatch,
   Scoreboard,
   sgdUpdate,
@@ -38,7 +39,7 @@ import { initialProbeWeights, type ProbeEpoch, probeLearningRate } from "./linea
 
 export type Pooling = "global" | "avgpool";
 
-export interface LinearEvalOptions {
+export interface LinearEvalOptions extends EvalRunSettings<ProbeEpoch> {
   readonly numClasses: number;
   readonly epochs: number;
   readonly batchSize: number;
@@ -52,11 +53,6 @@ export interface LinearEvalOptions {
   readonly pooling: Pooling;
   /** BatchNorm2d before the linear layer (only with `avgpool`, as the reference's RegLog). */
   readonly batchNorm: boolean;
-  readonly input: EvalInput;
-  readonly workers: number;
-  readonly onError: "skip" | "fail";
-  readonly onEpoch?: ((report: ProbeEpoch, epochs: number) => void) | undefined;
-  readonly onProgress?: ((phase: string, done: number, total: number) => void) | undefined;
 }
 
 /** eval_linear.py's defaults. */

@@ -27,6 +27,7 @@ import {
   batchLoader,
   crossEntropy,
   type EvalInput,
+  type EvalRunSettings,
   forEachBatch,
   Scoreboard,
   sgdUpdate,
@@ -38,7 +39,7 @@ import {
 import { EvaluationInputError } from "./knn.ts";
 import { EpochTracker, type ImageEvaluation } from "./linear_eval.ts";
 
-export interface SemisupOptions {
+export interface SemisupOptions extends EvalRunSettings<SemisupEpoch> {
   readonly numClasses: number;
   readonly epochs: number;
   readonly batchSize: number;
@@ -51,11 +52,6 @@ export interface SemisupOptions {
   readonly momentum: number;
   readonly weightDecay: number;
   readonly seed: number;
-  readonly input: EvalInput;
-  readonly workers: number;
-  readonly onError: "skip" | "fail";
-  readonly onEpoch?: ((report: SemisupEpoch, epochs: number) => void) | undefined;
-  readonly onProgress?: ((phase: string, done: number, total: number) => void) | undefined;
 }
 
 /** eval_semisup.py's defaults (its README's 10% recipe; the 1% recipe uses lr 0.02, head 5). */
