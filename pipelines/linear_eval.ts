@@ -175,9 +175,27 @@ export const regLogStep = (
     return value.mul(labels.length) as tf.Scalar;
   });
 
-/** The frozen backbone's feature map of a batch (eval mode, no gradient). */
-const frozenMap = (model: SwavModel, x: tf.Tensor4D): tf.Tensor4D =>
-  backboneFeatureMap(model.plan, model.param, x, { training: false });
+/** What RegLog is trained on: a frozen map of `channels` channels per position, computed from a batch. */
+export interface FrozenFeatures {
+  readonly channels: number;
+  /** The batch's feature map [N, side, side, channels] (a new tensor the caller disposes). */
+  readonly map: (x: tf.Tensor4D) => tf.Tensor4D;
+}
+
+/** The frozen backbone's feature map (eval mode: running BN statistics, no gradient). */
+export const backboneFeatures = (model: SwavModel): FrozenFeatures => ({
+  channels: model.plan.featureDim,
+  map: (x) => backboneFeatureMap(model.plan, model.param, x, { training: false }),
+});
+
+/**
+ * The input pixels themselves as one 1x1 "map" of side x side x channels values: a linear
+ * classifier on raw pixels under the same protocol, the baseline a learnt feature must beat.
+ */
+export const rawPixelFeatures = (size: number, channels: number): FrozenFeatures => ({
+  channels: size * size * channels,
+  map: (x) => x.reshape([x.shape[0], 1, 1, size * size * channels]),
+});
 
 export interface ImageEvaluation {
   /** Best epoch's top-1 and its top-5, as the reference reports. */
@@ -235,6 +253,15 @@ export const linearEvaluation = (
   test: DataSource,
   options: LinearEvalOptions,
 ): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
+  linearEvaluationOn(backboneFeatures(model), train, test, options);
+
+/** eval_linear.py end to end on any frozen features (a backbone, or raw pixels as the baseline). */
+export const linearEvaluationOn = (
+  features: FrozenFeatures,
+  train: DataSource,
+  test: DataSource,
+  options: LinearEvalOptions,
+): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
   Effect.gen(function* () {
     const { input, numClasses: classes } = options;
     if (!(options.epochs >= 1)) {
@@ -248,7 +275,7 @@ export const linearEvaluation = (
     }
     const side = yield* Effect.sync(() => {
       const probe = tf.zeros([1, input.size, input.size, input.channels]) as tf.Tensor4D;
-      const map = frozenMap(model, probe);
+      const map = features.map(probe);
       probe.dispose();
       const s = map.shape[1];
       map.dispose();
@@ -258,7 +285,7 @@ export const linearEvaluation = (
     if (problem !== undefined) return yield* new EvaluationInputError({ message: problem });
     const head = yield* Effect.acquireRelease(
       Effect.sync(() =>
-        makeRegLog(model.plan.featureDim, side, classes, {
+        makeRegLog(features.channels, side, classes, {
           pooling: options.pooling,
           batchNorm: options.batchNorm,
           seed: options.seed,
@@ -288,7 +315,7 @@ export const linearEvaluation = (
     let badLabel: string | undefined;
     yield* forEachBatch(testLoader, 0, input.size, input.channels, (x, labels) => {
       badLabel ??= labelProblem(labels, classes);
-      testParts.push(tf.tidy(() => regLogPool(head, frozenMap(model, x))));
+      testParts.push(tf.tidy(() => regLogPool(head, features.map(x))));
       testLabels.push(labels);
     }, (done, total) => options.onProgress?.("test features", done, total));
     if (badLabel !== undefined) {
@@ -303,7 +330,7 @@ export const linearEvaluation = (
       yield* forEachBatch(trainLoader, epoch, input.size, input.channels, (x, labels) => {
         badLabel ??= labelProblem(labels, classes);
         if (badLabel !== undefined) return;
-        const map = frozenMap(model, x);
+        const map = features.map(x);
         try {
           lossParts.push(regLogStep(head, map, labels, classes, lr, sgd));
         } finally {

@@ -19,7 +19,14 @@ import { rngFor } from "../data/rng.ts";
 import { disposeModel, loadModelArrays, makeSwavModel, type ModelConfig } from "../models/model.ts";
 import { backboneFeatureMap } from "../models/resnet.ts";
 import { evalResizeSide } from "../pipelines/evaluate.ts";
-import { makeRegLog, regLogLogits, regLogPool, regLogStep } from "../pipelines/linear_eval.ts";
+import {
+  backboneFeatures,
+  makeRegLog,
+  rawPixelFeatures,
+  regLogLogits,
+  regLogPool,
+  regLogStep,
+} from "../pipelines/linear_eval.ts";
 import { probeLearningRate } from "../pipelines/linear_probe.ts";
 import {
   fineTuneLogits,
@@ -198,7 +205,8 @@ Deno.test("linear evaluation: crops, cosine lr and three steps of RegLog equal e
             const lr = probeLearningRate(epoch, { lr: 0.3, finalLr: 0, epochs });
             assert.ok(Math.abs(lr - c.lrs[epoch]!) < 1e-12, `epoch ${epoch} lr ${lr} vs ${c.lrs[epoch]}`);
             const x = cropsOf(fixture.epochs[epoch]!.draws);
-            const map = tf.tidy(() => backboneFeatureMap(model.plan, model.param, x, { training: false }));
+            // The frozen features exactly as linearEvaluation computes them.
+            const map = backboneFeatures(model).map(x);
             const loss = regLogStep(head, map, labels, classes, lr, {
               momentum: 0.9,
               weightDecay: 1e-6,
@@ -231,6 +239,28 @@ Deno.test("linear evaluation: crops, cosine lr and three steps of RegLog equal e
       });
     });
   }
+});
+
+Deno.test("linear evaluation: the raw-pixel baseline's features are the crop's values in (row, column, channel) order", async () => {
+  await assertNoTensorLeak("raw pixels", async () => {
+    const [n, side, channels] = [2, 3, 2];
+    const pixels = Float32Array.from({ length: n * side * side * channels }, () => Math.random());
+    const x = tf.tensor4d(pixels, [n, side, side, channels]);
+    const map = rawPixelFeatures(side, channels).map(x);
+    assert.deepEqual(map.shape, [n, 1, 1, side * side * channels]);
+    const got = await map.data();
+    for (let b = 0; b < n; b++) {
+      for (let i = 0; i < side; i++) {
+        for (let j = 0; j < side; j++) {
+          for (let c = 0; c < channels; c++) {
+            const at = ((b * side + i) * side + j) * channels + c;
+            assert.equal(got[b * side * side * channels + (i * side + j) * channels + c], pixels[at]);
+          }
+        }
+      }
+    }
+    tf.dispose([x, map]);
+  });
 });
 
 Deno.test("semisup: two fine-tuning steps (trunk lr 0.01, head lr 0.2) equal eval_semisup.py", async () => {
