@@ -25,7 +25,6 @@ import { backboneFeatureMap, batchNorm, type ParamLookup } from "../models/resne
 import {
   batchLoader,
   crossEntropy,
-  type EvalInput,
   type EvalRunSettings,
   forEachBatch,
   Scoreboard,
