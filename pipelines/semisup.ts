@@ -26,7 +26,6 @@ import type { SwavModel } from "../models/model.ts";
 import {
   batchLoader,
   crossEntropy,
-  type EvalInput,
   type EvalRunSettings,
   forEachBatch,
   Scoreboard,
