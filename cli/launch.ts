@@ -119,6 +119,9 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
     return status.code;
   });
 
+/** How long a failing rank waits between its error line and `MPI_Abort`. */
+export const ABORT_DRAIN = "1 second";
+
 /**
  * A rank's failure: one line naming the rank and the cause, then `MPI_Abort`
  * ends every rank of the job. A world of one reports as `reportFailure` does.
@@ -129,8 +132,11 @@ export const abortJobOnFailure = <A, E, R>(
 ): Effect.Effect<A, E, R> =>
   comm.size === 1 ? effect : effect.pipe(
     Effect.catchCause((cause) =>
-      Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.sync(() => {
+      Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.gen(function* () {
         console.error(failureLine(cause).replace(/^error: /, `error: rank ${comm.rank} of ${comm.size}: `));
+        // MPI_Abort makes mpiexec kill every process at once, and its proxy may drop output it has not
+        // forwarded yet: the line above went missing so on a loaded machine. A moment lets it through.
+        yield* Effect.sleep(ABORT_DRAIN);
         comm.abort(1);
         return undefined as never;
       })
