@@ -10,6 +10,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
+import { reportFailure } from "../cli/report.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { knnClassify } from "../pipelines/knn.ts";
@@ -93,4 +94,4 @@ const main = Effect.gen(function* () {
   );
 });
 
-if (import.meta.main) await Effect.runPromise(main);
+if (import.meta.main) await Effect.runPromise(reportFailure(main));

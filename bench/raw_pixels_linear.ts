@@ -7,12 +7,14 @@
  *   npx deno run -A bench/raw_pixels_linear.ts --checkpoint RUN_DIR [--epochs 100] [--seed 31] [--json]
  */
 import { Effect } from "effect";
+import { reportFailure } from "../cli/report.ts";
 import { initBackend } from "../backend/tensor_backend.ts";
 import {
   defaultSourceSpecs,
   evalResizeSide,
   loadForEvaluation,
   openEvalSource,
+  requireLabels,
 } from "../pipelines/evaluate.ts";
 import { linearEvalDefaults, linearEvaluationOn, rawPixelFeatures } from "../pipelines/linear_eval.ts";
 
@@ -38,6 +40,7 @@ const main = Effect.scoped(Effect.gen(function* () {
   const channels = encoder.model.config.inputChannels;
   const train = yield* openEvalSource(specs.train, channels);
   const test = yield* openEvalSource(specs.test, channels);
+  const classes = yield* requireLabels(train, "train", specs.train);
   const input = {
     ...encoder.input,
     channels,
@@ -48,7 +51,7 @@ const main = Effect.scoped(Effect.gen(function* () {
     ...linearEvalDefaults,
     epochs,
     seed,
-    numClasses: train.classes?.length ?? 10,
+    numClasses: classes.length,
     input,
     workers: 1,
     onError: "fail",
@@ -84,4 +87,4 @@ const main = Effect.scoped(Effect.gen(function* () {
   );
 }));
 
-if (import.meta.main) await Effect.runPromise(main);
+if (import.meta.main) await Effect.runPromise(reportFailure(main));

@@ -120,7 +120,7 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
   });
 
 /** How long a failing rank waits between its error line and `MPI_Abort`. */
-export const ABORT_DRAIN = "1 second";
+const ABORT_DRAIN = "1 second";
 
 /**
  * A rank's failure: one line naming the rank and the cause, then `MPI_Abort`

@@ -315,7 +315,8 @@ export const extractWith = (
   });
 };
 
-const requireLabels = (source: DataSource, role: string, spec: string) =>
+/** The source's class names, or an EvaluationError naming the unlabelled source. */
+export const requireLabels = (source: DataSource, role: string, spec: string) =>
   source.classes === undefined
     ? Effect.fail(
       new EvaluationError({
