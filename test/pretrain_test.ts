@@ -204,17 +204,28 @@ Deno.test("a custom pipeline (hard codes instead of Sinkhorn) runs through the s
   });
 });
 
-Deno.test("the optional kNN check runs at epoch ends on the labelled splits", async () => {
-  await withRunFolder(async (out) => {
+Deno.test("the optional kNN check runs at epoch ends on the labelled splits and leaves training unchanged", async () => {
+  const losses = (knnEvery: number) => {
+    const seen: number[] = [];
     const reports: { epoch: number; knnTop1?: number }[] = [];
-    const config = await decode(tinyConfig(out, { train: { epochs: 2, knnEvery: 2, knnK: 5 } }));
-    const exit = await run(config, { hooks: { onEpoch: (r) => reports.push(r) } });
-    assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
-    assert.equal(reports.length, 2);
-    assert.equal(reports[0]!.knnTop1, undefined, "not due at epoch 1");
-    const top1 = reports[1]!.knnTop1;
-    assert.ok(top1 !== undefined && top1 >= 0 && top1 <= 1, `kNN top-1 ${top1}`);
-  });
+    return withRunFolder(async (out) => {
+      const config = await decode(tinyConfig(out, { train: { epochs: 2, knnEvery, knnK: 5 } }));
+      const exit = await run(config, {
+        hooks: { onStep: (m) => seen.push(m.loss), onEpoch: (r) => reports.push(r) },
+      });
+      assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
+    }).then(() => ({ seen, reports }));
+  };
+  const withKnn = await losses(1);
+  assert.equal(withKnn.reports.length, 2);
+  for (const { epoch, knnTop1 } of withKnn.reports) {
+    assert.ok(knnTop1 !== undefined && knnTop1 >= 0 && knnTop1 <= 1, `epoch ${epoch}: kNN top-1 ${knnTop1}`);
+  }
+  // The kNN reads the backbone in eval mode between epochs: the steps after it (epoch 2) are those of a
+  // run without it, bit for bit, so a run with knnEvery stands for the same run without.
+  const without = await losses(0);
+  assert.ok(without.reports.every((r) => r.knnTop1 === undefined));
+  assert.deepEqual(withKnn.seen, without.seen);
 });
 
 Deno.test("the online probe: test top-1 per epoch in epochs.jsonl, SwAV losses unchanged, tensor count flat", async () => {
