@@ -4,7 +4,8 @@
  * a few large all-reduces, the loss and code statistics of the global batch,
  * the model broadcast from rank 0, a parameter hash that must agree on every
  * rank (`SWAV_DEBUG_PARAMS=1`), the per-step agreement that every rank still has
- * a batch, and every rank's queue gathered for rank 0's checkpoint. In a world
+ * a batch, and every rank's queue and skipped samples gathered for rank 0's
+ * checkpoint and run folder. In a world
  * of one none of this runs: single-process numbers stay as they were.
  */
 import * as tf from "@tensorflow/tfjs";
@@ -13,6 +14,7 @@ import type { Communicator } from "../backend/communicator.ts";
 import { wasmHeap } from "../backend/wasm_heap.ts";
 import type { SwavModel } from "../models/model.ts";
 import { mergeQueueRows, type SerialisedQueue, splitQueueRows } from "../state/queue.ts";
+import type { SkipReport } from "../data/loader.ts";
 
 /** The world size does not fit the run (batch not divisible, a checkpoint's queue of another size). */
 export class DataParallelError extends Schema.TaggedError<DataParallelError>()("DataParallelError", {
@@ -195,6 +197,45 @@ export const gatherQueue = (saved: SerialisedQueue, comm: Communicator): Seriali
     batchSize: saved.batchSize * comm.size,
     filled: saved.filled * comm.size,
     embeddings: embeddings.map((all) => mergeQueueRows(all!, saved.dim, saved.batchSize, comm.size)),
+  };
+};
+
+/** Every rank's text on rank 0, in rank order (undefined elsewhere), one byte a float. Collective. */
+export const gatherTexts = (text: string, comm: Communicator): string[] | undefined => {
+  const bytes = new TextEncoder().encode(text);
+  const longest = Float64Array.of(bytes.length);
+  comm.allReduce(longest, "max");
+  // Each rank sends [its length, its bytes, padding]: the same number of floats everywhere.
+  const stride = 1 + longest[0]!;
+  const row = new Float32Array(stride);
+  row[0] = bytes.length;
+  row.set(bytes, 1);
+  const all = comm.gather(row, 0);
+  if (all === undefined) return undefined;
+  return Array.from({ length: comm.size }, (_, rank) => {
+    const at = rank * stride;
+    return new TextDecoder().decode(Uint8Array.from(all.subarray(at + 1, at + 1 + all[at]!)));
+  });
+};
+
+/**
+ * Every rank's skipped samples on rank 0 (undefined elsewhere): the counts summed, the samples of all
+ * shards in sample-index order, each once with the first epoch it was skipped in. Collective.
+ */
+export const gatherSkipReports = (report: SkipReport, comm: Communicator): SkipReport | undefined => {
+  const texts = gatherTexts(JSON.stringify({ count: report.count, samples: report.samples }), comm);
+  if (texts === undefined) return undefined;
+  const reports = texts.map((text) => JSON.parse(text) as Pick<SkipReport, "count" | "samples">);
+  const byIndex = new Map<number, SkipReport["samples"][number]>();
+  for (const sample of reports.flatMap((r) => r.samples)) {
+    const seen = byIndex.get(sample.index);
+    if (seen === undefined || sample.epoch < seen.epoch) byIndex.set(sample.index, sample);
+  }
+  const samples = [...byIndex.values()].sort((a, b) => a.index - b.index);
+  return {
+    count: reports.reduce((sum, r) => sum + r.count, 0),
+    samples,
+    examples: samples.slice(0, 10).map(({ path, reason }) => ({ path, reason })),
   };
 };
 

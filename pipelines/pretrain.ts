@@ -18,7 +18,7 @@ import { Effect, Ref, Schema, Stream } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
-import { makeLoader } from "../data/loader.ts";
+import { makeLoader, type SkipReport } from "../data/loader.ts";
 import { multicropPrepare } from "../stages/multicrop.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
@@ -45,6 +45,7 @@ import {
   broadcastModel,
   everyRankHasBatch,
   gatherQueue,
+  gatherSkipReports,
   localBatchSize,
   shardQueue,
 } from "./data_parallel.ts";
@@ -476,6 +477,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       totalSteps,
     };
 
+    // The whole job's skip report as of the last epoch end: rank 0's holds every rank's.
+    let runSkips: SkipReport | undefined;
     for (let epoch = start.epoch; epoch < trainConfig.epochs; epoch++) {
       if ((yield* Ref.get(progress)).stopped) break;
       yield* queues.ensure(epoch);
@@ -517,16 +520,19 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
-      if (folder !== undefined) {
-        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce((yield* loader.skipped).samples));
+      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
+      const local = yield* loader.skipped;
+      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
+      if (folder !== undefined && runSkips !== undefined) {
+        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
       }
       const { knn, probeTop1 } = p.epochEnded
         ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
         : { knn: undefined, probeTop1: undefined };
       reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1));
     }
-    const skipped = yield* loader.skipped;
-    yield* warnSkipped(run, skipped);
+    const skipped = runSkips ?? (yield* loader.skipped);
+    if (comm.rank === 0) yield* warnSkipped(run, skipped);
     const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
     return {
       steps: step,

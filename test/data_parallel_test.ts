@@ -2,7 +2,8 @@
  * Data-parallel pretraining over MPI (`pretrain --procs N`), end to end through
  * the CLI on a tiny model: the parameter hash agrees on every rank after every
  * step (`SWAV_DEBUG_PARAMS=1`); queues split and merge back to one process's
- * layout; a rank that fails ends the whole job with a line naming it; kill -9
+ * layout; every rank's skipped samples reach rank 0's `skipped.jsonl`; a rank
+ * that fails ends the whole job with a line naming it; kill -9
  * of a rank ends the job and `--resume` finishes the run; and without MPICH,
  * `--procs 2` fails with one line naming the package. Oversubscribed (2 and 4
  * ranks on whatever cores there are) on purpose. The equivalence of N ranks
@@ -109,6 +110,29 @@ Deno.test({
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-mpi-fault-" });
     try {
+      // onError skip (the default): every rank's unreadable samples reach skipped.jsonl and the summary,
+      // not only rank 0's (rank 1's shard holds one of these 4 in this order: without the gather it was lost).
+      const corrupt = ["zz_a", "zz_b", "zz_c", "zz_d"].map((name) => `${data}/train/disc/${name}.png`);
+      for (const file of corrupt) await Deno.writeTextFile(file, "not a png");
+      const skipping = await runCli([
+        "pretrain",
+        "--config",
+        await writeParallelConfig(data, dir, { epochs: 1 }),
+        "--out",
+        `${dir}/skip`,
+        "--procs",
+        "2",
+      ]);
+      assert.equal(skipping.code, 0, skipping.stderr);
+      const listed = (await Deno.readTextFile(`${dir}/skip/skipped.jsonl`)).trim().split("\n")
+        .map((line) => JSON.parse(line).path as string);
+      assert.deepEqual(
+        listed.map((path) => path.split("/").at(-1)).sort(),
+        corrupt.map((f) => f.split("/").at(-1)),
+      );
+      assert.match(skipping.stderr, /4 unreadable samples were skipped/);
+      for (const file of corrupt) await Deno.remove(file);
+
       // Bad data with onError fail: one rank's shard holds the corrupt file.
       await Deno.writeTextFile(`${data}/train/disc/zz_corrupt.png`, "not a png");
       const bad = await writeParallelConfig(data, dir);
