@@ -94,8 +94,12 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
             : String(error),
         }),
     });
-    // Ctrl-C or a stop of the launcher reaches the ranks through mpiexec.
+    // Ctrl-C or a stop of the launcher reaches the ranks through mpiexec, once: a second Ctrl-C makes
+    // mpiexec kill them at once, without their clean stop.
+    let forwarded = false;
     const forward = (signal: Deno.Signal) => () => {
+      if (forwarded) return;
+      forwarded = true;
       try {
         child.kill(signal);
       } catch {
@@ -107,8 +111,20 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
       Deno.addSignalListener(signal, handler);
       return [signal, handler] as const;
     });
-    const status = yield* Effect.promise(() => child.status);
-    for (const [signal, handler] of handlers) Deno.removeSignalListener(signal, handler);
+    const status = yield* Effect.promise(() => child.status).pipe(
+      // Under the CLI's runtime Ctrl-C interrupts this wait, and the process may exit before the listeners
+      // above run: stop the job here and wait for it, so that no rank outlives the launcher.
+      Effect.onInterrupt(() =>
+        Effect.promise(async () => {
+          forward("SIGINT")();
+          const { code } = await child.status;
+          Deno.exitCode = code === 0 ? INTERRUPTED_EXIT : code;
+        })
+      ),
+      Effect.ensuring(Effect.sync(() => {
+        for (const [signal, handler] of handlers) Deno.removeSignalListener(signal, handler);
+      })),
+    );
     if (status.code !== 0) {
       // A rank killed from outside cannot say so itself: mpiexec's banner above names its PID and signal.
       console.error(
@@ -122,9 +138,16 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
 /** How long a failing rank waits between its error line and `MPI_Abort`. */
 const ABORT_DRAIN = "1 second";
 
+/** The exit code of a job stopped by Ctrl-C (128 + SIGINT), as a single process's. */
+const INTERRUPTED_EXIT = 130;
+
 /**
  * A rank's failure: one line naming the rank and the cause, then `MPI_Abort`
  * ends every rank of the job. A world of one reports as `reportFailure` does.
+ * Ctrl-C (the launcher forwards it to every rank) ends the job the same way
+ * once this rank's resources are released: a rank that is inside a collective
+ * when the signal comes cannot see it until every rank joins, so without the
+ * abort it would wait there for the interrupted ones forever.
  */
 export const abortJobOnFailure = <A, E, R>(
   comm: Communicator,
@@ -132,13 +155,30 @@ export const abortJobOnFailure = <A, E, R>(
 ): Effect.Effect<A, E, R> =>
   comm.size === 1 ? effect : effect.pipe(
     Effect.catchCause((cause) =>
-      Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.gen(function* () {
-        console.error(failureLine(cause).replace(/^error: /, `error: rank ${comm.rank} of ${comm.size}: `));
-        // MPI_Abort makes mpiexec kill every process at once, and its proxy may drop output it has not
-        // forwarded yet: the line above went missing so on a loaded machine. A moment lets it through.
-        yield* Effect.sleep(ABORT_DRAIN);
-        comm.abort(1);
-        return undefined as never;
-      })
+      Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : abortJob(
+        comm,
+        failureLine(cause).replace(/^error: /, `error: rank ${comm.rank} of ${comm.size}: `),
+        1,
+      )
+    ),
+    // An interruption cannot be caught, only followed: after this rank's scopes are released.
+    Effect.onInterrupt(() =>
+      abortJob(
+        comm,
+        `interrupted: rank ${comm.rank} of ${comm.size} stops the job; its last checkpoint stays usable: ` +
+          "--resume continues",
+        INTERRUPTED_EXIT,
+      )
     ),
   );
+
+/** One line on stderr, then `MPI_Abort`: mpiexec ends every rank. */
+const abortJob = (comm: Communicator, line: string, code: number): Effect.Effect<never> =>
+  Effect.uninterruptible(Effect.gen(function* () {
+    console.error(line);
+    // MPI_Abort makes mpiexec kill every process at once, and its proxy may drop output it has not
+    // forwarded yet: the line above went missing so on a loaded machine. A moment lets it through.
+    yield* Effect.sleep(ABORT_DRAIN);
+    comm.abort(code);
+    return yield* Effect.die(new Error(`MPI_Abort(${code}) returned`));
+  }));

@@ -4,7 +4,8 @@
  * step (`SWAV_DEBUG_PARAMS=1`); queues split and merge back to one process's
  * layout; every rank's skipped samples reach rank 0's `skipped.jsonl`; a rank
  * that fails ends the whole job with a line naming it; kill -9
- * of a rank ends the job and `--resume` finishes the run; and without MPICH,
+ * of a rank ends the job and `--resume` finishes the run; Ctrl-C of the
+ * launcher ends every rank; and without MPICH,
  * `--procs 2` fails with one line naming the package. Oversubscribed (2 and 4
  * ranks on whatever cores there are) on purpose. The equivalence of N ranks
  * with one process lives in test/data_parallel_equivalence_test.ts.
@@ -148,34 +149,7 @@ Deno.test({
       // kill -9 of rank 1 once a checkpoint exists: the whole job ends; --resume continues from it.
       const config = await writeParallelConfig(data, dir, { checkpointEvery: 2, epochs: 4 });
       const out = `${dir}/killed`;
-      const child = new Deno.Command(Deno.execPath(), {
-        args: [
-          "run",
-          "--allow-all",
-          new URL("../cli/main.ts", import.meta.url).pathname,
-          "pretrain",
-          "--config",
-          config,
-          "--out",
-          out,
-          "--procs",
-          "2",
-        ],
-        env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
-        stdout: "piped",
-        stderr: "piped",
-      }).spawn();
-      const stderr = new Response(child.stderr).text();
-      const stdout = new Response(child.stdout).text();
-      const checkpointed = async () => {
-        for await (const entry of Deno.readDir(out)) if (entry.name.endsWith(".swav")) return true;
-        return false;
-      };
-      const deadline = performance.now() + 120_000;
-      while (!(await checkpointed().catch(() => false))) {
-        assert.ok(performance.now() < deadline, "a checkpoint within 2 minutes");
-        await new Promise((r) => setTimeout(r, 200));
-      }
+      const { child, stdout, stderr } = await startCheckpointedJob(config, out);
       const rank1 = rankPid(out, 1);
       assert.ok(rank1 !== undefined, "rank 1's process found");
       Deno.kill(rank1, "SIGKILL");
@@ -207,6 +181,55 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "Ctrl-C of the launcher ends every rank within seconds with a line; --resume goes on from the checkpoint",
+  ignore: noMpi,
+  fn: async () => {
+    const data = await writeTinyData();
+    const dir = await Deno.makeTempDir({ prefix: "swav-mpi-sigint-" });
+    try {
+      const config = await writeParallelConfig(data, dir, { checkpointEvery: 2, epochs: 200 });
+      const out = `${dir}/run`;
+      const { child, stderr } = await startCheckpointedJob(config, out);
+      child.kill("SIGINT");
+      const stoppedAt = performance.now();
+      const status = await child.status;
+      assert.ok(performance.now() - stoppedAt < 30_000, "the job ends within seconds");
+      assert.equal(status.code, 130);
+      // Before the fix the launcher exited at once and both ranks trained on, one of them soon stuck in a
+      // collective that the interrupted rank never joined.
+      assert.equal(rankPid(out, 0), undefined, "rank 0 ended with the launcher");
+      assert.equal(rankPid(out, 1), undefined, "rank 1 ended with the launcher");
+      assert.match(
+        await stderr,
+        /interrupted: rank [01] of 2 stops the job; its last checkpoint stays usable/,
+      );
+      // The run folder's lock is free and the last checkpoint loads.
+      const last = Math.max(...await checkpointSteps(out));
+      const resumed = await runCli(
+        [
+          "pretrain",
+          "--config",
+          config,
+          "--out",
+          out,
+          "--procs",
+          "2",
+          "--resume",
+          "--max-steps",
+          `${last + 2}`,
+        ],
+      );
+      assert.equal(resumed.code, 0, resumed.stderr);
+      assert.match(resumed.stderr, new RegExp(`resumed from .* at step ${last}`));
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+      await Deno.remove(data, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
   name: "--procs 2 without MPICH fails with one line naming the Debian package",
   fn: async () => {
     const data = await writeTinyData();
@@ -229,6 +252,48 @@ Deno.test({
 });
 
 /** The pid of the rank `rank` training into `out` (its environment says PMI_RANK). */
+/**
+ * `pretrain --procs 2` started without npm's wrapper (so that signals reach the launcher), once it has
+ * saved a checkpoint: the child and its output, read to the end in the background.
+ */
+const startCheckpointedJob = async (config: string, out: string) => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-all",
+      new URL("../cli/main.ts", import.meta.url).pathname,
+      "pretrain",
+      "--config",
+      config,
+      "--out",
+      out,
+      "--procs",
+      "2",
+    ],
+    env: { NO_COLOR: "1", SWAV_BACKEND: "wasm" },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = new Response(child.stdout).text();
+  const deadline = performance.now() + 120_000;
+  while ((await checkpointSteps(out).catch(() => [])).length === 0) {
+    assert.ok(performance.now() < deadline, "a checkpoint within 2 minutes");
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return { child, stdout, stderr };
+};
+
+/** The steps of the checkpoints in a run folder. */
+const checkpointSteps = async (out: string) => {
+  const steps: number[] = [];
+  for await (const entry of Deno.readDir(out)) {
+    const step = /^checkpoint-(\d+)\.swav$/.exec(entry.name)?.[1];
+    if (step !== undefined) steps.push(Number(step));
+  }
+  return steps;
+};
+
 const rankPid = (out: string, rank: number): number | undefined => {
   for (const entry of Deno.readDirSync("/proc")) {
     if (!/^\d+$/.test(entry.name)) continue;
