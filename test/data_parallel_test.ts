@@ -72,22 +72,7 @@ Deno.test({
       );
       assert.equal((await readMetrics(out)).length, 9);
       // The checkpoint holds every rank's queue in one process's layout: 2 ranks continue from it.
-      const two = await runCli(
-        [
-          "pretrain",
-          "--config",
-          config,
-          "--out",
-          out,
-          "--procs",
-          "2",
-          "--resume",
-          "--max-steps",
-          "12",
-          "--json",
-        ],
-        { SWAV_DEBUG_PARAMS: "1" },
-      );
+      const two = await resumeOnTwo(config, out, ["--max-steps", "12", "--json"], { SWAV_DEBUG_PARAMS: "1" });
       assert.equal(two.code, 0, two.stderr);
       assert.match(two.stderr, /resumed from .* at step 9/);
       assert.deepEqual(
@@ -160,17 +145,7 @@ Deno.test({
       // mpiexec names the killed process and the signal (on stdout); the launcher says what happened.
       assert.match(await stdout, /Killed \(signal 9\)/);
       assert.match(await stderr, /error: the job of 2 processes stopped .*--resume continues/);
-      const resumed = await runCli([
-        "pretrain",
-        "--config",
-        config,
-        "--out",
-        out,
-        "--procs",
-        "2",
-        "--resume",
-        "--json",
-      ]);
+      const resumed = await resumeOnTwo(config, out, ["--json"]);
       assert.equal(resumed.code, 0, resumed.stderr);
       assert.equal(JSON.parse(resumed.stdout.trim().split("\n").at(-1)!).steps, 28);
     } finally {
@@ -206,20 +181,7 @@ Deno.test({
       );
       // The run folder's lock is free and the last checkpoint loads.
       const last = Math.max(...await checkpointSteps(out));
-      const resumed = await runCli(
-        [
-          "pretrain",
-          "--config",
-          config,
-          "--out",
-          out,
-          "--procs",
-          "2",
-          "--resume",
-          "--max-steps",
-          `${last + 2}`,
-        ],
-      );
+      const resumed = await resumeOnTwo(config, out, ["--max-steps", `${last + 2}`]);
       assert.equal(resumed.code, 0, resumed.stderr);
       assert.match(resumed.stderr, new RegExp(`resumed from .* at step ${last}`));
     } finally {
@@ -252,6 +214,10 @@ Deno.test({
 });
 
 /** The pid of the rank `rank` training into `out` (its environment says PMI_RANK). */
+/** `pretrain --procs 2 --resume` on a run folder, with further flags. */
+const resumeOnTwo = (config: string, out: string, flags: string[], env: Record<string, string> = {}) =>
+  runCli(["pretrain", "--config", config, "--out", out, "--procs", "2", "--resume", ...flags], env);
+
 /**
  * `pretrain --procs 2` started without npm's wrapper (so that signals reach the launcher), once it has
  * saved a checkpoint: the child and its output, read to the end in the background.
