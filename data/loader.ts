@@ -122,6 +122,13 @@ export interface SkipReport {
   readonly examples: ReadonlyArray<{ readonly path: string; readonly reason: string }>;
 }
 
+/** A skip report from the count and the distinct samples, in sample-index order. */
+export const skipReport = (count: number, samples: ReadonlyArray<SkippedSample>): SkipReport => ({
+  count,
+  samples,
+  examples: samples.slice(0, 10).map(({ path, reason }) => ({ path, reason })),
+});
+
 /** Skipped samples named on stderr over a loader's life, one line each; the rest are counted. */
 export const SKIPPED_LINES = 50;
 
@@ -439,13 +446,6 @@ export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, Loader
       source,
       batchesPerEpoch: dropLast ? Math.floor(perEpoch / batchSize) : Math.ceil(perEpoch / batchSize),
       epoch: epochStream,
-      skipped: Effect.sync(() => {
-        const samples = allSkipped();
-        return {
-          count: skips.count,
-          samples,
-          examples: samples.slice(0, 10).map(({ path, reason }) => ({ path, reason })),
-        };
-      }),
+      skipped: Effect.sync(() => skipReport(skips.count, allSkipped())),
     } satisfies Loader;
   });

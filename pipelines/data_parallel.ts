@@ -14,7 +14,7 @@ import type { Communicator } from "../backend/communicator.ts";
 import { wasmHeap } from "../backend/wasm_heap.ts";
 import type { SwavModel } from "../models/model.ts";
 import { mergeQueueRows, type SerialisedQueue, splitQueueRows } from "../state/queue.ts";
-import type { SkipReport } from "../data/loader.ts";
+import { type SkipReport, skipReport } from "../data/loader.ts";
 
 /** The world size does not fit the run (batch not divisible, a checkpoint's queue of another size). */
 export class DataParallelError extends Schema.TaggedError<DataParallelError>()("DataParallelError", {
@@ -231,12 +231,10 @@ export const gatherSkipReports = (report: SkipReport, comm: Communicator): SkipR
     const seen = byIndex.get(sample.index);
     if (seen === undefined || sample.epoch < seen.epoch) byIndex.set(sample.index, sample);
   }
-  const samples = [...byIndex.values()].sort((a, b) => a.index - b.index);
-  return {
-    count: reports.reduce((sum, r) => sum + r.count, 0),
-    samples,
-    examples: samples.slice(0, 10).map(({ path, reason }) => ({ path, reason })),
-  };
+  return skipReport(
+    reports.reduce((sum, r) => sum + r.count, 0),
+    [...byIndex.values()].sort((a, b) => a.index - b.index),
+  );
 };
 
 /**
