@@ -22,82 +22,9 @@ import { latestCheckpoint } from "./checkpoint.ts";
 import { loadForEvaluation } from "./evaluate.ts";
 import { extractFeatures } from "./extract.ts";
 import { scopedModel, type StepMetrics, withSplit } from "./pretrain.ts";
-import type { EpochRecord, EventRecord } from "./run_records.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
-/** The text files of a run folder, parsed. */
-export interface RunRecords {
-  readonly folder: string;
-  /** config.json as written (undefined when absent or unreadable). */
-  readonly config: Record<string, unknown> | undefined;
-  /** One per step, the last line wins when a resumed run repeated a step; sorted by step. */
-  readonly metrics: readonly StepMetrics[];
-  readonly epochs: readonly EpochRecord[];
-  readonly events: readonly EventRecord[];
-  /** eval-<method>.json files, sorted by method. */
-  readonly evals: readonly Record<string, unknown>[];
-}
-
-const readText = (path: string) => Effect.promise(() => Deno.readTextFile(path).catch(() => ""));
-
-/** Lines that parse as JSON objects; a half-written last line is skipped. */
-export const parseJsonLines = (text: string): Record<string, unknown>[] =>
-  text.split("\n").flatMap((line) => {
-    if (line.trim() === "") return [];
-    try {
-      const value = JSON.parse(line);
-      return typeof value === "object" && value !== null && !Array.isArray(value) ? [value] : [];
-    } catch {
-      return [];
-    }
-  });
-
-const lastBy = <A>(rows: readonly A[], key: (row: A) => number): A[] =>
-  [...new Map(rows.map((row) => [key(row), row])).values()].sort((a, b) => key(a) - key(b));
-
-const parseObject = (text: string): Record<string, unknown> | undefined => {
-  try {
-    const value = JSON.parse(text);
-    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
-  } catch {
-    return undefined;
-  }
-};
-
-const evalFileNames = (folder: string) =>
-  Effect.promise(async () => {
-    const names: string[] = [];
-    try {
-      for await (const entry of Deno.readDir(folder)) {
-        if (entry.isFile && /^eval-[a-z]+\.json$/.test(entry.name)) names.push(entry.name);
-      }
-    } catch {
-      // a missing folder has no evaluations
-    }
-    return names.sort();
-  });
-
-/** Reads a run folder's records; never fails (what is missing is empty). */
-export const readRunRecords = (folder: string): Effect.Effect<RunRecords> =>
-  Effect.gen(function* () {
-    const isNumber = (key: string) => (row: Record<string, unknown>) => typeof row[key] === "number";
-    const metrics = parseJsonLines(yield* readText(`${folder}/metrics.jsonl`)).filter(isNumber("step"));
-    const epochs = parseJsonLines(yield* readText(`${folder}/epochs.jsonl`)).filter(isNumber("epoch"));
-    const events = parseJsonLines(yield* readText(`${folder}/events.jsonl`)).filter(isNumber("step"));
-    const evals: Record<string, unknown>[] = [];
-    for (const name of yield* evalFileNames(folder)) {
-      const value = parseObject(yield* readText(`${folder}/${name}`));
-      if (value !== undefined) evals.push(value);
-    }
-    return {
-      folder,
-      config: parseObject(yield* readText(`${folder}/config.json`)),
-      metrics: lastBy(metrics as unknown as StepMetrics[], (m) => m.step),
-      epochs: lastBy(epochs as unknown as EpochRecord[], (e) => e.epoch),
-      events: events as unknown as EventRecord[],
-      evals,
-    };
-  });
+export { parseJsonLines, readRunRecords, type RunRecords } from "./report_records.ts";
 
 /** A small image, inlined as a PNG. */
 export interface Thumb {
