@@ -14,6 +14,7 @@ import { encode as encodePng } from "fast-png";
 import { Effect } from "effect";
 import { UMAP } from "umap-js";
 import type { RunConfig } from "../config/config.ts";
+import type { RgbImage } from "../data/image_codec.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { headForward } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -82,13 +83,44 @@ const toBase64 = (bytes: Uint8Array) => {
   return btoa(text);
 };
 
+/** Longest side of a thumbnail: the page shows 40 px; an ImageNet image inlined whole is ~300 KB. */
+export const THUMB_SIDE = 64;
+
+/** `image` shrunk so its longest side is at most `side`, each pixel the mean of the box it covers. */
+export const thumbnail = (image: RgbImage, side = THUMB_SIDE): RgbImage => {
+  const scale = Math.min(1, side / Math.max(image.width, image.height));
+  if (scale === 1) return image;
+  const width = Math.max(1, Math.round(image.width * scale));
+  const height = Math.max(1, Math.round(image.height * scale));
+  const data = new Uint8Array(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    const y0 = Math.floor((y * image.height) / height);
+    const y1 = Math.max(y0 + 1, Math.floor(((y + 1) * image.height) / height));
+    for (let x = 0; x < width; x++) {
+      const x0 = Math.floor((x * image.width) / width);
+      const x1 = Math.max(x0 + 1, Math.floor(((x + 1) * image.width) / width));
+      for (let c = 0; c < 3; c++) {
+        let sum = 0;
+        for (let v = y0; v < y1; v++) {
+          for (let u = x0; u < x1; u++) sum += image.data[(v * image.width + u) * 3 + c]!;
+        }
+        data[(y * width + x) * 3 + c] = Math.round(sum / ((y1 - y0) * (x1 - x0)));
+      }
+    }
+  }
+  return { width, height, data };
+};
+
 const thumbOf = (source: DataSource, index: number) =>
-  Effect.map(source.read(index), ({ image, label }): Thumb => ({
-    pngBase64: toBase64(
-      encodePng({ width: image.width, height: image.height, data: image.data, channels: 3 }),
-    ),
-    label: label >= 0 && source.classes !== undefined ? source.classes[label] ?? String(label) : "",
-  }));
+  Effect.map(source.read(index), ({ image: full, label }): Thumb => {
+    const image = thumbnail(full);
+    return {
+      pngBase64: toBase64(
+        encodePng({ width: image.width, height: image.height, data: image.data, channels: 3 }),
+      ),
+      label: label >= 0 && source.classes !== undefined ? source.classes[label] ?? String(label) : "",
+    };
+  });
 
 /** A seeded uniform generator in [0, 1) (mulberry32). */
 export const seededRandom = (seed: number) => {

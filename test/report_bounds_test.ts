@@ -7,7 +7,7 @@ import { Effect } from "effect";
 import { EVENTS_SHOWN, renderReport } from "../pipelines/report_html.ts";
 import { HEATMAP_MAX_CLASSES, LISTED, topConfusions } from "../pipelines/report_eval.ts";
 import { CONFIG_CAP, KEEP_ROWS, thinningRows } from "../pipelines/report_records.ts";
-import { readRunRecords, seededRandom } from "../pipelines/run_report.ts";
+import { readRunRecords, seededRandom, THUMB_SIDE, thumbnail } from "../pipelines/run_report.ts";
 import { findBrowser, inspectPage } from "./_browser.ts";
 import { syntheticEval } from "./_synthetic_eval.ts";
 
@@ -226,4 +226,28 @@ Deno.test("a 30 MB metrics.jsonl is read streamed and thinned; a FIFO or an over
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
+});
+
+Deno.test("thumbnails: an ImageNet-sized image is inlined at most 64 px a side, each pixel its box's mean", () => {
+  const random = seededRandom(3);
+  const image = (width: number, height: number) => ({
+    width,
+    height,
+    data: Uint8Array.from({ length: width * height * 3 }, () => Math.floor(random() * 256)),
+  });
+  const big = image(640, 480);
+  const small = thumbnail(big);
+  assert.deepEqual([small.width, small.height], [64, 48]);
+  // Reference: the mean of each 10 x 10 box, summed in float64.
+  for (const [x, y, c] of [[0, 0, 0], [63, 47, 2], [17, 30, 1]] as const) {
+    let sum = 0;
+    for (let v = 0; v < 10; v++) {
+      for (let u = 0; u < 10; u++) sum += big.data[((y * 10 + v) * 640 + x * 10 + u) * 3 + c]!;
+    }
+    assert.equal(small.data[(y * 64 + x) * 3 + c], Math.round(sum / 100));
+  }
+  const odd = thumbnail(image(500, 375));
+  assert.deepEqual([odd.width, odd.height], [THUMB_SIDE, 48]);
+  const tiny = image(32, 32);
+  assert.equal(thumbnail(tiny), tiny);
 });
