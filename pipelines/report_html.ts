@@ -222,6 +222,9 @@ export const renderEvents = (records: RunRecords): string => {
     ).join("\n");
 };
 
+/** What marks a file as a report this program wrote (`report --out` overwrites only such a file). */
+export const REPORT_MARK = `<meta name="generator" content="swav-ts report">`;
+
 export interface RenderOptions {
   /** Shown at the top; the only part that changes between two reports of the same run folder. */
   readonly generatedAt?: string;
@@ -240,7 +243,7 @@ export const renderReport = (
     const evals = yield* Effect.forEach(records.evals, renderEval);
     const title = `SwAV run ${records.folder}`;
     return `<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
+<html lang="en"><head><meta charset="utf-8">${REPORT_MARK}
 <meta http-equiv="Content-Security-Policy" content="${policy(options.live === true)}"><title>${
       escapeHtml(title)
     }</title>
