@@ -22,7 +22,7 @@ import { l2NormaliseRows } from "../models/prototypes.ts";
 import { latestCheckpoint } from "./checkpoint.ts";
 import { loadForEvaluation } from "./evaluate.ts";
 import { extractFeatures } from "./extract.ts";
-import { scopedModel, type StepMetrics, withSplit } from "./pretrain.ts";
+import { scopedModel, withSplit } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
 export { parseJsonLines, readRunRecords, type RunRecords } from "./report_records.ts";

@@ -11,7 +11,7 @@ import { readRunRecords, seededRandom, THUMB_SIDE, thumbnail } from "../pipeline
 import { findBrowser, inspectPage } from "./_browser.ts";
 import { syntheticEval } from "./_synthetic_eval.ts";
 
-const reportOf = async (folder: string, live = false) =>
+const reportOf = (folder: string, live = false) =>
   Effect.runPromise(
     Effect.flatMap(readRunRecords(folder), (records) => renderReport(records, undefined, { live })),
   );
