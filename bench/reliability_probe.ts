@@ -850,9 +850,12 @@ add("report-1500-classes", async (dir) => {
   const size = await Deno.stat(`${dir}/run/report.html`).then((s) => s.size).catch(() => 0);
   return v(
     1,
-    `exit ${r.code}, peak ${r.peakMb.toFixed(0)} MB, report ${(size / 1e6).toFixed(2)} MB (bound 2 MB)`,
+    `exit ${r.code}${r.code === 0 ? "" : ` (${short(r.stderr).slice(0, 70)})`}, peak ${
+      r.peakMb.toFixed(0)
+    } MB, report ${(size / 1e6).toFixed(2)} MB (bound 2 MB)`,
     {
-      crash: crashed(r) && !r.timedOut && !r.killedForMemory,
+      // A valid evaluation that ends in an internal error (out of memory, stack overflow) is a crash.
+      crash: (crashed(r) || internal(r) || r.code !== 0) && !r.timedOut && !r.killedForMemory,
       unbounded: r.timedOut || r.killedForMemory || size > 2e6,
     },
   );
