@@ -217,7 +217,7 @@ export const renderEvents = (records: RunRecords): string => {
     (count > EVENTS_SHOWN ? `<p class="note">the last ${EVENTS_SHOWN} of ${count} warnings</p>\n` : "") +
     records.events.slice(-EVENTS_SHOWN).map((e) =>
       `<p class="${e.kind === "collapse" ? "warning collapse" : "warning"}">step ${e.step}: ${
-        text(e.text, 2000)
+        text(e.text, 500)
       }</p>`
     ).join("\n");
 };
