@@ -5,6 +5,7 @@
 import assert from "node:assert/strict";
 import { Effect, Exit } from "effect";
 import { TensorBackend } from "../backend/tensor_backend.ts";
+import { startDashboard } from "../cli/dashboard.ts";
 import { writeReport } from "../cli/run_report.ts";
 
 const wasm = TensorBackend.layer("wasm");
@@ -133,6 +134,48 @@ Deno.test("dashboard --host 0.0.0.0 warns in one line that the run is readable f
     assert.match(local.stdout, /^dashboard of .* at http:\/\/127\.0\.0\.1:\d+\//);
     assert.equal(local.stderr, "");
   } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
+
+Deno.test("dashboard events: a long metrics.jsonl is followed from its last MiB, never sent whole", async () => {
+  const folder = await Deno.makeTempDir({ prefix: "swav-dashboard-long-" });
+  const line = (step: number) =>
+    JSON.stringify({ step, epoch: 0, loss: 1, lr: 0.1, pad: "x".repeat(200) }) + "\n";
+  const lines = 40_000; // about 10 MB
+  await Deno.writeTextFile(
+    `${folder}/metrics.jsonl`,
+    Array.from({ length: lines }, (_, i) => line(i + 1)).join(""),
+  );
+  const server = startDashboard(
+    folder,
+    { port: 0, pollMs: 50 },
+    () => Promise.reject(new Error("no model views")),
+  );
+  const controller = new AbortController();
+  try {
+    const response = await fetch(`${server.url}events`, { signal: controller.signal });
+    const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let text = "";
+    const batches = () =>
+      [...text.matchAll(/event: metrics\ndata: (.*)\n\n/g)].map((m) =>
+        JSON.parse(m[1]!) as { step: number }[]
+      );
+    while (batches().length < 1) text += (await reader.read()).value ?? "";
+    const first = batches()[0]!;
+    assert.ok(first.length < 5000, `${first.length} rows in the first event`);
+    assert.equal(first.at(-1)!.step, lines);
+    assert.deepEqual(
+      first.map((r) => r.step),
+      Array.from({ length: first.length }, (_, i) => lines - first.length + 1 + i),
+    );
+    await Deno.writeTextFile(`${folder}/metrics.jsonl`, line(lines + 1), { append: true });
+    while (batches().length < 2) text += (await reader.read()).value ?? "";
+    assert.deepEqual(batches()[1]!.map((r) => r.step), [lines + 1]);
+    await reader.cancel();
+  } finally {
+    controller.abort();
+    await server.shutdown();
     await Deno.remove(folder, { recursive: true });
   }
 });
