@@ -797,6 +797,162 @@ add("extract-unusable-out", async (dir) => {
   });
 });
 
+// ---- report and dashboard cases (second round: large evaluations, escaping, where they write and listen) ----
+
+/** Runs `cli/<script>` (report and dashboard are their own entry points) with a timeout and RSS watchdog;
+ * a server is stopped once `until` matches its stdout. */
+const runScript = async (
+  script: string,
+  args: string[],
+  options: { timeoutMs?: number; until?: RegExp } = {},
+) => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "--allow-all", new URL(`../cli/${script}`, import.meta.url).pathname, ...args],
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let peakMb = 0;
+  let killedForMemory = false;
+  let timedOut = false;
+  let stdout = "";
+  const watchdog = setInterval(() => {
+    const mb = rssMb(child.pid);
+    peakMb = Math.max(peakMb, mb);
+    if (mb > MAX_RSS_MB) (killedForMemory = true, killPid(child.pid));
+  }, 50);
+  const timer = setTimeout(() => (timedOut = true, killPid(child.pid)), options.timeoutMs ?? 90_000);
+  const stderrText = new Response(child.stderr).text();
+  for await (const chunk of child.stdout.pipeThrough(new TextDecoderStream())) {
+    stdout += chunk;
+    if (options.until?.test(stdout)) child.kill("SIGTERM");
+  }
+  const status = await child.status;
+  clearInterval(watchdog);
+  clearTimeout(timer);
+  return {
+    code: options.until?.test(stdout) ? 0 : status.code,
+    stdout,
+    stderr: await stderrText,
+    timedOut,
+    killedForMemory,
+    peakMb,
+    opened: [],
+  } satisfies Run;
+};
+const internal = (r: Run) => /internal error/.test(r.stderr);
+
+add("report-1500-classes", async (dir) => {
+  const { syntheticEval } = await import("../test/_synthetic_eval.ts");
+  await Deno.mkdir(`${dir}/run`);
+  await Deno.writeTextFile(`${dir}/run/eval-knn.json`, JSON.stringify(syntheticEval(1500)));
+  const r = await runScript("run_report.ts", [`${dir}/run`], { timeoutMs: 120_000 });
+  const size = await Deno.stat(`${dir}/run/report.html`).then((s) => s.size).catch(() => 0);
+  return v(
+    1,
+    `exit ${r.code}${r.code === 0 ? "" : ` (${short(r.stderr).slice(0, 70)})`}, peak ${
+      r.peakMb.toFixed(0)
+    } MB, report ${(size / 1e6).toFixed(2)} MB (bound 2 MB)`,
+    {
+      // A valid evaluation that ends in an internal error (out of memory, stack overflow) is a crash.
+      crash: (crashed(r) || internal(r) || r.code !== 0) && !r.timedOut && !r.killedForMemory,
+      unbounded: r.timedOut || r.killedForMemory || size > 2e6,
+    },
+  );
+});
+
+add("report-script-in-metrics", async (dir) => {
+  await Deno.mkdir(`${dir}/run`);
+  const hostile = "<script>document.title='pwned'</script>";
+  await Deno.writeTextFile(
+    `${dir}/run/metrics.jsonl`,
+    JSON.stringify({ step: 1, epoch: hostile, loss: 1, lr: 0.1, images_per_s: 1, code_entropy: 1 }) + "\n",
+  );
+  await Deno.writeTextFile(
+    `${dir}/run/events.jsonl`,
+    JSON.stringify({ step: 1, kind: "x", text: hostile }) + "\n",
+  );
+  await Deno.writeTextFile(
+    `${dir}/run/eval-knn.json`,
+    JSON.stringify({ method: hostile, classes: [hostile] }),
+  );
+  const r = await runScript("run_report.ts", [`${dir}/run`]);
+  const html = await Deno.readTextFile(`${dir}/run/report.html`).catch(() => "");
+  const raw = (html.match(/<script/gi) ?? []).length;
+  return v(1, `exit ${r.code}: ${raw} raw <script> tags from the run folder in the page`, {
+    crash: crashed(r),
+    lost: raw > 0,
+  });
+});
+
+add("report-out-anywhere", async (dir) => {
+  await Deno.mkdir(`${dir}/run`);
+  await Deno.writeTextFile(`${dir}/notes.txt`, "my notes");
+  const a = await runScript("run_report.ts", [`${dir}/run`, "--out", `${dir}/notes.txt`]);
+  const b = await runScript("run_report.ts", [`${dir}/run`, "--out", `${dir}/new/folder/r.html`]);
+  const kept = await Deno.readTextFile(`${dir}/notes.txt`) === "my notes";
+  const created = await Deno.stat(`${dir}/new`).then(() => true, () => false);
+  return v(
+    2,
+    `over a text file: exit ${a.code}, ${
+      kept ? "kept" : "overwritten"
+    }; into a missing folder: exit ${b.code}${created ? ", created it" : ""}: ${short(a.stderr)}`,
+    {
+      crash: crashed(a) || crashed(b),
+      lost: !kept,
+      outside: created,
+    },
+  );
+});
+
+add("report-fifo-metrics", async (dir) => {
+  await Deno.mkdir(`${dir}/run`);
+  await new Deno.Command("mkfifo", { args: [`${dir}/run/metrics.jsonl`] }).output();
+  const r = await runScript("run_report.ts", [`${dir}/run`], { timeoutMs: 30_000 });
+  return v(1, `exit ${r.code}${r.timedOut ? " (hung on the FIFO, killed at 30 s)" : ""}`, {
+    crash: crashed(r) && !r.timedOut,
+    unbounded: r.timedOut,
+  });
+});
+
+add("dashboard-bad-port-host", async (dir) => {
+  const busy = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = String((busy.addr as Deno.NetAddr).port);
+  try {
+    const runs = await Promise.all(
+      [["--port", "abc"], ["--port", "70000"], ["--port", port], ["--port", "0", "--host", "192.0.2.1"]].map((
+        args,
+      ) => runScript("dashboard.ts", [dir, ...args], { timeoutMs: 60_000, until: /dashboard of/ })),
+    );
+    const bad = runs.filter((r) => !oneLine(r) || internal(r));
+    return v(
+      runs.length,
+      `${bad.length} of ${runs.length} not a one-line input error: ${
+        short(bad[0]?.stderr ?? runs[0]!.stderr)
+      }`,
+      {
+        crash: bad.length > 0,
+      },
+    );
+  } finally {
+    busy.close();
+  }
+});
+
+add("dashboard-every-interface", async (dir) => {
+  const r = await runScript("dashboard.ts", [dir, "--port", "0", "--host", "0.0.0.0"], {
+    timeoutMs: 60_000,
+    until: /dashboard of/,
+  });
+  const warned = /^warning: .*0\.0\.0\.0/m.test(r.stderr);
+  return v(1, `${warned ? "warned" : "no warning"}: ${short(r.stderr || r.stdout)}`, {
+    crash: crashed(r),
+    lost: !warned,
+  });
+});
+
+// ---- end of the report and dashboard cases ------------------------------------------------------------
+
 // ---- run them -------------------------------------------------------------------------------------------
 
 const verdicts: Verdict[] = [];

@@ -1,6 +1,8 @@
 /**
  * `deno task dashboard RUN_DIR [--port N] [--host H]`: the run report served live by Deno.serve,
- * on 127.0.0.1 unless `--host` says otherwise. It only reads the run folder:
+ * on 127.0.0.1 unless `--host` says otherwise (any other address: a one-line warning that the run is
+ * readable from the network). It reads the run folder and, for the retrieval thumbnails, images of
+ * the data source its config.json names (shrunk and inlined in the page; never served as files):
  *
  *   /                  the report page, with a script that follows the run
  *   /events            server-sent events: `metrics` (the new metrics.jsonl lines), `checkpoint`
@@ -12,7 +14,7 @@
  * A run folder written, truncated or deleted under it is read as it is at each request.
  */
 import { NodeRuntime, NodeServices } from "@effect/platform-node";
-import { Effect, Option } from "effect";
+import { Effect, Option, Schema } from "effect";
 import { Argument, Command, Flag } from "effect/cli";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import { latestCheckpoint } from "../pipelines/checkpoint.ts";
@@ -33,6 +35,59 @@ export interface Dashboard {
   readonly port: number;
   readonly shutdown: () => Promise<void>;
 }
+
+/** The dashboard could not start where it was asked to listen: the user's `--port` / `--host`. */
+export class DashboardError extends Schema.TaggedError<DashboardError>()("DashboardError", {
+  message: Schema.String,
+}) {}
+
+/** `--port` as given: an integer from 0 to 65535 (0 picks a free one). */
+export const parsePort = (text: string): Effect.Effect<number, DashboardError> =>
+  /^\d{1,5}$/.test(text.trim()) && Number(text) <= 65535 ? Effect.succeed(Number(text)) : Effect.fail(
+    new DashboardError({
+      message: `--port ${
+        JSON.stringify(text).slice(0, 40)
+      }: not a port (an integer from 0 to 65535; 0 picks a free one)`,
+    }),
+  );
+
+/** Whether `host` is reachable from this machine only. */
+export const isLoopback = (host: string): boolean =>
+  host === "localhost" || host === "::1" || host === "[::1]" || /^127\.\d+\.\d+\.\d+$/.test(host);
+
+/** The one-line warning for a dashboard reachable from other machines, or undefined on loopback. */
+export const exposureWarning = (host: string, port: number): string | undefined =>
+  isLoopback(host)
+    ? undefined
+    : `warning: the dashboard listens on ${host}${
+      host === "0.0.0.0" || host === "::" ? " (every network interface)" : ""
+    }, port ${port}: anyone who can reach this machine can read the run's report, files and image thumbnails, with no password (--host 127.0.0.1 keeps it to this machine)`;
+
+/** Why `host:port` cannot be listened on, as the user can act on it. */
+const listenFailure = (host: string, port: number, error: unknown): DashboardError => {
+  const where = `cannot listen on ${host}:${port}`;
+  const message = error instanceof Deno.errors.AddrInUse
+    ? `${where}: the port is in use (another --port, or --port 0 for a free one)`
+    : error instanceof Deno.errors.AddrNotAvailable
+    ? `${where}: ${host} is not an address of this machine (--host 127.0.0.1, or one of its own addresses)`
+    : error instanceof Deno.errors.PermissionDenied
+    ? `${where}: permission denied (ports below 1024 need privileges: use --port 1024 or above)`
+    : /lookup|resolve|Name or service/i.test(error instanceof Error ? error.message : String(error))
+    ? `${where}: no such host name ${host} (--host takes an address of this machine, such as 127.0.0.1)`
+    : `${where}: ${error instanceof Error ? error.message : String(error)}`;
+  return new DashboardError({ message });
+};
+
+/** Starts the dashboard; a port or host that cannot be listened on is a DashboardError naming it. */
+export const listenDashboard = (
+  folder: string,
+  options: DashboardOptions,
+  run: <A>(effect: Effect.Effect<A, unknown, TensorBackend>) => Promise<A>,
+): Effect.Effect<Dashboard, DashboardError> =>
+  Effect.try({
+    try: () => startDashboard(folder, options, run),
+    catch: (error) => listenFailure(options.host ?? "127.0.0.1", options.port ?? 8080, error),
+  });
 
 const notFound = () => new Response("not found", { status: 404 });
 
@@ -61,7 +116,7 @@ const size = async (path: string) => {
   }
 };
 
-/** Bytes [from, to) of a file, or "" when it is gone. */
+/** Bytes [from, to) of a file, or none when it is gone. */
 const readRange = async (path: string, from: number, to: number) => {
   try {
     using file = await Deno.open(path);
@@ -73,11 +128,14 @@ const readRange = async (path: string, from: number, to: number) => {
       if (n === null) break;
       read += n;
     }
-    return new TextDecoder().decode(buffer.subarray(0, read));
+    return buffer.subarray(0, read);
   } catch {
-    return "";
+    return new Uint8Array(0);
   }
 };
+
+/** Bytes of metrics.jsonl read per poll: a huge file is followed from near its end, never read whole. */
+const POLL_BYTES = 1 << 20;
 
 /** Starts the dashboard of `folder`; `run` provides what the model views need (the tensor backend). */
 export const startDashboard = (
@@ -133,12 +191,25 @@ export const startDashboard = (
               offset = 0;
               send("reset", {});
             }
+            // A long file met for the first time: its last MiB (the page shows the rest already).
+            let partial = false;
+            if (offset === 0 && end > POLL_BYTES) {
+              offset = end - POLL_BYTES;
+              partial = true;
+            }
             if (end > offset) {
-              const text = await readRange(metrics, offset, end);
-              // Only whole lines; a half-written one waits for the next poll.
-              const whole = text.lastIndexOf("\n") + 1;
-              offset += new TextEncoder().encode(text.slice(0, whole)).length;
-              const rows = text.slice(0, whole).split("\n").flatMap((line) => {
+              let bytes = await readRange(metrics, offset, Math.min(end, offset + POLL_BYTES));
+              if (partial) {
+                const start = bytes.indexOf(10) + 1;
+                offset += start;
+                bytes = bytes.subarray(start);
+              }
+              // Only whole lines; a half-written one waits for the next poll (a line longer than a
+              // poll's bytes is no metrics line: skipped).
+              const whole = bytes.lastIndexOf(10) + 1;
+              offset += whole === 0 && bytes.length === POLL_BYTES ? bytes.length : whole;
+              const text = new TextDecoder().decode(bytes.subarray(0, whole));
+              const rows = text.split("\n").flatMap((line) => {
                 try {
                   return line === "" ? [] : [JSON.parse(line)];
                 } catch {
@@ -198,8 +269,10 @@ export const startDashboard = (
           }
           const real = await fileInside(folder, name);
           if (real === undefined) return notFound();
-          return new Response(await Deno.readFile(real), {
-            headers: { "content-type": "application/octet-stream" },
+          // Streamed: a checkpoint of gigabytes is never held in memory.
+          const file = await Deno.open(real, { read: true });
+          return new Response(file.readable, {
+            headers: { "content-type": "application/octet-stream", "x-content-type-options": "nosniff" },
           });
         }
         return notFound();
@@ -224,7 +297,10 @@ export const startDashboard = (
 
 export const dashboardCommand = Command.make("dashboard", {
   runDir: Argument.String("RUN_DIR").pipe(Argument.withDescription("the run folder (train.out)")),
-  port: Flag.Int("port").pipe(Flag.withDescription("port (default 8080; 0 picks a free one)"), Flag.optional),
+  port: Flag.String("port").pipe(
+    Flag.withDescription("port (default 8080; 0 picks a free one)"),
+    Flag.optional,
+  ),
   host: Flag.String("host").pipe(
     Flag.withDescription("address to listen on (default 127.0.0.1: this machine only)"),
     Flag.optional,
@@ -233,10 +309,13 @@ export const dashboardCommand = Command.make("dashboard", {
   reportFailure(
     Effect.gen(function* () {
       const context = yield* Effect.context<TensorBackend>();
-      const dashboard = startDashboard(flags.runDir, {
-        port: Option.getOrElse(flags.port, () => 8080),
+      const port = Option.isSome(flags.port) ? yield* parsePort(flags.port.value) : 8080;
+      const dashboard = yield* listenDashboard(flags.runDir, {
+        port,
         ...(Option.isSome(flags.host) ? { host: flags.host.value } : {}),
       }, (effect) => Effect.runPromise(Effect.provideContext(effect, context)));
+      const warning = exposureWarning(Option.getOrElse(flags.host, () => "127.0.0.1"), dashboard.port);
+      if (warning !== undefined) console.error(warning);
       console.log(`dashboard of ${flags.runDir} at ${dashboard.url} (Ctrl-C stops it)`);
       return yield* Effect.never;
     }).pipe(Effect.provide(TensorBackend.layer())),

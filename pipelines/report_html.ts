@@ -13,24 +13,11 @@ import {
   type Thumb,
   type ViewOptions,
 } from "./run_report.ts";
-import { barSpec, heatmapSpec, lineSpec, renderSvg, scatterSpec } from "./report_plots.ts";
+import { renderEval } from "./report_eval.ts";
+import { escapeHtml, figure, fixed, text, thin } from "./report_markup.ts";
+import { barSpec, lineSpec, renderSvg, scatterSpec } from "./report_plots.ts";
 
-export const escapeHtml = (text: string): string =>
-  text.replace(
-    /[&<>"']/g,
-    (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]!,
-  );
-
-/** At most `count` rows, evenly spaced, the last one always kept: long runs stay light to draw. */
-const thin = <A>(rows: readonly A[], count: number): A[] =>
-  rows.length <= count
-    ? [...rows]
-    : Array.from({ length: count }, (_, i) => rows[Math.round((i * (rows.length - 1)) / (count - 1))]!);
-
-const figure = (title: string, svg: string, note = "") =>
-  `<figure class="plot"><figcaption>${escapeHtml(title)} <a class="cfg" href="#config">config</a>${
-    note === "" ? "" : ` <span class="note">${escapeHtml(note)}</span>`
-  }</figcaption>${svg}</figure>`;
+export { escapeHtml };
 
 const prototypesOf = (records: RunRecords): number | undefined => {
   const model = records.config?.model as { prototypes?: unknown } | undefined;
@@ -60,7 +47,7 @@ export const renderCurves = (records: RunRecords): Effect.Effect<string> =>
     parts.push(yield* line("images/s", "images_per_s"));
     parts.push(yield* line("code entropy", "code_entropy"));
     parts.push(yield* line("prototypes in use", "prototypes_in_use"));
-    const epochs = records.epochs.filter((e) => e.mean_loss !== null);
+    const epochs = thin(records.epochs.filter((e) => e.mean_loss !== null), 1500);
     if (epochs.length > 0) {
       const svg = yield* renderSvg(
         lineSpec(epochs as EpochRecord[] as never, { field: "epoch", title: "epoch" }, {
@@ -70,7 +57,7 @@ export const renderCurves = (records: RunRecords): Effect.Effect<string> =>
       );
       parts.push(figure("mean loss per epoch", svg));
     }
-    const accuracy = records.epochs.flatMap((e) => [
+    const accuracy = thin(records.epochs, 1500).flatMap((e) => [
       ...(e.knn_top1 === undefined ? [] : [{ epoch: e.epoch, top1: e.knn_top1, series: "kNN top-1" }]),
       ...(e.online_probe_top1 === undefined
         ? []
@@ -118,6 +105,10 @@ const renderRetrieval = (views: ModelViews) => {
 <tbody>${rows.join("\n")}</tbody></table>`;
 };
 
+/** Bars of the prototype usage plot, and classes up to which the feature map has a legend. */
+const USAGE_BARS = 500;
+const LEGEND_MAX_CLASSES = 20;
+
 const renderModelViews = (views: ModelViews) =>
   Effect.gen(function* () {
     const usage = views.prototypeUsage
@@ -125,11 +116,16 @@ const renderModelViews = (views: ModelViews) =>
       .sort((a, b) => b.count - a.count || a.prototype - b.prototype)
       .map((r, rank) => ({ rank: rank + 1, count: r.count, prototype: r.prototype }));
     const used = usage.filter((u) => u.count > 0).length;
+    // Thousands of prototypes: the sorted shape with at most USAGE_BARS bars (first and last kept).
     const usageSvg = yield* renderSvg(
-      barSpec(usage, { field: "rank", title: "prototypes, most used first", labels: false }, {
-        field: "count",
-        title: "test images",
-      }),
+      barSpec(
+        thin(usage, USAGE_BARS),
+        { field: "rank", title: "prototypes, most used first", labels: false },
+        {
+          field: "count",
+          title: "test images",
+        },
+      ),
     );
     const labelled = views.classes !== undefined && views.map.some((p) => p.label >= 0);
     const points = views.map.map((p) => ({
@@ -137,9 +133,9 @@ const renderModelViews = (views: ModelViews) =>
       y: Math.round(p.y * 1e4) / 1e4,
       ...(labelled ? { class: views.classes![p.label] ?? String(p.label) } : {}),
     }));
-    const mapSvg = points.length === 0
-      ? ""
-      : yield* renderSvg(scatterSpec(points, labelled ? "class" : undefined));
+    const mapSvg = points.length === 0 ? "" : yield* renderSvg(
+      scatterSpec(points, labelled ? "class" : undefined, (views.classes?.length ?? 0) <= LEGEND_MAX_CLASSES),
+    );
     return `<section id="checkpoint"><h2>At the last checkpoint</h2>
 <p class="meta">${escapeHtml(views.checkpoint)}${views.step === undefined ? "" : `, step ${views.step}`}</p>
 ${
@@ -148,7 +144,7 @@ ${
         usageSvg,
         `${used} of ${views.prototypes} prototypes take at least one of ${views.testCount} ${
           views.fromTrain ? "training" : "test"
-        } images`,
+        } images${usage.length > USAGE_BARS ? ` (${USAGE_BARS} of the ranks drawn)` : ""}`,
       )
     }
 <h3>Retrieval</h3>
@@ -159,46 +155,17 @@ ${
         "UMAP of backbone features",
         mapSvg,
         `${points.length} ${views.fromTrain ? "training" : "test"} images, seeded${
-          labelled ? ", coloured by class" : ""
+          labelled
+            ? `, coloured by class${
+              views.classes!.length > LEGEND_MAX_CLASSES
+                ? ` (no legend above ${LEGEND_MAX_CLASSES} classes)`
+                : ""
+            }`
+            : ""
         }`,
       )
     }
 </section>`;
-  });
-
-const renderEval = (result: Record<string, unknown>) =>
-  Effect.gen(function* () {
-    const classes = Array.isArray(result.classes) ? result.classes.map(String) : [];
-    const confusion = Array.isArray(result.confusion) ? result.confusion as number[][] : [];
-    const perClass = Array.isArray(result.per_class_accuracy)
-      ? result.per_class_accuracy as (number | null)[]
-      : [];
-    const method = String(result.method ?? "");
-    const top1 = typeof result.top1 === "number" ? `${(100 * result.top1).toFixed(2)}%` : "?";
-    const cells = confusion.flatMap((row, t) => {
-      const rowMax = Math.max(...row);
-      return row.map((count, p) => ({
-        truth: classes[t] ?? String(t),
-        predicted: classes[p] ?? String(p),
-        count,
-        rowMax,
-      }));
-    });
-    const heat = cells.length === 0 ? "" : yield* renderSvg(heatmapSpec(cells, classes));
-    const bars = perClass.length === 0 ? "" : yield* renderSvg(
-      barSpec(
-        perClass.map((a, c) => ({ class: classes[c] ?? String(c), accuracy: a })),
-        { field: "class", title: "class" },
-        { field: "accuracy", title: "accuracy" },
-      ),
-    );
-    return `<section class="eval"><h3>${
-      escapeHtml(method === "knn" ? "kNN" : method === "linear" ? "linear probe" : method)
-    }: top-1 ${top1}</h3>
-<p class="meta">${escapeHtml(String(result.checkpoint ?? ""))}</p>
-<div class="grid">${heat === "" ? "" : figure("confusion matrix", heat)}${
-      bars === "" ? "" : figure("per-class accuracy", bars)
-    }</div></section>`;
   });
 
 const style = `body{font:14px/1.4 sans-serif;margin:1.5em auto;max-width:1000px;color:#222;padding:0 1em}
@@ -209,10 +176,12 @@ h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table.retrieval{border-collapse:collapse}table.retrieval td{padding:3px 8px 3px 0;vertical-align:middle}
 table.retrieval img{width:40px;height:40px;image-rendering:pixelated;margin-right:2px;border:1px solid #ccc}
 table.retrieval img.query{border:2px solid #333}td.nn{white-space:nowrap}
-pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}.empty{color:#888}`;
+pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}.empty{color:#888}
+table.summary{border-collapse:collapse;font-size:12px}table.summary td,table.summary th{padding:1px 8px 1px 0;text-align:left}
+h4{margin:.2em 0}`;
 
 /** The live part of the dashboard: on each server-sent event, re-fetch the curves and events. */
-const liveScript = `<script>
+const liveCode = `
 const source = new EventSource("events");
 const refresh = async (id, path) => {
   const response = await fetch(path, { cache: "no-store" });
@@ -220,16 +189,41 @@ const refresh = async (id, path) => {
 };
 source.addEventListener("metrics", () => { refresh("curves", "fragment/curves"); refresh("events", "fragment/events"); });
 source.addEventListener("checkpoint", () => location.reload());
-</script>`;
+`;
+const liveScript = `<script>${liveCode}</script>`;
+
+/**
+ * What the page may load and run, a second wall behind the escaping: the report runs no script
+ * at all; the dashboard's page runs only its own script (by hash) and talks only to its server.
+ */
+const liveHash = btoa(
+  String.fromCharCode(
+    ...new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(liveCode))),
+  ),
+);
+const policy = (live: boolean) =>
+  `default-src 'none'; img-src data:; style-src 'unsafe-inline'${
+    live ? `; script-src 'sha256-${liveHash}'; connect-src 'self'` : ""
+  }`;
+
+/** Warnings shown: the last ones (a run that warns at every step keeps a page of bounded size). */
+export const EVENTS_SHOWN = 200;
 
 export const renderEvents = (records: RunRecords): string => {
-  if (records.events.length === 0) return `<p class="empty">no warnings</p>`;
-  return records.events.map((e) =>
-    `<p class="${e.kind === "collapse" ? "warning collapse" : "warning"}">step ${e.step}: ${
-      escapeHtml(e.text)
-    }</p>`
-  ).join("\n");
+  const notes = (records.notes ?? []).map((note) => `<p class="warning">${text(note, 1000)}</p>\n`).join("");
+  if (records.events.length === 0) return notes === "" ? `<p class="empty">no warnings</p>` : notes;
+  const count = Math.max(records.eventCount ?? 0, records.events.length);
+  return notes +
+    (count > EVENTS_SHOWN ? `<p class="note">the last ${EVENTS_SHOWN} of ${count} warnings</p>\n` : "") +
+    records.events.slice(-EVENTS_SHOWN).map((e) =>
+      `<p class="${e.kind === "collapse" ? "warning collapse" : "warning"}">step ${e.step}: ${
+        text(e.text, 500)
+      }</p>`
+    ).join("\n");
 };
+
+/** What marks a file as a report this program wrote (`report --out` overwrites only such a file). */
+export const REPORT_MARK = `<meta name="generator" content="swav-ts report">`;
 
 export interface RenderOptions {
   /** Shown at the top; the only part that changes between two reports of the same run folder. */
@@ -249,7 +243,10 @@ export const renderReport = (
     const evals = yield* Effect.forEach(records.evals, renderEval);
     const title = `SwAV run ${records.folder}`;
     return `<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(title)}</title>
+<html lang="en"><head><meta charset="utf-8">${REPORT_MARK}
+<meta http-equiv="Content-Security-Policy" content="${policy(options.live === true)}"><title>${
+      escapeHtml(title)
+    }</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>${style}</style></head>
 <body>
@@ -257,7 +254,7 @@ export const renderReport = (
 <p class="meta">${
       last === undefined
         ? "no steps yet"
-        : `step ${last.step}, epoch ${last.epoch}, last loss ${last.loss.toFixed(4)}`
+        : `step ${last.step}, epoch ${text(last.epoch, 40)}, last loss ${fixed(last.loss, 4)}`
     }${
       options.generatedAt === undefined ? "" : ` · generated <time>${escapeHtml(options.generatedAt)}</time>`
     }</p>

@@ -88,7 +88,11 @@ export const barSpec = (
 });
 
 /** A scatter of 2-D points, coloured by a nominal field when given. */
-export const scatterSpec = (rows: readonly Row[], colour: string | undefined): TopLevelSpec => ({
+export const scatterSpec = (
+  rows: readonly Row[],
+  colour: string | undefined,
+  legend = true,
+): TopLevelSpec => ({
   ...base,
   width: 460,
   height: 400,
@@ -97,9 +101,15 @@ export const scatterSpec = (rows: readonly Row[], colour: string | undefined): T
   encoding: {
     x: { field: "x", type: "quantitative", title: "UMAP 1", scale: { zero: false } },
     y: { field: "y", type: "quantitative", title: "UMAP 2", scale: { zero: false } },
-    ...(colour === undefined
-      ? {}
-      : { color: { field: colour, type: "nominal", title: "class", scale: { scheme: "category20" } } }),
+    ...(colour === undefined ? {} : {
+      color: {
+        field: colour,
+        type: "nominal",
+        title: "class",
+        scale: { scheme: "category20" },
+        ...(legend ? {} : { legend: null }),
+      },
+    }),
   },
 });
 

@@ -14,6 +14,7 @@ import { encode as encodePng } from "fast-png";
 import { Effect } from "effect";
 import { UMAP } from "umap-js";
 import type { RunConfig } from "../config/config.ts";
+import type { RgbImage } from "../data/image_codec.ts";
 import { type DataSource, openSource } from "../data/sources.ts";
 import { headForward } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -21,83 +22,10 @@ import { l2NormaliseRows } from "../models/prototypes.ts";
 import { latestCheckpoint } from "./checkpoint.ts";
 import { loadForEvaluation } from "./evaluate.ts";
 import { extractFeatures } from "./extract.ts";
-import { scopedModel, type StepMetrics, withSplit } from "./pretrain.ts";
-import type { EpochRecord, EventRecord } from "./run_records.ts";
+import { scopedModel, withSplit } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
 
-/** The text files of a run folder, parsed. */
-export interface RunRecords {
-  readonly folder: string;
-  /** config.json as written (undefined when absent or unreadable). */
-  readonly config: Record<string, unknown> | undefined;
-  /** One per step, the last line wins when a resumed run repeated a step; sorted by step. */
-  readonly metrics: readonly StepMetrics[];
-  readonly epochs: readonly EpochRecord[];
-  readonly events: readonly EventRecord[];
-  /** eval-<method>.json files, sorted by method. */
-  readonly evals: readonly Record<string, unknown>[];
-}
-
-const readText = (path: string) => Effect.promise(() => Deno.readTextFile(path).catch(() => ""));
-
-/** Lines that parse as JSON objects; a half-written last line is skipped. */
-export const parseJsonLines = (text: string): Record<string, unknown>[] =>
-  text.split("\n").flatMap((line) => {
-    if (line.trim() === "") return [];
-    try {
-      const value = JSON.parse(line);
-      return typeof value === "object" && value !== null && !Array.isArray(value) ? [value] : [];
-    } catch {
-      return [];
-    }
-  });
-
-const lastBy = <A>(rows: readonly A[], key: (row: A) => number): A[] =>
-  [...new Map(rows.map((row) => [key(row), row])).values()].sort((a, b) => key(a) - key(b));
-
-const parseObject = (text: string): Record<string, unknown> | undefined => {
-  try {
-    const value = JSON.parse(text);
-    return typeof value === "object" && value !== null && !Array.isArray(value) ? value : undefined;
-  } catch {
-    return undefined;
-  }
-};
-
-const evalFileNames = (folder: string) =>
-  Effect.promise(async () => {
-    const names: string[] = [];
-    try {
-      for await (const entry of Deno.readDir(folder)) {
-        if (entry.isFile && /^eval-[a-z]+\.json$/.test(entry.name)) names.push(entry.name);
-      }
-    } catch {
-      // a missing folder has no evaluations
-    }
-    return names.sort();
-  });
-
-/** Reads a run folder's records; never fails (what is missing is empty). */
-export const readRunRecords = (folder: string): Effect.Effect<RunRecords> =>
-  Effect.gen(function* () {
-    const isNumber = (key: string) => (row: Record<string, unknown>) => typeof row[key] === "number";
-    const metrics = parseJsonLines(yield* readText(`${folder}/metrics.jsonl`)).filter(isNumber("step"));
-    const epochs = parseJsonLines(yield* readText(`${folder}/epochs.jsonl`)).filter(isNumber("epoch"));
-    const events = parseJsonLines(yield* readText(`${folder}/events.jsonl`)).filter(isNumber("step"));
-    const evals: Record<string, unknown>[] = [];
-    for (const name of yield* evalFileNames(folder)) {
-      const value = parseObject(yield* readText(`${folder}/${name}`));
-      if (value !== undefined) evals.push(value);
-    }
-    return {
-      folder,
-      config: parseObject(yield* readText(`${folder}/config.json`)),
-      metrics: lastBy(metrics as unknown as StepMetrics[], (m) => m.step),
-      epochs: lastBy(epochs as unknown as EpochRecord[], (e) => e.epoch),
-      events: events as unknown as EventRecord[],
-      evals,
-    };
-  });
+export { parseJsonLines, readRunRecords, type RunRecords } from "./report_records.ts";
 
 /** A small image, inlined as a PNG. */
 export interface Thumb {
@@ -155,13 +83,44 @@ const toBase64 = (bytes: Uint8Array) => {
   return btoa(text);
 };
 
+/** Longest side of a thumbnail: the page shows 40 px; an ImageNet image inlined whole is ~300 KB. */
+export const THUMB_SIDE = 64;
+
+/** `image` shrunk so its longest side is at most `side`, each pixel the mean of the box it covers. */
+export const thumbnail = (image: RgbImage, side = THUMB_SIDE): RgbImage => {
+  const scale = Math.min(1, side / Math.max(image.width, image.height));
+  if (scale === 1) return image;
+  const width = Math.max(1, Math.round(image.width * scale));
+  const height = Math.max(1, Math.round(image.height * scale));
+  const data = new Uint8Array(width * height * 3);
+  for (let y = 0; y < height; y++) {
+    const y0 = Math.floor((y * image.height) / height);
+    const y1 = Math.max(y0 + 1, Math.floor(((y + 1) * image.height) / height));
+    for (let x = 0; x < width; x++) {
+      const x0 = Math.floor((x * image.width) / width);
+      const x1 = Math.max(x0 + 1, Math.floor(((x + 1) * image.width) / width));
+      for (let c = 0; c < 3; c++) {
+        let sum = 0;
+        for (let v = y0; v < y1; v++) {
+          for (let u = x0; u < x1; u++) sum += image.data[(v * image.width + u) * 3 + c]!;
+        }
+        data[(y * width + x) * 3 + c] = Math.round(sum / ((y1 - y0) * (x1 - x0)));
+      }
+    }
+  }
+  return { width, height, data };
+};
+
 const thumbOf = (source: DataSource, index: number) =>
-  Effect.map(source.read(index), ({ image, label }): Thumb => ({
-    pngBase64: toBase64(
-      encodePng({ width: image.width, height: image.height, data: image.data, channels: 3 }),
-    ),
-    label: label >= 0 && source.classes !== undefined ? source.classes[label] ?? String(label) : "",
-  }));
+  Effect.map(source.read(index), ({ image: full, label }): Thumb => {
+    const image = thumbnail(full);
+    return {
+      pngBase64: toBase64(
+        encodePng({ width: image.width, height: image.height, data: image.data, channels: 3 }),
+      ),
+      label: label >= 0 && source.classes !== undefined ? source.classes[label] ?? String(label) : "",
+    };
+  });
 
 /** A seeded uniform generator in [0, 1) (mulberry32). */
 export const seededRandom = (seed: number) => {
