@@ -172,6 +172,10 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.withDescription("continue from the latest checkpoint in --out"),
     Flag.withDefault(false),
   ),
+  force: Flag.Boolean("force").pipe(
+    Flag.withDescription("--out holds a run: move it into --out/previous-N (never deleted) and start anew"),
+    Flag.withDefault(false),
+  ),
   init: Flag.String("init").pipe(
     Flag.withDescription("start a fresh run from these weights (a PyTorch checkpoint: .pt, .pth, .pth.tar)"),
     Flag.optional,
@@ -243,6 +247,7 @@ const pretrainCommand = Command.make("pretrain", {
       }
       const run = pretrain(config, {
         resume: flags.resume,
+        force: flags.force,
         ...(Option.isSome(flags.init) ? { init: flags.init.value } : {}),
         // Rank 0 alone reports (and writes the run folder).
         hooks: lead ? progressHooks() : {},

@@ -61,6 +61,7 @@ import {
   writeJsonLines,
 } from "./run_folder.ts";
 import { runRecords } from "./run_records.ts";
+import { checkEarlierRun } from "./run_history.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import { initFromWeightsFile } from "./torch_weights.ts";
@@ -68,6 +69,7 @@ import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
+export { ResumeWithForce, RunFolderHoldsRun } from "./run_history.ts";
 export { DataParallelError } from "./data_parallel.ts";
 
 /** One line of `metrics.jsonl`. */
@@ -253,6 +255,8 @@ export const scopedModel = (config: SwavModel["config"], seed: number) =>
 export interface PretrainOptions {
   /** Continue from the latest checkpoint in the run folder. */
   readonly resume?: boolean;
+  /** A fresh run into a folder holding a run moves that run into `previous-N` (pipelines/run_history.ts). */
+  readonly force?: boolean;
   /** A fresh run starts from these weights (a PyTorch checkpoint: pipelines/torch_weights.ts). */
   readonly init?: string;
   readonly hooks?: PretrainHooks;
@@ -397,7 +401,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     // The run folder is rank 0's until the scope closes; nothing is written into it before the lock,
     // and other ranks write nothing there.
     const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
-    if (folder !== undefined) yield* writeRunRecords(folder, config, backend.name);
+    // An earlier run there is refused, or (--force) moved aside once the start-up checks below pass.
+    const earlier = folder === undefined ? undefined : yield* checkEarlierRun(folder, options);
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config, batchSize, comm);
@@ -443,6 +448,12 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     } else if (options.init !== undefined) {
       yield* initFromWeightsFile(model, options.init);
       hooks.onInfo?.(`weights initialised from ${options.init}`);
+    }
+    // Start-up checks passed: only now does anything in the run folder change.
+    if (folder !== undefined) {
+      const movedTo = yield* earlier!.moveAside;
+      if (movedTo !== undefined) hooks.onInfo?.(`the earlier run in ${runFolder} was moved into ${movedTo}`);
+      yield* writeRunRecords(folder, config, backend.name);
     }
     // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
     if (comm.size > 1) yield* Effect.promise(() => broadcastModel(model, comm));
