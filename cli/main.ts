@@ -23,6 +23,8 @@ import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
 import { exitWithWrapper } from "./wrapper_watch.ts";
 import { abortJobOnFailure, launchUnderMpi, shouldLaunch } from "./launch.ts";
+import { checkKnobs } from "./knobs.ts";
+import { launchedByMpi } from "../backend/mpi.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
 const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
@@ -224,12 +226,21 @@ const pretrainCommand = Command.make("pretrain", {
         }),
         flags.recipe,
       );
-      const threads = Option.getOrUndefined(flags.threads);
+      // --procs, --threads and --hostfile are checked (with the batch) before any process starts.
+      const knobs = yield* checkKnobs({
+        procs: Option.getOrUndefined(flags.procs),
+        threads: Option.getOrUndefined(flags.threads),
+        hostfile: Option.getOrUndefined(flags.hostfile),
+        batchSize: config.train.batchSize,
+      });
+      if (knobs.warning !== undefined && !launchedByMpi()) console.error(`warning: ${knobs.warning}`);
+      const threads = knobs.threads;
       // --procs N: this process only starts mpiexec, which runs this same command as N ranks.
       if (shouldLaunch(Option.getOrUndefined(flags.procs))) {
         Deno.exitCode = yield* launchUnderMpi({
           procs: Option.getOrThrow(flags.procs),
           hostfile: Option.getOrUndefined(flags.hostfile),
+          runFolder: config.train.out,
           threads,
           script: new URL(import.meta.url).pathname,
           args: Deno.args,
