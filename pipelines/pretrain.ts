@@ -118,6 +118,20 @@ export class DatasetTooSmall extends Schema.TaggedError<DatasetTooSmall>()("Data
   message: Schema.String,
 }) {}
 
+/** An epoch gave no batch at all: nothing was trained, no checkpoint written. */
+export class NoTrainingBatch extends Schema.TaggedError<NoTrainingBatch>()("NoTrainingBatch", {
+  epoch: Schema.Number,
+  batchSize: Schema.Number,
+  samples: Schema.Number,
+  skipped: Schema.Number,
+}) {
+  override get message(): string {
+    return `epoch ${this.epoch} gave no batch of ${this.batchSize}: ${this.skipped} of the ${this.samples} ` +
+      "samples were unreadable (listed in the run folder's skipped.jsonl), so nothing was trained and no " +
+      "checkpoint written: fix or remove the unreadable files, or lower train.batchSize";
+  }
+}
+
 /**
  * The run's records, written once the folder is ours: the resolved config, the
  * seed, and the machine it runs on (the `doctor --json` report).
@@ -524,6 +538,23 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         ),
       );
       const p = yield* Ref.get(progress);
+      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
+      const local = yield* loader.skipped;
+      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
+      if (folder !== undefined && runSkips !== undefined) {
+        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
+      }
+      // A whole epoch without one batch (every sample unreadable, or too few readable) trains nothing:
+      // a failure, not a "done" with an untrained checkpoint.
+      const stepsLeft = trainConfig.maxSteps === 0 || before.step < trainConfig.maxSteps;
+      if (p.epochEnded && skip === 0 && p.step === before.step && stepsLeft) {
+        return yield* new NoTrainingBatch({
+          epoch: epoch + 1,
+          batchSize: trainConfig.batchSize,
+          samples: source.length,
+          skipped: (runSkips ?? local).count,
+        });
+      }
       // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
       const path = yield* save(
         p.epochEnded
@@ -531,12 +562,6 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
-      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
-      const local = yield* loader.skipped;
-      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
-      if (folder !== undefined && runSkips !== undefined) {
-        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
-      }
       const { knn, probeTop1 } = p.epochEnded
         ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
         : { knn: undefined, probeTop1: undefined };
