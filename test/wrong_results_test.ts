@@ -7,6 +7,8 @@
  * name matches two classes is refused.
  */
 import assert from "node:assert/strict";
+import { Effect, Exit } from "effect";
+import { loadWeightsFile } from "../pipelines/torch_weights.ts";
 import { runCli } from "./_helpers.ts";
 
 /** Exit code 1 and exactly one `error:` line (warnings aside), no stack trace; that line. */
@@ -44,4 +46,36 @@ Deno.test("pretrain on a folder of unreadable images: one error, exit 1, no chec
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+const fixture = (name: string) => new URL(`./fixtures/torch/${name}`, import.meta.url).pathname;
+
+Deno.test("a .pth with a NaN weight or a negative running variance is refused at load, naming the tensor", async () => {
+  const cases: Array<[string, RegExp]> = [
+    ["resnet18_nan.pth", /tensor module\.layer1\.0\.conv1\.weight holds NaN at index \d+/],
+    [
+      "resnet18_negative_var.pth",
+      /tensor module\.layer2\.0\.bn1\.running_var \(a batch-norm running variance\) holds the negative value -0\.5/,
+    ],
+  ];
+  for (const [name, pattern] of cases) {
+    const exit = await Effect.runPromiseExit(loadWeightsFile(fixture(name)));
+    assert.ok(Exit.isFailure(exit), `${name} loaded`);
+    assert.match(String(exit.cause), /TorchWeightsError/);
+    assert.match(String(exit.cause), pattern);
+  }
+  assert.ok(Exit.isSuccess(await Effect.runPromiseExit(loadWeightsFile(fixture("resnet18.pth")))));
+  const r = await runCli([
+    "eval",
+    "--checkpoint",
+    fixture("resnet18_negative_var.pth"),
+    "--method",
+    "knn",
+    "--train",
+    "builtin:demo:train",
+    "--test",
+    "builtin:demo:test",
+  ]);
+  assert.match(oneError(r), /TorchWeightsError: .*running_var.*negative value -0\.5.*use another file/);
+  assert.doesNotMatch(r.stdout, /top-1/);
 });
