@@ -52,6 +52,8 @@ export interface LoadedEncoder {
   readonly path: string;
   /** Optimiser steps of the checkpoint (absent for an export). */
   readonly step: number | undefined;
+  /** false: the file held no projection head or prototypes (the model's are its random initial ones). */
+  readonly hasHead?: boolean;
 }
 
 const isExportFolder = (path: string) =>
@@ -73,7 +75,7 @@ export const loadForEvaluation = (
     if (yield* isTorchCheckpointFile(path)) return yield* loadTorchForEvaluation(path);
     if (yield* isExportFolder(path)) {
       const { model, input } = yield* loadEncoder(path);
-      return { model, input, config: undefined, path, step: undefined };
+      return { model, input, config: undefined, path, step: undefined, hasHead: false };
     }
     const { path: file, checkpoint } = yield* readCheckpointAt(path, { onWarning });
     const config = yield* decodeRunConfig(checkpoint.config, `${file} (its config)`).pipe(

@@ -130,5 +130,6 @@ export const loadTorchForEvaluation = (path: string) =>
       config: undefined,
       path,
       step: undefined,
+      hasHead: weights.hasHead,
     };
   });

@@ -8,6 +8,9 @@
  */
 import assert from "node:assert/strict";
 import { Effect, Exit } from "effect";
+import { TensorBackend } from "../backend/tensor_backend.ts";
+import { exportCheckpointEncoder, type ExportFormat } from "../pipelines/extract_folder.ts";
+import { subsetFromNames } from "../pipelines/semisup.ts";
 import { loadWeightsFile } from "../pipelines/torch_weights.ts";
 import { runCli } from "./_helpers.ts";
 
@@ -78,4 +81,93 @@ Deno.test("a .pth with a NaN weight or a negative running variance is refused at
   ]);
   assert.match(oneError(r), /TorchWeightsError: .*running_var.*negative value -0\.5.*use another file/);
   assert.doesNotMatch(r.stdout, /top-1/);
+});
+
+const exportWith = (checkpoint: string, out: string, options: { format?: ExportFormat; head?: boolean }) =>
+  Effect.runPromiseExit(
+    exportCheckpointEncoder(checkpoint, out, undefined, options).pipe(
+      Effect.provide(TensorBackend.layer("wasm")),
+    ),
+  );
+
+Deno.test("export --head on a backbone-only file is refused (never random head and prototypes)", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    for (const format of ["safetensors", "onnx"] as const) {
+      const out = `${dir}/backbone.${format}`;
+      const exit = await exportWith(fixture("resnet18_backbone.pt"), out, { format, head: true });
+      assert.ok(Exit.isFailure(exit), `${format}: exported`);
+      assert.match(String(exit.cause), /resnet18_backbone\.pt holds no projection head or prototypes/);
+      assert.throws(() => Deno.statSync(out), Deno.errors.NotFound);
+    }
+    // The same file without --head, and a file with a head with it, export.
+    assert.ok(
+      Exit.isSuccess(await exportWith(fixture("resnet18_backbone.pt"), `${dir}/b.onnx`, { format: "onnx" })),
+    );
+    const full = await exportWith(fixture("resnet18.pth"), `${dir}/h.safetensors`, {
+      format: "safetensors",
+      head: true,
+    });
+    assert.ok(Exit.isSuccess(full), String(full));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("export never overwrites its input (also through a symlink or ..) and never writes through a symlink", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const input = `${dir}/model.pth`;
+    await Deno.copyFile(fixture("resnet18.pth"), input);
+    const original = await Deno.readFile(input);
+    await Deno.symlink(input, `${dir}/link.pth`);
+    await Deno.mkdir(`${dir}/sub`);
+    for (const out of [input, `${dir}/link.pth`, `${dir}/sub/../model.pth`]) {
+      const exit = await exportWith(input, out, { format: "safetensors" });
+      assert.ok(Exit.isFailure(exit), `--out ${out} was written`);
+      assert.match(String(exit.cause), /would overwrite the checkpoint it exports/);
+      assert.deepEqual(await Deno.readFile(input), original);
+    }
+    // A TF.js export folder exported into itself.
+    assert.ok(Exit.isSuccess(await exportWith(input, `${dir}/tfjs`, {})));
+    const again = await exportWith(`${dir}/tfjs`, `${dir}/tfjs`, {});
+    assert.ok(Exit.isFailure(again));
+    assert.match(String(again.cause), /would overwrite the checkpoint/);
+
+    // A symlink at the destination is replaced by the new file; what it pointed to is untouched.
+    await Deno.writeTextFile(`${dir}/victim`, "keep me");
+    await Deno.symlink(`${dir}/victim`, `${dir}/out.safetensors`);
+    await Deno.mkdir(`${dir}/tfjs2`);
+    await Deno.symlink(`${dir}/victim`, `${dir}/tfjs2/weights.bin`);
+    assert.ok(Exit.isSuccess(await exportWith(input, `${dir}/out.safetensors`, { format: "safetensors" })));
+    assert.ok(Exit.isSuccess(await exportWith(input, `${dir}/tfjs2`, {})));
+    assert.equal(await Deno.readTextFile(`${dir}/victim`), "keep me");
+    assert.ok(!Deno.lstatSync(`${dir}/out.safetensors`).isSymlink);
+    assert.ok(!Deno.lstatSync(`${dir}/tfjs2/weights.bin`).isSymlink);
+    assert.deepEqual(
+      [...Deno.readDirSync(dir)].filter((e) => e.name.endsWith(".tmp")),
+      [],
+      "a temp file was left",
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("--labels: a name matching files in two classes is refused naming both; its class folder picks one", async () => {
+  const paths = ["/d/train/cat/0001.png", "/d/train/dog/0001.png", "/d/train/dog/0002.png"];
+  const error = await Effect.runPromise(
+    Effect.flip(subsetFromNames(paths, ["0002.png", "0001.png"], "l.txt")),
+  );
+  assert.match(
+    error.message,
+    /^--labels l\.txt: "0001\.png" matches two samples, \/d\/train\/cat\/0001\.png and \/d\/train\/dog\/0001\.png: /,
+  );
+  assert.deepEqual(await Effect.runPromise(subsetFromNames(paths, ["dog/0001.png", "0002.png"], "l.txt")), [
+    1,
+    2,
+  ]);
+  assert.deepEqual(await Effect.runPromise(subsetFromNames(paths, ["/d/train/cat/0001.png"], "l.txt")), [0]);
+  const partial = await Effect.runPromise(Effect.flip(subsetFromNames(paths, ["at/0001.png"], "l.txt")));
+  assert.match(partial.message, /not in the train source/, "a suffix matches whole path components only");
 });
