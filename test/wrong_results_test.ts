@@ -12,7 +12,10 @@ import { TensorBackend } from "../backend/tensor_backend.ts";
 import { exportCheckpointEncoder, type ExportFormat } from "../pipelines/extract_folder.ts";
 import { subsetFromNames } from "../pipelines/semisup.ts";
 import { loadWeightsFile } from "../pipelines/torch_weights.ts";
+import { evaluate, evaluationJson } from "../pipelines/evaluate.ts";
+import { writeEvalRecord } from "../pipelines/run_records.ts";
 import { runCli } from "./_helpers.ts";
+import { tinyRun, writeTinyData } from "./_tiny_run.ts";
 
 /** Exit code 1 and exactly one `error:` line (warnings aside), no stack trace; that line. */
 const oneError = (r: { code: number; stderr: string }): string => {
@@ -170,4 +173,40 @@ Deno.test("--labels: a name matching files in two classes is refused naming both
   assert.deepEqual(await Effect.runPromise(subsetFromNames(paths, ["/d/train/cat/0001.png"], "l.txt")), [0]);
   const partial = await Effect.runPromise(Effect.flip(subsetFromNames(paths, ["at/0001.png"], "l.txt")));
   assert.match(partial.message, /not in the train source/, "a suffix matches whole path components only");
+});
+
+Deno.test("eval --json on other sources records them and never replaces the run's own eval-knn.json", async () => {
+  const data = await writeTinyData();
+  const other = await writeTinyData();
+  const run = await Deno.makeTempDir();
+  try {
+    await tinyRun(data, run, { epochs: 1, maxSteps: 2, knnEvery: 0 });
+    const evalAndRecord = (sources: { train?: string; test?: string }) =>
+      Effect.runPromise(
+        Effect.flatMap(
+          evaluate({ checkpoint: run, method: "knn", k: 5, ...sources }),
+          (result) => writeEvalRecord(evaluationJson(result)),
+        ).pipe(Effect.provide(TensorBackend.layer("wasm"))),
+      );
+    const own = await evalAndRecord({});
+    assert.equal(own, `${run}/eval-knn.json`);
+    const ownText = await Deno.readTextFile(own!);
+    const ownJson = JSON.parse(ownText);
+    assert.equal(ownJson.own_splits, true);
+    assert.equal(ownJson.train_source, `${data}:train`);
+    assert.equal(ownJson.test_source, `${data}:test`);
+
+    const elsewhere = await evalAndRecord({ train: `${other}:train`, test: `${other}:test` });
+    assert.match(elsewhere!, /\/eval-knn-[0-9a-f]{8}\.json$/);
+    assert.equal(await Deno.readTextFile(own!), ownText, "the run's own evaluation was replaced");
+    const json = JSON.parse(await Deno.readTextFile(elsewhere!));
+    assert.equal(json.own_splits, false);
+    assert.equal(json.train_source, `${other}:train`);
+    assert.equal(json.test_source, `${other}:test`);
+    // The same sources again keep to their file; the run's own splits named explicitly are its own.
+    assert.equal(await evalAndRecord({ train: `${other}:train`, test: `${other}:test` }), elsewhere);
+    assert.equal(await evalAndRecord({ train: `${data}:train`, test: `${data}:test` }), own);
+  } finally {
+    for (const dir of [data, other, run]) await Deno.remove(dir, { recursive: true });
+  }
 });
