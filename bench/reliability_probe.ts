@@ -1068,7 +1068,7 @@ add("eval-other-sources-keep-own", async (dir) => {
     "--json",
   ]);
   const after = await Deno.readTextFile(`${dir}/run/eval-knn.json`).catch(() => "");
-  const recorded = /other/.test(JSON.stringify(lastJson(r.stdout) ?? {}));
+  const recorded = lastJson(r.stdout)?.train_source === `${dir}/other`;
   return v(
     1,
     `exit ${own.code}/${r.code}; eval-knn.json ${after === ownText ? "kept" : "replaced"}; sources ${

@@ -24,6 +24,7 @@ import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
 import { exitWithWrapper } from "./wrapper_watch.ts";
 import { abortJobOnFailure, launchUnderMpi, shouldLaunch } from "./launch.ts";
 import { checkKnobs } from "./knobs.ts";
+import { precheckEarlierRun } from "../pipelines/run_history.ts";
 import { launchedByMpi } from "../backend/mpi.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
@@ -233,7 +234,11 @@ const pretrainCommand = Command.make("pretrain", {
         hostfile: Option.getOrUndefined(flags.hostfile),
         batchSize: config.train.batchSize,
       });
-      if (knobs.warning !== undefined && !launchedByMpi()) console.error(`warning: ${knobs.warning}`);
+      if (!launchedByMpi()) {
+        if (knobs.warning !== undefined) console.error(`warning: ${knobs.warning}`);
+        // An earlier run in --out is refused before any process starts (checked again under the lock).
+        yield* precheckEarlierRun(config.train.out, { resume: flags.resume, force: flags.force });
+      }
       const threads = knobs.threads;
       // --procs N: this process only starts mpiexec, which runs this same command as N ranks.
       if (shouldLaunch(Option.getOrUndefined(flags.procs))) {

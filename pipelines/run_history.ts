@@ -12,7 +12,7 @@
  * earlier run where it was.
  */
 import { Effect, Schema } from "effect";
-import { LOCK_FILE, type RunFolder, RunFolderUnusable } from "./run_folder.ts";
+import { describeHolder, LOCK_FILE, type RunFolder, RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
 
 /** The folder holds a run, and neither --resume nor --force was given. */
 export class RunFolderHoldsRun extends Schema.TaggedError<RunFolderHoldsRun>()("RunFolderHoldsRun", {
@@ -118,4 +118,52 @@ export const moveEarlierRun = (folder: RunFolder): Effect.Effect<string, RunFold
         }),
     });
     return target;
+  });
+
+/** Who holds the folder's lock now (tried without waiting, released at once), or undefined. */
+const lockHolder = async (folder: string): Promise<string | undefined> => {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(`${folder}/${LOCK_FILE}`, { read: true, write: true });
+  } catch {
+    return undefined; // no lock file: no run has held it
+  }
+  try {
+    if (await file.tryLock(true)) {
+      await file.unlock();
+      return undefined;
+    }
+    return describeHolder(await Deno.readTextFile(`${folder}/${LOCK_FILE}`).catch(() => ""));
+  } catch {
+    return undefined; // the lock itself reports its problem when the run takes it
+  } finally {
+    file.close();
+  }
+};
+
+/**
+ * The same check without holding the lock, in the process that starts the run
+ * (and launches `--procs N` ranks): a folder in use or holding an earlier run is
+ * refused before any rank starts (rank 0 checks again under the lock). A
+ * folder that does not exist yet holds no run.
+ */
+export const precheckEarlierRun = (
+  folder: string,
+  options: { readonly resume?: boolean | undefined; readonly force?: boolean | undefined },
+): Effect.Effect<void, RunFolderHoldsRun | ResumeWithForce | RunFolderBusy> =>
+  Effect.gen(function* () {
+    if (options.resume && options.force) return yield* new ResumeWithForce();
+    // A folder in use says so first, as the lock would.
+    const holder = yield* Effect.promise(() => lockHolder(folder));
+    if (holder !== undefined) return yield* new RunFolderBusy({ folder, holder });
+    if (options.resume || options.force) return;
+    const names = yield* Effect.sync(() => {
+      try {
+        return [...Deno.readDirSync(folder)].map((entry) => entry.name);
+      } catch {
+        return [];
+      }
+    });
+    const what = runMarks(names);
+    if (what !== undefined) return yield* new RunFolderHoldsRun({ folder, what });
   });

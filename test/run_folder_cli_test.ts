@@ -205,6 +205,10 @@ Deno.test("pretrain CLI: a second run into a folder holding a run is one line na
       /^error: RunFolderHoldsRun: run folder .*run already holds a run \(config\.json.*checkpoint-000000002\.swav\): .*--resume.*another --out.*--force/,
     );
     assert.equal(await Deno.readTextFile(`${out}/config.json`), config1, "config.json was replaced");
+    // With --procs the launching process refuses it before any rank starts: one line, no rank's.
+    const procs = await swav(["pretrain", "--config", config, "--out", out, "--procs", "2"]);
+    assert.equal(procs.code, 1, procs.stderr);
+    assert.match(procs.stderr.trim(), /^error: RunFolderHoldsRun: [^\n]*$/);
     const both = await swav(["pretrain", "--config", config, "--out", out, "--resume", "--force"]);
     assert.equal(both.code, 1, both.stderr);
     assert.match(both.stderr, /^error: ResumeWithForce: /);
