@@ -134,5 +134,10 @@ export const defaultThreads = (): number => {
   return Math.max(1, navigator.hardwareConcurrency ?? 1);
 };
 
-/** The threads the native pools run with under the active settings. */
-export const activeThreads = (): number => active.threads ?? defaultThreads();
+/**
+ * The threads the native pools run with under the active settings, never more
+ * than the cores: more only wait for each other, and OpenMP (libgomp, under
+ * oneDNN) crashed asked for 100000. The command line warns when it caps.
+ */
+export const activeThreads = (): number =>
+  Math.min(active.threads ?? defaultThreads(), Math.max(1, navigator.hardwareConcurrency ?? 1));

@@ -953,6 +953,317 @@ add("dashboard-every-interface", async (dir) => {
 
 // ---- end of the report and dashboard cases ------------------------------------------------------------
 
+// ---- second round: run folders, process knobs, wrong results reported as fine (begin) -------------------
+
+/** Every file of a folder (not below it) as name -> bytes, for before/after comparisons. */
+const folderBytes = (folder: string): Map<string, string> => {
+  const out = new Map<string, string>();
+  for (const e of Deno.readDirSync(folder)) {
+    if (e.isFile && e.name !== ".lock") {
+      out.set(e.name, new TextDecoder().decode(Deno.readFileSync(`${folder}/${e.name}`)));
+    }
+  }
+  return out;
+};
+const sameBytes = (a: Map<string, string>, b: Map<string, string>) =>
+  a.size === b.size && [...a].every(([k, x]) => b.get(k) === x);
+
+add("rerun-into-run-folder", async (dir) => {
+  const t = await tinyRun(dir, { epochs: 1 });
+  const before = folderBytes(t.run);
+  await Deno.writeTextFile(
+    `${dir}/wide.json`,
+    JSON.stringify({
+      ...tinyConfig(`${dir}/data`, { epochs: 1, batchSize: 8 }),
+      model: { arch: "resnet18", width: 8, stem: "cifar", hidden: 16, out: 8, prototypes: 20 },
+    }),
+  );
+  const r = await run([
+    "pretrain",
+    "--config",
+    `${dir}/wide.json`,
+    "--out",
+    t.run,
+    "--max-steps",
+    "1",
+    "--json",
+  ]);
+  const kept = sameBytes(before, folderBytes(t.run));
+  return v(1, `exit ${r.code}; earlier run ${kept ? "kept" : "changed"}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: !kept || !(oneLine(r) && /--resume/.test(r.stderr)),
+  });
+});
+
+add("force-moves-run-aside", async (dir) => {
+  const t = await tinyRun(dir, { epochs: 1 });
+  const before = folderBytes(t.run);
+  const r = await run([
+    "pretrain",
+    "--config",
+    t.config,
+    "--out",
+    t.run,
+    "--max-steps",
+    "1",
+    "--force",
+    "--json",
+  ]);
+  let moved = false;
+  try {
+    moved = sameBytes(before, folderBytes(`${t.run}/previous-1`));
+  } catch {
+    moved = false;
+  }
+  return v(1, `exit ${r.code}; earlier run ${moved ? "in previous-1, byte for byte" : "not kept"}`, {
+    crash: crashed(r),
+    lost: r.code !== 0 || !moved,
+  });
+});
+
+add("failed-start-keeps-run", async (dir) => {
+  const t = await tinyRun(dir, { epochs: 1 });
+  const before = folderBytes(t.run);
+  const r = await run(["pretrain", "--config", t.config, "--out", t.run, "--batch-size", "4096", "--force"]);
+  const kept = sameBytes(before, folderBytes(t.run));
+  return v(1, `exit ${r.code}; earlier run ${kept ? "kept" : "changed"}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: !kept || r.code === 0,
+  });
+});
+
+add("threads-100000", async (dir) => {
+  await goodFolder(`${dir}/data`, 8, "png");
+  const c = await config(dir, `${dir}/data`, { epochs: 1, batchSize: 8 });
+  const r = await run([
+    "pretrain",
+    "--config",
+    c,
+    "--out",
+    `${dir}/r`,
+    "--threads",
+    "100000",
+    "--max-steps",
+    "1",
+    "--json",
+  ], {
+    timeoutMs: 90_000,
+  });
+  const warned = /capped at \d+/.test(r.stderr);
+  return v(
+    1,
+    `exit ${r.code}${r.timedOut ? " (timed out)" : ""}; ${warned ? "capped with a warning" : "not capped"}`,
+    {
+      crash: crashed(r),
+      lost: r.code !== 0 || !warned,
+    },
+  );
+});
+
+for (const procs of ["0", "-3", "3"]) {
+  add(`procs-${procs}`, async (dir) => {
+    await goodFolder(`${dir}/data`, 8, "png");
+    const c = await config(dir, `${dir}/data`, { epochs: 1, batchSize: 8 });
+    const r = await run([
+      "pretrain",
+      "--config",
+      c,
+      "--out",
+      `${dir}/r`,
+      "--procs",
+      procs,
+      "--max-steps",
+      "1",
+    ]);
+    // Refused by the launching process itself: no rank's line, no mpiexec banner.
+    const early = oneLine(r) && !/rank \d+ of/.test(r.stderr);
+    return v(1, `exit ${r.code}: ${short(r.stderr)}`, { crash: crashed(r), lost: !early });
+  });
+}
+
+add("hostfile-slots-0", async (dir) => {
+  await goodFolder(`${dir}/data`, 8, "png");
+  const c = await config(dir, `${dir}/data`, { epochs: 1, batchSize: 8 });
+  await Deno.writeTextFile(`${dir}/hosts`, "localhost:0\n");
+  const r = await run([
+    "pretrain",
+    "--config",
+    c,
+    "--out",
+    `${dir}/r`,
+    "--procs",
+    "2",
+    "--hostfile",
+    `${dir}/hosts`,
+  ]);
+  const promised = /stays usable/.test(r.stderr) && checkpoints(`${dir}/r`).length === 0;
+  return v(1, `exit ${r.code}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: promised || !/hosts/.test(r.stderr),
+  });
+});
+
+add("all-images-unreadable", async (dir) => {
+  for (const c of ["a", "b"]) {
+    await Deno.mkdir(`${dir}/data/${c}`, { recursive: true });
+    for (let i = 0; i < 10; i++) await Deno.writeTextFile(`${dir}/data/${c}/x${i}.png`, `junk ${i}`);
+  }
+  const c = await config(dir, `${dir}/data`, { epochs: 1, batchSize: 8 });
+  const r = await run(["pretrain", "--config", c, "--out", `${dir}/r`, "--json"]);
+  const written = checkpoints(`${dir}/r`).length;
+  return v(20, `exit ${r.code}, ${written} checkpoints: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: r.code === 0 || written > 0,
+  });
+});
+
+const torchFixture = (name: string) => new URL(`../test/fixtures/torch/${name}`, import.meta.url).pathname;
+
+for (const name of ["resnet18_nan.pth", "resnet18_negative_var.pth"]) {
+  add(`eval-${name}`, async (dir) => {
+    await goodFolder(`${dir}/data`, 4, "png");
+    const r = await run([
+      "eval",
+      "--checkpoint",
+      torchFixture(name),
+      "--train",
+      `${dir}/data`,
+      "--test",
+      `${dir}/data`,
+      "--k",
+      "3",
+    ]);
+    const named = /running_var|conv1\.weight/.test(r.stderr);
+    return v(1, `exit ${r.code}: ${short(r.stderr)}`, { crash: crashed(r), lost: r.code === 0 || !named });
+  });
+}
+
+add("export-head-backbone-only", async (dir) => {
+  const r = await run([
+    "export",
+    "--checkpoint",
+    torchFixture("resnet18_backbone.pt"),
+    "--out",
+    `${dir}/h.onnx`,
+    "--format",
+    "onnx",
+    "--head",
+  ]);
+  const wrote = (() => {
+    try {
+      return Deno.statSync(`${dir}/h.onnx`).isFile;
+    } catch {
+      return false;
+    }
+  })();
+  return v(1, `exit ${r.code}${wrote ? ", wrote a head" : ""}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: wrote || r.code === 0,
+  });
+});
+
+add("export-out-is-checkpoint", async (dir) => {
+  await Deno.copyFile(torchFixture("resnet18.pth"), `${dir}/m.pth`);
+  const before = await Deno.readFile(`${dir}/m.pth`);
+  await Deno.symlink(`${dir}/m.pth`, `${dir}/link`);
+  const r = await run([
+    "export",
+    "--checkpoint",
+    `${dir}/m.pth`,
+    "--out",
+    `${dir}/link`,
+    "--format",
+    "safetensors",
+  ]);
+  const after = await Deno.readFile(`${dir}/m.pth`);
+  const same = before.length === after.length && before.every((b, i) => after[i] === b);
+  return v(1, `exit ${r.code}; input ${same ? "kept" : "overwritten"}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: !same,
+  });
+});
+
+add("export-through-symlink", async (dir) => {
+  await Deno.writeTextFile(`${dir}/victim`, "keep");
+  await Deno.symlink(`${dir}/victim`, `${dir}/out.safetensors`);
+  const r = await run([
+    "export",
+    "--checkpoint",
+    torchFixture("resnet18.pth"),
+    "--out",
+    `${dir}/out.safetensors`,
+    "--format",
+    "safetensors",
+  ]);
+  const kept = (await Deno.readTextFile(`${dir}/victim`)) === "keep";
+  return v(1, `exit ${r.code}; symlink target ${kept ? "kept" : "overwritten"}`, {
+    crash: crashed(r),
+    lost: !kept,
+  });
+});
+
+add("eval-other-sources-keep-own", async (dir) => {
+  // A run on a folder with train/ and test/ splits, so that its own splits can be evaluated.
+  await goodFolder(`${dir}/d/train`, 8, "png");
+  await goodFolder(`${dir}/d/test`, 4, "png");
+  await goodFolder(`${dir}/other`, 4, "png");
+  const c = await config(dir, `${dir}/d:train`, { epochs: 1, batchSize: 8, seed: 1 });
+  await run(["pretrain", "--config", c, "--out", `${dir}/run`, "--json"]);
+  const own = await run(["eval", "--checkpoint", `${dir}/run`, "--k", "3", "--json"]);
+  const ownText = await Deno.readTextFile(`${dir}/run/eval-knn.json`).catch(() => "");
+  const r = await run([
+    "eval",
+    "--checkpoint",
+    `${dir}/run`,
+    "--train",
+    `${dir}/other`,
+    "--test",
+    `${dir}/other`,
+    "--k",
+    "3",
+    "--json",
+  ]);
+  const after = await Deno.readTextFile(`${dir}/run/eval-knn.json`).catch(() => "");
+  const recorded = lastJson(r.stdout)?.train_source === `${dir}/other`;
+  return v(
+    1,
+    `exit ${own.code}/${r.code}; eval-knn.json ${after === ownText ? "kept" : "replaced"}; sources ${
+      recorded ? "recorded" : "not recorded"
+    }`,
+    {
+      crash: crashed(own) || crashed(r),
+      lost: ownText === "" || after !== ownText || !recorded,
+    },
+  );
+});
+
+add("labels-name-in-two-classes", async (dir) => {
+  const t = await tinyRun(dir, { epochs: 1 });
+  // goodFolder names files alike in both classes: a/g000.png and b/g000.png.
+  await Deno.writeTextFile(`${dir}/labels.txt`, "g000.png\ng001.png\n");
+  const r = await run([
+    "eval",
+    "--checkpoint",
+    t.run,
+    "--method",
+    "semisup",
+    "--labels",
+    `${dir}/labels.txt`,
+    "--train",
+    `${dir}/data`,
+    "--test",
+    `${dir}/data`,
+    "--epochs",
+    "1",
+  ]);
+  return v(1, `exit ${r.code}: ${short(r.stderr)}`, {
+    crash: crashed(r),
+    lost: !(oneLine(r) && /a\/g000\.png.*b\/g000\.png/.test(r.stderr)),
+  });
+});
+
+// ---- second round (end) ------------------------------------------------------------------------------------
+
 // ---- run them -------------------------------------------------------------------------------------------
 
 const verdicts: Verdict[] = [];

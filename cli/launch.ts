@@ -19,6 +19,8 @@ export interface LaunchOptions {
   readonly procs: number;
   readonly hostfile?: string | undefined;
   readonly threads?: number | undefined;
+  /** The run folder the job writes (its checkpoints decide what a failure line says). */
+  readonly runFolder?: string | undefined;
   /** The script and its arguments, as the ranks run them. */
   readonly script: string;
   readonly args: readonly string[];
@@ -126,14 +128,53 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
       })),
     );
     if (status.code !== 0) {
-      // A rank killed from outside cannot say so itself: mpiexec's banner above names its PID and signal.
-      console.error(
-        `error: the job of ${options.procs} processes stopped (mpiexec exit code ${status.code}; the lines ` +
-          `above name the process and the cause); its last checkpoint stays usable: --resume continues`,
-      );
+      console.error(launchFailureLine({
+        procs: options.procs,
+        code: status.code,
+        signal: status.signal,
+        hostfile: options.hostfile,
+        checkpoint: options.runFolder === undefined ? undefined : newestCheckpointName(options.runFolder),
+      }));
     }
     return status.code;
   });
+
+/** The newest `checkpoint-*.swav` name in `folder`, if any (names only: nothing is read). */
+const newestCheckpointName = (folder: string): string | undefined => {
+  try {
+    return [...Deno.readDirSync(folder)].map((entry) => entry.name).filter((name) =>
+      /^checkpoint-\d+\.swav$/.test(name)
+    ).sort().at(-1);
+  } catch {
+    return undefined;
+  }
+};
+
+/**
+ * The launcher's line when mpiexec ends with a failure: what failed (mpiexec
+ * itself, killed by a signal, or the job's processes), the host file when one
+ * was given, and whether a checkpoint is there to resume from (a job that never
+ * ran has none; the old wording promised one regardless).
+ */
+export const launchFailureLine = (failure: {
+  readonly procs: number;
+  readonly code: number;
+  readonly signal: Deno.Signal | null;
+  readonly hostfile: string | undefined;
+  readonly checkpoint: string | undefined;
+}): string => {
+  const { procs, code, signal, hostfile, checkpoint } = failure;
+  const what = signal !== null
+    ? `mpiexec itself was killed by ${signal} (exit code ${code}) starting or running the job of ${procs} ` +
+      "processes" + (hostfile === undefined ? "" : `; check the host file ${hostfile}`)
+    // A rank killed from outside cannot say so itself: mpiexec's banner above names its PID and signal.
+    : `the job of ${procs} processes stopped (mpiexec exit code ${code}; the lines above name the process ` +
+      "and the cause" + (hostfile === undefined ? "" : `; host file ${hostfile}`) + ")";
+  const resume = checkpoint === undefined
+    ? "; the run folder holds no checkpoint to resume from"
+    : `; the run folder's last checkpoint (${checkpoint}) stays usable: --resume continues`;
+  return `error: ${what}${resume}`;
+};
 
 /** How long a failing rank waits between its error line and `MPI_Abort`. */
 const ABORT_DRAIN = "1 second";

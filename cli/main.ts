@@ -23,6 +23,9 @@ import { reportFailure } from "./report.ts";
 import { evalCommand, exportCommand, extractCommand } from "./eval_commands.ts";
 import { exitWithWrapper } from "./wrapper_watch.ts";
 import { abortJobOnFailure, launchUnderMpi, shouldLaunch } from "./launch.ts";
+import { checkKnobs } from "./knobs.ts";
+import { precheckEarlierRun } from "../pipelines/run_history.ts";
+import { launchedByMpi } from "../backend/mpi.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
 const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
@@ -172,6 +175,10 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.withDescription("continue from the latest checkpoint in --out"),
     Flag.withDefault(false),
   ),
+  force: Flag.Boolean("force").pipe(
+    Flag.withDescription("--out holds a run: move it into --out/previous-N (never deleted) and start anew"),
+    Flag.withDefault(false),
+  ),
   init: Flag.String("init").pipe(
     Flag.withDescription("start a fresh run from these weights (a PyTorch checkpoint: .pt, .pth, .pth.tar)"),
     Flag.optional,
@@ -220,12 +227,25 @@ const pretrainCommand = Command.make("pretrain", {
         }),
         flags.recipe,
       );
-      const threads = Option.getOrUndefined(flags.threads);
+      // --procs, --threads and --hostfile are checked (with the batch) before any process starts.
+      const knobs = yield* checkKnobs({
+        procs: Option.getOrUndefined(flags.procs),
+        threads: Option.getOrUndefined(flags.threads),
+        hostfile: Option.getOrUndefined(flags.hostfile),
+        batchSize: config.train.batchSize,
+      });
+      if (!launchedByMpi()) {
+        if (knobs.warning !== undefined) console.error(`warning: ${knobs.warning}`);
+        // An earlier run in --out is refused before any process starts (checked again under the lock).
+        yield* precheckEarlierRun(config.train.out, { resume: flags.resume, force: flags.force });
+      }
+      const threads = knobs.threads;
       // --procs N: this process only starts mpiexec, which runs this same command as N ranks.
       if (shouldLaunch(Option.getOrUndefined(flags.procs))) {
         Deno.exitCode = yield* launchUnderMpi({
           procs: Option.getOrThrow(flags.procs),
           hostfile: Option.getOrUndefined(flags.hostfile),
+          runFolder: config.train.out,
           threads,
           script: new URL(import.meta.url).pathname,
           args: Deno.args,
@@ -243,6 +263,7 @@ const pretrainCommand = Command.make("pretrain", {
       }
       const run = pretrain(config, {
         resume: flags.resume,
+        force: flags.force,
         ...(Option.isSome(flags.init) ? { init: flags.init.value } : {}),
         // Rank 0 alone reports (and writes the run folder).
         hooks: lead ? progressHooks() : {},

@@ -101,7 +101,12 @@ export const runDemo = (options: DemoOptions) =>
       const randomTop1 = yield* Effect.scoped(
         Effect.flatMap(scopedModel(config.model, config.train.seed), (model) => knnOf(model, config)),
       );
-      const result = yield* pretrain(config, options.hooks === undefined ? {} : { hooks: options.hooks });
+      // A re-run of the demo moves the earlier demo run into previous-N (never deleted): the two commands
+      // of the README keep working however often they are run.
+      const result = yield* pretrain(config, {
+        force: true,
+        ...(options.hooks === undefined ? {} : { hooks: options.hooks }),
+      });
       // Evaluate the trained weights from the final checkpoint.
       const swavTop1 = yield* Effect.scoped(Effect.gen(function* () {
         const model = yield* scopedModel(config.model, config.train.seed);

@@ -52,6 +52,8 @@ export interface LoadedEncoder {
   readonly path: string;
   /** Optimiser steps of the checkpoint (absent for an export). */
   readonly step: number | undefined;
+  /** false: the file held no projection head or prototypes (the model's are its random initial ones). */
+  readonly hasHead?: boolean;
 }
 
 const isExportFolder = (path: string) =>
@@ -73,7 +75,7 @@ export const loadForEvaluation = (
     if (yield* isTorchCheckpointFile(path)) return yield* loadTorchForEvaluation(path);
     if (yield* isExportFolder(path)) {
       const { model, input } = yield* loadEncoder(path);
-      return { model, input, config: undefined, path, step: undefined };
+      return { model, input, config: undefined, path, step: undefined, hasHead: false };
     }
     const { path: file, checkpoint } = yield* readCheckpointAt(path, { onWarning });
     const config = yield* decodeRunConfig(checkpoint.config, `${file} (its config)`).pipe(
@@ -245,7 +247,14 @@ export interface SemisupEvaluation extends ImageEvaluation {
   readonly step: number | undefined;
 }
 
-export type Evaluation = KnnEvaluation | LinearEvaluation | SemisupEvaluation;
+/** The sources an evaluation used, and whether they are the run's own splits (not given by --train/--test). */
+export interface EvaluatedSources {
+  readonly trainSource: string;
+  readonly testSource: string;
+  readonly ownSplits: boolean;
+}
+
+export type Evaluation = (KnnEvaluation | LinearEvaluation | SemisupEvaluation) & EvaluatedSources;
 
 /** The `--json` line: snake_case keys, accuracies as fractions in [0, 1]. */
 export const evaluationJson = (result: Evaluation): Record<string, unknown> => {
@@ -259,6 +268,9 @@ export const evaluationJson = (result: Evaluation): Record<string, unknown> => {
     test_samples: result.testSamples,
     checkpoint: result.checkpoint,
     step: result.step ?? null,
+    train_source: result.trainSource,
+    test_source: result.testSource,
+    own_splits: result.ownSplits,
   };
   if (result.method === "knn") {
     return {
@@ -363,12 +375,16 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, un
       });
     }
     const protocol = options.protocol ?? (train.kind === "folder" ? "paper" : "features");
+    const own = encoder.config === undefined ? undefined : yield* defaultSourceSpecs(encoder, {});
     const common = {
       classes,
       trainSamples: train.length,
       testSamples: test.length,
       checkpoint: encoder.path,
       step: encoder.step,
+      trainSource: specs.train,
+      testSource: specs.test,
+      ownSplits: own !== undefined && own.train === specs.train && own.test === specs.test,
     };
     if (options.method === "semisup" || (options.method === "linear" && protocol === "paper")) {
       const input = { ...encoder.input, channels, resize };

@@ -26,6 +26,7 @@ import { backboneParamSpecs, backbonePlan } from "../models/resnet.ts";
 import { NonNegativeInt, Positive, PositiveInt } from "../models/schema.ts";
 import { readRegularFile, regularFileSize, resolveInside, type UnsafeFile } from "./bounded_read.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
 
 export const encoderFormat = "swav-ts-encoder";
 export const encoderFormatVersion = 1;
@@ -99,8 +100,12 @@ export const exportEncoder = (
         }],
       };
       await Deno.mkdir(folder, { recursive: true });
-      await Deno.writeFile(`${folder}/weights.bin`, bytes);
-      await Deno.writeTextFile(`${folder}/model.json`, JSON.stringify(manifest, null, 2) + "\n");
+      // Each file whole or not at all, never written through a symlink (pipelines/atomic_write.ts).
+      await writeFileAtomic(`${folder}/weights.bin`, bytes);
+      await writeFileAtomic(
+        `${folder}/model.json`,
+        new TextEncoder().encode(JSON.stringify(manifest, null, 2) + "\n"),
+      );
       return folder;
     },
     catch: (error) =>

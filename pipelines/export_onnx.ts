@@ -15,6 +15,7 @@ import { reasonOf } from "../data/errors.ts";
 import type { SwavModel } from "../models/model.ts";
 import { BN_EPS } from "../models/resnet.ts";
 import { ExportError, torchArrays } from "./export_safetensors.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
 
 const { onnx } = onnxProto;
 
@@ -164,7 +165,7 @@ export const exportOnnx = (
   Effect.gen(function* () {
     const bytes = yield* onnxModelBytes(model, options);
     yield* Effect.tryPromise({
-      try: () => Deno.writeFile(path, bytes),
+      try: () => writeFileAtomic(path, bytes),
       catch: (error) => new ExportError({ path, reason: reasonOf(error) }),
     });
     return path;

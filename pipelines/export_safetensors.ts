@@ -12,6 +12,7 @@ import { Effect, Schema } from "effect";
 import { reasonOf } from "../data/errors.ts";
 import { readModelArrays, type SwavModel } from "../models/model.ts";
 import { torchName, toTorchLayout } from "../models/torch_names.ts";
+import { writeFileAtomic } from "./atomic_write.ts";
 
 export class ExportError extends Schema.TaggedError<ExportError>()("ExportError", {
   path: Schema.String,
@@ -82,7 +83,7 @@ export const exportSafetensors = (
     };
     const bytes = encodeSafetensors(tensors, metadata);
     yield* Effect.tryPromise({
-      try: () => Deno.writeFile(path, bytes),
+      try: () => writeFileAtomic(path, bytes),
       catch: (error) => new ExportError({ path, reason: reasonOf(error) }),
     });
     return path;

@@ -18,6 +18,7 @@ import { exportOnnx } from "./export_onnx.ts";
 import { exportSafetensors } from "./export_safetensors.ts";
 import { type EncoderInput, exportEncoder } from "./export.ts";
 import { withSplit } from "./pretrain.ts";
+import { sameFile } from "./atomic_write.ts";
 
 export interface ExtractToFolderOptions {
   readonly checkpoint: string;
@@ -145,12 +146,33 @@ export const exportCheckpointEncoder = (
   Effect.scoped(Effect.gen(function* () {
     const format = options.format ?? "tfjs";
     // A folder for TF.js; the file's folder otherwise. Checked before any work.
+    yield* refuseOverwritingInput(checkpoint, out, format);
     yield* ensureWritableFolder(format === "tfjs" ? out : parentFolder(out));
     const encoder = yield* loadForEvaluation(checkpoint, onWarning);
+    if (options.head && format !== "tfjs" && encoder.hasHead === false) {
+      return yield* new EvaluationError({
+        message: `${checkpoint} holds no projection head or prototypes (a backbone only): --head would ` +
+          "write random ones; export without --head, or from a checkpoint with a head",
+      });
+    }
     if (format === "safetensors") return yield* exportSafetensors(encoder.model, out, { head: options.head });
     if (format === "onnx") return yield* exportOnnx(encoder.model, out, { head: options.head });
     return yield* exportEncoder(encoder.model, out, encoder.input);
   }));
+
+/** `--out` naming the checkpoint it reads (or, for TF.js, the folder holding it) would overwrite it. */
+const refuseOverwritingInput = (checkpoint: string, out: string, format: ExportFormat) =>
+  Effect.gen(function* () {
+    const targets = format === "tfjs" ? [out, `${out}/model.json`, `${out}/weights.bin`] : [out];
+    for (const target of targets) {
+      if (yield* Effect.promise(() => sameFile(target, checkpoint))) {
+        return yield* new EvaluationError({
+          message:
+            `--out ${out} would overwrite the checkpoint it exports (${checkpoint}): give another --out`,
+        });
+      }
+    }
+  });
 
 const parentFolder = (path: string): string => {
   const slash = path.lastIndexOf("/");

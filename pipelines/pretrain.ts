@@ -61,6 +61,7 @@ import {
   writeJsonLines,
 } from "./run_folder.ts";
 import { runRecords } from "./run_records.ts";
+import { checkEarlierRun } from "./run_history.ts";
 import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import { initFromWeightsFile } from "./torch_weights.ts";
@@ -68,6 +69,7 @@ import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
+export { ResumeWithForce, RunFolderHoldsRun } from "./run_history.ts";
 export { DataParallelError } from "./data_parallel.ts";
 
 /** One line of `metrics.jsonl`. */
@@ -115,6 +117,20 @@ export interface PretrainResult {
 export class DatasetTooSmall extends Schema.TaggedError<DatasetTooSmall>()("DatasetTooSmall", {
   message: Schema.String,
 }) {}
+
+/** An epoch gave no batch at all: nothing was trained, no checkpoint written. */
+export class NoTrainingBatch extends Schema.TaggedError<NoTrainingBatch>()("NoTrainingBatch", {
+  epoch: Schema.Number,
+  batchSize: Schema.Number,
+  samples: Schema.Number,
+  skipped: Schema.Number,
+}) {
+  override get message(): string {
+    return `epoch ${this.epoch} gave no batch of ${this.batchSize}: ${this.skipped} of the ${this.samples} ` +
+      "samples were unreadable (listed in the run folder's skipped.jsonl), so nothing was trained and no " +
+      "checkpoint written: fix or remove the unreadable files, or lower train.batchSize";
+  }
+}
 
 /**
  * The run's records, written once the folder is ours: the resolved config, the
@@ -253,6 +269,8 @@ export const scopedModel = (config: SwavModel["config"], seed: number) =>
 export interface PretrainOptions {
   /** Continue from the latest checkpoint in the run folder. */
   readonly resume?: boolean;
+  /** A fresh run into a folder holding a run moves that run into `previous-N` (pipelines/run_history.ts). */
+  readonly force?: boolean;
   /** A fresh run starts from these weights (a PyTorch checkpoint: pipelines/torch_weights.ts). */
   readonly init?: string;
   readonly hooks?: PretrainHooks;
@@ -397,7 +415,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     // The run folder is rank 0's until the scope closes; nothing is written into it before the lock,
     // and other ranks write nothing there.
     const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
-    if (folder !== undefined) yield* writeRunRecords(folder, config, backend.name);
+    // An earlier run there is refused, or (--force) moved aside once the start-up checks below pass.
+    const earlier = folder === undefined ? undefined : yield* checkEarlierRun(folder, options);
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config, batchSize, comm);
@@ -443,6 +462,12 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     } else if (options.init !== undefined) {
       yield* initFromWeightsFile(model, options.init);
       hooks.onInfo?.(`weights initialised from ${options.init}`);
+    }
+    // Start-up checks passed: only now does anything in the run folder change.
+    if (folder !== undefined) {
+      const movedTo = yield* earlier!.moveAside;
+      if (movedTo !== undefined) hooks.onInfo?.(`the earlier run in ${runFolder} was moved into ${movedTo}`);
+      yield* writeRunRecords(folder, config, backend.name);
     }
     // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
     if (comm.size > 1) yield* Effect.promise(() => broadcastModel(model, comm));
@@ -513,6 +538,23 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         ),
       );
       const p = yield* Ref.get(progress);
+      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
+      const local = yield* loader.skipped;
+      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
+      if (folder !== undefined && runSkips !== undefined) {
+        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
+      }
+      // A whole epoch without one batch (every sample unreadable, or too few readable) trains nothing:
+      // a failure, not a "done" with an untrained checkpoint.
+      const stepsLeft = trainConfig.maxSteps === 0 || before.step < trainConfig.maxSteps;
+      if (p.epochEnded && skip === 0 && p.step === before.step && stepsLeft) {
+        return yield* new NoTrainingBatch({
+          epoch: epoch + 1,
+          batchSize: trainConfig.batchSize,
+          samples: source.length,
+          skipped: (runSkips ?? local).count,
+        });
+      }
       // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
       const path = yield* save(
         p.epochEnded
@@ -520,12 +562,6 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
           : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
       );
       yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
-      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
-      const local = yield* loader.skipped;
-      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
-      if (folder !== undefined && runSkips !== undefined) {
-        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
-      }
       const { knn, probeTop1 } = p.epochEnded
         ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
         : { knn: undefined, probeTop1: undefined };

@@ -54,7 +54,8 @@ const TEMP_SUFFIX = ".tmp";
 
 const reasonOf = (cause: unknown): string => cause instanceof Error ? cause.message : String(cause);
 
-const describeHolder = (text: string): string => {
+/** The holder a lock file's text names, in words. */
+export const describeHolder = (text: string): string => {
   try {
     const holder = JSON.parse(text) as Partial<LockHolder>;
     if (typeof holder.pid === "number") {

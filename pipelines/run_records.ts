@@ -72,8 +72,23 @@ export const runFolderOfCheckpoint = (checkpoint: string): string | undefined =>
 };
 
 /**
+ * The file an evaluation is kept in: `eval-<method>.json` for the run's own splits (what the
+ * report shows), `eval-<method>-<8 hex digits>.json` for other sources (`--train/--test`), keyed
+ * by the two source specs, so an evaluation on other data never replaces the run's own; the
+ * JSON names its sources (`train_source`, `test_source`, `own_splits`).
+ */
+export const evalRecordName = async (json: Record<string, unknown>): Promise<string> => {
+  const method = String(json.method);
+  if (json.own_splits !== false) return `eval-${method}.json`;
+  const key = new TextEncoder().encode(`${json.train_source}\n${json.test_source}`);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", key));
+  const hex = [...digest.slice(0, 4)].map((b) => b.toString(16).padStart(2, "0")).join("");
+  return `eval-${method}-${hex}.json`;
+};
+
+/**
  * Writes an evaluation's JSON (`evaluationJson`'s shape: method, top1, confusion, ...) as
- * `eval-<method>.json` into the run folder of the checkpoint it evaluated, atomically.
+ * `evalRecordName` says into the run folder of the checkpoint it evaluated, atomically.
  * Returns the path, or undefined when the checkpoint is not in a run folder (an exported encoder).
  */
 export const writeEvalRecord = (json: Record<string, unknown>) =>
@@ -82,7 +97,7 @@ export const writeEvalRecord = (json: Record<string, unknown>) =>
     const folder = runFolderOfCheckpoint(checkpoint);
     const method = typeof json.method === "string" ? json.method : "";
     if (folder === undefined || !/^[a-z]+$/.test(method)) return undefined;
-    const path = `${folder}/eval-${method}.json`;
+    const path = `${folder}/${yield* Effect.promise(() => evalRecordName(json))}`;
     const temp = `${path}.${crypto.randomUUID()}.tmp`;
     yield* Effect.tryPromise({
       try: async () => {

@@ -118,20 +118,27 @@ export const selectLabelSubset = (
 /**
  * Source indices named by a subset file's lines (SimCLR's format: one image file name per line;
  * blank lines and `#` comments ignored). A line matches the sample whose path is that name or
- * ends in `/name`. Fails naming the first lines that match nothing.
+ * ends in `/name` (so `cat/0001.png` picks one of two `0001.png`). Fails naming the first lines
+ * that match nothing, and a line that matches two samples (naming both: never one picked silently).
  */
 export const subsetFromNames = (
   paths: readonly string[],
   names: readonly string[],
   file: string,
 ): Effect.Effect<number[], EvaluationInputError> => {
-  const byName = new Map<string, number>();
+  // Every path under each of its suffixes after a "/", with up to two distinct samples per suffix.
+  const bySuffix = new Map<string, number[]>();
+  const add = (key: string, index: number) => {
+    const found = bySuffix.get(key);
+    if (found === undefined) bySuffix.set(key, [index]);
+    else if (found.length < 2 && !found.includes(index)) found.push(index);
+  };
   paths.forEach((path, index) => {
-    byName.set(path, index);
-    byName.set(path.slice(path.lastIndexOf("/") + 1), index);
+    add(path, index);
+    for (let at = path.indexOf("/"); at >= 0; at = path.indexOf("/", at + 1)) add(path.slice(at + 1), index);
   });
   const wanted = names.map((n) => n.trim()).filter((n) => n !== "" && !n.startsWith("#"));
-  const missing = wanted.filter((n) => !byName.has(n));
+  const missing = wanted.filter((n) => !bySuffix.has(n));
   if (wanted.length === 0) {
     return Effect.fail(new EvaluationInputError({ message: `--labels ${file} lists no image names` }));
   }
@@ -145,7 +152,17 @@ export const subsetFromNames = (
       }),
     );
   }
-  return Effect.succeed([...new Set(wanted.map((n) => byName.get(n)!))].sort((a, b) => a - b));
+  const ambiguous = wanted.find((n) => bySuffix.get(n)!.length > 1);
+  if (ambiguous !== undefined) {
+    const [a, b] = bySuffix.get(ambiguous)!.map((i) => paths[i]!);
+    return Effect.fail(
+      new EvaluationInputError({
+        message: `--labels ${file}: ${JSON.stringify(ambiguous)} matches two samples, ${a} and ${b}: ` +
+          "write it with its folder (e.g. class/name) so that it names one",
+      }),
+    );
+  }
+  return Effect.succeed([...new Set(wanted.map((n) => bySuffix.get(n)![0]!))].sort((a, b) => a - b));
 };
 
 /** Labels and paths of every sample of a source (fetched, not decoded). */

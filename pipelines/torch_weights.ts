@@ -17,7 +17,8 @@ import {
   scopedSwavModel,
   type SwavModel,
 } from "../models/model.ts";
-import { type MappedWeights, mapTorchWeights, type TorchWeightsError } from "../models/torch_names.ts";
+import { type MappedWeights, mapTorchWeights, TorchWeightsError } from "../models/torch_names.ts";
+import { impossibleValue } from "./weight_values.ts";
 
 export { TorchCheckpointError } from "../data/torch_checkpoint.ts";
 export { TorchWeightsError } from "../models/torch_names.ts";
@@ -56,7 +57,15 @@ export const loadWeightsFile = (
 ): Effect.Effect<WeightsFile, TorchCheckpointError | TorchWeightsError> =>
   Effect.gen(function* () {
     const state = yield* readTorchStateDict(path);
-    const mapped = yield* mapTorchWeights(state.tensors, `PyTorch checkpoint ${path}`, given);
+    const source = `PyTorch checkpoint ${path}`;
+    const mapped = yield* mapTorchWeights(state.tensors, source, given);
+    const impossible = impossibleValue(mapped.arrays, (name) => mapped.keyOf.get(name) ?? name);
+    if (impossible !== undefined) {
+      return yield* new TorchWeightsError({
+        source,
+        reason: `${impossible}: the weights are damaged; use another file`,
+      });
+    }
     return { ...mapped, path };
   });
 
@@ -121,5 +130,6 @@ export const loadTorchForEvaluation = (path: string) =>
       config: undefined,
       path,
       step: undefined,
+      hasHead: weights.hasHead,
     };
   });

@@ -126,5 +126,17 @@ open(os.path.join(OUT, "hostile_outside.pth"), "wb").write(bytes(data))
 open(os.path.join(OUT, "truncated.pth"), "wb").write(small_zip[: len(small_zip) // 2])
 open(os.path.join(OUT, "truncated_legacy.pth"), "wb").write(small_legacy[: len(small_legacy) - 20])
 
+# Weights that cannot be right (refused at load, naming the tensor): a NaN in a convolution, and a negative
+# BatchNorm running variance. The ResNet-18 checkpoint otherwise.
+def damaged(key, index, value, name):
+    model = make_model(CASES["resnet18"], 7)
+    state = {"module." + k: v.clone() for k, v in model.state_dict().items()}
+    state["module." + key].view(-1)[index] = value
+    torch.save({"epoch": 3, "state_dict": state}, os.path.join(OUT, name))
+
+
+damaged("layer1.0.conv1.weight", 5, float("nan"), "resnet18_nan.pth")
+damaged("layer2.0.bn1.running_var", 1, -0.5, "resnet18_negative_var.pth")
+
 json.dump(expected, open(os.path.join(OUT, "expected.json"), "w"))
 print("wrote", sorted(os.listdir(OUT)))

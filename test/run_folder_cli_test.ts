@@ -177,3 +177,48 @@ Deno.test("pretrain CLI: an unusable --out is one line (RunFolderUnusable), exit
     await Deno.remove(folder, { recursive: true });
   }
 });
+
+Deno.test("pretrain CLI: a second run into a folder holding a run is one line naming it; --force moves it aside", async () => {
+  const folder = await Deno.makeTempDir();
+  try {
+    const config = await writeLongRun(folder);
+    const out = `${folder}/run`;
+    const first = await swav(["pretrain", "--config", config, "--out", out, "--max-steps", "2"]);
+    assert.equal(first.code, 0, first.stderr);
+    const config1 = await Deno.readTextFile(`${out}/config.json`);
+    const again = await swav([
+      "pretrain",
+      "--config",
+      config,
+      "--out",
+      out,
+      "--max-steps",
+      "1",
+      "--seed",
+      "9",
+    ]);
+    assert.equal(again.code, 1, again.stderr);
+    const lines = again.stderr.trim().split("\n");
+    assert.equal(lines.length, 1, again.stderr);
+    assert.match(
+      lines[0]!,
+      /^error: RunFolderHoldsRun: run folder .*run already holds a run \(config\.json.*checkpoint-000000002\.swav\): .*--resume.*another --out.*--force/,
+    );
+    assert.equal(await Deno.readTextFile(`${out}/config.json`), config1, "config.json was replaced");
+    // With --procs the launching process refuses it before any rank starts: one line, no rank's.
+    const procs = await swav(["pretrain", "--config", config, "--out", out, "--procs", "2"]);
+    assert.equal(procs.code, 1, procs.stderr);
+    assert.match(procs.stderr.trim(), /^error: RunFolderHoldsRun: [^\n]*$/);
+    const both = await swav(["pretrain", "--config", config, "--out", out, "--resume", "--force"]);
+    assert.equal(both.code, 1, both.stderr);
+    assert.match(both.stderr, /^error: ResumeWithForce: /);
+    const forced = await swav(["pretrain", "--config", config, "--out", out, "--max-steps", "1", "--force"]);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.match(forced.stderr, /earlier run in .*run was moved into .*run\/previous-1/);
+    assert.equal(await Deno.readTextFile(`${out}/previous-1/config.json`), config1);
+    assert.ok(Deno.statSync(`${out}/previous-1/checkpoint-000000002.swav`).isFile);
+    assert.ok(Deno.statSync(`${out}/checkpoint-000000001.swav`).isFile);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
+});
