@@ -5,8 +5,8 @@
  *
  * - A missing piece makes the test `ignore`d, with the reason recorded for the
  *   run's closing line (test/zz_ignored_summary_test.ts prints
- *   `ignored: N (no chromium: 1, ...)`). Call `needs` once per test or step:
- *   each call that ignores is one tally.
+ *   `ignored: N (no chromium: 1, ...)`). Call `needs` once per test (a step:
+ *   `optionalStep`, or `stepNeedsHardware`): each call that ignores is one tally.
  * - With `SWAV_REQUIRE_OPTIONAL=1` (CI) a missing piece is not ignored: the test
  *   runs and fails first, naming the Debian package that adds it.
  * - Hardware (a bf16 processor, a real GPU, the OS) is never a package:
@@ -215,9 +215,12 @@ export const requireOptional = (): boolean => envValue("SWAV_REQUIRE_OPTIONAL") 
 /** Where this run's ignores are tallied: one file per `deno test` process (every test file runs in it). */
 export const tallyFile = (): string => `${envValue("TMPDIR") ?? "/tmp"}/swav-test-ignored-${Deno.pid}.jsonl`;
 
-const record = (labels: readonly string[]) => {
+/** Which a `needs` call is for: Deno counts ignored tests and ignored steps apart. */
+type Kind = "test" | "step";
+
+const record = (labels: readonly string[], kind: Kind) => {
   try {
-    Deno.writeTextFileSync(tallyFile(), JSON.stringify({ missing: labels }) + "\n", { append: true });
+    Deno.writeTextFileSync(tallyFile(), JSON.stringify({ kind, missing: labels }) + "\n", { append: true });
   } catch {
     // no write permission: the closing line then undercounts, which it says (see the summary test)
   }
@@ -235,7 +238,9 @@ export interface Need {
 }
 
 /** The pieces a test needs: `ignore` where one is missing (a failure under `SWAV_REQUIRE_OPTIONAL=1`). */
-export const needs = (...pieces: readonly Piece[]): Need => {
+export const needs = (...pieces: readonly Piece[]): Need => needsFor("test", pieces);
+
+const needsFor = (kind: Kind, pieces: readonly Piece[]): Need => {
   const missing = pieces.flatMap((piece) => {
     const why = missingReason(piece, entries[piece].detect);
     return why === undefined ? [] : [{ entry: entries[piece], why }];
@@ -244,7 +249,7 @@ export const needs = (...pieces: readonly Piece[]): Need => {
     .map(({ entry, why }) => `no ${entry.label} (apt-get install ${entry.packages.join(" ")}): ${why}`)
     .join("; ");
   const ignore = missing.length > 0 && !requireOptional();
-  if (ignore) record(missing.map(({ entry }) => `no ${entry.label}`));
+  if (ignore) record(missing.map(({ entry }) => `no ${entry.label}`), kind);
   const fail = missing.length > 0 && !ignore;
   return {
     ignore,
@@ -253,7 +258,9 @@ export const needs = (...pieces: readonly Piece[]): Need => {
     guard: (fn) => (...args) => {
       if (fail) {
         const packages = missing.flatMap(({ entry }) => entry.packages).join(" ");
-        throw new Error(`SWAV_REQUIRE_OPTIONAL=1 and ${reason}; apt-get install ${packages}`);
+        throw new Error(
+          `missing package (SWAV_REQUIRE_OPTIONAL=1 makes it a failure): apt-get install ${packages}; ${reason}`,
+        );
       }
       return fn(...args);
     },
@@ -261,12 +268,19 @@ export const needs = (...pieces: readonly Piece[]): Need => {
 };
 
 /** Capabilities of the machine (not packages): `ignore` where absent, under either setting. */
-export const needsHardware = (...capabilities: readonly Hardware[]): Need => {
+export const needsHardware = (...capabilities: readonly Hardware[]): Need =>
+  hardwareFor("test", capabilities);
+
+/** `t.step` options for a step needing hardware: ignored where absent, under either setting. */
+export const stepNeedsHardware = (...capabilities: readonly Hardware[]): Need =>
+  hardwareFor("step", capabilities);
+
+const hardwareFor = (kind: Kind, capabilities: readonly Hardware[]): Need => {
   const missing = capabilities.flatMap((capability) => {
     const why = missingReason(`hardware:${capability}`, hardware[capability].detect);
     return why === undefined ? [] : [{ label: hardware[capability].label, why }];
   });
-  if (missing.length > 0) record(missing.map(({ label }) => `no ${label}`));
+  if (missing.length > 0) record(missing.map(({ label }) => `no ${label}`), kind);
   return {
     ignore: missing.length > 0,
     reason: missing.map(({ label, why }) => `no ${label}: ${why}`).join("; "),
@@ -301,6 +315,6 @@ export const optionalStep = (
   pieces: readonly Piece[],
   fn: Body,
 ): Promise<boolean> => {
-  const need = needs(...pieces);
+  const need = needsFor("step", pieces);
   return t.step({ name: `${name} (${need.what})`, ignore: need.ignore, fn: need.guard(fn) });
 };
