@@ -175,9 +175,12 @@ optionalTest(
       // collective that the interrupted rank never joined.
       assert.equal(rankPid(out, 0), undefined, "rank 0 ended with the launcher");
       assert.equal(rankPid(out, 1), undefined, "rank 1 ended with the launcher");
+      // The launcher's own line: a rank's ("interrupted: rank 1 of 2 stops the job") passes through
+      // mpiexec's proxy, which drops output it has not forwarded when the job aborts, so it came or not
+      // by timing (its 1 s drain before MPI_Abort), and the test failed now and then on a loaded machine.
       assert.match(
         await stderr,
-        /interrupted: rank [01] of 2 stops the job; its last checkpoint stays usable/,
+        /^interrupted: the job of 2 processes stopped; its last checkpoint stays usable: --resume continues$/m,
       );
       // The run folder's lock is free and the last checkpoint loads.
       const last = Math.max(...await checkpointSteps(out));
