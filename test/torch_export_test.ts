@@ -35,6 +35,15 @@ const loadOrt = async (): Promise<Ort | string> => {
   }
 };
 const ort = await loadOrt();
+// ONNX Runtime leaves an empty `mat-debug-<pid>.log` in the temporary folder once loaded: remove ours.
+globalThis.addEventListener("unload", () => {
+  const log = `${Deno.env.get("TMPDIR") ?? "/tmp"}/mat-debug-${Deno.pid}.log`;
+  try {
+    if (Deno.statSync(log).size === 0) Deno.removeSync(log);
+  } catch {
+    // not written
+  }
+});
 
 const runPython = async (...args: string[]) => {
   const out = await new Deno.Command(PYTHON, { args: [script, ...args] }).output();
