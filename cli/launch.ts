@@ -121,6 +121,12 @@ export const launchUnderMpi = (options: LaunchOptions): Effect.Effect<number, Co
           forward("SIGINT")();
           const { code } = await child.status;
           Deno.exitCode = code === 0 ? INTERRUPTED_EXIT : code;
+          // The ranks say so too, but their lines pass through mpiexec's proxies, which drop what they have
+          // not forwarded when the job is aborted: this line is the one that always arrives.
+          console.error(
+            `interrupted: the job of ${options.procs} processes stopped; its last checkpoint stays usable: ` +
+              "--resume continues",
+          );
         })
       ),
       Effect.ensuring(Effect.sync(() => {

@@ -2,17 +2,10 @@
  * A real headless Chromium driven over the Chrome DevTools Protocol (its websocket), for the
  * report's browser test. No download: the Debian package (`chromium-headless-shell` or `chromium`).
  */
+import { browserPath } from "./_optional.ts";
 
-export const findBrowser = (): string | undefined => {
-  for (const path of ["/usr/bin/chromium-headless-shell", "/usr/bin/chromium", "/usr/bin/chromium-browser"]) {
-    try {
-      if (Deno.statSync(path).isFile) return path;
-    } catch {
-      // not installed here
-    }
-  }
-  return undefined;
-};
+/** The Debian browser on PATH (test/_optional.ts decides whether a test that needs it runs). */
+export const findBrowser = (): string | undefined => browserPath();
 
 export interface PageResult {
   readonly errors: string[];

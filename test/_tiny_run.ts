@@ -40,17 +40,6 @@ export const tinyRun = async (
   if (Exit.isFailure(exit)) throw new Error(`tiny run failed: ${exit.cause}`);
 };
 
-/** Whether `mpiexec` runs here (the data-parallel tests need MPICH). */
-const mpiexec = (() => {
-  try {
-    return new Deno.Command("mpiexec", { args: ["--version"], stdout: "null", stderr: "null" }).outputSync()
-      .success;
-  } catch {
-    return false;
-  }
-})();
-export const noMpi = !mpiexec;
-
 /** A tiny run's config file: queue from epoch 2 (full after its first step), 4 steps an epoch. */
 export const writeParallelConfig = async (data: string, dir: string, train: object = {}) => {
   const config = tinyRunConfig(data, `${dir}/unused`, { knnEvery: 0, ...train });

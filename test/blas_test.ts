@@ -7,19 +7,18 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
+import { optionalTest } from "./_optional.ts";
 import { im2col } from "../backend/im2col.ts";
 import { defaultKernelSettings } from "../backend/kernel_settings.ts";
 import { dnnlInfo } from "../backend/onednn.ts";
-import { blasInfo, loadBlas } from "../backend/openblas.ts";
+import { blasInfo } from "../backend/openblas.ts";
 import { withKernelSettings } from "../backend/tensor_backend.ts";
 import { disposeModel, makeSwavModel, trainableVariables } from "../models/model.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { benchRunConfig, parseBenchArgs } from "../bench/bench.ts";
 import { assertNoTensorLeak, relativeError, useBackend } from "./_helpers.ts";
 
-const hasBlas = loadBlas() !== undefined;
-console.log(`oneDNN: ${JSON.stringify(dnnlInfo())}`);
-if (!hasBlas) console.warn(`blas_test: OpenBLAS not found (${blasInfo().reason}); BLAS cases skipped`);
+console.log(`OpenBLAS: ${JSON.stringify(blasInfo())}, oneDNN: ${JSON.stringify(dnnlInfo())}`);
 
 /** float32 tolerance for sums of up to a few thousand products in another order. */
 const TOLERANCE = 2e-5;
@@ -59,7 +58,7 @@ const int = (low: number, high: number) => {
   return low + (seed % (high - low + 1));
 };
 
-Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, async (t) => {
+optionalTest("blas kernels match the plain wasm kernels", ["openblas"], async (t) => {
   await useBackend("wasm");
   console.log(`blas_test seed ${seed}`);
   await t.step("im2col lays out KH x KW x Ci columns, zeros in the padding", () => {
@@ -198,9 +197,9 @@ Deno.test("blas kernels match the plain wasm kernels", { ignore: !hasBlas }, asy
   });
 });
 
-Deno.test(
+optionalTest(
   "a training step's loss and gradients match with and without BLAS",
-  { ignore: !hasBlas },
+  ["openblas"],
   async () => {
     await useBackend("wasm");
     const options = parseBenchArgs([

@@ -20,11 +20,12 @@
  * allows the ranks to be.
  */
 import assert from "node:assert/strict";
+import { optionalTest } from "./_optional.ts";
 import { Effect } from "effect";
 import { readCheckpoint } from "../pipelines/checkpoint.ts";
 import type { Checkpoint } from "../pipelines/checkpoint_format.ts";
 import { runCli } from "./_helpers.ts";
-import { noMpi, readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
+import { readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
 const STEPS = 10; // epoch 1: 7 steps; epoch 2: the queue fills at step 8 and is used from step 9
 const FLOOR_FACTOR = 10;
@@ -82,10 +83,10 @@ const arrayGaps = (checkpoint: Checkpoint, one: Checkpoint): Map<string, number>
   return gaps;
 };
 
-Deno.test({
-  name: "2 and 4 ranks with B/N samples each train as one process with batch B (sync BN); without, differ",
-  ignore: noMpi,
-  fn: async () => {
+optionalTest(
+  "2 and 4 ranks with B/N samples each train as one process with batch B (sync BN); without, differ",
+  ["mpich"],
+  async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-mpi-eq-" });
     try {
@@ -124,4 +125,4 @@ Deno.test({
       await Deno.remove(data, { recursive: true });
     }
   },
-});
+);

@@ -11,10 +11,11 @@
  * with one process lives in test/data_parallel_equivalence_test.ts.
  */
 import assert from "node:assert/strict";
+import { optionalTest } from "./_optional.ts";
 import { mergeQueueRows, splitQueueRows } from "../state/queue.ts";
 import { buckets } from "../pipelines/data_parallel.ts";
 import { runCli } from "./_helpers.ts";
-import { noMpi, readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
+import { readMetrics, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
 Deno.test("buckets: gradients packed in order into buckets of at most the limit; big ones alone", () => {
   const sizes = Array.from({ length: 40 }, () => 1 + Math.floor(Math.random() * 300));
@@ -51,10 +52,10 @@ Deno.test("queue rows: split per rank and merged back give one process's layout"
   }
 });
 
-Deno.test({
-  name: "--procs 2 and 4: parameters hash the same on every rank after every step; resume on another size",
-  ignore: noMpi,
-  fn: async () => {
+optionalTest(
+  "--procs 2 and 4: parameters hash the same on every rank after every step; resume on another size",
+  ["mpich"],
+  async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-mpi-" });
     try {
@@ -87,12 +88,12 @@ Deno.test({
       await Deno.remove(data, { recursive: true });
     }
   },
-});
+);
 
-Deno.test({
-  name: "a rank that fails ends the job with a line naming it; kill -9 of a rank ends it; --resume finishes",
-  ignore: noMpi,
-  fn: async () => {
+optionalTest(
+  "a rank that fails ends the job with a line naming it; kill -9 of a rank ends it; --resume finishes",
+  ["mpich"],
+  async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-mpi-fault-" });
     try {
@@ -153,13 +154,12 @@ Deno.test({
       await Deno.remove(data, { recursive: true }).catch(() => {});
     }
   },
-});
+);
 
-Deno.test({
-  name:
-    "Ctrl-C of the launcher ends every rank within seconds with a line; --resume goes on from the checkpoint",
-  ignore: noMpi,
-  fn: async () => {
+optionalTest(
+  "Ctrl-C of the launcher ends every rank within seconds with a line; --resume goes on from the checkpoint",
+  ["mpich"],
+  async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-mpi-sigint-" });
     try {
@@ -175,9 +175,12 @@ Deno.test({
       // collective that the interrupted rank never joined.
       assert.equal(rankPid(out, 0), undefined, "rank 0 ended with the launcher");
       assert.equal(rankPid(out, 1), undefined, "rank 1 ended with the launcher");
+      // The launcher's own line: a rank's ("interrupted: rank 1 of 2 stops the job") passes through
+      // mpiexec's proxy, which drops output it has not forwarded when the job aborts, so it came or not
+      // by timing (its 1 s drain before MPI_Abort), and the test failed now and then on a loaded machine.
       assert.match(
         await stderr,
-        /interrupted: rank [01] of 2 stops the job; its last checkpoint stays usable/,
+        /^interrupted: the job of 2 processes stopped; its last checkpoint stays usable: --resume continues$/m,
       );
       // The run folder's lock is free and the last checkpoint loads.
       const last = Math.max(...await checkpointSteps(out));
@@ -189,7 +192,7 @@ Deno.test({
       await Deno.remove(data, { recursive: true });
     }
   },
-});
+);
 
 Deno.test({
   name: "--procs 2 without MPICH fails with one line naming the Debian package",

@@ -4,24 +4,13 @@
  * test/mpi/distributed_math_rank.ts on its shard of one global batch and
  * reports its checks against float64 values of the whole batch (fixtures of
  * reference/distributed_reference.py and fresh random inputs; tolerances are
- * stated in the rank script). Skipped, with the reason printed, where MPICH's
- * `mpiexec` is missing (.ci/run installs it).
+ * stated in the rank script). Ignored, with the reason, where MPICH (`mpiexec` and
+ * libmpich) is missing (test/_optional.ts; .ci/run installs it).
  */
 import assert from "node:assert/strict";
+import { optionalTest } from "./_optional.ts";
 
 const rankScript = new URL("./mpi/distributed_math_rank.ts", import.meta.url).pathname;
-
-/** Why the MPI tests cannot run here, or undefined. */
-const missing = await (async (): Promise<string | undefined> => {
-  try {
-    const out = await new Deno.Command("mpiexec", { args: ["--version"], stdout: "piped", stderr: "piped" })
-      .output();
-    return out.success ? undefined : "mpiexec --version failed";
-  } catch {
-    return "mpiexec not found (install Debian's mpich)";
-  }
-})();
-if (missing !== undefined) console.log(`distributed_math_test: skipped: ${missing}`);
 
 interface RankReport {
   readonly rank: number;
@@ -61,11 +50,10 @@ const runRanks = async (size: number): Promise<RankReport[]> => {
 };
 
 for (const size of [2, 4]) {
-  Deno.test({
-    name:
-      `distributed Sinkhorn and synchronised batch norm on ${size} ranks match float64 on the whole batch`,
-    ignore: missing !== undefined,
-    fn: async () => {
+  optionalTest(
+    `distributed Sinkhorn and synchronised batch norm on ${size} ranks match float64 on the whole batch`,
+    ["mpich"],
+    async () => {
       console.log(`SWAV_TEST_SEED=${seed}`);
       const reports = await runRanks(size);
       for (const report of reports) {
@@ -79,5 +67,5 @@ for (const size of [2, 4]) {
         );
       }
     },
-  });
+  );
 }

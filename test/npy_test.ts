@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { optionalTest, PYTHON } from "./_optional.ts";
 import { Effect } from "effect";
 import { decodeNpy, encodeNpy, NpyError, type NpyValues, readNpy } from "../data/npy.ts";
 
@@ -8,10 +9,6 @@ const expected: Record<string, { dtype: string; shape: number[]; values: number[
 );
 
 const asNumbers = (values: NpyValues): number[] => Array.from(values as ArrayLike<number | bigint>, Number);
-
-/** NumPy is a test-time extra: the fixtures cover the reading side without it. */
-const hasNumpy = await new Deno.Command("/usr/bin/python3", { args: ["-c", "import numpy"] })
-  .output().then((o) => o.success).catch(() => false);
 
 Deno.test("npy: reads the files NumPy wrote (fixtures from reference/npy_reference.py)", async (t) => {
   for (const [name, want] of Object.entries(expected)) {
@@ -62,10 +59,10 @@ Deno.test("npy: bad input fails with a clear NpyError", () => {
   assert.throws(() => Effect.runSync(decodeNpy(complex)), /dtype <c8 is not supported/);
 });
 
-Deno.test({
-  name: "npy: NumPy reads what we write (features float32 [N, D], labels int64 [N])",
-  ignore: !hasNumpy,
-  fn: async () => {
+optionalTest(
+  "npy: NumPy reads what we write (features float32 [N, D], labels int64 [N])",
+  ["numpy"],
+  async () => {
     const folder = await Deno.makeTempDir({ prefix: "swav-npy-" });
     try {
       const features = Float32Array.from({ length: 12 }, () => Math.random() - 0.5);
@@ -78,7 +75,7 @@ Deno.test({
         "print(json.dumps({'f': [f.dtype.str, list(f.shape), f.ravel().tolist()],",
         "                  'l': [l.dtype.str, list(l.shape), l.tolist()]}))",
       ].join("\n");
-      const out = await new Deno.Command("/usr/bin/python3", { args: ["-c", script, folder] }).output();
+      const out = await new Deno.Command(PYTHON, { args: ["-c", script, folder] }).output();
       assert.ok(out.success, new TextDecoder().decode(out.stderr));
       const got = JSON.parse(new TextDecoder().decode(out.stdout));
       assert.deepEqual(got.f, ["<f4", [3, 4], Array.from(features)]);
@@ -87,4 +84,4 @@ Deno.test({
       await Deno.remove(folder, { recursive: true });
     }
   },
-});
+);

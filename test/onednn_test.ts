@@ -8,12 +8,10 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
-import { type DnnlConvShape, dnnlInfo, overrunsScratchpad } from "../backend/onednn.ts";
-import { loadBlas } from "../backend/openblas.ts";
+import { optionalTest } from "./_optional.ts";
+import { type DnnlConvShape, overrunsScratchpad } from "../backend/onednn.ts";
 import { withKernelSettings } from "../backend/tensor_backend.ts";
 import { relativeError, useBackend } from "./_helpers.ts";
-
-const native = loadBlas() !== undefined && dnnlInfo().active;
 
 /** A 1x1 convolution of x [N, 8, 8, ci] to 8 channels at `stride`, unpadded. */
 const pointwise = (ci: number, stride: number): DnnlConvShape => {
@@ -53,9 +51,9 @@ Deno.test("overrunsScratchpad: strided 1x1 filter gradients whose Ci is not a mu
   assert.ok(!overrunsScratchpad("backwardData", pointwise(4, 2)));
 });
 
-Deno.test(
+optionalTest(
   "strided 1x1 filter gradient with few input channels: exact and repeatable at 2 and 1 threads",
-  { ignore: !native },
+  ["openblas", "onednn"],
   async () => {
     await useBackend("wasm");
     for (const ci of [3, 4, 12, 16]) {

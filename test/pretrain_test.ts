@@ -13,6 +13,7 @@ import { useBackend } from "./_helpers.ts";
 /** A tiny labelled image-folder data set (10 classes of 16 px PNGs), written once per test run. */
 const dataFolder = await Deno.makeTempDir({ prefix: "swav-pretrain-test-" });
 await writeDemoDataset({ folder: dataFolder, perClassTrain: 12, perClassTest: 4, size: 16, seed: 1 });
+globalThis.addEventListener("unload", () => Deno.removeSync(dataFolder, { recursive: true }));
 
 /** A model and crops small enough for a step in well under a second on wasm. */
 const tinyConfig = (

@@ -4,6 +4,7 @@
  * npm's Node wrapper.
  */
 import assert from "node:assert/strict";
+import { needsHardware } from "./_optional.ts";
 import { Effect, Exit } from "effect";
 import { LOCK_FILE, lockRunFolder } from "../pipelines/run_folder.ts";
 import { chainIntact, launcherChain, parseStat } from "../cli/wrapper_watch.ts";
@@ -113,9 +114,11 @@ Deno.test("parseStat reads pid, parent and a name with spaces and parentheses", 
   assert.ok(chainIntact(launcherChain()));
 });
 
+const linux = needsHardware("linux");
 Deno.test({
-  name: "the trainer started through npm's Node wrapper dies when the wrapper is killed with -9",
-  ignore: Deno.build.os !== "linux",
+  name:
+    `the trainer started through npm's Node wrapper dies when the wrapper is killed with -9 (${linux.what})`,
+  ignore: linux.ignore,
   fn: async () => {
     const root = new URL("..", import.meta.url).pathname;
     const wrapper = `${root}node_modules/.bin/deno`;

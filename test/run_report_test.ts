@@ -7,6 +7,7 @@ import { runFolderOfCheckpoint, runRecords, writeEvalRecord } from "../pipelines
 import { parseJsonLines, readRunRecords } from "../pipelines/run_report.ts";
 import { findBrowser, inspectPage } from "./_browser.ts";
 import { tinyRun, writeTinyData } from "./_tiny_run.ts";
+import { optionalTest } from "./_optional.ts";
 
 const wasm = TensorBackend.layer("wasm");
 const data = await writeTinyData();
@@ -76,18 +77,20 @@ Deno.test("the report is identical byte for byte for the same run folder twice (
   assert.equal(strip(again), strip(html));
 });
 
-Deno.test({
-  name: "the report opens in a headless browser: no errors, every plot drawn, the retrieval grid complete",
-  // Ignored (never passed without looking) where no chromium-headless-shell or chromium is installed.
-  ignore: findBrowser() === undefined,
-}, async () => {
-  const browser = findBrowser()!;
-  const file = `${run}/report.html`;
-  await Deno.writeTextFile(file, html);
-  const page = await inspectPage(
-    browser,
-    `file://${file}`,
-    `(() => {
+optionalTest(
+  "the report opens in a headless browser: no errors, every plot drawn, the retrieval grid complete",
+  [
+    "chromium",
+  ],
+  async () => {
+    const browser = findBrowser();
+    assert.ok(browser !== undefined, "no browser");
+    const file = `${run}/report.html`;
+    await Deno.writeTextFile(file, html);
+    const page = await inspectPage(
+      browser,
+      `file://${file}`,
+      `(() => {
       const svgs = [...document.querySelectorAll("svg")];
       const marks = svgs.map((svg) => [...svg.querySelectorAll("g.role-mark")]
         .reduce((n, g) => n + g.querySelectorAll("path, rect, line, text, circle").length, 0));
@@ -101,30 +104,31 @@ Deno.test({
         queries: document.querySelectorAll("table.retrieval img.query").length,
       };
     })()`,
-  );
-  const value = page.value as {
-    svgs: number;
-    marks: number[];
-    drawn: number[];
-    images: number;
-    decoded: number;
-    queries: number;
-  };
-  assert.deepEqual(page.errors, []);
-  assert.equal(value.svgs, 11);
-  assert.ok(value.marks.every((n) => n > 0), `marks per plot: ${value.marks}`);
-  assert.ok(value.drawn.every((w) => w > 100), `plot widths: ${value.drawn}`);
-  assert.equal(value.images, 8 + 2 * 8 * 8);
-  assert.equal(value.decoded, value.images);
-  assert.equal(value.queries, 8);
-  assert.equal([...page.screenshot.slice(1, 4)].map((c) => String.fromCharCode(c)).join(""), "PNG");
-  const shot = `${run}/report.png`;
-  await Deno.writeFile(shot, page.screenshot);
-  // `SWAV_REPORT_SCREENSHOT=docs/report.png` refreshes the README's picture.
-  const target = Deno.env.get("SWAV_REPORT_SCREENSHOT");
-  if (target !== undefined) await Deno.copyFile(shot, target);
-  console.log(`screenshot: ${shot} (${page.screenshot.length} bytes)`);
-});
+    );
+    const value = page.value as {
+      svgs: number;
+      marks: number[];
+      drawn: number[];
+      images: number;
+      decoded: number;
+      queries: number;
+    };
+    assert.deepEqual(page.errors, []);
+    assert.equal(value.svgs, 11);
+    assert.ok(value.marks.every((n) => n > 0), `marks per plot: ${value.marks}`);
+    assert.ok(value.drawn.every((w) => w > 100), `plot widths: ${value.drawn}`);
+    assert.equal(value.images, 8 + 2 * 8 * 8);
+    assert.equal(value.decoded, value.images);
+    assert.equal(value.queries, 8);
+    assert.equal([...page.screenshot.slice(1, 4)].map((c) => String.fromCharCode(c)).join(""), "PNG");
+    const shot = `${run}/report.png`;
+    await Deno.writeFile(shot, page.screenshot);
+    // `SWAV_REPORT_SCREENSHOT=docs/report.png` refreshes the README's picture.
+    const target = Deno.env.get("SWAV_REPORT_SCREENSHOT");
+    if (target !== undefined) await Deno.copyFile(shot, target);
+    console.log(`screenshot: ${shot} (${page.screenshot.length} bytes)`);
+  },
+);
 
 globalThis.addEventListener("unload", () => {
   Deno.removeSync(run, { recursive: true });

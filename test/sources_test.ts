@@ -4,6 +4,8 @@
  * splits, flat folders), and the clear errors for missing or malformed sources.
  */
 import assert from "node:assert/strict";
+import { optionalTest } from "./_optional.ts";
+import { FASHION_MNIST_PATH } from "../pipelines/environment.ts";
 import { Effect, Exit } from "effect";
 import { openSource, parseSourceSpec, type Sample, SourceError } from "../data/sources.ts";
 import { encodeIdx } from "../data/idx.ts";
@@ -229,20 +231,15 @@ Deno.test("missing, empty and non-folder sources give a SourceError naming the p
   });
 });
 
-const FASHION = "/usr/share/datasets/fashion-mnist";
-const hasFashion = await Deno.stat(FASHION).then(() => true, () => false);
+const FASHION = FASHION_MNIST_PATH;
 
-Deno.test({
-  name: "Fashion-MNIST from Debian's dataset-fashion-mnist (when installed)",
-  ignore: !hasFashion,
-  fn: async () => {
-    const test = await run(openSource(`${FASHION}:test`));
-    assert.equal(test.kind, "idx");
-    assert.equal(test.length, 10000);
-    assert.equal(test.channels, 1);
-    const first = await run(test.read(0));
-    assert.equal(first.image.width, 28);
-    assert.equal(first.label, 9); // the first test image is an ankle boot
-    assert.equal((await run(test.read(1))).label, 2);
-  },
+optionalTest("Fashion-MNIST from Debian's dataset-fashion-mnist", ["fashion-mnist"], async () => {
+  const test = await run(openSource(`${FASHION}:test`));
+  assert.equal(test.kind, "idx");
+  assert.equal(test.length, 10000);
+  assert.equal(test.channels, 1);
+  const first = await run(test.read(0));
+  assert.equal(first.image.width, 28);
+  assert.equal(first.label, 9); // the first test image is an ankle boot
+  assert.equal((await run(test.read(1))).label, 2);
 });
