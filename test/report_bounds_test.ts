@@ -9,6 +9,7 @@ import { HEATMAP_MAX_CLASSES, LISTED, topConfusions } from "../pipelines/report_
 import { CONFIG_CAP, KEEP_ROWS, thinningRows } from "../pipelines/report_records.ts";
 import { readRunRecords, seededRandom, THUMB_SIDE, thumbnail } from "../pipelines/run_report.ts";
 import { findBrowser, inspectPage } from "./_browser.ts";
+import { needs } from "./_optional.ts";
 import { syntheticEval } from "./_synthetic_eval.ts";
 
 const reportOf = (folder: string, live = false) =>
@@ -152,11 +153,11 @@ Deno.test("every value from a hostile run folder is escaped: no tag or attribute
   }
 });
 
+const browser = needs("chromium");
 Deno.test({
-  name: "a hostile run folder's report runs nothing in a headless browser",
-  // Ignored where no chromium-headless-shell or chromium is installed (apt-get install chromium-headless-shell).
-  ignore: findBrowser() === undefined,
-  fn: async () => {
+  name: `a hostile run folder's report runs nothing in a headless browser (${browser.what})`,
+  ignore: browser.ignore,
+  fn: browser.guard(async () => {
     const folder = await hostileFolder();
     try {
       const file = `${folder}/report.html`;
@@ -170,7 +171,7 @@ Deno.test({
     } finally {
       await Deno.remove(`${folder}/..`, { recursive: true });
     }
-  },
+  }),
 });
 
 Deno.test("thinningRows keeps evenly spaced rows, the last one, and lets a rewound key replace what it repeats", () => {
