@@ -36,6 +36,8 @@ export interface RunRecords {
   readonly events: readonly EventRecord[];
   /** eval-<method>.json files, sorted by method. */
   readonly evals: readonly Record<string, unknown>[];
+  /** demo.json: the demo's kNN result, SwAV against random initialisation (demo runs only). */
+  readonly demo?: Record<string, unknown> | undefined;
 }
 
 const readText = (path: string) => Effect.promise(() => Deno.readTextFile(path).catch(() => ""));
@@ -96,6 +98,7 @@ export const readRunRecords = (folder: string): Effect.Effect<RunRecords> =>
       epochs: lastBy(epochs as unknown as EpochRecord[], (e) => e.epoch),
       events: events as unknown as EventRecord[],
       evals,
+      demo: parseObject(yield* readText(`${folder}/demo.json`)),
     };
   });
 
