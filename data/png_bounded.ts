@@ -7,8 +7,9 @@
  * can expand to 2 GiB. fast-png inflates the whole stream before looking at
  * it, so the codec first walks the chunks itself (checking every CRC),
  * inflates IDAT in small input slices and stops once the scanlines are
- * complete, then hands fast-png an equivalent PNG whose IDAT holds exactly
- * those scanlines, stored (uncompressed), for unfiltering and conversion.
+ * complete. 8-bit grey and RGB(A) scanlines are then unfiltered here
+ * (`unfilterRgb8`); palettes, other depths and Adam7 go to fast-png as an
+ * equivalent PNG whose IDAT holds exactly those scanlines, stored.
  *
  * The declared image is decoded and anything after it ignored, as PIL does
  * (its zlib decoder stops when the image is full): the same file trains the
@@ -21,12 +22,15 @@ import { Unzlib } from "fflate";
 const CHANNELS: Readonly<Record<number, number>> = { 0: 1, 2: 3, 3: 1, 4: 2, 6: 4 };
 
 /** Adam7 passes: x start, y start, x step, y step. */
-const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [
-  0,
-  1,
-  1,
-  2,
-]];
+const ADAM7: readonly (readonly [number, number, number, number])[] = [
+  [0, 0, 8, 8],
+  [4, 0, 8, 8],
+  [0, 4, 4, 8],
+  [2, 0, 4, 4],
+  [0, 2, 2, 4],
+  [1, 0, 2, 2],
+  [0, 1, 1, 2],
+];
 
 /** Bytes of filtered scanlines an image of this header holds (the inflated IDAT's exact size). */
 export const pngScanlineBytes = (
@@ -42,7 +46,7 @@ export const pngScanlineBytes = (
   if (!interlaced) return rows(width, height);
   let total = 0;
   for (const [x0, y0, dx, dy] of ADAM7) {
-    total += rows(Math.ceil(Math.max(0, width - x0!) / dx!), Math.ceil(Math.max(0, height - y0!) / dy!));
+    total += rows(Math.ceil(Math.max(0, width - x0) / dx), Math.ceil(Math.max(0, height - y0) / dy));
   }
   return total;
 };
@@ -127,7 +131,8 @@ const storedZlib = (data: Uint8Array): Uint8Array => {
     at += 5 + part.length;
   }
   let [a, s] = [1, 0];
-  for (let i = 0; i < data.length; i += 5552) { // the largest run whose sums stay below 2^53 / fit the modulus
+  // zlib's runs of 5552 bytes between reductions (its NMAX; doubles would allow longer ones).
+  for (let i = 0; i < data.length; i += 5552) {
     const end = Math.min(data.length, i + 5552);
     for (let j = i; j < end; j++) {
       a += data[j]!;
