@@ -1,8 +1,10 @@
 /**
  * The image codec: encoded image bytes (PNG or JPEG) to an RGB image, HWC, uint8.
  *
- * - PNG is parsed by fast-png (every colour type and bit depth, Adam7, CRCs
- *   checked), which keeps 16-bit samples whole; imagescript truncates them to
+ * - PNG is parsed by fast-png (every colour type and bit depth, Adam7), after
+ *   data/png_bounded.ts has checked the CRCs and inflated the image data no
+ *   further than the header's size (a decompression bomb stops there); fast-png
+ *   keeps 16-bit samples whole; imagescript truncates them to
  *   the high byte, where PIL scales them by round(v / 257), as done here.
  * - JPEG goes through libjpeg-turbo (`backend/turbojpeg.ts`) where it is present
  *   and FFI is allowed (about 7x faster than imagescript, and the same library
@@ -20,6 +22,7 @@ import { Image } from "imagescript";
 import { turboJpeg, turboJpegLoadError } from "../backend/turbojpeg.ts";
 import { reasonOf } from "./errors.ts";
 import { MAX_IMAGE_FILE_BYTES, readRegularFile } from "./files.ts";
+import { boundPng, unfilterRgb8 } from "./png_bounded.ts";
 
 /** An 8-bit RGB image, HWC, row-major: pixel (x, y) channel c is `data[(y * width + x) * 3 + c]`. */
 export interface RgbImage {
@@ -183,9 +186,21 @@ const decodePng = (bytes: Uint8Array, maxPixels: number): RgbImage | Failed => {
   if (typeof declared === "string") return declared;
   const refused = sizeProblem("PNG", declared.width, declared.height, maxPixels);
   if (refused !== undefined) return refused;
+  // Chunks and CRCs checked, IDAT inflated no further than the header allows (data/png_bounded.ts).
+  const bounded = boundPng(bytes);
+  if (typeof bounded === "string") return bounded;
+  const { header, scanlines, expected } = bounded;
+  if (scanlines.length < expected) {
+    return `truncated PNG (its image data ends after ${scanlines.length} of ${expected} bytes)`;
+  }
+  if (header.depth === 8 && !header.interlaced && header.colour !== 3) {
+    // The common case (8-bit grey or RGB, with or without alpha), unfiltered straight into RGB.
+    const data = unfilterRgb8(header, scanlines);
+    return typeof data === "string" ? data : { width: header.width, height: header.height, data };
+  }
   let png: ReturnType<typeof parsePng>;
   try {
-    png = parsePng(bytes, { checkCrc: true });
+    png = parsePng(bounded.rebuild(), { checkCrc: false });
   } catch (cause) {
     return `corrupt or truncated PNG (${reasonOf(cause)})`;
   }

@@ -15,7 +15,7 @@
  * validates the header (a Schema), the layout against the bytes, and the payload checksum.
  */
 import { createHash } from "node:crypto";
-import { Effect, Schema } from "effect";
+import { Effect, Schema, SchemaIssue } from "effect";
 import { NonNegativeInt } from "../models/schema.ts";
 
 export const checkpointFormatVersion = 1;
@@ -166,6 +166,24 @@ const layoutProblem = (tensors: CheckpointHeader["tensors"], payloadLength: numb
   return undefined;
 };
 
+const issueFormatter = SchemaIssue.makeFormatterStandardSchemaV1();
+
+/**
+ * The header's schema issues on one line, each as `field path: problem`
+ * (`tensors[2].name: Expected a value with a length of at least 1`): the
+ * schema's own message puts each path on a line of its own, and a checkpoint
+ * error is one line in the run's log and on the command line.
+ */
+const headerIssues = (issue: SchemaIssue.Issue): string =>
+  issueFormatter(issue).issues.map(({ message, path }) => {
+    const keys = (path ?? []).map((key) => typeof key === "object" ? key.key : key);
+    const field = keys.map((key, i) =>
+      typeof key === "number" ? `[${key}]` : i === 0 ? String(key) : `.${String(key)}`
+    )
+      .join("");
+    return `${field === "" ? "" : `${field}: `}${message.replace(/\s*\n\s*/g, " ")}`;
+  }).join("; ");
+
 /**
  * Parses checkpoint bytes; `path` only names the file in errors. The header is
  * validated by its schema and the tensor table against the payload before any
@@ -190,13 +208,17 @@ export const decodeCheckpoint = (
       );
     }
     const headerLength = view.getUint32(12, true);
-    if (16 + headerLength > bytes.length) return yield* fail("truncated header");
+    if (16 + headerLength > bytes.length) {
+      return yield* fail(
+        `truncated header: the file has ${bytes.length} bytes, its header ends at byte ${16 + headerLength}`,
+      );
+    }
     const json = yield* Effect.try({
       try: () => JSON.parse(new TextDecoder().decode(bytes.subarray(16, 16 + headerLength))) as unknown,
       catch: (error) => fail(`corrupt header: ${error instanceof Error ? error.message : String(error)}`),
     });
     const header = yield* Schema.decodeUnknownEffect(CheckpointHeader)(json, { errors: "all" }).pipe(
-      Effect.mapError((error) => fail(`invalid header: ${error.message}`)),
+      Effect.mapError((error) => fail(`invalid header: ${headerIssues(error.issue)}`)),
     );
     const payloadStart = 16 + headerLength;
     const payload = bytes.subarray(payloadStart);

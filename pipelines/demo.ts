@@ -4,7 +4,7 @@
  * random initialisation, on the same data. Needs no download.
  */
 import { buildReport } from "./report_html.ts";
-import { RunRecordError } from "./run_records.ts";
+import { RunRecordError, writeDemoRecord } from "./run_records.ts";
 import { Effect } from "effect";
 import { type BackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
@@ -138,6 +138,16 @@ export const runDemo = (options: DemoOptions) =>
           `  time            ${report.seconds} s; run folder ${result.runFolder}`,
         ].join("\n"),
       );
+      // The result beside the run's records, so that its report shows it.
+      yield* writeDemoRecord(result.runFolder, {
+        swav_knn_top1: swavTop1,
+        random_init_knn_top1: randomTop1,
+        knn_k: config.train.knnK,
+        knn_temperature: config.train.knnTemperature,
+        classes: 10,
+        epochs: result.epochs,
+        seconds: report.seconds,
+      });
       // The run's report beside it (curves, retrieval, feature map); the --json line stays last.
       const reportPath = `${result.runFolder}/report.html`;
       const html = yield* buildReport(result.runFolder, { generatedAt: new Date().toISOString() });

@@ -232,6 +232,25 @@ export interface RenderOptions {
   readonly live?: boolean;
 }
 
+/**
+ * The demo's own result (demo.json): kNN top-1 of the trained backbone beside
+ * the same network at its random initialisation, on the demo's test split.
+ */
+export const renderDemo = (demo: Record<string, unknown> | undefined): string => {
+  if (demo === undefined) return "";
+  const pct = (x: unknown) => typeof x === "number" && Number.isFinite(x) ? `${(100 * x).toFixed(1)}%` : "?";
+  const classes = typeof demo.classes === "number" ? demo.classes : undefined;
+  return `<section id="demo"><h2>Demo result</h2>
+<p class="demo">kNN top-1 on the test split: <b>SwAV ${pct(demo.swav_knn_top1)}</b> vs random init ${
+    pct(demo.random_init_knn_top1)
+  }${classes === undefined ? "" : ` (chance ${pct(1 / classes)})`}</p>
+<p class="meta">k = ${escapeHtml(String(demo.knn_k ?? "?"))}, T = ${
+    escapeHtml(String(demo.knn_temperature ?? "?"))
+  } on backbone features; ${escapeHtml(String(demo.epochs ?? "?"))} epochs in ${
+    escapeHtml(String(demo.seconds ?? "?"))
+  } s</p></section>`;
+};
+
 /** The whole page. */
 export const renderReport = (
   records: RunRecords,
@@ -261,6 +280,7 @@ export const renderReport = (
 <details id="config"><summary>config</summary><pre>${
       escapeHtml(records.config === undefined ? "(no config.json)" : JSON.stringify(records.config, null, 2))
     }</pre></details>
+${renderDemo(records.demo)}
 <section><h2>Warnings</h2><div id="events">${renderEvents(records)}</div></section>
 <section><h2>Training curves</h2><div id="curves">${yield* renderCurves(records)}</div></section>
 ${

@@ -27,6 +27,8 @@ export interface RunRecords {
   readonly eventCount?: number;
   /** eval-<method>.json files, sorted by method. */
   readonly evals: readonly Record<string, unknown>[];
+  /** demo.json: the demo's kNN result, SwAV against random initialisation (demo runs only). */
+  readonly demo?: Record<string, unknown> | undefined;
   /** Files that were too large (or not regular files) to read, in words. */
   readonly notes?: readonly string[];
 }
@@ -190,6 +192,8 @@ export const readRunRecords = (folder: string): Effect.Effect<RunRecords> =>
     }
     const config = yield* jsonFile(`${folder}/config.json`, CONFIG_CAP);
     if (config.note !== undefined) notes.push(config.note);
+    const demo = yield* jsonFile(`${folder}/demo.json`, CONFIG_CAP);
+    if (demo.note !== undefined) notes.push(demo.note);
     return {
       folder,
       config: config.value,
@@ -198,6 +202,7 @@ export const readRunRecords = (folder: string): Effect.Effect<RunRecords> =>
       events: events.slice(-KEEP_EVENTS),
       eventCount,
       evals,
+      demo: demo.value,
       notes,
     };
   });

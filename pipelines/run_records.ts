@@ -108,3 +108,21 @@ export const writeEvalRecord = (json: Record<string, unknown>) =>
     }).pipe(Effect.tapError(() => Effect.promise(() => Deno.remove(temp).catch(() => undefined))));
     return path;
   });
+
+/** `demo.json`: the demo's own result, SwAV's kNN top-1 beside the same network at its initialisation. */
+export interface DemoRecord {
+  readonly swav_knn_top1: number;
+  readonly random_init_knn_top1: number;
+  readonly knn_k: number;
+  readonly knn_temperature: number;
+  readonly classes: number;
+  readonly epochs: number;
+  readonly seconds: number;
+}
+
+/** Writes the demo's result into its run folder (the report shows it); the file's path. */
+export const writeDemoRecord = (folder: string, record: DemoRecord) =>
+  Effect.tryPromise({
+    try: () => Deno.writeTextFile(`${folder}/demo.json`, JSON.stringify(record, null, 2) + "\n"),
+    catch: failWith(`${folder}/demo.json`),
+  }).pipe(Effect.as(`${folder}/demo.json`));

@@ -123,9 +123,6 @@ optionalTest(
     assert.equal([...page.screenshot.slice(1, 4)].map((c) => String.fromCharCode(c)).join(""), "PNG");
     const shot = `${run}/report.png`;
     await Deno.writeFile(shot, page.screenshot);
-    // `SWAV_REPORT_SCREENSHOT=docs/report.png` refreshes the README's picture.
-    const target = Deno.env.get("SWAV_REPORT_SCREENSHOT");
-    if (target !== undefined) await Deno.copyFile(shot, target);
     console.log(`screenshot: ${shot} (${page.screenshot.length} bytes)`);
   },
 );
