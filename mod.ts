@@ -21,6 +21,7 @@ export {
   withKernelSettings,
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
+export type { NamedTensorMap, Scalar, Tensor, Tensor2D, Variable } from "./backend/tensor_types.ts";
 
 // The stage abstraction
 export {
@@ -37,10 +38,19 @@ export { detached, onOneTape, onTape, type TapeOutputs, type VariableGrads } fro
 export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
 
 // Stage: decode
-export { DecodeError, decodeImage, type RgbImage } from "./data/image_codec.ts";
-export { decodeStage } from "./stages/decode.ts";
+export { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./data/image_codec.ts";
+export { DecodeConfig, DecodeErrorPolicy, decodeStage, type EncodedImage } from "./stages/decode.ts";
 export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
-export { type Batch, type Loader, makeLoader } from "./data/loader.ts";
+export {
+  type Batch,
+  type Loader,
+  LoaderError,
+  type LoaderOptions,
+  makeLoader,
+  type PrepareRef,
+  type SkippedSample,
+  type SkipReport,
+} from "./data/loader.ts";
 
 // Stage: multicrop
 export {
@@ -49,6 +59,7 @@ export {
   evalPrepare,
   evalTransform,
   MulticropConfig,
+  type MulticropInput,
   multicropPrepare,
   multicropSample,
   multicropStage,
@@ -83,6 +94,7 @@ export {
   assignmentCodes,
   SwappedLossConfig,
   swappedLossFromCodes,
+  type SwappedLossInput,
   swappedLossStage,
   swappedPredictionLoss,
 } from "./stages/swapped_loss.ts";
@@ -104,7 +116,9 @@ export {
   isFull as queueIsFull,
   makeQueue,
   push as pushQueue,
+  type QueueOptions,
   queueScores,
+  type QueueState,
 } from "./state/queue.ts";
 
 // Pipelines

@@ -5,10 +5,11 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, type Scope } from "effect";
+import type { Tensor } from "./tensor_types.ts";
 
 /** Anything that holds tensors: a tensor, an array or record of them, or nested ones. */
 export type TensorContainer =
-  | tf.Tensor
+  | Tensor
   | readonly TensorContainer[]
   | { readonly [key: string]: TensorContainer }
   | null

@@ -29,7 +29,10 @@ import { registerPlainWasmKernels } from "./wasm_kernels.ts";
 
 export { defaultKernelSettings, type KernelSettings, KernelSettingsInvalid } from "./kernel_settings.ts";
 
-export const BackendName = Schema.Literals(["auto", "wasm", "cpu", "webgpu", "tensorflow"]);
+/** The backends one can ask for, as a Schema (config files and `--backend` flags are decoded with it). */
+export const BackendName: Schema.Literals<readonly ["auto", "wasm", "cpu", "webgpu", "tensorflow"]> = Schema
+  .Literals(["auto", "wasm", "cpu", "webgpu", "tensorflow"]);
+/** A backend name: "auto", "wasm", "cpu", "webgpu" or "tensorflow" (see the module's notes). */
 export type BackendName = typeof BackendName.Type;
 export const backendNames: readonly BackendName[] = ["auto", "wasm", "cpu", "webgpu", "tensorflow"];
 
@@ -39,6 +42,7 @@ export class BackendUnavailable extends Schema.TaggedError<BackendUnavailable>()
   reason: Schema.String,
   alternatives: Schema.Array(Schema.String),
 }) {
+  /** The backend, why it is unavailable and the alternatives, on one line. */
   override get message(): string {
     return `backend '${this.backend}' is unavailable: ${this.reason}. Alternatives: ${
       this.alternatives.join(", ")

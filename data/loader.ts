@@ -33,8 +33,11 @@ import { type Rng, rngFor } from "./rng.ts";
  * `config` must be structured-cloneable (plain JSON is).
  */
 export interface PrepareRef<C = unknown> {
+  /** URL of the module that exports the transform (`import.meta.url` of its file). */
   readonly module: string;
+  /** The export's name in that module. */
   readonly name: string;
+  /** Passed to the transform with every image. */
   readonly config: C;
 }
 
@@ -54,21 +57,29 @@ export const cropPrepare = (
 export class LoaderError extends Schema.TaggedError<LoaderError>()("LoaderError", {
   reason: Schema.String,
 }) {
+  /** The reason, as given. */
   override get message(): string {
     return this.reason;
   }
 }
 
+/** One sample after its prepare function ran: its index in the source, its label and its view buffers. */
 export interface PreparedSample {
+  /** Index in the source. */
   readonly index: number;
+  /** Class label, -1 when unlabelled. */
   readonly label: number;
+  /** The prepared views (crops), each a CHW float buffer. */
   readonly views: Float32Array[];
 }
 
 /** One batch: sample indices, labels (-1 when unlabelled) and, per sample, its view buffers. */
 export interface Batch {
+  /** The epoch the batch belongs to. */
   readonly epoch: number;
+  /** Each sample's index in the source. */
   readonly indices: Int32Array;
+  /** Each sample's label, -1 when unlabelled. */
   readonly labels: Int32Array;
   /** `views[sample][view]`: for multi-crop, crop order as `multicropSample` returns it. */
   readonly views: Float32Array[][];
@@ -82,10 +93,15 @@ export const stackView = (batch: Batch, view: number): Float32Array => {
   return out;
 };
 
+/** What `makeLoader` reads, how it prepares each sample, and how it batches and parallelises. */
 export interface LoaderOptions {
+  /** The data set to read (`openSource`). */
   readonly source: DataSource;
+  /** The per-sample preparation, by module and export name so workers can import it (`multicropPrepare`, `evalPrepare`). */
   readonly prepare: PrepareRef;
+  /** Seeds the shuffling and every sample's augmentation (with the epoch and sample index). */
   readonly seed: number;
+  /** Samples per batch. */
   readonly batchSize: number;
   /** Drop the last, smaller batch of an epoch (default true). */
   readonly dropLast?: boolean;
@@ -99,7 +115,9 @@ export interface LoaderOptions {
   readonly prefetch?: number;
   /** Finished batches held ahead of the consumer (default 2). */
   readonly bufferBatches?: number;
+  /** What an undecodable sample does: skip it (counted in `skipped`) or fail the epoch (default "fail"). */
   readonly onError?: "skip" | "fail";
+  /** The JPEG decoder to use (default "auto": libturbojpeg when installed). */
   readonly jpeg?: JpegDecoder;
   /** This rank's part of each epoch in a data-parallel job (`shardOrder`); the whole epoch without. */
   readonly shard?: { readonly rank: number; readonly size: number };
@@ -107,12 +125,17 @@ export interface LoaderOptions {
 
 /** One skipped sample: its index in the source, the epoch it was first skipped in, its path and why. */
 export interface SkippedSample {
+  /** Index in the source. */
   readonly index: number;
+  /** The epoch it was first skipped in. */
   readonly epoch: number;
+  /** The file (or record) that names it. */
   readonly path: string;
+  /** Why it could not be decoded. */
   readonly reason: string;
 }
 
+/** The samples a loader skipped so far, counted and listed. */
 export interface SkipReport {
   /** Skips so far, all epochs together (a sample bad in every epoch counts once per epoch). */
   readonly count: number;
@@ -147,7 +170,12 @@ const coreCount = (): number => {
   return typeof n === "number" && Number.isInteger(n) && n > 0 ? n : 1;
 };
 
+/**
+ * Batches of prepared samples from a data source, one stream per epoch,
+ * shuffled and augmented reproducibly from the seed; made by `makeLoader`.
+ */
 export interface Loader {
+  /** The data set read. */
   readonly source: DataSource;
   /** Batches per epoch when nothing is skipped. */
   readonly batchesPerEpoch: number;

@@ -8,30 +8,40 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Stream } from "effect";
-import { makeLoader } from "../data/loader.ts";
+import { type LoaderError, makeLoader } from "../data/loader.ts";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 import { evalPrepare } from "../stages/multicrop.ts";
 import type { DataSource } from "../data/sources.ts";
 import { backboneForward } from "../models/resnet.ts";
 import type { SwavModel } from "../models/model.ts";
 
+/** How `extractFeatures` prepares the images (the eval transform) and batches them. */
 export interface ExtractOptions {
   /** Side of the (square) input the backbone sees. */
   readonly size: number;
+  /** Per-channel mean subtracted after scaling to [0, 1]. */
   readonly mean: readonly number[];
+  /** Per-channel standard deviation divided by. */
   readonly std: readonly number[];
   /** Shorter side after resizing, before the centre crop (defaults to `size`). */
   readonly resize?: number;
+  /** Samples per forward pass (default 256). */
   readonly batchSize?: number;
+  /** Loader workers (default 0: decode on this thread). */
   readonly workers?: number;
+  /** Loader seed (default 0; the eval transform draws nothing random). */
   readonly seed?: number;
+  /** Skip undecodable samples (default) or fail. */
   readonly onError?: "skip" | "fail";
   /** Called after each batch with (samples done, total). */
   readonly onProgress?: (done: number, total: number) => void;
 }
 
+/** Pooled backbone features of a source with each row's label and source index. */
 export interface Features {
   /** [N, D] pooled backbone features (owned by the caller). */
-  readonly features: tf.Tensor2D;
+  readonly features: Tensor2D;
   /** Label per row (-1 for unlabelled data). */
   readonly labels: Int32Array;
   /** Source index per row (skipped samples are absent). */
@@ -39,7 +49,11 @@ export interface Features {
 }
 
 /** Extracts pooled backbone features of every sample of `source`. */
-export const extractFeatures = (model: SwavModel, source: DataSource, options: ExtractOptions) =>
+export const extractFeatures = (
+  model: SwavModel,
+  source: DataSource,
+  options: ExtractOptions,
+): Effect.Effect<Features, DecodeError | LoaderError> =>
   Effect.scoped(Effect.gen(function* () {
     const channels = model.config.inputChannels;
     const batchSize = options.batchSize ?? 256;

@@ -5,23 +5,31 @@
  */
 import { Effect, Option, Schema } from "effect";
 import { DecodeError, decodeImage, type RgbImage } from "../data/image_codec.ts";
-import { defineStage } from "./stage.ts";
+import { defineStage, type Stage } from "./stage.ts";
 
 /** What to do with an input that cannot be decoded: drop it (counted by the loader) or stop the run. */
-export const DecodeErrorPolicy = Schema.Literals(["skip", "fail"]);
+export const DecodeErrorPolicy: Schema.Literals<readonly ["skip", "fail"]> = Schema.Literals([
+  "skip",
+  "fail",
+]);
+/** "skip" or "fail". */
 export type DecodeErrorPolicy = typeof DecodeErrorPolicy.Type;
 
+/** The decode stage's config: the error policy (default "skip") and the JPEG decoder (default "auto"). */
 export const DecodeConfig = Schema.Struct({
   onError: DecodeErrorPolicy.pipe(Schema.withDecodingDefaultKey(Effect.succeed("skip" as const))),
   jpeg: Schema.Literals(["auto", "turbojpeg", "imagescript"]).pipe(
     Schema.withDecodingDefaultKey(Effect.succeed("auto" as const)),
   ),
 });
+/** A validated decode config. */
 export type DecodeConfig = typeof DecodeConfig.Type;
 
 /** One encoded image: its bytes and the path that names it in errors. */
 export interface EncodedImage {
+  /** Names the image in errors and skip reports. */
   readonly path: string;
+  /** The PNG or JPEG file's bytes. */
   readonly bytes: Uint8Array;
 }
 
@@ -30,18 +38,20 @@ export interface EncodedImage {
  * warning in the log (the loader counts and reports skips); with `"fail"` it fails
  * with the `DecodeError`.
  */
-export const decodeStage = defineStage({
-  name: "decode",
-  config: DecodeConfig,
-  run: (config: DecodeConfig) => (input: EncodedImage): Effect.Effect<Option.Option<RgbImage>, DecodeError> =>
-    decodeImage(input.bytes, input.path, { jpeg: config.jpeg }).pipe(
-      Effect.map(Option.some),
-      Effect.catchTag(
-        "DecodeError",
-        (error) =>
-          config.onError === "fail"
-            ? Effect.fail(error)
-            : Effect.logWarning(`skipped ${error.path}: ${error.reason}`).pipe(Effect.as(Option.none())),
-      ),
-    ),
-});
+export const decodeStage: Stage<EncodedImage, Option.Option<RgbImage>, DecodeConfig, DecodeError> =
+  defineStage({
+    name: "decode",
+    config: DecodeConfig,
+    run:
+      (config: DecodeConfig) => (input: EncodedImage): Effect.Effect<Option.Option<RgbImage>, DecodeError> =>
+        decodeImage(input.bytes, input.path, { jpeg: config.jpeg }).pipe(
+          Effect.map(Option.some),
+          Effect.catchTag(
+            "DecodeError",
+            (error) =>
+              config.onError === "fail"
+                ? Effect.fail(error)
+                : Effect.logWarning(`skipped ${error.path}: ${error.reason}`).pipe(Effect.as(Option.none())),
+          ),
+        ),
+  });

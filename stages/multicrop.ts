@@ -37,7 +37,7 @@ import {
 import type { PrepareRef } from "../data/loader.ts";
 import { type Rng, rngFor } from "../data/rng.ts";
 import type { RgbImage } from "../data/image_codec.ts";
-import { defineStage } from "./stage.ts";
+import { defineStage, type Stage } from "./stage.ts";
 import { withDefault } from "../models/schema.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
@@ -137,7 +137,8 @@ const consistent = Schema.makeFilter((c: typeof MulticropFields.Type) => {
 });
 
 /** The multicrop stage's config: validated, with the SwAV reference's defaults (2x224 + 6x96). */
-export const MulticropConfig = MulticropFields.check(consistent);
+export const MulticropConfig: typeof MulticropFields = MulticropFields.check(consistent);
+/** A validated multicrop config. */
 export type MulticropConfig = typeof MulticropConfig.Type;
 
 /** The reference defaults, decoded from an empty config. */
@@ -344,8 +345,11 @@ export const evalTransform = (image: RgbImage, options: EvalTransformOptions): F
 
 /** One sample for the multicrop stage: the image and the key of its randomness. */
 export interface MulticropInput {
+  /** The decoded image. */
   readonly image: RgbImage;
+  /** The run's seed. */
   readonly seed: number;
+  /** The epoch, so every epoch draws new crops. */
   readonly epoch: number;
   /** Index of the sample in the data set (not its position in the shuffled order). */
   readonly index: number;
@@ -355,7 +359,11 @@ export interface MulticropInput {
  * multicrop stage: an image and its (seed, epoch, index) key to its crops,
  * grouped by resolution (see `multicropSample`); `collateCrops` batches them.
  */
-export const multicropStage = defineStage<MulticropInput, Float32Array[], MulticropConfig>({
+export const multicropStage: Stage<MulticropInput, Float32Array[], MulticropConfig> = defineStage<
+  MulticropInput,
+  Float32Array[],
+  MulticropConfig
+>({
   name: "multicrop",
   config: MulticropConfig,
   run: (config) => (input) =>

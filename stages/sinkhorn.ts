@@ -37,7 +37,8 @@ import { scoped } from "../backend/resources.ts";
 import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
 import { hostBackendActive, hostCodes, type SinkhornOptions } from "../backend/sinkhorn_host.ts";
 import { type CropLayout, CropLayoutError, inputProblem } from "./crop_layout.ts";
-import { defineTensorStage } from "./stage.ts";
+import { defineTensorStage, type TensorStage } from "./stage.ts";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 
@@ -155,18 +156,22 @@ export const sinkhornFields = {
   /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs. */
   sinkhornIterations: withDefault(NonNegativeInt, 3),
 };
-export const SinkhornConfig = Schema.Struct(sinkhornFields);
+/** The sinkhorn stage's config: `epsilon` and `sinkhornIterations`, validated, with the reference's defaults. */
+export const SinkhornConfig: Schema.Struct<typeof sinkhornFields> = Schema.Struct(sinkhornFields);
+/** A validated sinkhorn config. */
 export type SinkhornConfig = typeof SinkhornConfig.Type;
 
+/** What the sinkhorn stage reads: the scores, and optionally the crop layout and the queue's scores. */
 export interface SinkhornInput {
   /**
    * Scores, read as constants. With `layout`, crop-major [bs·V, K] and one code
    * per assignment crop; without, one matrix [B, K] and one code.
    */
-  readonly scores: tf.Tensor2D;
+  readonly scores: Tensor2D;
+  /** How the rows are laid out by crop; without it, the whole matrix gets one code. */
   readonly layout?: CropLayout | undefined;
   /** queueScores[i]: the queue's scores [queueLength, K] for cropsForAssign[i], prepended before Sinkhorn. */
-  readonly queueScores?: readonly tf.Tensor2D[] | undefined;
+  readonly queueScores?: readonly Tensor2D[] | undefined;
 }
 
 /** Codes [bs, K] per assignment crop (queue rows prepended, dropped after); no layout checks. */
@@ -192,7 +197,13 @@ const assignmentCodesOf = (config: SinkhornConfig) => {
  * detached side of a training step (stages/tape.ts runs it off the tape); `run`
  * checks the layout and its codes are owned by the caller's scope.
  */
-export const sinkhornStage = defineTensorStage<
+export const sinkhornStage: TensorStage<
+  SinkhornInput,
+  readonly Tensor2D[],
+  SinkhornConfig,
+  CropLayoutError,
+  Scope.Scope
+> = defineTensorStage<
   SinkhornInput,
   readonly tf.Tensor2D[],
   SinkhornConfig,

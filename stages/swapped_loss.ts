@@ -18,7 +18,8 @@ import { Effect, Schema, type Scope } from "effect";
 import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
 import { type CropLayout, CropLayoutError, inputProblem, totalCrops } from "./crop_layout.ts";
 import { sinkhornStage } from "./sinkhorn.ts";
-import { defineTensorStage } from "./stage.ts";
+import { defineTensorStage, type TensorStage } from "./stage.ts";
+import type { Scalar, Tensor2D } from "../backend/tensor_types.ts";
 import { detached } from "./tape.ts";
 
 export { type CropLayout, CropLayoutError, cropLayoutProblem } from "./crop_layout.ts";
@@ -120,11 +121,16 @@ export const swappedLossFields = {
   cropsForAssign: withDefault(Schema.Array(NonNegativeInt), [0, 1]),
 };
 
-/** The swappedLoss stage's config: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
-export const SwappedLossConfig = Schema.Struct({
+const swappedLossConfigFields = {
+  /** Crops per resolution group, e.g. [2, 6]. */
   nmbCrops: withDefault(Schema.Array(NonNegativeInt), [2]),
   ...swappedLossFields,
-}).check(
+};
+
+/** The swappedLoss stage's config: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
+export const SwappedLossConfig: Schema.Struct<typeof swappedLossConfigFields> = Schema.Struct(
+  swappedLossConfigFields,
+).check(
   Schema.makeFilter((c) => {
     const total = totalCrops(c.nmbCrops);
     if (total < 2) {
@@ -139,13 +145,15 @@ export const SwappedLossConfig = Schema.Struct({
       : { path: ["cropsForAssign"], issue: `cropsForAssign has crop ${bad}, outside 0..${total - 1}` };
   }),
 );
+/** A validated swappedLoss config. */
 export type SwappedLossConfig = typeof SwappedLossConfig.Type;
 
+/** What the swappedLoss stage reads: every crop's scores and the codes of the assignment crops. */
 export interface SwappedLossInput {
   /** Crop-major scores [bs * totalCrops, K]; the batch size is rows / totalCrops. */
-  readonly scores: tf.Tensor2D;
+  readonly scores: Tensor2D;
   /** One [bs, K] code per assignment crop (from `assignmentCodes` or the sinkhorn stage). */
-  readonly codes: readonly tf.Tensor2D[];
+  readonly codes: readonly Tensor2D[];
 }
 
 /** The layout of `config` for scores with `rows` rows. */
@@ -160,7 +168,13 @@ const layoutOf = (config: SwappedLossConfig, rows: number): SwappedLossOptions =
  * `run` checks them, fails with CropLayoutError when they do not fit, and its
  * loss is owned by the caller's scope.
  */
-export const swappedLossStage = defineTensorStage<
+export const swappedLossStage: TensorStage<
+  SwappedLossInput,
+  Scalar,
+  SwappedLossConfig,
+  CropLayoutError,
+  Scope.Scope
+> = defineTensorStage<
   SwappedLossInput,
   tf.Scalar,
   SwappedLossConfig,

@@ -20,7 +20,9 @@ import { Effect, Schema, type Scope, SynchronizedRef } from "effect";
 import { disposeAll } from "../backend/resources.ts";
 import { prototypeScores } from "../models/prototypes.ts";
 import { withoutGradient } from "../backend/no_gradient.ts";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 
+/** The shape of an embedding queue: its length, the batch it is fed with, the embedding size and its crops. */
 export interface QueueOptions {
   /** Requested length (the reference's queue_length); rounded down to a multiple of the batch. */
   readonly length: number;
@@ -32,9 +34,10 @@ export interface QueueOptions {
   readonly cropsForAssign: readonly number[];
 }
 
+/** What an embedding queue holds at one moment: its rows and how many of them are filled. */
 export interface QueueState {
   /** One [length, D] tensor per assignment crop, newest rows first. */
-  readonly embeddings: readonly tf.Tensor2D[];
+  readonly embeddings: readonly Tensor2D[];
   /** Rows written so far, capped at the length: the queue is full when it reaches it. */
   readonly filled: number;
 }
@@ -43,9 +46,13 @@ export interface QueueState {
 export interface EmbeddingQueue extends Disposable {
   /** The length after rounding down to a multiple of the batch size. */
   readonly length: number;
+  /** Samples per crop in a batch. */
   readonly batchSize: number;
+  /** Embedding dimension. */
   readonly dim: number;
+  /** The assignment crops, one queue each. */
   readonly cropsForAssign: readonly number[];
+  /** The rows and fill count, updated atomically by `push` and read by `queueScores`. */
   readonly state: SynchronizedRef.SynchronizedRef<QueueState>;
 }
 
