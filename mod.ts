@@ -92,11 +92,14 @@ export { withoutGradient } from "./backend/no_gradient.ts";
 // Stage: swappedLoss (and the composed one-call form)
 export {
   assignmentCodes,
+  type AssignmentOptions,
   SwappedLossConfig,
   swappedLossFromCodes,
   type SwappedLossInput,
+  type SwappedLossOptions,
   swappedLossStage,
   swappedPredictionLoss,
+  type SwappedPredictionOptions,
 } from "./stages/swapped_loss.ts";
 
 // Stage: optimise (LARC-SGD, warm-up + cosine schedule)

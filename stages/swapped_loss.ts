@@ -24,18 +24,23 @@ import { detached } from "./tape.ts";
 
 export { type CropLayout, CropLayoutError, cropLayoutProblem } from "./crop_layout.ts";
 
+/** The swapped loss's settings for one call: the crop layout and the softmax temperature. */
 export interface SwappedLossOptions extends CropLayout {
   /** Softmax temperature (reference 0.1). */
   readonly temperature: number;
 }
 
+/** How `assignmentCodes` computes codes: the crop layout, the Sinkhorn settings and the queue's scores if any. */
 export interface AssignmentOptions extends CropLayout {
+  /** Sinkhorn-Knopp entropic regularisation (reference 0.05). */
   readonly epsilon: number;
+  /** Sinkhorn-Knopp iterations (reference 3). */
   readonly iterations: number;
   /** queueScores[i]: the queue's scores [queueLength, K] for cropsForAssign[i], prepended before Sinkhorn. */
-  readonly queueScores?: readonly tf.Tensor2D[];
+  readonly queueScores?: readonly Tensor2D[];
 }
 
+/** The settings of the composed `swappedPredictionLoss`: those of the codes and those of the loss. */
 export type SwappedPredictionOptions = SwappedLossOptions & AssignmentOptions;
 
 /**
@@ -109,6 +114,21 @@ const lossFromCodes = (
  * The composed one-call form: codes from the detached scores (queue rows
  * prepended for each assignment crop), then the swapped loss. The gradient with
  * respect to `scores` is the reference's: none flows through the codes.
+ *
+ * @example The loss and its gradient for two crops of 4 samples over 10 prototypes
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend, swappedPredictionLoss } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const options = { batchSize: 4, nmbCrops: [2], cropsForAssign: [0, 1], temperature: 0.1, epsilon: 0.05, iterations: 3 };
+ * const scores = tf.randomNormal<tf.Rank.R2>([2 * 4, 10], 0, 1, "float32", 2);
+ * const { value, grad } = tf.valueAndGrad((s: tf.Tensor) => swappedPredictionLoss(s as tf.Tensor2D, options))(scores);
+ * assert.ok((await value.data())[0]! > 0); // a cross-entropy
+ * assert.deepEqual(grad.shape, [8, 10]); // what the encoder's backward pass receives
+ * tf.dispose([scores, value, grad]);
+ * ```
  */
 export const swappedPredictionLoss = (scores: tf.Tensor2D, options: SwappedPredictionOptions): tf.Scalar =>
   tf.tidy(() => swappedLossFromCodes(scores, assignmentCodes(scores, options), options));
@@ -167,6 +187,25 @@ const layoutOf = (config: SwappedLossConfig, rows: number): SwappedLossOptions =
  * differentiable form for a gradient tape (inputs assumed to fit the layout);
  * `run` checks them, fails with CropLayoutError when they do not fit, and its
  * loss is owned by the caller's scope.
+ *
+ * @example Equal scores give every prototype the same probability: the loss is log K
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, initBackend, swappedLossStage } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const loss = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const swappedLoss = yield* configure(swappedLossStage, { nmbCrops: [2], cropsForAssign: [0, 1] });
+ *   const scores = tf.zeros<tf.Rank.R2>([2 * 3, 5]); // 2 crops of 3 samples, 5 prototypes
+ *   const codes = [tf.oneHot([0, 1, 2], 5).toFloat() as tf.Tensor2D, tf.fill<tf.Rank.R2>([3, 5], 0.2)];
+ *   const value = yield* swappedLoss({ scores, codes }); // disposed with the scope
+ *   tf.dispose([scores, ...codes]);
+ *   return (yield* Effect.promise(() => value.data()))[0]!;
+ * })));
+ * assert.ok(Math.abs(loss - Math.log(5)) < 1e-5);
+ * ```
  */
 export const swappedLossStage: TensorStage<
   SwappedLossInput,
