@@ -41,6 +41,8 @@ export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
 export { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./data/image_codec.ts";
 export { DecodeConfig, DecodeErrorPolicy, decodeStage, type EncodedImage } from "./stages/decode.ts";
 export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
+export { type DemoDatasetOptions, writeDemoDataset } from "./data/demo_dataset.ts";
+export { resolveSourceSpec } from "./pipelines/sources.ts";
 export {
   type Batch,
   type Loader,

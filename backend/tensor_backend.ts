@@ -205,7 +205,19 @@ export const initBackendEffect = (
   }
 };
 
-/** `initBackendEffect` as a promise, for plain-TypeScript callers (rejects with BackendUnavailable). */
+/**
+ * `initBackendEffect` as a promise, for plain-TypeScript callers (rejects with BackendUnavailable).
+ *
+ * @example The portable CPU backend for a script
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend } from "@swav/swav-ts";
+ *
+ * assert.equal(await initBackend("wasm"), "wasm");
+ * assert.equal(tf.getBackend(), "wasm");
+ * ```
+ */
 export const initBackend = (requested: BackendName): Promise<Exclude<BackendName, "auto">> =>
   Effect.runPromise(initBackendEffect(requested));
 
@@ -270,7 +282,24 @@ const applyThreads = (): void => {
   setDnnlThreads(threads);
 };
 
-/** The active tensor backend. */
+/**
+ * The active tensor backend.
+ *
+ * @example Provide the backend to a program; it is released when the program ends
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { TensorBackend } from "@swav/swav-ts";
+ *
+ * const name = await Effect.runPromise(
+ *   Effect.gen(function* () {
+ *     const backend = yield* TensorBackend;
+ *     return backend.name;
+ *   }).pipe(Effect.provide(TensorBackend.layer("cpu"))),
+ * );
+ * assert.equal(name, "cpu");
+ * ```
+ */
 export class TensorBackend extends Context.Service<TensorBackend, {
   /** What was asked for (`auto` included). */
   readonly requested: BackendName;

@@ -367,7 +367,32 @@ const makeLocal = (prepare: PrepareRef, jpeg: JpegDecoder): Pool => {
 export const asViews = (out: Float32Array | Float32Array[]): Float32Array[] =>
   Array.isArray(out) ? out : [out];
 
-/** Builds a loader; with `workers > 0` its worker pool lives as long as the scope. */
+/**
+ * Builds a loader; with `workers > 0` its worker pool lives as long as the scope.
+ *
+ * @example One epoch of a tiny generated data set, in batches of 8
+ * ```ts
+ * import { Effect, Stream } from "effect";
+ * import assert from "node:assert/strict";
+ * import { evalPrepare, makeLoader, openSource, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const folder = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder, perClassTrain: 2, perClassTest: 1, size: 16, seed: 1 }); // 10 classes
+ * const batches = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const source = yield* openSource(`${folder}:train`);
+ *   const loader = yield* makeLoader({
+ *     source,
+ *     prepare: evalPrepare({ size: 16, channels: 3, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] }),
+ *     seed: 0,
+ *     batchSize: 8,
+ *   });
+ *   return yield* Stream.runCollect(loader.epoch(0));
+ * })));
+ * assert.equal(batches.length, 2); // 20 images, the last partial batch dropped
+ * assert.equal(batches[0]!.views[0]![0]!.length, 16 * 16 * 3);
+ * await Deno.remove(folder, { recursive: true });
+ * ```
+ */
 export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, LoaderError, Scope.Scope> =>
   Effect.gen(function* () {
     const {

@@ -48,7 +48,31 @@ export interface Features {
   readonly indices: Int32Array;
 }
 
-/** Extracts pooled backbone features of every sample of `source`. */
+/**
+ * Extracts pooled backbone features of every sample of `source`.
+ *
+ * @example Features of a tiny generated test split from a small random ResNet-18
+ * ```ts
+ * import { Effect, Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { extractFeatures, initBackend, makeSwavModel, ModelConfig, openSource, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const folder = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder, perClassTrain: 1, perClassTest: 1, size: 16, seed: 1 });
+ * using model = makeSwavModel(
+ *   Schema.decodeUnknownSync(ModelConfig)({ arch: "resnet18", width: 8, stem: "cifar", hidden: 0, out: 16, prototypes: 10 }),
+ * );
+ * const { features, labels } = await Effect.runPromise(Effect.gen(function* () {
+ *   const source = yield* openSource(`${folder}:test`);
+ *   return yield* extractFeatures(model, source, { size: 16, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] });
+ * }));
+ * assert.deepEqual(features.shape, [10, 64]); // 10 images, 8 x 8 channels after the last ResNet stage
+ * assert.deepEqual([...labels].sort(), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+ * features.dispose();
+ * await Deno.remove(folder, { recursive: true });
+ * ```
+ */
 export const extractFeatures = (
   model: SwavModel,
   source: DataSource,

@@ -48,6 +48,28 @@ export class EvaluationInputError extends Schema.TaggedError<EvaluationInputErro
 /**
  * Classifies `testFeatures` [M, D] by the labelled `trainFeatures` [N, D].
  * Features need not be normalised: both sides are L2-normalised here.
+ *
+ * @example Two labelled clusters; each test point takes the label of the cluster it is near
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, knnClassify } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const train = tf.tensor2d([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1]]);
+ * const test = tf.tensor2d([[2, 0.3], [0.2, 3]]);
+ * const result = await Effect.runPromise(
+ *   knnClassify(train, new Int32Array([0, 0, 1, 1]), test, new Int32Array([0, 1]), {
+ *     k: 3,
+ *     temperature: 0.1,
+ *     numClasses: 2,
+ *   }),
+ * );
+ * assert.equal(result.top1, 1);
+ * assert.deepEqual([...result.predictions], [0, 1]);
+ * tf.dispose([train, test]);
+ * ```
  */
 export const knnClassify = (
   trainFeatures: tf.Tensor2D,

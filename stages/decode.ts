@@ -37,6 +37,25 @@ export interface EncodedImage {
  * The decode stage. With `onError: "skip"` a bad input gives `Option.none()` and a
  * warning in the log (the loader counts and reports skips); with `"fail"` it fails
  * with the `DecodeError`.
+ *
+ * @example A PNG decodes; bytes that are no image are skipped under the default policy
+ * ```ts
+ * import { Effect, Option } from "effect";
+ * import { encode } from "fast-png";
+ * import assert from "node:assert/strict";
+ * import { configure, decodeStage } from "@swav/swav-ts";
+ *
+ * const png = encode({ width: 2, height: 1, data: new Uint8Array([255, 0, 0, 0, 0, 255]), channels: 3 });
+ * const [good, bad] = await Effect.runPromise(Effect.gen(function* () {
+ *   const decode = yield* configure(decodeStage, {}); // onError: "skip", jpeg: "auto"
+ *   return [
+ *     yield* decode({ path: "red-blue.png", bytes: png }),
+ *     yield* decode({ path: "notes.txt", bytes: new TextEncoder().encode("not an image") }),
+ *   ];
+ * }));
+ * assert.deepEqual(Option.getOrThrow(good).data, new Uint8Array([255, 0, 0, 0, 0, 255]));
+ * assert.ok(Option.isNone(bad)); // logged as a warning, counted by the loader
+ * ```
  */
 export const decodeStage: Stage<EncodedImage, Option.Option<RgbImage>, DecodeConfig, DecodeError> =
   defineStage({

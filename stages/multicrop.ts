@@ -233,6 +233,20 @@ const checkImage = (image: RgbImage): void => {
  * All crops of one sample: nmbCrops[g] crops of sizeCrops[g] px for each
  * group g in turn, each HWC float32 normalised with `config.channels` channels.
  * Deterministic in `rng`.
+ *
+ * @example Two 32 px and four 16 px crops of a 48 x 40 image
+ * ```ts
+ * import { Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { MulticropConfig, multicropSample, rngFor, smallImageProfile } from "@swav/swav-ts";
+ *
+ * const config = Schema.decodeUnknownSync(MulticropConfig)(smallImageProfile); // 2 x 32 px + 4 x 16 px
+ * const image = { width: 48, height: 40, data: new Uint8Array(48 * 40 * 3).fill(128) };
+ * const crops = multicropSample(image, config, rngFor(2020, 0, 7)); // seed, epoch, sample index
+ * assert.deepEqual(crops.map((c) => c.length), [...Array(2).fill(32 * 32 * 3), ...Array(4).fill(16 * 16 * 3)]);
+ * // The same key draws the same crops: runs are reproducible sample by sample.
+ * assert.deepEqual(multicropSample(image, config, rngFor(2020, 0, 7)), crops);
+ * ```
  */
 export const multicropSample = (image: RgbImage, config: MulticropConfig, rng: Rng): Float32Array[] => {
   checkImage(image);
@@ -358,6 +372,20 @@ export interface MulticropInput {
 /**
  * multicrop stage: an image and its (seed, epoch, index) key to its crops,
  * grouped by resolution (see `multicropSample`); `collateCrops` batches them.
+ *
+ * @example As a stage: configured from JSON, keyed by (seed, epoch, index)
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, multicropStage } from "@swav/swav-ts";
+ *
+ * const crops = await Effect.runPromise(Effect.gen(function* () {
+ *   const multicrop = yield* configure(multicropStage, { nmbCrops: [2, 2], sizeCrops: [24, 12] });
+ *   const image = { width: 32, height: 32, data: new Uint8Array(32 * 32 * 3).fill(200) };
+ *   return yield* multicrop({ image, seed: 1, epoch: 0, index: 0 });
+ * }));
+ * assert.equal(crops.length, 4);
+ * ```
  */
 export const multicropStage: Stage<MulticropInput, Float32Array[], MulticropConfig> = defineStage<
   MulticropInput,

@@ -31,7 +31,32 @@ export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError"
   message: Schema.String,
 }) {}
 
-/** Validates raw config (for example parsed JSON) for `stage`, naming the bad field on failure. */
+/**
+ * Validates raw config (for example parsed JSON) for `stage`, naming the bad field on failure.
+ *
+ * @example A stage of one's own, configured twice and composed
+ * ```ts
+ * import { Effect, Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { andThen, configure, defineStage } from "@swav/swav-ts";
+ *
+ * const scale = defineStage({
+ *   name: "scale",
+ *   config: Schema.Struct({ factor: Schema.Number }),
+ *   run: (config: { readonly factor: number }) => (input: number) => Effect.succeed(input * config.factor),
+ * });
+ * const sixTimes = await Effect.runPromise(Effect.gen(function* () {
+ *   const double = yield* configure(scale, { factor: 2 });
+ *   const triple = yield* configure(scale, { factor: 3 });
+ *   return andThen(double, triple);
+ * }));
+ * assert.equal(await Effect.runPromise(sixTimes(7)), 42);
+ * // A bad config fails with a ConfigError naming the stage and the field.
+ * const error = await Effect.runPromise(Effect.flip(configure(scale, { factor: "two" })));
+ * assert.equal(error.stage, "scale");
+ * assert.match(error.message, /factor/);
+ * ```
+ */
 export const configure = <In, Out, Config, E, R>(
   stage: Stage<In, Out, Config, E, R>,
   raw: unknown,

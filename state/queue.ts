@@ -128,7 +128,33 @@ export const createQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue
     };
   });
 
-/** A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0. */
+/**
+ * A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0.
+ *
+ * @example A queue of 4 rows per assignment crop fills after two batches of 2
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, makeQueue, pushQueue, queueIsFull, queueScores } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const shapes = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const queue = yield* makeQueue({ length: 4, batchSize: 2, dim: 3, cropsForAssign: [0, 1] });
+ *   const prototypes = yield* Effect.sync(() => tf.eye(5, 3) as tf.Tensor2D); // K = 5 prototypes of size 3
+ *   for (let step = 0; step < 2; step++) {
+ *     const embeddings = tf.randomNormal<tf.Rank.R2>([2 * 2, 3]); // 2 crops of 2 samples, crop-major
+ *     yield* pushQueue(queue, embeddings);
+ *     embeddings.dispose();
+ *   }
+ *   assert.ok(yield* queueIsFull(queue));
+ *   const scores = yield* queueScores(queue, prototypes); // scored against the current prototypes
+ *   prototypes.dispose();
+ *   return scores?.map((s) => s.shape);
+ * })));
+ * assert.deepEqual(shapes, [[4, 5], [4, 5]]);
+ * ```
+ */
 export const makeQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue, QueueError, Scope.Scope> =>
   Effect.acquireRelease(createQueue(options), (queue) => Effect.sync(() => queue[Symbol.dispose]()));
 
