@@ -4,7 +4,7 @@
  * inputs that cannot be decoded.
  */
 import { Effect, Option, Schema } from "effect";
-import { DecodeError, decodeImage, type RgbImage } from "../data/image_codec.ts";
+import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "../data/image_codec.ts";
 import { defineStage, type Stage } from "./stage.ts";
 
 /** What to do with an input that cannot be decoded: drop it (counted by the loader) or stop the run. */
@@ -15,15 +15,21 @@ export const DecodeErrorPolicy: Schema.Literals<readonly ["skip", "fail"]> = Sch
 /** "skip" or "fail". */
 export type DecodeErrorPolicy = typeof DecodeErrorPolicy.Type;
 
-/** The decode stage's config: the error policy (default "skip") and the JPEG decoder (default "auto"). */
-export const DecodeConfig = Schema.Struct({
+/** A validated decode config. */
+export interface DecodeConfig {
+  /** What a bad input does (default "skip"). */
+  readonly onError: DecodeErrorPolicy;
+  /** The JPEG decoder (default "auto": libjpeg-turbo when it loads). */
+  readonly jpeg: JpegDecoder;
+}
+
+/** The decode stage's config schema: the error policy (default "skip") and the JPEG decoder (default "auto"). */
+export const DecodeConfig: Schema.Codec<DecodeConfig, Partial<DecodeConfig>> = Schema.Struct({
   onError: DecodeErrorPolicy.pipe(Schema.withDecodingDefaultKey(Effect.succeed("skip" as const))),
   jpeg: Schema.Literals(["auto", "turbojpeg", "imagescript"]).pipe(
     Schema.withDecodingDefaultKey(Effect.succeed("auto" as const)),
   ),
 });
-/** A validated decode config. */
-export type DecodeConfig = typeof DecodeConfig.Type;
 
 /** One encoded image: its bytes and the path that names it in errors. */
 export interface EncodedImage {

@@ -136,10 +136,50 @@ const consistent = Schema.makeFilter((c: typeof MulticropFields.Type) => {
   return issues;
 });
 
-/** The multicrop stage's config: validated, with the SwAV reference's defaults (2x224 + 6x96). */
-export const MulticropConfig: typeof MulticropFields = MulticropFields.check(consistent);
-/** A validated multicrop config. */
-export type MulticropConfig = typeof MulticropConfig.Type;
+/** A validated multicrop config (defaults: the SwAV reference's 2 x 224 + 6 x 96 px recipe). */
+export interface MulticropConfig {
+  /** Number of crops of each size group (default [2, 6]). */
+  readonly nmbCrops: readonly number[];
+  /** Side in pixels of the crops of each group (default [224, 96]). */
+  readonly sizeCrops: readonly number[];
+  /** Lower end of each group's area fraction range, RandomResizedCrop's scale (default [0.14, 0.05]). */
+  readonly minScaleCrops: readonly number[];
+  /** Upper end of each group's area fraction range (default [1, 0.14]). */
+  readonly maxScaleCrops: readonly number[];
+  /** Aspect ratio (width / height) range, sampled log-uniformly (default [3/4, 4/3]). */
+  readonly aspectRatio: readonly [number, number];
+  /** Probability of a horizontal flip (default 0.5). */
+  readonly flipProbability: number;
+  /** Colour jitter brightness strength, as torchvision's ColorJitter takes it (default 0.8; 0 disables). */
+  readonly brightness: number;
+  /** Colour jitter contrast strength (default 0.8). */
+  readonly contrast: number;
+  /** Colour jitter saturation strength (default 0.8). */
+  readonly saturation: number;
+  /** Colour jitter hue strength, at most 0.5 (default 0.2). */
+  readonly hue: number;
+  /** Probability of applying the colour jitter (default 0.8). */
+  readonly jitterProbability: number;
+  /** Probability of converting to grayscale after the jitter (default 0.2). */
+  readonly grayscaleProbability: number;
+  /** Whether to blur at all (default true; the small-image profile turns it off). */
+  readonly blur: boolean;
+  /** Probability of the Gaussian blur (default 0.5). */
+  readonly blurProbability: number;
+  /** Range of the blur's sigma, sampled uniformly (default [0.1, 2]). */
+  readonly blurSigma: readonly [number, number];
+  /** Per-channel mean subtracted (default the reference's [0.485, 0.456, 0.406]). */
+  readonly mean: readonly [number, number, number];
+  /** Per-channel standard deviation divided by (default the reference's [0.228, 0.224, 0.225]). */
+  readonly std: readonly [number, number, number];
+  /** Output channels: 3 (RGB) or 1 (luma of the final RGB, normalised with mean[0], std[0]). */
+  readonly channels: 1 | 3;
+}
+
+/** The multicrop stage's config schema: validates every field (errors name it) and fills the defaults. */
+export const MulticropConfig: Schema.Codec<MulticropConfig, Partial<MulticropConfig>> = MulticropFields.check(
+  consistent,
+);
 
 /** The reference defaults, decoded from an empty config. */
 export const defaultMulticropConfig: MulticropConfig = Schema.decodeUnknownSync(MulticropConfig)({});

@@ -178,10 +178,18 @@ export const sinkhornFields = {
   /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs. */
   sinkhornIterations: withDefault(NonNegativeInt, 3),
 };
-/** The sinkhorn stage's config: `epsilon` and `sinkhornIterations`, validated, with the reference's defaults. */
-export const SinkhornConfig: Schema.Struct<typeof sinkhornFields> = Schema.Struct(sinkhornFields);
 /** A validated sinkhorn config. */
-export type SinkhornConfig = typeof SinkhornConfig.Type;
+export interface SinkhornConfig {
+  /** Sinkhorn-Knopp entropic regularisation (> 0; reference 0.05). */
+  readonly epsilon: number;
+  /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs (>= 0; reference 3). */
+  readonly sinkhornIterations: number;
+}
+
+/** The sinkhorn stage's config schema: validates `epsilon` and `sinkhornIterations` and fills the reference's defaults. */
+export const SinkhornConfig: Schema.Codec<SinkhornConfig, Partial<SinkhornConfig>> = Schema.Struct(
+  sinkhornFields,
+);
 
 /** What the sinkhorn stage reads: the scores, and optionally the crop layout and the queue's scores. */
 export interface SinkhornInput {

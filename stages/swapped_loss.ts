@@ -147,8 +147,18 @@ const swappedLossConfigFields = {
   ...swappedLossFields,
 };
 
-/** The swappedLoss stage's config: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
-export const SwappedLossConfig: Schema.Struct<typeof swappedLossConfigFields> = Schema.Struct(
+/** A validated swappedLoss config. */
+export interface SwappedLossConfig {
+  /** Crops per resolution group, e.g. [2, 6] (their sum is at least 2). */
+  readonly nmbCrops: readonly number[];
+  /** Softmax temperature of the swapped prediction (> 0; reference 0.1). */
+  readonly temperature: number;
+  /** Crops whose codes are predicted, each below the total crop count (reference [0, 1]). */
+  readonly cropsForAssign: readonly number[];
+}
+
+/** The swappedLoss stage's config schema: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
+export const SwappedLossConfig: Schema.Codec<SwappedLossConfig, Partial<SwappedLossConfig>> = Schema.Struct(
   swappedLossConfigFields,
 ).check(
   Schema.makeFilter((c) => {
@@ -165,8 +175,6 @@ export const SwappedLossConfig: Schema.Struct<typeof swappedLossConfigFields> = 
       : { path: ["cropsForAssign"], issue: `cropsForAssign has crop ${bad}, outside 0..${total - 1}` };
   }),
 );
-/** A validated swappedLoss config. */
-export type SwappedLossConfig = typeof SwappedLossConfig.Type;
 
 /** What the swappedLoss stage reads: every crop's scores and the codes of the assignment crops. */
 export interface SwappedLossInput {
