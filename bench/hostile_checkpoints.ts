@@ -38,13 +38,14 @@ export const tensorPickle = (
   shape: readonly number[],
   stride: readonly number[],
   offset = 0,
+  storageType: Uint8Array | number[] = global("torch", "FloatStorage"),
 ): Uint8Array =>
   cat([
     global("torch._utils", "_rebuild_tensor_v2"),
     MARK,
     MARK,
     str("storage"),
-    global("torch", "FloatStorage"),
+    storageType,
     str(key),
     str("cpu"),
     int(numel),
@@ -324,6 +325,18 @@ export const fakedTensorRecord = (): Uint8Array => {
   return torchZip(dictPickle([["w", faked]]), []).bytes;
 };
 
+/**
+ * A storage type changed by BUILD (`torch.FloatStorage` given `dtype = "evil"`) and then used by a
+ * tensor: the old reader trusted its fields and crashed as an internal error.
+ */
+export const buildOnStorageType = (): Uint8Array => {
+  const changed = cat([global("torch", "FloatStorage"), [0x7d], MARK, str("dtype"), str("evil"), [0x75], [
+    0x62,
+  ]]);
+  return torchZip(dictPickle([["w", tensorPickle("0", 1, [1], [1], 0, changed)]]), [["0", floats([1])]])
+    .bytes;
+};
+
 const findBytes = (b: Uint8Array, pattern: number[]): number => {
   outer: for (let i = 0; i + pattern.length <= b.length; i++) {
     for (let j = 0; j < pattern.length; j++) if (b[i + j] !== pattern[j]) continue outer;
@@ -331,6 +344,15 @@ const findBytes = (b: Uint8Array, pattern: number[]): number => {
   }
   throw new Error("pattern not found");
 };
+
+/** `views` tensors of `numel` elements, each viewing the whole of one stored storage. */
+export const manyViews = (views: number, numel: number): Uint8Array =>
+  torchZip(
+    dictPickle(
+      Array.from({ length: views }, (_, i) => [`v${i}`, tensorPickle("0", numel, [numel], [1])] as const),
+    ),
+    [["0", new Uint8Array(4 * numel)]],
+  ).bytes;
 
 /** A good small checkpoint: `w` = [1, 2, 3] and an expanded `e` = torch.tensor([7.]).expand(5). */
 export const goodSmall = (): Uint8Array =>
