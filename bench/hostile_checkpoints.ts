@@ -354,6 +354,45 @@ export const manyViews = (views: number, numel: number): Uint8Array =>
     [["0", new Uint8Array(4 * numel)]],
   ).bytes;
 
+/**
+ * A valid but slow checkpoint: `entries` transposed `side` x `side` float32 tensors (strides
+ * [1, side], as a saved `w.t()` has), each of its own deflated storage of zeros (about 1/1000 of
+ * its size in the file): loading it inflates and walks `entries * side^2` elements.
+ */
+export const slowToLoad = (entries = 3, side = 4096): Uint8Array => {
+  const numel = side * side;
+  const zeros = deflateSync(new Uint8Array(numel * 4));
+  const z = zip([
+    {
+      name: "archive/data.pkl",
+      data: dictPickle(
+        Array.from(
+          { length: entries },
+          (_, i) => [`w${i}`, tensorPickle(String(i), numel, [side, side], [1, side])],
+        ),
+      ),
+    },
+    ...Array.from({ length: entries }, (_, i) => ({ name: `archive/data/${i}`, data: zeros })),
+  ]);
+  // Mark the storages deflated: their bytes are the deflated zeros, their inflated size numel * 4.
+  const b = z.bytes;
+  for (let i = 0; i < entries; i++) {
+    const local = z.localOffsets[i + 1]!;
+    b.set(le16(8), local + 8);
+    b.set(le32(numel * 4), local + 22);
+  }
+  let o = z.centralOffset;
+  for (let i = 0; i <= entries; i++) {
+    const nameLength = b[o + 28]! | (b[o + 29]! << 8);
+    if (i > 0) {
+      b.set(le16(8), o + 10);
+      b.set(le32(numel * 4), o + 24);
+    }
+    o += 46 + nameLength;
+  }
+  return b;
+};
+
 /** A good small checkpoint: `w` = [1, 2, 3] and an expanded `e` = torch.tensor([7.]).expand(5). */
 export const goodSmall = (): Uint8Array =>
   torchZip(

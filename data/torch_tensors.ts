@@ -70,6 +70,16 @@ const elementReader = (dtype: TorchDType, bytes: Uint8Array): (i: number) => num
   }
 };
 
+/** Whether the tensor's strides are row-major contiguous (dimensions of size 1 have any stride). */
+const isContiguous = (ref: TensorRef): boolean => {
+  let expected = 1;
+  for (let d = ref.shape.length - 1; d >= 0; d--) {
+    if (ref.shape[d]! !== 1 && ref.stride[d]! !== expected) return false;
+    expected *= ref.shape[d]!;
+  }
+  return true;
+};
+
 /**
  * The tensor's values, or why not: `bytes` are its storage's bytes, already checked to hold the
  * storage's claimed element count.
@@ -100,6 +110,12 @@ export const materialise = async (
       `(more elements than twice its storages hold)`;
   }
   budget.left -= count;
+  if (type.dtype === "float32" && isContiguous(ref)) {
+    // The common case (every weight torch.save writes from a module): one copy of the bytes.
+    const values = new Float32Array(count);
+    new Uint8Array(values.buffer).set(bytes.subarray(4 * ref.offset, 4 * (ref.offset + count)));
+    return { dtype: type.dtype, shape: ref.shape, values };
+  }
   const floating = type.dtype.startsWith("float") || type.dtype === "bfloat16";
   const values = floating ? new Float32Array(count) : new Float64Array(count);
   const read = elementReader(type.dtype, bytes);
