@@ -10,6 +10,7 @@
  * Temporary folders live under /tmp and are removed at the end.
  */
 import { corpusFolder, goodImage, lastJson, tinyConfig, writeCorruptDataset } from "./corrupt_dataset.ts";
+import * as hostileCheckpoints from "./hostile_checkpoints.ts";
 
 const json = Deno.args.includes("--json");
 const onlyAt = Deno.args.indexOf("--only");
@@ -796,6 +797,160 @@ add("extract-unusable-out", async (dir) => {
     lost: late || r.code === 0,
   });
 });
+
+// ---- second round: hostile files to every reader, and Ctrl-C during a load (bench/hostile_checkpoints.ts) ----
+// `unbounded` here also marks a hang or a run past its stated bound: each case says its bound in its note.
+
+/** A run that never ended in time or grew past 1 GB. */
+const overBound = (r: Run) => r.timedOut || r.killedForMemory || r.peakMb > 1000;
+const described = (r: Run) =>
+  `exit ${r.code}${r.timedOut ? " (timed out)" : ""}, peak ${
+    r.peakMb.toFixed(0)
+  } MB, ${r.stderr.length} bytes on stderr: ${short(r.stderr)}`;
+
+for (
+  const [name, make, commands] of [
+    ["pth-zip64-loop", hostileCheckpoints.zip64Loop, ["export", "eval", "extract", "pretrain-init"]],
+    ["pth-stride-zero-x4", () => hostileCheckpoints.strideZero(), ["export"]],
+    ["pth-overlapping-entries", () => hostileCheckpoints.overlappingEntries(), ["export"]],
+    ["pth-nested-entry", hostileCheckpoints.nestedEntry, ["export"]],
+    ["pth-sizes-disagree", hostileCheckpoints.sizesDisagree, ["export"]],
+    ["pth-inflates-past-size", hostileCheckpoints.inflatesPastDeclared, ["export"]],
+    ["pth-long4-512k", () => hostileCheckpoints.long4(2 ** 19), ["export"]],
+    ["pth-shared-list-shape", () => hostileCheckpoints.sharedListShape(40), ["export"]],
+    ["pth-faked-tensor-record", hostileCheckpoints.fakedTensorRecord, ["export"]],
+    ["pth-build-on-storage-type", hostileCheckpoints.buildOnStorageType, ["export"]],
+  ] as const
+) {
+  add(name, async (dir) => {
+    await goodFolder(`${dir}/data`, 4, "png");
+    const file = `${dir}/hostile.pth`;
+    await Deno.writeFile(file, make());
+    const notes: string[] = [];
+    let crash = false, unbounded = false, lost = false;
+    for (const command of commands) {
+      const args = command === "pretrain-init"
+        ? ["pretrain", "--init", file, "--data", `${dir}/data`, "--out", `${dir}/r`, "--max-steps", "1"]
+        : command === "export"
+        ? ["export", "--checkpoint", file, "--out", `${dir}/out`]
+        : command === "eval"
+        ? ["eval", "--checkpoint", file, "--train", `${dir}/data`, "--test", `${dir}/data`]
+        : ["extract", "--checkpoint", file, "--data", `${dir}/data`, "--out", `${dir}/feat`];
+      // Bound: refused within 30 s (each is refused in well under a second) and under 1 GB.
+      const r = await run(args, { timeoutMs: 30_000 });
+      crash ||= crashed(r) && !r.timedOut && !r.killedForMemory;
+      unbounded ||= overBound(r) || r.stderr.length > 4000;
+      lost ||= r.code === 0;
+      notes.push(`${command}: ${described(r)}`);
+    }
+    return v(1, notes.join("; "), { crash, unbounded, lost });
+  });
+}
+
+add("checkpoint-fifo-and-dev-zero", async (dir) => {
+  const fifo = `${dir}/pipe.pth`;
+  await new Deno.Command("mkfifo", { args: [fifo] }).output();
+  const notes: string[] = [];
+  let crash = false, unbounded = false;
+  for (const path of [fifo, "/dev/zero"]) {
+    // Bound: refused within 30 s without opening the FIFO (opening it blocks until a writer comes).
+    const r = await run(["export", "--checkpoint", path, "--out", `${dir}/out`], { timeoutMs: 30_000 });
+    crash ||= crashed(r) && !r.timedOut;
+    unbounded ||= overBound(r);
+    notes.push(`${path.slice(dir.length + 1) || path}: ${described(r)}`);
+  }
+  return v(2, notes.join("; "), { crash, unbounded });
+});
+
+add("labels-dev-zero-and-binary", async (dir) => {
+  await goodFolder(`${dir}/data`, 4, "png");
+  const binary = `${dir}/labels.bin`;
+  await Deno.writeFile(binary, Uint8Array.from({ length: 4096 }, (_, i) => (i * 37) & 0xff));
+  const notes: string[] = [];
+  let crash = false, unbounded = false, lost = false;
+  for (const labels of ["/dev/zero", binary]) {
+    const r = await run([
+      "eval",
+      "--checkpoint",
+      new URL("../test/fixtures/torch/resnet18.pth", import.meta.url).pathname,
+      "--train",
+      `${dir}/data`,
+      "--test",
+      `${dir}/data`,
+      "--method",
+      "semisup",
+      "--labels",
+      labels,
+    ], { timeoutMs: 60_000 });
+    // Bound: refused within 60 s and under 1 GB (13 GB in 25 s before); the line has no raw control bytes.
+    crash ||= crashed(r) && !r.timedOut && !r.killedForMemory;
+    unbounded ||= overBound(r);
+    // deno-lint-ignore no-control-regex
+    lost ||= r.code === 0 || /[\x00-\x08\x0b-\x1f\x7f]/.test(r.stderr);
+    notes.push(`${labels.startsWith(dir) ? "binary file" : labels}: ${described(r)}`);
+  }
+  return v(2, notes.join("; "), { crash, unbounded, lost });
+});
+
+/** Seconds the CLI takes to start and fail on a missing checkpoint (where a load would begin). */
+const startupSeconds = async (dir: string) => {
+  const started = performance.now();
+  await run(["export", "--checkpoint", `${dir}/missing.pth`, "--out", `${dir}/x`]);
+  return (performance.now() - started) / 1000;
+};
+
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  add(`${signal.toLowerCase()}-during-checkpoint-load`, async (dir) => {
+    const startup = await startupSeconds(dir);
+    await Deno.writeFile(`${dir}/slow.pth`, hostileCheckpoints.slowToLoad(3, 4096));
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-all", cli, "export", "--checkpoint", `${dir}/slow.pth`, "--out", `${dir}/out`],
+      env,
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    await new Promise((r) => setTimeout(r, (startup + 1) * 1000));
+    const sent = performance.now();
+    child.kill(signal);
+    const timer = setTimeout(() => killPid(child.pid), 60_000);
+    const out = await child.output();
+    clearTimeout(timer);
+    const seconds = (performance.now() - sent) / 1000;
+    // Bound: ends within 5 s of the signal (the load takes over 10 s; it ignored the signal before).
+    return v(1, `${signal} 1 s into the load: ended after ${seconds.toFixed(1)} s, exit ${out.code}`, {
+      unbounded: seconds > 5,
+      lost: out.code === 0,
+      crash: /\n\s+at |panicked/.test(new TextDecoder().decode(out.stderr)),
+    });
+  });
+}
+
+add("kill-9-wrapper-during-checkpoint-load", async (dir) => {
+  const startup = await startupSeconds(dir);
+  await Deno.writeFile(`${dir}/slow.pth`, hostileCheckpoints.slowToLoad(3, 4096));
+  const child = new Deno.Command(wrapper, {
+    args: ["run", "--allow-all", cli, "export", "--checkpoint", `${dir}/slow.pth`, "--out", `${dir}/out`],
+    env,
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  await new Promise((r) => setTimeout(r, (startup + 1.5) * 1000));
+  const loaders = childrenOf(child.pid);
+  Deno.kill(child.pid, "SIGKILL");
+  await child.status;
+  await new Promise((r) => setTimeout(r, 5000));
+  const orphans = loaders.filter(alive);
+  for (const p of orphans) killPid(p);
+  // Bound: no process of the wrapper left 5 s after it is killed.
+  return v(
+    0,
+    `${loaders.length} child process(es); ${orphans.length} still running 5 s after kill -9 of the wrapper`,
+    {
+      unbounded: orphans.length > 0,
+    },
+  );
+});
+// ---- end of the second round's file and signal cases ----
 
 // ---- run them -------------------------------------------------------------------------------------------
 
