@@ -139,15 +139,21 @@ const parse = async (bytes: Uint8Array, pause: Pause): Promise<TorchStateDict | 
     if (!isTensorRef(value)) skipped.push(key);
     else refs.push([key, value]);
   }
-  // The budget: twice the elements of the storages the tensors use, plus one overlap allowance.
-  const storages = new Map(refs.map(([, ref]) => [ref.storage.key, ref.storage.numel]));
+  // Every storage is checked against the file first (inflated once, each to its declared size), so
+  // that the budget counts only elements really present: twice those, plus one overlap allowance.
+  const stored = new Map<string, Uint8Array>();
+  const verified = new Map<string, number>();
+  for (const [key, ref] of refs) {
+    const bytes = await storage(ref.storage);
+    if (typeof bytes === "string") return `${shown(key, 80)}: ${bytes}`;
+    stored.set(key, bytes);
+    verified.set(ref.storage.key, Math.max(verified.get(ref.storage.key) ?? 0, ref.storage.numel));
+  }
   const budget: ElementBudget = {
-    left: 2 * [...storages.values()].reduce((a, b) => a + b, 0) + MAX_OVERLAP_ELEMENTS,
+    left: 2 * [...verified.values()].reduce((a, b) => a + b, 0) + MAX_OVERLAP_ELEMENTS,
   };
   for (const [key, ref] of refs) {
-    const stored = await storage(ref.storage);
-    if (typeof stored === "string") return `${shown(key, 80)}: ${stored}`;
-    const tensor = await materialise(ref, stored, budget, pause);
+    const tensor = await materialise(ref, stored.get(key)!, budget, pause);
     if (typeof tensor === "string") return `${shown(key, 80)}: ${tensor}`;
     tensors.set(key, tensor);
     await pause();
