@@ -25,7 +25,7 @@ import { exitWithWrapper } from "./wrapper_watch.ts";
 import { abortJobOnFailure, launchUnderMpi, shouldLaunch } from "./launch.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
-const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
+const longCommands = new Set(["pretrain", "demo", "eval", "extract", "export"]);
 
 const configFlag = Flag.String("config").pipe(
   Flag.withDescription("JSON config file (any subset of the fields)"),

@@ -12,8 +12,10 @@ import { slowToLoad } from "../bench/hostile_checkpoints.ts";
 const cli = new URL("../cli/main.ts", import.meta.url).pathname;
 const env = { NO_COLOR: "1", SWAV_BACKEND: "wasm", SWAV_THREADS: "1" };
 
-const spawn = (args: string[]) =>
-  new Deno.Command(Deno.execPath(), {
+const wrapper = new URL("../node_modules/.bin/deno", import.meta.url).pathname;
+
+const spawn = (args: string[], program = Deno.execPath()) =>
+  new Deno.Command(program, {
     args: ["run", "--allow-all", cli, ...args],
     env,
     stdout: "piped",
@@ -50,4 +52,66 @@ Deno.test("SIGINT ends a long PyTorch checkpoint load within seconds", async () 
   } finally {
     await Deno.remove(folder, { recursive: true });
   }
+});
+
+/** The processes whose parent is `pid`. */
+const childrenOf = (pid: number): number[] =>
+  [...Deno.readDirSync("/proc")].filter((e) => /^\d+$/.test(e.name)).flatMap((e) => {
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${e.name}/stat`);
+      return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]) === pid ? [Number(e.name)] : [];
+    } catch {
+      return [];
+    }
+  });
+const alive = (pid: number) => {
+  try {
+    return !/\) Z /.test(Deno.readTextFileSync(`/proc/${pid}/stat`));
+  } catch {
+    return false;
+  }
+};
+
+Deno.test({
+  name: "kill -9 of npm's wrapper during a long export load ends the Deno process too",
+  ignore: Deno.build.os !== "linux",
+  fn: async () => {
+    const folder = await Deno.makeTempDir({ prefix: "swav-orphan-" });
+    try {
+      const startedProbe = performance.now();
+      await spawn(["export", "--checkpoint", `${folder}/missing.pth`, "--out", `${folder}/x`], wrapper)
+        .output();
+      const startup = performance.now() - startedProbe;
+      await Deno.writeFile(`${folder}/slow.pth`, slowToLoad(3, 4096));
+      // No pipes: reading them would wait for the Deno process, which holds them too.
+      const child = new Deno.Command(wrapper, {
+        args: [
+          "run",
+          "--allow-all",
+          cli,
+          "export",
+          "--checkpoint",
+          `${folder}/slow.pth`,
+          "--out",
+          `${folder}/out`,
+        ],
+        env,
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      await new Promise((resolve) => setTimeout(resolve, startup + 1500));
+      const loaders = childrenOf(child.pid);
+      assert.ok(loaders.length > 0, "the wrapper started deno");
+      child.kill("SIGKILL");
+      await child.status;
+      // The watch checks its parent once a second; the load yields, so its SIGINT is handled at once.
+      const deadline = Date.now() + 8000;
+      while (Date.now() < deadline && loaders.some(alive)) await new Promise((r) => setTimeout(r, 200));
+      const orphans = loaders.filter(alive);
+      for (const pid of orphans) Deno.kill(pid, "SIGKILL");
+      assert.deepEqual(orphans, [], "no deno process outlives the wrapper by 8 s");
+    } finally {
+      await Deno.remove(folder, { recursive: true });
+    }
+  },
 });
