@@ -142,7 +142,7 @@ export const subsetFromNames = (
         message: `--labels ${
           shown(file)
         }: ${missing.length} of ${wanted.length} names are not in the train source (first: ${
-          missing.slice(0, 3).map((name) => `"${shown(name, 60)}"`).join(", ")
+          missing.slice(0, 3).map((name) => shown(name, 60)).join(", ")
         })`,
       }),
     );
