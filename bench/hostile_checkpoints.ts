@@ -355,38 +355,39 @@ export const manyViews = (views: number, numel: number): Uint8Array =>
   ).bytes;
 
 /**
- * A valid but slow checkpoint: `entries` transposed `side` x `side` float32 tensors (strides
+ * A valid but slow checkpoint: `entries` transposed `side` x `side` bfloat16 tensors (strides
  * [1, side], as a saved `w.t()` has), each of its own deflated storage of zeros (about 1/1000 of
- * its size in the file): loading it inflates and walks `entries * side^2` elements.
+ * its size in the file): loading it inflates and converts `entries * side^2` elements one by one.
  */
 export const slowToLoad = (entries = 3, side = 4096): Uint8Array => {
   const numel = side * side;
-  const zeros = deflateSync(new Uint8Array(numel * 4));
+  const zeros = deflateSync(new Uint8Array(numel * 2));
+  const bfloat16 = global("torch", "BFloat16Storage");
   const z = zip([
     {
       name: "archive/data.pkl",
       data: dictPickle(
         Array.from(
           { length: entries },
-          (_, i) => [`w${i}`, tensorPickle(String(i), numel, [side, side], [1, side])],
+          (_, i) => [`w${i}`, tensorPickle(String(i), numel, [side, side], [1, side], 0, bfloat16)],
         ),
       ),
     },
     ...Array.from({ length: entries }, (_, i) => ({ name: `archive/data/${i}`, data: zeros })),
   ]);
-  // Mark the storages deflated: their bytes are the deflated zeros, their inflated size numel * 4.
+  // Mark the storages deflated: their bytes are the deflated zeros, their inflated size numel * 2.
   const b = z.bytes;
   for (let i = 0; i < entries; i++) {
     const local = z.localOffsets[i + 1]!;
     b.set(le16(8), local + 8);
-    b.set(le32(numel * 4), local + 22);
+    b.set(le32(numel * 2), local + 22);
   }
   let o = z.centralOffset;
   for (let i = 0; i <= entries; i++) {
     const nameLength = b[o + 28]! | (b[o + 29]! << 8);
     if (i > 0) {
       b.set(le16(8), o + 10);
-      b.set(le32(numel * 4), o + 24);
+      b.set(le32(numel * 2), o + 24);
     }
     o += 46 + nameLength;
   }
