@@ -10,6 +10,7 @@
  * Temporary folders live under /tmp and are removed at the end.
  */
 import { corpusFolder, goodImage, lastJson, tinyConfig, writeCorruptDataset } from "./corrupt_dataset.ts";
+import * as hostileCheckpoints from "./hostile_checkpoints.ts";
 
 const json = Deno.args.includes("--json");
 const onlyAt = Deno.args.indexOf("--only");
@@ -1263,6 +1264,185 @@ add("labels-name-in-two-classes", async (dir) => {
 });
 
 // ---- second round (end) ------------------------------------------------------------------------------------
+
+// ---- second round: hostile files to every reader, and Ctrl-C during a load (bench/hostile_checkpoints.ts) ----
+// `unbounded` here also marks a hang or a run past its stated bound: each case says its bound in its note.
+
+/** A run that never ended in time or grew past 1 GB. */
+const overBound = (r: Run) => r.timedOut || r.killedForMemory || r.peakMb > 1000;
+const described = (r: Run) =>
+  `exit ${r.code}${r.timedOut ? " (timed out)" : ""}, peak ${
+    r.peakMb.toFixed(0)
+  } MB, ${r.stderr.length} bytes on stderr: ${short(r.stderr)}`;
+
+for (
+  // `refused`: the checkpoint reader itself must refuse the file (a faked record is merely not a tensor).
+  const [name, make, commands, refused] of [
+    ["pth-zip64-loop", hostileCheckpoints.zip64Loop, ["export", "eval", "extract", "pretrain-init"], true],
+    ["pth-stride-zero-x4", () => hostileCheckpoints.strideZero(), ["export"], true],
+    ["pth-overlapping-entries", () => hostileCheckpoints.overlappingEntries(), ["export"], true],
+    ["pth-nested-entry", hostileCheckpoints.nestedEntry, ["export"], true],
+    ["pth-sizes-disagree", hostileCheckpoints.sizesDisagree, ["export"], true],
+    ["pth-inflates-past-size", hostileCheckpoints.inflatesPastDeclared, ["export"], true],
+    ["pth-long4-512k", () => hostileCheckpoints.long4(2 ** 19), ["export"], true],
+    ["pth-shared-list-shape", () => hostileCheckpoints.sharedListShape(40), ["export"], true],
+    ["pth-faked-tensor-record", hostileCheckpoints.fakedTensorRecord, ["export"], false],
+    ["pth-build-on-storage-type", hostileCheckpoints.buildOnStorageType, ["export"], true],
+  ] as const
+) {
+  add(name, async (dir) => {
+    await goodFolder(`${dir}/data`, 4, "png");
+    const file = `${dir}/hostile.pth`;
+    await Deno.writeFile(file, make());
+    const notes: string[] = [];
+    let crash = false, unbounded = false, lost = false;
+    for (const command of commands) {
+      const args = command === "pretrain-init"
+        ? [
+          "pretrain",
+          "--config",
+          await config(dir, `${dir}/data`, { epochs: 1, batchSize: 4 }),
+          "--init",
+          file,
+          "--out",
+          `${dir}/r`,
+          "--max-steps",
+          "1",
+        ]
+        : command === "export"
+        ? ["export", "--checkpoint", file, "--out", `${dir}/out`]
+        : command === "eval"
+        ? ["eval", "--checkpoint", file, "--train", `${dir}/data`, "--test", `${dir}/data`]
+        : ["extract", "--checkpoint", file, "--data", `${dir}/data`, "--out", `${dir}/feat`];
+      // Bound: refused within 30 s (each is refused in well under a second) and under 1 GB.
+      const r = await run(args, { timeoutMs: 30_000 });
+      // An "internal error" line for a bad file is a crash; a file the reader should refuse and did not is lost.
+      crash ||= (crashed(r) && !r.timedOut && !r.killedForMemory) ||
+        /internal error, not your input/.test(r.stderr);
+      unbounded ||= overBound(r) || r.stderr.length > 4000;
+      lost ||= r.code === 0 || (refused && !r.timedOut && !/TorchCheckpointError/.test(r.stderr));
+      notes.push(`${command}: ${described(r)}`);
+    }
+    return v(1, notes.join("; "), { crash, unbounded, lost });
+  });
+}
+
+add("checkpoint-fifo-and-dev-zero", async (dir) => {
+  const fifo = `${dir}/pipe.pth`;
+  await new Deno.Command("mkfifo", { args: [fifo] }).output();
+  const notes: string[] = [];
+  let crash = false, unbounded = false;
+  for (const path of [fifo, "/dev/zero"]) {
+    // Bound: refused within 30 s without opening the FIFO (opening it blocks until a writer comes).
+    const r = await run(["export", "--checkpoint", path, "--out", `${dir}/out`], { timeoutMs: 30_000 });
+    crash ||= crashed(r) && !r.timedOut;
+    unbounded ||= overBound(r);
+    notes.push(`${path.slice(dir.length + 1) || path}: ${described(r)}`);
+  }
+  return v(2, notes.join("; "), { crash, unbounded });
+});
+
+add("labels-dev-zero-and-binary", async (dir) => {
+  await goodFolder(`${dir}/data`, 4, "png");
+  const binary = `${dir}/labels.bin`;
+  await Deno.writeFile(binary, Uint8Array.from({ length: 4096 }, (_, i) => (i * 37) & 0xff));
+  const notes: string[] = [];
+  let crash = false, unbounded = false, lost = false;
+  for (const labels of ["/dev/zero", binary]) {
+    const r = await run([
+      "eval",
+      "--checkpoint",
+      new URL("../test/fixtures/torch/resnet18.pth", import.meta.url).pathname,
+      "--train",
+      `${dir}/data`,
+      "--test",
+      `${dir}/data`,
+      "--method",
+      "semisup",
+      "--labels",
+      labels,
+    ], { timeoutMs: 60_000 });
+    // Bound: refused within 60 s and under 1 GB (13 GB in 25 s before); the line has no raw control bytes.
+    crash ||= crashed(r) && !r.timedOut && !r.killedForMemory;
+    unbounded ||= overBound(r);
+    // deno-lint-ignore no-control-regex
+    lost ||= r.code === 0 || /[\x00-\x08\x0b-\x1f\x7f]/.test(r.stderr);
+    notes.push(`${labels.startsWith(dir) ? "binary file" : labels}: ${described(r)}`);
+  }
+  return v(2, notes.join("; "), { crash, unbounded, lost });
+});
+
+/** Peak RSS (MB) of a CLI run that fails at once on a missing checkpoint: the CLI's own footprint. */
+const footprintMb = async (dir: string) =>
+  (await run(["export", "--checkpoint", `${dir}/missing.pth`, "--out", `${dir}/x`])).peakMb;
+/** Waits until `pid` holds `mb` MB: the slow file's inflated storages (128 MiB) mean the load is under way. */
+const grownTo = async (pid: number, mb: number) => {
+  const deadline = Date.now() + 90_000;
+  while (Date.now() < deadline && rssMb(pid) < mb) await new Promise((r) => setTimeout(r, 20));
+  return rssMb(pid) >= mb;
+};
+
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  add(`${signal.toLowerCase()}-during-checkpoint-load`, async (dir) => {
+    const footprint = await footprintMb(dir);
+    await Deno.writeFile(`${dir}/slow.pth`, hostileCheckpoints.slowToLoad(4, 4096));
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "--allow-all", cli, "export", "--checkpoint", `${dir}/slow.pth`, "--out", `${dir}/out`],
+      env,
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const loading = await grownTo(child.pid, footprint + 80);
+    const sent = performance.now();
+    child.kill(signal);
+    const timer = setTimeout(() => killPid(child.pid), 60_000);
+    const out = await child.output();
+    clearTimeout(timer);
+    const seconds = (performance.now() - sent) / 1000;
+    // Bound: ends within 3 s of the signal (the rest of the load takes over 5 s; over 100 s before).
+    return v(
+      1,
+      `${signal} during the load${loading ? "" : " (never saw it start)"}: ended after ${
+        seconds.toFixed(1)
+      } s, exit ${out.code}`,
+      {
+        unbounded: seconds > 3,
+        lost: out.code === 0,
+        crash: /\n\s+at |panicked/.test(new TextDecoder().decode(out.stderr)),
+      },
+    );
+  });
+}
+
+add("kill-9-wrapper-during-checkpoint-load", async (dir) => {
+  const footprint = await footprintMb(dir);
+  await Deno.writeFile(`${dir}/slow.pth`, hostileCheckpoints.slowToLoad(4, 4096));
+  const child = new Deno.Command(wrapper, {
+    args: ["run", "--allow-all", cli, "export", "--checkpoint", `${dir}/slow.pth`, "--out", `${dir}/out`],
+    env,
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  let loaders: number[] = [];
+  const deadline = Date.now() + 30_000;
+  while (loaders.length === 0 && Date.now() < deadline) {
+    loaders = childrenOf(child.pid);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  if (loaders.length > 0) await grownTo(loaders[0]!, footprint + 80);
+  Deno.kill(child.pid, "SIGKILL");
+  await child.status;
+  await new Promise((r) => setTimeout(r, 5000));
+  const orphans = loaders.filter(alive);
+  for (const p of orphans) killPid(p);
+  // Bound: no process of the wrapper left 5 s after it is killed.
+  return v(
+    0,
+    `${loaders.length} child process(es); ${orphans.length} still running 5 s after kill -9 of the wrapper`,
+    { unbounded: orphans.length > 0 },
+  );
+});
+// ---- end of the second round's file and signal cases ----
 
 // ---- run them -------------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import { precheckEarlierRun } from "../pipelines/run_history.ts";
 import { launchedByMpi } from "../backend/mpi.ts";
 
 /** Commands that run long enough to outlive a killed `npx deno task` wrapper. */
-const longCommands = new Set(["pretrain", "demo", "eval", "extract"]);
+const longCommands = new Set(["pretrain", "demo", "eval", "extract", "export"]);
 
 const configFlag = Flag.String("config").pipe(
   Flag.withDescription("JSON config file (any subset of the fields)"),

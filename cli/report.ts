@@ -14,8 +14,14 @@ const debugEnabled = (): boolean => {
   }
 };
 
-/** One line, all of it: schema errors put the offending field's path on a second line. */
-const oneLine = (text: string) => text.trim().replace(/\s*\n\s*/g, " ");
+/** The longest error line printed: a message built from a hostile file's content is cut here. */
+const MAX_LINE = 2000;
+
+/** One line, all of it (schema errors put the offending field's path on a second line), cut at `MAX_LINE`. */
+const oneLine = (text: string) => {
+  const line = text.slice(0, 4 * MAX_LINE).trim().replace(/\s*\n\s*/g, " ");
+  return line.length > MAX_LINE ? `${line.slice(0, MAX_LINE)}…` : line;
+};
 
 /** The line for one failure or defect: `Tag: message`. */
 export const describeFailure = (error: unknown, defect: boolean): string => {

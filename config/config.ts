@@ -7,6 +7,7 @@
  */
 import { Effect, Schema } from "effect";
 import { BackendName } from "../backend/tensor_backend.ts";
+import { readRegularText } from "../data/bounded_read.ts";
 import { ModelConfig } from "../models/model.ts";
 import { MulticropConfig } from "../stages/multicrop.ts";
 import { NonNegativeInt, Positive, PositiveInt, withDefault } from "../models/schema.ts";
@@ -126,19 +127,17 @@ export const decodeRunConfig = (raw: unknown, source = "config"): Effect.Effect<
 export const loadRunConfig = (path: string): Effect.Effect<RunConfig, InvalidConfig> =>
   Effect.flatMap(readRawConfig(path), (raw) => decodeRunConfig(raw, path));
 
+/** The largest config file read (a config is a few hundred bytes). */
+const MAX_CONFIG_BYTES = 16 * 2 ** 20;
+
 /** Reads a JSON config file without validating it (to merge flags and data defaults first). */
 export const readRawConfig = (path: string): Effect.Effect<unknown, InvalidConfig> =>
   Effect.gen(function* () {
-    const text = yield* Effect.tryPromise({
-      try: () => Deno.readTextFile(path),
-      catch: (error) =>
-        new InvalidConfig({
-          source: path,
-          message: `cannot read config file ${path}: ${
-            error instanceof Deno.errors.NotFound ? "no such file" : String(error)
-          }`,
-        }),
-    });
+    const text = yield* readRegularText(path, MAX_CONFIG_BYTES).pipe(
+      Effect.mapError((error) =>
+        new InvalidConfig({ source: path, message: `cannot read config file ${path}: ${error.reason}` })
+      ),
+    );
     const raw = yield* Effect.try({
       try: () => JSON.parse(text) as unknown,
       catch: (error) =>

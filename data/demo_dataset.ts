@@ -9,6 +9,7 @@
  * to ignore.
  */
 import { Image } from "imagescript";
+import { readRegularFile } from "./files.ts";
 import { type Rng, rngFor } from "./rng.ts";
 
 export const demoClasses = [
@@ -121,11 +122,9 @@ export interface DemoDatasetOptions {
 export const writeDemoDataset = async (options: DemoDatasetOptions): Promise<void> => {
   const stamp = `${options.folder}/demo.json`;
   const wanted = JSON.stringify({ ...options, classes: demoClasses, version: 1 });
-  try {
-    if ((await Deno.readTextFile(stamp)) === wanted) return;
-  } catch {
-    // not there yet
-  }
+  // A stamp that is missing (not there yet) or unreadable reads as a string: the data set is rewritten.
+  const stamped = await readRegularFile(stamp, 2 ** 16);
+  if (stamped instanceof Uint8Array && new TextDecoder().decode(stamped) === wanted) return;
   await Deno.remove(options.folder, { recursive: true }).catch(() => undefined);
   for (
     const [split, count, splitKey] of [["train", options.perClassTrain, 0], [

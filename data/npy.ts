@@ -12,6 +12,7 @@
  * Every entry point is an Effect failing with `NpyError` (I/O included).
  */
 import { Effect, Schema } from "effect";
+import { readRegularFile } from "./bounded_read.ts";
 import { reasonOf } from "./errors.ts";
 
 /** The element types written and read here (little-endian). */
@@ -161,12 +162,15 @@ export const writeNpy = (
       }),
   );
 
+/** The largest `.npy` file read (4 GiB: features of 1.28 M images x 768 float32 values). */
+const MAX_NPY_BYTES = 4 * 2 ** 30;
+
 /** Reads a `.npy` file. */
 export const readNpy = (path: string): Effect.Effect<NpyArray, NpyError> =>
   Effect.flatMap(
-    Effect.tryPromise({
-      try: () => Deno.readFile(path),
-      catch: (cause) => new NpyError({ path, reason: `cannot read: ${reasonOf(cause)}` }),
-    }),
+    Effect.mapError(
+      readRegularFile(path, MAX_NPY_BYTES),
+      (error) => new NpyError({ path, reason: `cannot read: ${error.reason}` }),
+    ),
     (bytes) => decodeNpy(bytes, path),
   );

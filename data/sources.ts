@@ -18,6 +18,7 @@ import { DecodeError, decodeImage, readImageFile, type RgbImage } from "./image_
 import { reasonOf } from "./errors.ts";
 import { MAX_IDX_BYTES, parseIdx } from "./idx.ts";
 import { readRegularFile } from "./files.ts";
+import { readRegularText } from "./bounded_read.ts";
 import { cifarImage, cifarLabel, type CifarVariant, invalidCifarLabel, recordLength } from "./cifar.ts";
 
 /** A source that cannot be opened: a missing folder, unknown layout, a malformed record file. */
@@ -353,7 +354,8 @@ const cifarClasses = (path: string, variant: CifarVariant): Effect.Effect<string
   const file = join(path, variant === "cifar10" ? "batches.meta.txt" : "fine_label_names.txt");
   const count = variant === "cifar10" ? 10 : 100;
   const numbered = () => Array.from({ length: count }, (_, i) => String(i));
-  return Effect.tryPromise(() => Deno.readTextFile(file)).pipe(
+  // The names file is a few hundred bytes; 1 MiB is far more than 100 names need.
+  return readRegularText(file, 2 ** 20).pipe(
     Effect.map((text) => text.split(/\r?\n/).map((s) => s.trim()).filter((s) => s.length > 0)),
     Effect.map((names) => names.length === count ? names : numbered()),
     Effect.orElseSucceed(numbered),

@@ -15,6 +15,7 @@
  * typed error where a tensor is needed, and nothing where it is not.
  */
 import { BufferReader, Parser } from "pickleparser";
+import { shown } from "./errors.ts";
 
 /** A torch storage type (`torch.FloatStorage`, ...): element type and size in bytes. */
 export interface StorageType {
@@ -83,6 +84,29 @@ export class InertGlobal {
   }
 }
 
+/**
+ * The records this module made. A pickle's BUILD can copy any attributes onto a list or other
+ * object, so a record is recognised by this brand, never by its fields; records are frozen so that
+ * BUILD cannot change them either (it then throws, a malformed-pickle error).
+ */
+const genuine = new WeakSet<object>();
+const record = <T extends object>(value: T): T => {
+  genuine.add(value);
+  return Object.freeze(value);
+};
+const STORAGE_TYPE_RECORDS = new Map(
+  Object.entries(STORAGE_TYPES).map((
+    [name, [dtype, bytes]],
+  ) => [name, record<StorageType>({ kind: "storageType", dtype, bytes })]),
+);
+
+export const isStorageType = (v: unknown): v is StorageType =>
+  typeof v === "object" && v !== null && genuine.has(v) && (v as StorageType).kind === "storageType";
+export const isStorageRef = (v: unknown): v is StorageRef =>
+  typeof v === "object" && v !== null && genuine.has(v) && (v as StorageRef).kind === "storage";
+export const isTensorRef = (v: unknown): v is TensorRef =>
+  typeof v === "object" && v !== null && genuine.has(v) && (v as TensorRef).kind === "tensor";
+
 const isIndex = (v: unknown): v is number => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 /** LONG1 values past 2^53 arrive as bigint: kept as a number only where exact. */
 const asIndex = (v: unknown): number | undefined =>
@@ -109,7 +133,7 @@ const rebuildTensor = (
   stride: unknown,
 ): TensorRef | Unusable => {
   if (storage instanceof Unusable) return storage;
-  if (!(typeof storage === "object" && storage !== null && (storage as StorageRef).kind === "storage")) {
+  if (!isStorageRef(storage)) {
     return new Unusable(`a tensor's storage is ${describe(storage)}, not a torch storage`);
   }
   const shape = indexList(size);
@@ -118,9 +142,15 @@ const rebuildTensor = (
   if (
     shape === undefined || strides === undefined || start === undefined || shape.length !== strides.length
   ) {
-    return new Unusable(`a tensor has a malformed shape ${String(size)} / stride ${String(stride)}`);
+    return new Unusable(`a tensor has a malformed shape ${preview(size)} / stride ${preview(stride)}`);
   }
-  return { kind: "tensor", storage: storage as StorageRef, offset: start, shape, stride: strides };
+  return record({
+    kind: "tensor" as const,
+    storage,
+    offset: start,
+    shape: Object.freeze(shape),
+    stride: Object.freeze(strides),
+  });
 };
 
 // A function (not a class) so that both REDUCE (a call) and NEWOBJ (a construct) get the record.
@@ -140,14 +170,17 @@ const ALLOWED: Record<string, (...args: unknown[]) => unknown> = {
 };
 
 /** The value a pickled name resolves to: an allow-listed record builder, a storage type, or an inert global. */
-const resolveName = (module: string, name: string): unknown => {
+const resolveName = (module: unknown, name: unknown): unknown => {
+  // STACK_GLOBAL takes its names from the stack: anything but two strings names nothing.
+  if (typeof module !== "string" || typeof name !== "string") {
+    return new Unusable(`a global named by ${preview(module)} and ${preview(name)}, not by strings`);
+  }
   const qualified = `${module}.${name}`;
   const allowed = ALLOWED[qualified];
   if (allowed !== undefined) return allowed;
   const storage = module === "torch" ? STORAGE_TYPES[name] : undefined;
   if (storage !== undefined) {
-    const type: StorageType = { kind: "storageType", dtype: storage[0], bytes: storage[1] };
-    return type;
+    return STORAGE_TYPE_RECORDS.get(name);
   }
   return inert(module, name);
 };
@@ -161,7 +194,7 @@ const persistentLoad = (onStorage: (ref: StorageRef) => void) => (pid: unknown):
     return new Unusable(`an unknown persistent id ${describe(pid)}`);
   }
   const [, type, key, , numel, view] = pid;
-  if (!(typeof type === "object" && type !== null && (type as StorageType).kind === "storageType")) {
+  if (!isStorageType(type)) {
     return new Unusable(`a storage of type ${describe(type)}, not a known torch storage type`);
   }
   const count = asIndex(numel);
@@ -169,14 +202,30 @@ const persistentLoad = (onStorage: (ref: StorageRef) => void) => (pid: unknown):
   if (view !== undefined && view !== null) {
     return new Unusable("a storage view (legacy format), not supported");
   }
-  const ref: StorageRef = { kind: "storage", type: type as StorageType, key, numel: count };
+  const ref = record<StorageRef>({ kind: "storage", type, key, numel: count });
   onStorage(ref);
   return ref;
 };
 
+/**
+ * A short, bounded rendering of a pickled value for messages: at most 6 items per list and 3
+ * levels deep, strings cut (a list shared many times over would otherwise expand without end).
+ */
+export const preview = (v: unknown, depth = 3): string => {
+  if (typeof v === "string") return JSON.stringify(shown(v, 40));
+  if (typeof v === "number" || typeof v === "bigint" || typeof v === "boolean") return shown(String(v), 40);
+  if (v === null || v === undefined) return "None";
+  if (Array.isArray(v)) {
+    if (depth === 0) return "[…]";
+    const items = Array.from({ length: Math.min(v.length, 6) }, (_, i) => preview(v[i], depth - 1));
+    return `[${items.join(", ")}${v.length > 6 ? `, … ${v.length} items` : ""}]`;
+  }
+  return describe(v);
+};
+
 export const describe = (v: unknown): string =>
   v instanceof InertGlobal
-    ? `the Python object ${v} (not resolved: only tensors are read)`
+    ? `the Python object ${shown(`${v}`, 80)} (not resolved: only tensors are read)`
     : v instanceof Unusable
     ? v.reason
     : v === null
@@ -188,9 +237,42 @@ export const describe = (v: unknown): string =>
     : typeof v;
 
 /**
+ * pickleparser's reader with two of its integer reads bounded: a LONG4 integer (opcode 0x8b, whose
+ * length comes from `uint32` right after the opcode) longer than 8 bytes is refused (its decoder
+ * is quadratic in the length, and no checkpoint index needs more than 8 bytes), and a 64-bit
+ * length past 2^53 is an error rather than a warning printed on stdout.
+ */
+class CheckedReader extends BufferReader {
+  readonly #bytes: Uint8Array;
+  constructor(bytes: Uint8Array) {
+    super(bytes);
+    this.#bytes = bytes;
+  }
+  override uint32(): number {
+    const opcode = this.#bytes[this.position - 1];
+    const value = super.uint32();
+    if (opcode === 0x8b && value > 8) {
+      throw new Error(`a LONG4 integer of ${value} bytes (a checkpoint's integers fit in 8)`);
+    }
+    return value;
+  }
+  override uint64(): number {
+    const lo = super.uint32();
+    const hi = super.uint32();
+    const value = lo + hi * 2 ** 32;
+    if (!Number.isSafeInteger(value)) throw new Error("a 64-bit length past 2^53");
+    return value;
+  }
+}
+
+/** The most bytes one pickle may span (a ResNet-50 state dict's data.pkl is ~30 KB). */
+export const MAX_PICKLE_BYTES = 64 * 2 ** 20;
+
+/**
  * Unpickles one pickle of `bytes` starting at `start`; returns the value and the position after
- * its STOP. Throws what the opcode reader throws on a malformed or truncated stream: the
- * callers run it inside `Effect.try`, which types it.
+ * its STOP. The pickle may span at most `MAX_PICKLE_BYTES` (past that it reads as truncated), so
+ * its parse time is bounded. Throws what the opcode reader throws on a malformed or truncated
+ * stream: the callers turn it into a typed error.
  */
 export const unpickleAt = (
   bytes: Uint8Array,
@@ -198,13 +280,16 @@ export const unpickleAt = (
   onStorage: (ref: StorageRef) => void = () => {},
 ): { value: unknown; end: number } => {
   const parser = new Parser({
-    nameResolver: { resolve: (module, name) => resolveName(module, name) as (...args: unknown[]) => unknown },
+    nameResolver: {
+      resolve: (module: unknown, name: unknown) =>
+        resolveName(module, name) as (...args: unknown[]) => unknown,
+    },
     persistentResolver: { resolve: persistentLoad(onStorage) },
     extensionResolver: { resolve: (code) => new Unusable(`an extension code ${code}`) },
     unpicklingTypeOfDictionary: "Map",
     unpicklingTypeOfSet: "array",
   });
-  const reader = new BufferReader(bytes);
+  const reader = new CheckedReader(bytes.subarray(0, Math.min(bytes.length, start + MAX_PICKLE_BYTES)));
   reader.skip(start);
   const value = parser.read(reader);
   return { value, end: reader.position };

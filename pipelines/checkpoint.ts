@@ -15,7 +15,7 @@ import {
   serialise as serialiseQueue,
   type SerialisedQueue,
 } from "../state/queue.ts";
-import { readRegularFile } from "./bounded_read.ts";
+import { readRegularFile } from "../data/bounded_read.ts";
 import {
   type Checkpoint,
   CheckpointError,

@@ -16,6 +16,8 @@
  */
 import { Effect, Schema, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
+import { readRegularText } from "../data/bounded_read.ts";
+import { shown } from "../data/errors.ts";
 import { evalResizeFor } from "../data/eval_augment.ts";
 import { type DataSource, openSource, type SourceKind } from "../data/sources.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
@@ -537,8 +539,11 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, un
     } satisfies LinearEvaluation;
   }));
 
+/** The largest `--labels` file read (64 MiB: ImageNet's full list of 1.28 M names is about 30 MB). */
+const MAX_LABELS_BYTES = 64 * 2 ** 20;
+
 /** The training subset of `--labels`: a fraction per class (`1%`, `10%`) or a file of image names. */
-const labelSubset = (train: DataSource, classes: number, spec: string, seed: number) =>
+export const labelSubset = (train: DataSource, classes: number, spec: string, seed: number) =>
   Effect.gen(function* () {
     const fraction = parseLabelFraction(spec);
     if (fraction === undefined && /%\s*$/.test(spec)) {
@@ -546,15 +551,13 @@ const labelSubset = (train: DataSource, classes: number, spec: string, seed: num
         message: `--labels ${spec}: give a percentage in (0, 100], e.g. 1% or 10%`,
       });
     }
-    const text = fraction !== undefined ? undefined : yield* Effect.tryPromise({
-      try: () => Deno.readTextFile(spec),
-      catch: (error) =>
+    const text = fraction !== undefined ? undefined : yield* readRegularText(spec, MAX_LABELS_BYTES).pipe(
+      Effect.mapError((error) =>
         new EvaluationError({
-          message: `--labels ${spec}: not 1%, 10% or a readable file of image names (${
-            error instanceof Error ? error.message : String(error)
-          })`,
-        }),
-    });
+          message: `--labels ${shown(spec)}: not 1%, 10% or a readable file of image names (${error.reason})`,
+        })
+      ),
+    );
     const { labels, paths } = yield* labelsAndPaths(train);
     return text === undefined
       ? selectLabelSubset(labels, classes, fraction!, seed)

@@ -24,7 +24,7 @@ import { Effect, Schema, type Scope } from "effect";
 import { decodeModelConfig, type ModelConfig, type NamedVariable, type SwavModel } from "../models/model.ts";
 import { backboneParamSpecs, backbonePlan } from "../models/resnet.ts";
 import { NonNegativeInt, Positive, PositiveInt } from "../models/schema.ts";
-import { readRegularFile, regularFileSize, resolveInside, type UnsafeFile } from "./bounded_read.ts";
+import { readRegularFile, regularFileSize, resolveInside, type UnsafeFile } from "../data/bounded_read.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 import { writeFileAtomic } from "./atomic_write.ts";
 

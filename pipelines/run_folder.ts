@@ -11,6 +11,7 @@
  * the lock, those a crashed earlier owner left behind.
  */
 import { Effect, Schema, type Scope } from "effect";
+import { readRegularText } from "../data/bounded_read.ts";
 
 /** Another process holds the run folder. */
 export class RunFolderBusy extends Schema.TaggedError<RunFolderBusy>()("RunFolderBusy", {
@@ -172,6 +173,9 @@ export const linesUpToStep = (text: string, lastStep: number): string[] =>
     }
   });
 
+/** The largest metrics.jsonl a resumed run reads back (about 2 million steps of metrics). */
+export const METRICS_LOG_CAP = 512 * 2 ** 20;
+
 /**
  * `metrics.jsonl` open for appending, one JSON line per call; the scope closes
  * it. With `resumeAt` (the step a resumed run continues from), lines of steps
@@ -185,13 +189,12 @@ export const openMetricsLog = (
   Effect.gen(function* () {
     const path = `${folder.path}/metrics.jsonl`;
     if (resumeAt !== undefined) {
-      const text = yield* Effect.tryPromise({
-        try: () =>
-          Deno.readTextFile(path).catch((error) =>
-            error instanceof Deno.errors.NotFound ? undefined : Promise.reject(error)
-          ),
-        catch: (cause) => new RunFolderUnusable({ folder: folder.path, reason: reasonOf(cause) }),
-      });
+      const exists = yield* Effect.promise(() => Deno.lstat(path).then(() => true, () => false));
+      const text = exists
+        ? yield* readRegularText(path, METRICS_LOG_CAP).pipe(
+          Effect.mapError((error) => new RunFolderUnusable({ folder: folder.path, reason: error.message })),
+        )
+        : undefined;
       if (text !== undefined) {
         const kept = linesUpToStep(text, resumeAt);
         yield* writeTextAtomic(folder, "metrics.jsonl", kept.map((line) => line + "\n").join(""));

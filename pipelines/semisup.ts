@@ -19,6 +19,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, type Scope } from "effect";
+import { shown } from "../data/errors.ts";
 import { rngFor } from "../data/rng.ts";
 import type { DataSource } from "../data/sources.ts";
 import { backboneForward } from "../models/resnet.ts";
@@ -140,15 +141,16 @@ export const subsetFromNames = (
   const wanted = names.map((n) => n.trim()).filter((n) => n !== "" && !n.startsWith("#"));
   const missing = wanted.filter((n) => !bySuffix.has(n));
   if (wanted.length === 0) {
-    return Effect.fail(new EvaluationInputError({ message: `--labels ${file} lists no image names` }));
+    return Effect.fail(new EvaluationInputError({ message: `--labels ${shown(file)} lists no image names` }));
   }
   if (missing.length > 0) {
     return Effect.fail(
       new EvaluationInputError({
-        message:
-          `--labels ${file}: ${missing.length} of ${wanted.length} names are not in the train source (first: ${
-            missing.slice(0, 3).join(", ")
-          })`,
+        message: `--labels ${
+          shown(file)
+        }: ${missing.length} of ${wanted.length} names are not in the train source (first: ${
+          missing.slice(0, 3).map((name) => shown(name, 60)).join(", ")
+        })`,
       }),
     );
   }

@@ -31,6 +31,8 @@ const LEGACY = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a
 export const isTorchCheckpointFile = (path: string): Effect.Effect<boolean> =>
   Effect.promise(async () => {
     try {
+      // Stat first: opening a FIFO would block until a writer comes, a device may never end.
+      if (!(await Deno.stat(path)).isFile) return false;
       using file = await Deno.open(path, { read: true });
       const head = new Uint8Array(LEGACY.length);
       const n = (await file.read(head)) ?? 0;

@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { needsHardware } from "./_optional.ts";
 import { Effect, Exit } from "effect";
-import { LOCK_FILE, lockRunFolder } from "../pipelines/run_folder.ts";
+import { LOCK_FILE, lockRunFolder, openMetricsLog } from "../pipelines/run_folder.ts";
 import { chainIntact, launcherChain, parseStat } from "../cli/wrapper_watch.ts";
 
 const denoBinary = Deno.execPath();
@@ -156,4 +156,22 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
+});
+
+Deno.test("a resumed run reads metrics.jsonl back through the bounded reader: a FIFO there is one error, not a hang", async () => {
+  const folder = await Deno.makeTempDir();
+  try {
+    const mkfifo = await new Deno.Command("mkfifo", { args: [`${folder}/metrics.jsonl`] }).output();
+    assert.ok(mkfifo.success, "mkfifo");
+    const exit = await Effect.runPromiseExit(Effect.scoped(Effect.gen(function* () {
+      const run = yield* lockRunFolder(folder);
+      yield* openMetricsLog(run, 3);
+    })));
+    assert.ok(Exit.isFailure(exit));
+    const error = exit.cause.toString();
+    assert.match(error, /RunFolderUnusable/);
+    assert.match(error, /metrics\.jsonl/);
+  } finally {
+    await Deno.remove(folder, { recursive: true });
+  }
 });
