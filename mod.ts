@@ -40,7 +40,16 @@ export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
 // Stage: decode
 export { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./data/image_codec.ts";
 export { DecodeConfig, DecodeErrorPolicy, decodeStage, type EncodedImage } from "./stages/decode.ts";
-export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
+export {
+  type DataSource,
+  openSource,
+  parseSourceSpec,
+  type RawSample,
+  type Sample,
+  SourceError,
+  type SourceKind,
+  type Split,
+} from "./data/sources.ts";
 export { type DemoDatasetOptions, writeDemoDataset } from "./data/demo_dataset.ts";
 export { resolveSourceSpec } from "./pipelines/sources.ts";
 export {
@@ -145,14 +154,40 @@ export {
 } from "./pipelines/swav_step.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
 export { knnClassify, knnTop1 } from "./pipelines/knn.ts";
-export { evaluate, type Evaluation, EvaluationError, loadForEvaluation } from "./pipelines/evaluate.ts";
+export {
+  type EvalMethod,
+  evaluate,
+  type EvaluatedSources,
+  type EvaluateOptions,
+  type Evaluation,
+  EvaluationError,
+  type KnnEvaluation,
+  type LinearEvaluation,
+  type LinearProtocol,
+  type LoadedEncoder,
+  loadForEvaluation,
+  type OnWarning,
+  type ResizeOption,
+  type SemisupEvaluation,
+} from "./pipelines/evaluate.ts";
+export { type ImageEvaluation, type Pooling } from "./pipelines/linear_eval.ts";
+export { type ProbeEpoch } from "./pipelines/linear_probe.ts";
 export { extractToFolder } from "./pipelines/extract_folder.ts";
 export { trainLinearProbe } from "./pipelines/linear_probe.ts";
 export { linearEvaluation } from "./pipelines/linear_eval.ts";
 export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
 export { evalResizeFor, trainCrop } from "./data/eval_augment.ts";
-export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
-export { decodeNpy, encodeNpy, NpyError, readNpy, writeNpy } from "./data/npy.ts";
+export { EncoderError, type EncoderInput, exportEncoder, loadEncoder } from "./pipelines/export.ts";
+export {
+  decodeNpy,
+  encodeNpy,
+  type NpyArray,
+  type NpyDtype,
+  NpyError,
+  type NpyValues,
+  readNpy,
+  writeNpy,
+} from "./data/npy.ts";
 export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
 
 // Randomness keyed by (seed, epoch, sample index)

@@ -55,13 +55,17 @@ export const linearProbeDefaults = {
   seed: 31,
 } as const;
 
+/** One epoch of a linear classifier's training: its learning rate, mean loss and test accuracies. */
 export interface ProbeEpoch {
   /** 1-based. */
   readonly epoch: number;
+  /** Learning rate during the epoch. */
   readonly lr: number;
   /** Mean training loss over the epoch's batches (weighted by batch size). */
   readonly loss: number;
+  /** Test top-1 after the epoch. */
   readonly top1: number;
+  /** Test top-5 after the epoch. */
   readonly top5: number;
 }
 
