@@ -173,7 +173,12 @@ export {
 export { type ImageEvaluation, type Pooling } from "./pipelines/linear_eval.ts";
 export { type ProbeEpoch } from "./pipelines/linear_probe.ts";
 export { extractToFolder } from "./pipelines/extract_folder.ts";
-export { trainLinearProbe } from "./pipelines/linear_probe.ts";
+export {
+  linearProbeDefaults,
+  type LinearProbeOptions,
+  type LinearProbeResult,
+  trainLinearProbe,
+} from "./pipelines/linear_probe.ts";
 export { linearEvaluation } from "./pipelines/linear_eval.ts";
 export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
 export { evalResizeFor, trainCrop } from "./data/eval_augment.ts";
