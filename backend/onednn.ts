@@ -18,6 +18,7 @@ import {
   ARG_SRC,
   ARG_TO,
   ARG_WEIGHTS,
+  DNNL_BF16,
   DNNL_CONVOLUTION_DIRECT,
   DNNL_F32,
   DNNL_FORMAT_TAG_ANY,
@@ -81,6 +82,14 @@ export type DnnlDirection = "forward" | "backwardData" | "backwardWeights";
  */
 export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): boolean =>
   direction === "backwardWeights" && g.kh === 1 && g.kw === 1 && (g.sh > 1 || g.sw > 1) && g.ci % 16 !== 0;
+
+/**
+ * Whether a filter gradient runs in bf16 under `precision: bf16`. oneDNN 2.6's AMX kernel for it
+ * is 2-8x faster than fp32 on 32x32 and 16x16 outputs but 10-20x slower on small ones with a
+ * spatial filter (ResNet-18 w16, batch 128 crops, 2 threads: 3x3 on 8x8 46 ms against 4 ms
+ * fp32, on 4x4 198 ms against 9 ms), so those stay fp32. 1x1 filters gain at every size.
+ */
+export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.kh * g.kw === 1 || g.oh * g.ow >= 256;
 
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
@@ -182,16 +191,39 @@ export const loadDnnl = (): Dnnl | undefined => {
       readonly storage: Uint8Array;
     }
 
+    /**
+     * bf16: an fp32 input (x, or dy) rounded into a bf16 copy the convolution reads. TF.js has no
+     * bf16 tensors, so the copy lives in a scratch buffer (one per operand slot, shared by every
+     * plan and grown to the largest) only for the duration of the call.
+     */
+    interface InputCast {
+      readonly operand: "x" | "y";
+      readonly primitive: Deno.PointerValue;
+      readonly args: BigUint64Array;
+      /** The fp32 side: its data handle is the caller's pointer. */
+      readonly from: Deno.PointerValue;
+      /** The bf16 side, the convolution's argument: its data handle is the scratch buffer. */
+      readonly to: Deno.PointerValue;
+      readonly bytes: number;
+      readonly slot: number;
+    }
+
     interface Plan {
       readonly primitive: Deno.PointerValue;
       readonly args: BigUint64Array;
-      /** Memory objects whose handles are the caller's x, w (when no reorder) and y. */
+      /** Memory objects whose handles are the caller's x, w (when no reorder) and y (when not cast). */
       readonly x: Deno.PointerValue;
       readonly w: Deno.PointerValue | undefined;
       readonly y: Deno.PointerValue;
       /** Before the convolution (forward, backward data) or after it (backward weights). */
       readonly reorder: WeightsReorder | undefined;
+      readonly casts: readonly InputCast[];
     }
+    const scratch = [new Uint8Array(64), new Uint8Array(64)];
+    const scratchPointer = (i: number, bytes: number) => {
+      if (scratch[i]!.length < bytes) scratch[i] = new Uint8Array(bytes);
+      return ptr(scratch[i]!);
+    };
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
 
@@ -200,24 +232,36 @@ export const loadDnnl = (): Dnnl | undefined => {
       g: DnnlConvShape,
       key: string,
       weightsLayout: KernelSettings["dnnlWeightsLayout"],
+      bf16: boolean,
     ): Plan => {
-      const src = memoryDesc([g.n, g.ci, g.h, g.w], [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci]);
+      const xDims = [g.n, g.ci, g.h, g.w];
+      const xStrides = [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci];
+      const yDims = [g.n, g.co, g.oh, g.ow];
+      const yStrides = [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co];
+      const src = memoryDesc(xDims, xStrides);
       const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
-      let anyWts = wts;
-      if (weightsLayout === "any") {
-        anyWts = new Uint8Array(MEMORY_DESC_BYTES);
+      const anyDesc = (type: number) => {
+        const md = new Uint8Array(MEMORY_DESC_BYTES);
         ok(
           d.dnnl_memory_desc_init_by_tag(
-            ptr(anyWts),
+            ptr(md),
             4,
             ptr(dims([g.co, g.ci, g.kh, g.kw])),
-            DNNL_F32,
+            type,
             DNNL_FORMAT_TAG_ANY,
           ),
           "dnnl_memory_desc_init_by_tag",
         );
-      }
-      const dst = memoryDesc([g.n, g.co, g.oh, g.ow], [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co]);
+        return md;
+      };
+      // bf16 reads the weights in whatever layout oneDNN picks (they are reordered, and rounded, anyway).
+      const anyWts = bf16 ? anyDesc(DNNL_BF16) : weightsLayout === "any" ? anyDesc(DNNL_F32) : wts;
+      // The filter gradient stays fp32 (accumulated in fp32 by oneDNN's bf16 kernels).
+      const diffWts = bf16 ? anyDesc(DNNL_F32) : anyWts;
+      const dst = memoryDesc(yDims, yStrides);
+      // bf16: the convolution reads bf16 copies of its inputs and writes its fp32 output directly.
+      const srcIn = bf16 ? memoryDesc(xDims, xStrides, DNNL_BF16) : src;
+      const dstIn = bf16 ? memoryDesc(yDims, yStrides, DNNL_BF16) : dst;
       const strides = dims([g.sh, g.sw]);
       const dilates = dims([g.dh - 1, g.dw - 1]);
       const padL = dims([g.top, g.left]);
@@ -230,7 +274,7 @@ export const loadDnnl = (): Dnnl | undefined => {
             ptr(desc),
             DNNL_FORWARD_TRAINING,
             DNNL_CONVOLUTION_DIRECT,
-            ptr(src),
+            ptr(srcIn),
             ptr(anyWts),
             null,
             ptr(dst),
@@ -253,7 +297,7 @@ export const loadDnnl = (): Dnnl | undefined => {
             DNNL_CONVOLUTION_DIRECT,
             ptr(src),
             ptr(anyWts),
-            ptr(dst),
+            ptr(dstIn),
             ptr(strides),
             ptr(dilates),
             ptr(padL),
@@ -268,10 +312,10 @@ export const loadDnnl = (): Dnnl | undefined => {
           d.dnnl_dilated_convolution_backward_weights_desc_init(
             ptr(desc),
             DNNL_CONVOLUTION_DIRECT,
-            ptr(src),
-            ptr(anyWts),
+            ptr(srcIn),
+            ptr(diffWts),
             null,
-            ptr(dst),
+            ptr(dstIn),
             ptr(strides),
             ptr(dilates),
             ptr(padL),
@@ -288,8 +332,31 @@ export const loadDnnl = (): Dnnl | undefined => {
         0,
       );
       kernelInvariant(chosen !== null, () => "dnnl: no weights memory desc");
-      const x = memory(src);
-      const y = memory(dst);
+      const casts: InputCast[] = [];
+      const cast = (operand: "x" | "y", from: Uint8Array, to: Uint8Array, count: number) => {
+        const rs = slot();
+        ok(
+          d.dnnl_reorder_primitive_desc_create(ptr(rs), ptr(from), engine, ptr(to), engine, null),
+          "dnnl reorder desc",
+        );
+        const [fromMemory, toMemory] = [memory(from), memory(to)];
+        casts.push({
+          operand,
+          primitive: primitive(handle(rs)),
+          args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
+          from: fromMemory,
+          to: toMemory,
+          bytes: 2 * count,
+          slot: casts.length,
+        });
+        return toMemory;
+      };
+      const x = bf16 && direction !== "backwardData"
+        ? cast("x", src, srcIn, g.n * g.h * g.w * g.ci)
+        : memory(src);
+      const y = bf16 && direction !== "forward"
+        ? cast("y", dst, dstIn, g.n * g.oh * g.ow * g.co)
+        : memory(dst);
       let w: Deno.PointerValue | undefined;
       let reorder: WeightsReorder | undefined;
       let convWeights: Deno.PointerValue;
@@ -321,7 +388,7 @@ export const loadDnnl = (): Dnnl | undefined => {
         : direction === "backwardData"
         ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DIFF_DST, y]])
         : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, convWeights], [ARG_DIFF_DST, y]]);
-      return { primitive: primitive(pd), args, x, w, y, reorder };
+      return { primitive: primitive(pd), args, x, w, y, reorder, casts };
     };
     dnnlLoaded = {
       library: name,
@@ -329,15 +396,19 @@ export const loadDnnl = (): Dnnl | undefined => {
       run: (direction, g, x, w, y) => {
         const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
           .concat([g.top, g.left, g.bottom, g.right]).join(",");
-        const weightsLayout = activeKernelSettings().dnnlWeightsLayout;
+        const { dnnlWeightsLayout: weightsLayout, precision: asked } = activeKernelSettings();
+        const precision = asked === "bf16" && (direction !== "backwardWeights" || bf16FilterGradientPays(g))
+          ? "bf16"
+          : "fp32";
         // A primitive books its scratchpad for the threads at its creation: one per thread count.
-        const key = `${direction}:${activeThreads()}:${weightsLayout}:${shapeKey}`;
+        const common = `${activeThreads()}:${weightsLayout}:${precision}:${shapeKey}`;
+        const key = `${direction}:${common}`;
         let plan = plans.get(key);
         if (plan === undefined) {
           try {
             plan = overrunsScratchpad(direction, g)
               ? null
-              : build(direction, g, `${activeThreads()}:${weightsLayout}:${shapeKey}`, weightsLayout);
+              : build(direction, g, common, weightsLayout, precision === "bf16");
           } catch {
             plan = null; // a shape oneDNN does not take: the caller falls back, every time
           }
@@ -346,8 +417,13 @@ export const loadDnnl = (): Dnnl | undefined => {
         if (plan === null) return false;
         const execute = (p: Deno.PointerValue, args: BigUint64Array) =>
           ok(d.dnnl_primitive_execute(p, stream, args.length / 2, ptr(args)), "dnnl_primitive_execute");
-        d.dnnl_memory_set_data_handle(plan.x, x);
-        d.dnnl_memory_set_data_handle(plan.y, y);
+        for (const c of plan.casts) {
+          d.dnnl_memory_set_data_handle(c.from, c.operand === "x" ? x : y);
+          d.dnnl_memory_set_data_handle(c.to, scratchPointer(c.slot, c.bytes));
+          execute(c.primitive, c.args);
+        }
+        if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);
+        if (!plan.casts.some((c) => c.operand === "y")) d.dnnl_memory_set_data_handle(plan.y, y);
         const reorder = plan.reorder;
         if (reorder === undefined) d.dnnl_memory_set_data_handle(plan.w!, w);
         else d.dnnl_memory_set_data_handle(reorder.plain, w);

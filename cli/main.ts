@@ -8,6 +8,7 @@ import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, resolveBackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { CommunicatorService } from "../backend/communicator.ts";
+import { PrecisionChoice, resolvePrecision } from "../backend/precision.ts";
 import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { RECIPE_NAMES, recipeConfig, type RecipeName } from "../config/recipes.ts";
@@ -62,6 +63,7 @@ const overrides = (flags: {
   workers?: number;
   syncBatchNorm?: boolean;
   onlineProbe?: boolean;
+  precision?: string;
 }) => ({
   data: { source: flags.data, workers: flags.workers },
   model: { syncBatchNorm: flags.syncBatchNorm },
@@ -73,6 +75,7 @@ const overrides = (flags: {
     seed: flags.seed,
     batchSize: flags.batchSize,
     maxSteps: flags.maxSteps,
+    precision: flags.precision,
   },
 });
 
@@ -133,6 +136,8 @@ const backendChoice = (config: RunConfig, flag: Option.Option<string>) =>
 const backendLayer = (config: RunConfig, flag: Option.Option<string>, threads?: number) =>
   TensorBackend.layer(backendChoice(config, flag), {
     syncBatchNorm: config.model.syncBatchNorm,
+    // Resolved before (resolvePrecision): `auto` never reaches the kernels.
+    precision: config.train.precision === "bf16" ? "bf16" : "fp32",
     ...(threads === undefined ? {} : { threads }),
   });
 
@@ -168,6 +173,12 @@ const pretrainCommand = Command.make("pretrain", {
   out: outFlag,
   backend: backendFlag,
   seed: seedFlag,
+  precision: Flag.Literals("precision", PrecisionChoice.literals).pipe(
+    Flag.withDescription(
+      "fp32, bf16 (convolutions in bfloat16 where the processor has it) or auto (train.precision)",
+    ),
+    Flag.optional,
+  ),
   resume: Flag.Boolean("resume").pipe(
     Flag.withDescription("continue from the latest checkpoint in --out"),
     Flag.withDefault(false),
@@ -204,7 +215,7 @@ const pretrainCommand = Command.make("pretrain", {
 }, (flags) =>
   reportFailure(
     Effect.gen(function* () {
-      const config = yield* resolveConfig(
+      const requested = yield* resolveConfig(
         flags.config,
         overrides({
           data: Option.getOrUndefined(flags.data),
@@ -217,9 +228,13 @@ const pretrainCommand = Command.make("pretrain", {
           workers: Option.getOrUndefined(flags.workers),
           syncBatchNorm: Option.getOrUndefined(flags.syncBn),
           onlineProbe: Option.getOrUndefined(flags.onlineProbe),
+          precision: Option.getOrUndefined(flags.precision),
         }),
         flags.recipe,
       );
+      const backendAsked = yield* backendChoice(requested, flags.backend);
+      const resolved = resolvePrecision(requested.train.precision, backendAsked);
+      const config = { ...requested, train: { ...requested.train, precision: resolved.precision } };
       const threads = Option.getOrUndefined(flags.threads);
       // --procs N: this process only starts mpiexec, which runs this same command as N ranks.
       if (shouldLaunch(Option.getOrUndefined(flags.procs))) {
@@ -234,6 +249,7 @@ const pretrainCommand = Command.make("pretrain", {
       }
       const comm = yield* CommunicatorService;
       const lead = comm.rank === 0;
+      if (lead && resolved.note !== undefined) console.error(resolved.note);
       // Image folders may hold JPEGs; the built-in set is PNG.
       if (lead) {
         yield* announceSpeedupHint({

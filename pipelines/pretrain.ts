@@ -124,11 +124,11 @@ const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) 
   Effect.gen(function* () {
     yield* writeJsonFile(folder, "config.json", config);
     yield* writeJsonFile(folder, "seed.json", { seed: config.train.seed });
-    yield* writeJsonFile(
-      folder,
-      "environment.json",
-      yield* environmentReport({ webgpu: backend === "webgpu" }),
-    );
+    const report = yield* environmentReport({ webgpu: backend === "webgpu" });
+    yield* writeJsonFile(folder, "environment.json", {
+      ...report,
+      precision: { ...report.precision, run: config.train.precision },
+    });
   });
 
 /**
@@ -397,7 +397,15 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     // The run folder is rank 0's until the scope closes; nothing is written into it before the lock,
     // and other ranks write nothing there.
     const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
-    if (folder !== undefined) yield* writeRunRecords(folder, config, backend.name);
+    // The precision the kernels run with (a resolved `auto`), recorded in place of the one asked for.
+    const precision = backend.settings.precision;
+    const runConfig = { ...config, train: { ...config.train, precision } };
+    if (folder !== undefined) yield* writeRunRecords(folder, runConfig, backend.name);
+    hooks.onInfo?.(
+      precision === "bf16"
+        ? "precision bf16: convolutions in bfloat16 (fp32 accumulation, weights, statistics and losses)"
+        : "precision fp32",
+    );
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config, batchSize, comm);
