@@ -32,7 +32,7 @@ import { pretrain } from "../pipelines/pretrain.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs } from "../bench/bench.ts";
 import { runCli, useBackend } from "./_helpers.ts";
-import { tinyRunConfig, writeTinyData } from "./_tiny_run.ts";
+import { noMpi, readMetrics, tinyRunConfig, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
 const support = bf16Support();
 const needsBf16 = support.native ? "" : ` (ignored: bf16 is not native here: ${support.reason})`;
@@ -445,6 +445,42 @@ Deno.test(
       assert.equal(environment.precision.run, "bf16");
     } finally {
       await Deno.remove(folder, { recursive: true });
+      await Deno.remove(data, { recursive: true });
+    }
+  },
+);
+
+Deno.test(
+  `data parallel in bf16: 2 processes, gradients averaged in fp32, weights equal on both${needsBf16}`,
+  { ignore: !support.native || noMpi },
+  async () => {
+    const data = await writeTinyData();
+    const dir = await Deno.makeTempDir({ prefix: "swav-bf16-mpi-" });
+    try {
+      const config = await writeParallelConfig(data, dir);
+      const out = `${dir}/run`;
+      // SWAV_DEBUG_PARAMS: every step checks that the ranks' weights agree bit for bit.
+      const r = await runCli(
+        [
+          "pretrain",
+          "--config",
+          config,
+          "--out",
+          out,
+          "--procs",
+          "2",
+          "--precision",
+          "bf16",
+          "--max-steps",
+          "3",
+        ],
+        { SWAV_DEBUG_PARAMS: "1" },
+      );
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal((await readMetrics(out)).length, 3);
+      assert.equal(JSON.parse(await Deno.readTextFile(`${out}/config.json`)).train.precision, "bf16");
+    } finally {
+      await Deno.remove(dir, { recursive: true });
       await Deno.remove(data, { recursive: true });
     }
   },
