@@ -92,6 +92,13 @@ Deno.test("doctor --json: what is present and absent on this machine, by the loa
     assert.match(String(r.native.onednn.version), /^\d+\.\d+\.\d+$/);
     assert.equal(typeof r.native.onednn["isa"], "string");
     assert.equal(typeof r.native.onednn["bf16"], "boolean");
+    // train.precision auto follows oneDNN's own ISA answer.
+    assert.equal(
+      r.precision.auto,
+      r.native.onednn["bf16"] === true && r.native.openblas.found ? "bf16" : "fp32",
+    );
+  } else {
+    assert.equal(r.precision.auto, "fp32");
   }
   if (r.native.openblas.found && r.native.onednn.found) {
     assert.equal(r.kernels, "wasm + oneDNN + OpenBLAS");
@@ -107,6 +114,7 @@ Deno.test("doctor: a library named by its variable but missing shows absent, wit
   assert.equal(r.native.openblas.found, false);
   assert.equal(r.native.openblas.library, missing.SWAV_BLAS_LIB);
   assert.equal(r.native.onednn.found, false);
+  assert.equal(r.precision.auto, "fp32", "no oneDNN: no bf16");
   assert.equal(r.jpeg.found, false);
   assert.equal(r.jpeg.decoder, "imagescript");
   assert.equal(r.mpi.found, false);
