@@ -85,11 +85,12 @@ export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): 
 
 /**
  * Whether a filter gradient runs in bf16 under `precision: bf16`. oneDNN 2.6's AMX kernel for it
- * is 2-8x faster than fp32 on 32x32 and 16x16 outputs but 10-20x slower on small ones with a
- * spatial filter (ResNet-18 w16, batch 128 crops, 2 threads: 3x3 on 8x8 46 ms against 4 ms
- * fp32, on 4x4 198 ms against 9 ms), so those stay fp32. 1x1 filters gain at every size.
+ * is 2-5x faster than fp32 only with few input channels on large outputs and up to 100x slower
+ * elsewhere (2 threads, DNNL_VERBOSE, ms per call fp32 / bf16: 3x3 16->16 on 32x32 18 / 3.4,
+ * 32->32 on 16x16 17 / 6.6, 1x1 16->32 on 16x16 11 / 2.5; but 3x3 64->64 on 16x16 33 / 155, on 8x8
+ * 4 / 46, 1x1 64->128 on 4x4 3 / 148, 1x1 128->256 on 4x2 2 / 2561), so only the first kind run bf16.
  */
-export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.kh * g.kw === 1 || g.oh * g.ow >= 256;
+export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 && g.oh * g.ow >= 256;
 
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
