@@ -53,6 +53,12 @@ export interface KernelSettings {
    * (The run config's `model.syncBatchNorm`.)
    */
   readonly syncBatchNorm: boolean;
+  /**
+   * The arithmetic of oneDNN's convolutions: `fp32`, or `bf16` (inputs rounded to bfloat16,
+   * products accumulated and written in fp32; tensors stay fp32). Resolved already: a run's
+   * `train.precision` of `auto` becomes one of these (backend/precision.ts).
+   */
+  readonly precision: "fp32" | "bf16";
 }
 
 /** What every run uses. */
@@ -71,6 +77,7 @@ export const defaultKernelSettings: KernelSettings = {
   fastConv2DBackpropInput: true,
   leanBackward: true,
   syncBatchNorm: true,
+  precision: "fp32",
 };
 
 /** A kernel setting out of its range. */
@@ -102,7 +109,11 @@ export const makeKernelSettings = (
       : new KernelSettingsInvalid({
         setting: "dnnlWeightsLayout",
         reason: `must be 'any' or 'plain', got ${settings.dnnlWeightsLayout}`,
-      }));
+      })) ??
+    (settings.precision === "fp32" || settings.precision === "bf16" ? undefined : new KernelSettingsInvalid({
+      setting: "precision",
+      reason: `must be 'fp32' or 'bf16', got ${settings.precision}`,
+    }));
   return invalid === undefined ? Effect.succeed(settings) : Effect.fail(invalid);
 };
 

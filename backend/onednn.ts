@@ -7,40 +7,35 @@
  */
 import { activeKernelSettings, activeThreads, type KernelSettings } from "./kernel_settings.ts";
 import { kernelInvariant } from "./invariant.ts";
+import { type DnnlBatchNorm, makeDnnlBatchNorm } from "./onednn_batch_norm.ts";
+import { makeDnnlContext } from "./onednn_context.ts";
 import {
   ARG_DIFF_DST,
-  ARG_DIFF_SCALE,
-  ARG_DIFF_SHIFT,
   ARG_DIFF_SRC,
   ARG_DIFF_WEIGHTS,
   ARG_DST,
   ARG_FROM,
-  ARG_MEAN,
-  ARG_SCALE,
-  ARG_SHIFT,
   ARG_SRC,
   ARG_TO,
-  ARG_VARIANCE,
   ARG_WEIGHTS,
-  ARG_WORKSPACE,
-  DNNL_BACKWARD,
+  DNNL_BF16,
   DNNL_CONVOLUTION_DIRECT,
-  DNNL_CPU,
   DNNL_F32,
   DNNL_FORMAT_TAG_ANY,
   DNNL_FORWARD_TRAINING,
-  DNNL_FUSE_NORM_RELU,
-  DNNL_STREAM_DEFAULT,
-  DNNL_USE_GLOBAL_STATS,
-  DNNL_USE_SCALE,
-  DNNL_USE_SHIFT,
   dnnlSymbols,
   MEMORY_DESC_BYTES,
   OP_DESC_BYTES,
   QUERY_DIFF_WEIGHTS_MD,
-  QUERY_EXEC_ARG_MD,
   QUERY_WEIGHTS_MD,
 } from "./onednn_ffi.ts";
+
+export type {
+  BatchNormBackwardPointers,
+  BatchNormForwardPointers,
+  BatchNormShape,
+  DnnlBatchNorm,
+} from "./onednn_batch_norm.ts";
 
 // ---------------------------------------------------------------------------
 // oneDNN (Debian libdnnl2, v2.x C API) convolutions on NHWC / HWIO memory.
@@ -88,6 +83,15 @@ export type DnnlDirection = "forward" | "backwardData" | "backwardWeights";
 export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): boolean =>
   direction === "backwardWeights" && g.kh === 1 && g.kw === 1 && (g.sh > 1 || g.sw > 1) && g.ci % 16 !== 0;
 
+/**
+ * Whether a filter gradient runs in bf16 under `precision: bf16`. oneDNN 2.6's AMX kernel for it
+ * is 2-5x faster than fp32 only with few input channels on large outputs and up to 100x slower
+ * elsewhere (2 threads, DNNL_VERBOSE, ms per call fp32 / bf16: 3x3 16->16 on 32x32 18 / 3.4,
+ * 32->32 on 16x16 17 / 6.6, 1x1 16->32 on 16x16 11 / 2.5; but 3x3 64->64 on 16x16 33 / 155, on 8x8
+ * 4 / 46, 1x1 64->128 on 4x4 3 / 148, 1x1 128->256 on 4x2 2 / 2561), so only the first kind run bf16.
+ */
+export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 && g.oh * g.ow >= 256;
+
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
   readonly library: string;
@@ -108,54 +112,6 @@ export interface Dnnl {
    * shift, optionally followed by ReLU (whose backward then needs the workspace).
    */
   readonly batchNorm: DnnlBatchNorm;
-}
-
-/** Pointers of one batch-norm forward call; `workspace` only with relu (`workspaceBytes` bytes). */
-export interface BatchNormForwardPointers {
-  readonly x: Deno.PointerValue;
-  readonly gamma: Deno.PointerValue;
-  readonly beta: Deno.PointerValue;
-  readonly y: Deno.PointerValue;
-  readonly mean: Deno.PointerValue;
-  readonly variance: Deno.PointerValue;
-  readonly workspace: Deno.PointerValue | undefined;
-}
-
-export interface BatchNormBackwardPointers {
-  readonly x: Deno.PointerValue;
-  readonly mean: Deno.PointerValue;
-  readonly variance: Deno.PointerValue;
-  readonly gamma: Deno.PointerValue;
-  readonly beta: Deno.PointerValue;
-  readonly workspace: Deno.PointerValue | undefined;
-  readonly dy: Deno.PointerValue;
-  readonly dx: Deno.PointerValue;
-  readonly dgamma: Deno.PointerValue;
-  readonly dbeta: Deno.PointerValue;
-}
-
-export interface BatchNormShape {
-  /** Values per channel: N·H·W. */
-  readonly rows: number;
-  /** H and W of NHWC data (1 and 1 for [N, C]). */
-  readonly height: number;
-  readonly width: number;
-  readonly channels: number;
-  readonly epsilon: number;
-  readonly relu: boolean;
-}
-
-export interface DnnlBatchNorm {
-  /** Bytes of the ReLU workspace the forward writes and the backward reads (0 without relu). */
-  workspaceBytes(shape: BatchNormShape): number;
-  /**
-   * y = [relu](gamma (x − mean)/√(var + eps) + beta), with the batch mean and biased
-   * variance, written to `mean` and `variance`; with `givenStatistics`, read from them
-   * instead (synchronised batch norm's global statistics).
-   */
-  forward(shape: BatchNormShape, p: BatchNormForwardPointers, givenStatistics?: boolean): void;
-  /** dx, dgamma, dbeta from dy (the gradient of y) and the forward's statistics. */
-  backward(shape: BatchNormShape, p: BatchNormBackwardPointers): void;
 }
 
 let dnnlLoaded: Dnnl | undefined;
@@ -203,53 +159,22 @@ export const loadDnnl = (): Dnnl | undefined => {
     } catch {
       setOmpThreads = undefined; // another threading runtime: OMP_NUM_THREADS / its default
     }
-    const ok = (status: number, what: string) => {
-      kernelInvariant(status === 0, () => `${what} failed with dnnl status ${status}`);
-    };
-    const slot = () => new BigUint64Array(1);
-    const ptr = (view: ArrayBufferView) => Deno.UnsafePointer.of(view as unknown as BufferSource);
-    const handle = (s: BigUint64Array) => Deno.UnsafePointer.create(s[0]!);
-    const engineSlot = slot();
-    ok(d.dnnl_engine_create(ptr(engineSlot), DNNL_CPU, 0n), "dnnl_engine_create");
-    const engine = handle(engineSlot);
-    const streamSlot = slot();
-    ok(d.dnnl_stream_create(ptr(streamSlot), engine, DNNL_STREAM_DEFAULT), "dnnl_stream_create");
-    const stream = handle(streamSlot);
-    const dims = (values: readonly number[]) => BigInt64Array.from(values.map(BigInt));
-    const memoryDesc = (logical: number[], strides: number[]) => {
-      const md = new Uint8Array(MEMORY_DESC_BYTES);
-      ok(
-        d.dnnl_memory_desc_init_by_strides(ptr(md), 4, ptr(dims(logical)), DNNL_F32, ptr(dims(strides))),
-        "dnnl_memory_desc_init_by_strides",
-      );
-      return md;
-    };
-    const memory = (md: Uint8Array) => {
-      const s = slot();
-      ok(d.dnnl_memory_create(ptr(s), ptr(md), engine, null), "dnnl_memory_create");
-      return handle(s);
-    };
-    const primitiveDesc = (desc: Uint8Array, hint: Deno.PointerValue) => {
-      const s = slot();
-      ok(d.dnnl_primitive_desc_create(ptr(s), ptr(desc), null, engine, hint), "dnnl_primitive_desc_create");
-      return handle(s);
-    };
-    const primitive = (pd: Deno.PointerValue) => {
-      const s = slot();
-      ok(d.dnnl_primitive_create(ptr(s), pd), "dnnl_primitive_create");
-      return handle(s);
-    };
-
-    /** Executes a primitive on the stream with exec args `{id, memory}` (16 bytes each with padding). */
-    const execArgs = (pairs: readonly (readonly [number, Deno.PointerValue])[]): BigUint64Array => {
-      const args = new BigUint64Array(2 * pairs.length);
-      const ints = new Int32Array(args.buffer);
-      pairs.forEach(([id, memory], i) => {
-        ints[i * 4] = id;
-        args[i * 2 + 1] = BigInt(Deno.UnsafePointer.value(memory));
-      });
-      return args;
-    };
+    const context = makeDnnlContext(d);
+    const {
+      engine,
+      stream,
+      ok,
+      slot,
+      ptr,
+      handle,
+      dims,
+      memoryDesc,
+      memory,
+      primitiveDesc,
+      primitive,
+      execArgs,
+    } = context;
+    const batchNorm = makeDnnlBatchNorm(context);
 
     /**
      * Weights in the layout the convolution chose. Convolutions created on plain HWIO weights
@@ -267,16 +192,39 @@ export const loadDnnl = (): Dnnl | undefined => {
       readonly storage: Uint8Array;
     }
 
+    /**
+     * bf16: an fp32 input (x, or dy) rounded into a bf16 copy the convolution reads. TF.js has no
+     * bf16 tensors, so the copy lives in a scratch buffer (one per operand slot, shared by every
+     * plan and grown to the largest) only for the duration of the call.
+     */
+    interface InputCast {
+      readonly operand: "x" | "y";
+      readonly primitive: Deno.PointerValue;
+      readonly args: BigUint64Array;
+      /** The fp32 side: its data handle is the caller's pointer. */
+      readonly from: Deno.PointerValue;
+      /** The bf16 side, the convolution's argument: its data handle is the scratch buffer. */
+      readonly to: Deno.PointerValue;
+      readonly bytes: number;
+      readonly slot: number;
+    }
+
     interface Plan {
       readonly primitive: Deno.PointerValue;
       readonly args: BigUint64Array;
-      /** Memory objects whose handles are the caller's x, w (when no reorder) and y. */
+      /** Memory objects whose handles are the caller's x, w (when no reorder) and y (when not cast). */
       readonly x: Deno.PointerValue;
       readonly w: Deno.PointerValue | undefined;
       readonly y: Deno.PointerValue;
       /** Before the convolution (forward, backward data) or after it (backward weights). */
       readonly reorder: WeightsReorder | undefined;
+      readonly casts: readonly InputCast[];
     }
+    const scratch = [new Uint8Array(64), new Uint8Array(64)];
+    const scratchPointer = (i: number, bytes: number) => {
+      if (scratch[i]!.length < bytes) scratch[i] = new Uint8Array(bytes);
+      return ptr(scratch[i]!);
+    };
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
 
@@ -285,24 +233,36 @@ export const loadDnnl = (): Dnnl | undefined => {
       g: DnnlConvShape,
       key: string,
       weightsLayout: KernelSettings["dnnlWeightsLayout"],
+      bf16: boolean,
     ): Plan => {
-      const src = memoryDesc([g.n, g.ci, g.h, g.w], [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci]);
+      const xDims = [g.n, g.ci, g.h, g.w];
+      const xStrides = [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci];
+      const yDims = [g.n, g.co, g.oh, g.ow];
+      const yStrides = [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co];
+      const src = memoryDesc(xDims, xStrides);
       const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
-      let anyWts = wts;
-      if (weightsLayout === "any") {
-        anyWts = new Uint8Array(MEMORY_DESC_BYTES);
+      const anyDesc = (type: number) => {
+        const md = new Uint8Array(MEMORY_DESC_BYTES);
         ok(
           d.dnnl_memory_desc_init_by_tag(
-            ptr(anyWts),
+            ptr(md),
             4,
             ptr(dims([g.co, g.ci, g.kh, g.kw])),
-            DNNL_F32,
+            type,
             DNNL_FORMAT_TAG_ANY,
           ),
           "dnnl_memory_desc_init_by_tag",
         );
-      }
-      const dst = memoryDesc([g.n, g.co, g.oh, g.ow], [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co]);
+        return md;
+      };
+      // bf16 reads the weights in whatever layout oneDNN picks (they are reordered, and rounded, anyway).
+      const anyWts = bf16 ? anyDesc(DNNL_BF16) : weightsLayout === "any" ? anyDesc(DNNL_F32) : wts;
+      // The filter gradient stays fp32 (accumulated in fp32 by oneDNN's bf16 kernels).
+      const diffWts = bf16 ? anyDesc(DNNL_F32) : anyWts;
+      const dst = memoryDesc(yDims, yStrides);
+      // bf16: the convolution reads bf16 copies of its inputs and writes its fp32 output directly.
+      const srcIn = bf16 ? memoryDesc(xDims, xStrides, DNNL_BF16) : src;
+      const dstIn = bf16 ? memoryDesc(yDims, yStrides, DNNL_BF16) : dst;
       const strides = dims([g.sh, g.sw]);
       const dilates = dims([g.dh - 1, g.dw - 1]);
       const padL = dims([g.top, g.left]);
@@ -315,7 +275,7 @@ export const loadDnnl = (): Dnnl | undefined => {
             ptr(desc),
             DNNL_FORWARD_TRAINING,
             DNNL_CONVOLUTION_DIRECT,
-            ptr(src),
+            ptr(srcIn),
             ptr(anyWts),
             null,
             ptr(dst),
@@ -338,7 +298,7 @@ export const loadDnnl = (): Dnnl | undefined => {
             DNNL_CONVOLUTION_DIRECT,
             ptr(src),
             ptr(anyWts),
-            ptr(dst),
+            ptr(dstIn),
             ptr(strides),
             ptr(dilates),
             ptr(padL),
@@ -353,10 +313,10 @@ export const loadDnnl = (): Dnnl | undefined => {
           d.dnnl_dilated_convolution_backward_weights_desc_init(
             ptr(desc),
             DNNL_CONVOLUTION_DIRECT,
-            ptr(src),
-            ptr(anyWts),
+            ptr(srcIn),
+            ptr(diffWts),
             null,
-            ptr(dst),
+            ptr(dstIn),
             ptr(strides),
             ptr(dilates),
             ptr(padL),
@@ -373,8 +333,31 @@ export const loadDnnl = (): Dnnl | undefined => {
         0,
       );
       kernelInvariant(chosen !== null, () => "dnnl: no weights memory desc");
-      const x = memory(src);
-      const y = memory(dst);
+      const casts: InputCast[] = [];
+      const cast = (operand: "x" | "y", from: Uint8Array, to: Uint8Array, count: number) => {
+        const rs = slot();
+        ok(
+          d.dnnl_reorder_primitive_desc_create(ptr(rs), ptr(from), engine, ptr(to), engine, null),
+          "dnnl reorder desc",
+        );
+        const [fromMemory, toMemory] = [memory(from), memory(to)];
+        casts.push({
+          operand,
+          primitive: primitive(handle(rs)),
+          args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
+          from: fromMemory,
+          to: toMemory,
+          bytes: 2 * count,
+          slot: casts.length,
+        });
+        return toMemory;
+      };
+      const x = bf16 && direction !== "backwardData"
+        ? cast("x", src, srcIn, g.n * g.h * g.w * g.ci)
+        : memory(src);
+      const y = bf16 && direction !== "forward"
+        ? cast("y", dst, dstIn, g.n * g.oh * g.ow * g.co)
+        : memory(dst);
       let w: Deno.PointerValue | undefined;
       let reorder: WeightsReorder | undefined;
       let convWeights: Deno.PointerValue;
@@ -406,156 +389,27 @@ export const loadDnnl = (): Dnnl | undefined => {
         : direction === "backwardData"
         ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DIFF_DST, y]])
         : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, convWeights], [ARG_DIFF_DST, y]]);
-      return { primitive: primitive(pd), args, x, w, y, reorder };
+      return { primitive: primitive(pd), args, x, w, y, reorder, casts };
     };
-
-    /** A primitive whose every argument is a memory object made from the descriptor it queries. */
-    interface ArgPlan {
-      readonly primitive: Deno.PointerValue;
-      readonly memories: ReadonlyMap<number, Deno.PointerValue>;
-      readonly args: BigUint64Array;
-      readonly workspaceBytes: number;
-    }
-    const argPlan = (pd: Deno.PointerValue, argIds: readonly number[]): ArgPlan => {
-      const memories = new Map<number, Deno.PointerValue>();
-      for (const id of argIds) {
-        const md = d.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, id);
-        kernelInvariant(md !== null, () => `dnnl: no memory desc for argument ${id}`);
-        const s = slot();
-        ok(d.dnnl_memory_create(ptr(s), md, engine, null), "dnnl_memory_create");
-        memories.set(id, handle(s));
-      }
-      const workspace = argIds.includes(ARG_WORKSPACE)
-        ? Number(
-          d.dnnl_memory_desc_get_size(d.dnnl_primitive_desc_query_md(pd, QUERY_EXEC_ARG_MD, ARG_WORKSPACE)),
-        )
-        : 0;
-      return {
-        primitive: primitive(pd),
-        memories,
-        args: execArgs(argIds.map((id) => [id, memories.get(id)!] as const)),
-        workspaceBytes: workspace,
-      };
-    };
-    const runPlan = (plan: ArgPlan, pointers: ReadonlyMap<number, Deno.PointerValue>) => {
-      for (const [id, memory] of plan.memories) d.dnnl_memory_set_data_handle(memory, pointers.get(id)!);
-      ok(
-        d.dnnl_primitive_execute(plan.primitive, stream, plan.args.length / 2, ptr(plan.args)),
-        "dnnl_primitive_execute",
-      );
-      ok(d.dnnl_stream_wait(stream), "dnnl_stream_wait");
-    };
-
-    /** Per shape: the forward (statistics computed or, synchronised batch norm's, given) and the backward. */
-    const bnPlans = new Map<string, { forward: ArgPlan; givenStats: () => ArgPlan; backward: ArgPlan }>();
-    const bnPlan = (shape: BatchNormShape) => {
-      const key = `${activeThreads()}:${shape.rows},${shape.height},${shape.width},${shape.channels},` +
-        `${shape.epsilon},${shape.relu}`;
-      let plan = bnPlans.get(key);
-      if (plan !== undefined) return plan;
-      // NHWC (oneDNN's nspc: its JIT kernels), [rows, C] as N = rows, H = W = 1.
-      const { channels: c, height: h, width: w } = shape;
-      const n = shape.rows / (h * w);
-      const data = memoryDesc([n, c, h, w], [h * w * c, 1, w * c, c]);
-      const flags = DNNL_USE_SCALE | DNNL_USE_SHIFT | (shape.relu ? DNNL_FUSE_NORM_RELU : 0);
-      const forwardPd = (extraFlags: number) => {
-        const fdesc = new Uint8Array(OP_DESC_BYTES);
-        ok(
-          d.dnnl_batch_normalization_forward_desc_init(
-            ptr(fdesc),
-            DNNL_FORWARD_TRAINING,
-            ptr(data),
-            shape.epsilon,
-            flags | extraFlags,
-          ),
-          "dnnl batch normalization forward desc",
-        );
-        return primitiveDesc(fdesc, null);
-      };
-      const computedStatsPd = forwardPd(0);
-      const bdesc = new Uint8Array(OP_DESC_BYTES);
-      ok(
-        d.dnnl_batch_normalization_backward_desc_init(
-          ptr(bdesc),
-          DNNL_BACKWARD,
-          ptr(data),
-          ptr(data),
-          shape.epsilon,
-          flags,
-        ),
-        "dnnl batch normalization backward desc",
-      );
-      const backwardPd = primitiveDesc(bdesc, computedStatsPd);
-      const workspace = shape.relu ? [ARG_WORKSPACE] : [];
-      // oneDNN 2.6 counts the shift among the backward's inputs (it reads no value of it).
-      const forwardArgs = [ARG_SRC, ARG_DST, ARG_MEAN, ARG_VARIANCE, ARG_SCALE, ARG_SHIFT, ...workspace];
-      let givenStats: ArgPlan | undefined;
-      plan = {
-        forward: argPlan(computedStatsPd, forwardArgs),
-        // Made on first use (synchronised runs only); the backward reads its fused-ReLU workspace too.
-        givenStats: () => givenStats ??= argPlan(forwardPd(DNNL_USE_GLOBAL_STATS), forwardArgs),
-        backward: argPlan(backwardPd, [
-          ARG_SRC,
-          ARG_MEAN,
-          ARG_VARIANCE,
-          ARG_DIFF_DST,
-          ARG_SCALE,
-          ARG_SHIFT,
-          ...workspace,
-          ARG_DIFF_SRC,
-          ARG_DIFF_SCALE,
-          ARG_DIFF_SHIFT,
-        ]),
-      };
-      bnPlans.set(key, plan);
-      return plan;
-    };
-    const batchNorm: DnnlBatchNorm = {
-      workspaceBytes: (shape) => bnPlan(shape).forward.workspaceBytes,
-      forward: (shape, p, givenStatistics = false) => {
-        const pointers = new Map<number, Deno.PointerValue>([
-          [ARG_SRC, p.x],
-          [ARG_DST, p.y],
-          [ARG_MEAN, p.mean],
-          [ARG_VARIANCE, p.variance],
-          [ARG_SCALE, p.gamma],
-          [ARG_SHIFT, p.beta],
-        ]);
-        if (shape.relu) pointers.set(ARG_WORKSPACE, p.workspace!);
-        runPlan(givenStatistics ? bnPlan(shape).givenStats() : bnPlan(shape).forward, pointers);
-      },
-      backward: (shape, p) => {
-        const pointers = new Map<number, Deno.PointerValue>([
-          [ARG_SRC, p.x],
-          [ARG_MEAN, p.mean],
-          [ARG_VARIANCE, p.variance],
-          [ARG_DIFF_DST, p.dy],
-          [ARG_SCALE, p.gamma],
-          [ARG_SHIFT, p.beta],
-          [ARG_DIFF_SRC, p.dx],
-          [ARG_DIFF_SCALE, p.dgamma],
-          [ARG_DIFF_SHIFT, p.dbeta],
-        ]);
-        if (shape.relu) pointers.set(ARG_WORKSPACE, p.workspace!);
-        runPlan(bnPlan(shape).backward, pointers);
-      },
-    };
-
     dnnlLoaded = {
       library: name,
       batchNorm,
       run: (direction, g, x, w, y) => {
         const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
           .concat([g.top, g.left, g.bottom, g.right]).join(",");
-        const weightsLayout = activeKernelSettings().dnnlWeightsLayout;
+        const { dnnlWeightsLayout: weightsLayout, precision: asked } = activeKernelSettings();
+        const precision = asked === "bf16" && (direction !== "backwardWeights" || bf16FilterGradientPays(g))
+          ? "bf16"
+          : "fp32";
         // A primitive books its scratchpad for the threads at its creation: one per thread count.
-        const key = `${direction}:${activeThreads()}:${weightsLayout}:${shapeKey}`;
+        const common = `${activeThreads()}:${weightsLayout}:${precision}:${shapeKey}`;
+        const key = `${direction}:${common}`;
         let plan = plans.get(key);
         if (plan === undefined) {
           try {
             plan = overrunsScratchpad(direction, g)
               ? null
-              : build(direction, g, `${activeThreads()}:${weightsLayout}:${shapeKey}`, weightsLayout);
+              : build(direction, g, common, weightsLayout, precision === "bf16");
           } catch {
             plan = null; // a shape oneDNN does not take: the caller falls back, every time
           }
@@ -564,8 +418,13 @@ export const loadDnnl = (): Dnnl | undefined => {
         if (plan === null) return false;
         const execute = (p: Deno.PointerValue, args: BigUint64Array) =>
           ok(d.dnnl_primitive_execute(p, stream, args.length / 2, ptr(args)), "dnnl_primitive_execute");
-        d.dnnl_memory_set_data_handle(plan.x, x);
-        d.dnnl_memory_set_data_handle(plan.y, y);
+        for (const c of plan.casts) {
+          d.dnnl_memory_set_data_handle(c.from, c.operand === "x" ? x : y);
+          d.dnnl_memory_set_data_handle(c.to, scratchPointer(c.slot, c.bytes));
+          execute(c.primitive, c.args);
+        }
+        if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);
+        if (!plan.casts.some((c) => c.operand === "y")) d.dnnl_memory_set_data_handle(plan.y, y);
         const reorder = plan.reorder;
         if (reorder === undefined) d.dnnl_memory_set_data_handle(plan.w!, w);
         else d.dnnl_memory_set_data_handle(reorder.plain, w);

@@ -88,6 +88,8 @@ export const dnnlSymbols = {
 export const DNNL_CPU = 1;
 export const DNNL_STREAM_DEFAULT = 1;
 export const DNNL_F32 = 3;
+/** bfloat16: fp32's sign and 8-bit exponent, 7 stored mantissa bits (8 with the implicit one). */
+export const DNNL_BF16 = 2;
 export const DNNL_FORWARD_TRAINING = 64;
 export const DNNL_CONVOLUTION_DIRECT = 1;
 export const ARG_SRC = 1;

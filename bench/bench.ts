@@ -5,7 +5,7 @@
  *   deno task bench [--json] [--stage NAME] [--backend wasm] [--threads N] [--reps N]
  *                   [--arch resnet18] [--width 16] [--batch 64] [--crops 2x32+4x16]
  *                   [--hidden 2048] [--out 128] [--prototypes 3000] [--no-blas]
- *                   [--procs N] [--sync-bn true|false] [--help]
+ *                   [--procs N] [--sync-bn true|false] [--precision fp32|bf16|auto] [--help]
  *
  * Stages (the names of bench/torch_step.py too):
  *
@@ -41,6 +41,11 @@ import { activeCommunicator, CommunicatorService } from "../backend/communicator
 import { defaultThreads } from "../backend/kernel_settings.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { dnnlInfo } from "../backend/onednn.ts";
+import {
+  type PrecisionChoice,
+  PrecisionChoice as PrecisionChoices,
+  resolvePrecision,
+} from "../backend/precision.ts";
 import { blasInfo } from "../backend/openblas.ts";
 import { type BackendName, backendNames, TensorBackend } from "../backend/tensor_backend.ts";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
@@ -91,6 +96,8 @@ export interface BenchOptions {
   readonly syncBn: boolean;
   /** `--threads` was given (else each process gets cores / procs). */
   readonly threadsGiven: boolean;
+  /** `--precision` as asked (resolved against the processor when the backend starts). */
+  readonly precision: PrecisionChoice;
 }
 
 /** What `bench --help` prints. */
@@ -114,6 +121,7 @@ export const benchUsage =
                       prints, with "procs"; ms is the median wall time of one data-parallel step and
                       images_per_s counts the global batch (default 1)
   --sync-bn BOOL      true|false: batch norm over the global batch when --procs > 1 (default true)
+  --precision P       fp32, bf16 (oneDNN convolutions in bfloat16 where native) or auto (default fp32)
   --help              this text`;
 
 /** Parses `2x32+4x16`` into [[2, 32], [4, 16]]. */
@@ -156,6 +164,7 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     "--prototypes",
     "--procs",
     "--sync-bn",
+    "--precision",
   ]);
   for (const a of args) {
     if (a.startsWith("--") && !known.has(a)) {
@@ -172,6 +181,10 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
   }
   const syncBn = value("--sync-bn") ?? "true";
   if (syncBn !== "true" && syncBn !== "false") throw new Error(`--sync-bn: true or false, got '${syncBn}'`);
+  const precision = value("--precision") ?? "fp32";
+  if (!(PrecisionChoices.literals as readonly string[]).includes(precision)) {
+    throw new Error(`--precision: fp32, bf16 or auto, got '${precision}'`);
+  }
   const procs = int("--procs", 1);
   const batch = int("--batch", 64);
   if (batch % procs !== 0) {
@@ -200,6 +213,7 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     procs,
     syncBn: syncBn === "true",
     threadsGiven: value("--threads") !== undefined,
+    precision: precision as PrecisionChoice,
   };
 };
 
@@ -544,6 +558,8 @@ if (import.meta.main) {
   await Effect.runPromise(
     announceSpeedupHint({ backend: options.backend, jpeg: false, nativeOff: !options.blas }),
   );
+  const resolved = resolvePrecision(options.blas ? options.precision : "fp32", options.backend);
+  if (resolved.note !== undefined && lead) console.error(`bench: ${resolved.note}`);
   // The backend and its kernel settings for the whole run, released (variables disposed) at the end.
   const runtime = ManagedRuntime.make(
     Layer.merge(
@@ -551,6 +567,7 @@ if (import.meta.main) {
         threads: options.threads,
         blas: options.blas,
         syncBatchNorm: options.syncBn,
+        precision: resolved.precision,
       }),
       CommunicatorService.auto,
     ),
@@ -570,7 +587,7 @@ if (import.meta.main) {
     console.log(
       `${
         comm.size > 1 ? `procs ${comm.size}, sync-bn ${options.syncBn}, ` : ""
-      }backend ${backend}, blas ${header.blas}, dnnl ${header.dnnl}, threads ${options.threads}, reps ${options.reps}\n${header.config}\n`,
+      }backend ${backend}, blas ${header.blas}, dnnl ${header.dnnl}, threads ${options.threads}, precision ${settings.precision}, reps ${options.reps}\n${header.config}\n`,
     );
     console.log(`| ${"stage".padEnd(16)} | ${"ms".padStart(9)} | ${"images/s".padStart(9)} |`);
     console.log(`| ${"-".repeat(16)} | --------: | --------: |`);
@@ -587,6 +604,7 @@ if (import.meta.main) {
           threads: options.threads,
           blas: header.blas,
           dnnl: header.dnnl,
+          precision: settings.precision,
           ...(comm.size > 1 ? { procs: comm.size, sync_bn: options.syncBn } : {}),
         }),
       );

@@ -5,9 +5,10 @@
 # step time, and each side's peak resident memory (/usr/bin/time -v, the largest over rounds).
 #
 #   bench/compare.sh [--rounds 1] [--threads N] [--reps N] [--stage NAME] [--width 16] [--batch 64]
-#                    [--crops 2x32+4x16] [--hidden 2048] [--out 128] [--prototypes 3000]
+#                    [--crops 2x32+4x16] [--hidden 2048] [--out 128] [--prototypes 3000] [--precision bf16]
 #
-# Every argument but --rounds is passed to both sides. The machine's load (uptime) is printed before and
+# Every argument but --rounds is passed to both sides (--precision bf16: ours with oneDNN bf16 convolutions,
+# PyTorch with its forward under torch.autocast("cpu", dtype=torch.bfloat16)). The machine's load (uptime) is printed before and
 # after. PyTorch's times on this VM vary by up to 2x from one process to the next (its allocator returns
 # memory to the system and faults it back in): use several rounds.
 set -euo pipefail

@@ -2,6 +2,7 @@
 
     /usr/bin/python3 bench/torch_step.py [--threads 2] [--reps 5] [--stage step] [--width 16]
         [--batch 64] [--crops 2x32+4x16] [--hidden 2048] [--out 128] [--prototypes 3000]
+        [--precision fp32|bf16|auto]
 
 Prints one JSON line per stage, {"stage", "ms" (median), "images_per_s" (batch / s), ...}, with the
 stage names of bench/bench.ts: decode (PIL PNG decode of a batch of 32x32 images), multicrop
@@ -11,7 +12,10 @@ reference's distributed_sinkhorn, 3 iterations, eps 0.05), swapped_loss (loss an
 respect to the scores), optimise (LARC around SGD with momentum, as apex), step (normalise prototypes,
 forward, codes, loss, backward, update). The model is SwAV's ResNet-18 with the CIFAR stem (3x3/1 conv,
 no max-pool) at the given width, projection head Linear-BN1d-ReLU-Linear, L2 normalisation, and
-prototypes without bias, in float32 on the CPU, training mode.
+prototypes without bias, in float32 on the CPU, training mode. With --precision bf16 the model's
+forward runs under torch.autocast("cpu", dtype=torch.bfloat16) (its backward follows the forward's
+types) and the scores are cast back to float32 before Sinkhorn and the loss, as ours keeps them;
+auto takes bf16 where /proc/cpuinfo has avx512_bf16 or amx_bf16.
 """
 
 import argparse
@@ -37,6 +41,7 @@ def parse():
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--out", type=int, default=128)
     p.add_argument("--prototypes", type=int, default=3000)
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
     return p.parse_args()
 
 
@@ -200,6 +205,10 @@ def timed(reps, fn):
 def main():
     args = parse()
     threads = args.threads or torch.get_num_threads()
+    precision = args.precision
+    if precision == "auto":
+        flags = open("/proc/cpuinfo").read()
+        precision = "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
     torch.set_num_threads(threads)
     crops_spec = [tuple(int(v) for v in part.split("x")) for part in args.crops.split("+")]
     nmb_crops = [n for n, _ in crops_spec]
@@ -212,7 +221,8 @@ def main():
     def report(stage, ms):
         print(json.dumps({"stage": stage, "ms": round(ms, 3),
                           "images_per_s": round(bs / (ms / 1000), 2) if ms > 0 else None,
-                          "reps": args.reps, "backend": "torch", "threads": threads, "torch": torch.__version__}),
+                          "reps": args.reps, "backend": "torch", "threads": threads, "torch": torch.__version__,
+                          "precision": precision}),
               flush=True)
 
     if "decode" in stages:
@@ -253,16 +263,22 @@ def main():
     torch.manual_seed(1)
     model = SwavResNet18(args.width, args.hidden, args.out, args.prototypes)
     model.train()
+
+    def encode(x):
+        # bf16: the forward under autocast; embeddings and scores back in float32 for Sinkhorn and the loss.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            z, scores = model(x)
+        return z.float(), scores.float()
     inputs = [torch.randn(n * bs, 3, s, s) for n, s in crops_spec]
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-6)
     optimizer = LARC(sgd, trust_coefficient=0.001, clip=False)
     with torch.no_grad():
-        _, scores0 = model(inputs)
+        _, scores0 = encode(inputs)
 
     forward_ms = None
     if "encode_forward" in stages or "encode_backward" in stages:
         def forward():
-            model(inputs)
+            encode(inputs)
 
         forward_ms = timed(args.reps, forward)
         if "encode_forward" in stages:
@@ -272,7 +288,7 @@ def main():
 
         def forward_backward():
             model.zero_grad(set_to_none=True)
-            _, s = model(inputs)
+            _, s = encode(inputs)
             (s * upstream).sum().backward()
 
         report("encode_backward", max(0.0, timed(args.reps, forward_backward) - forward_ms))
@@ -297,7 +313,7 @@ def main():
                 w = F.normalize(w, dim=1, p=2)
                 model.prototypes.weight.copy_(w)
             model.zero_grad(set_to_none=True)
-            _, scores = model(inputs)
+            _, scores = encode(inputs)
             codes = assign(scores, bs, crops_for_assign)
             loss = swapped_loss(scores, codes, bs, nmb_crops, crops_for_assign)
             loss.backward()

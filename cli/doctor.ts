@@ -72,6 +72,7 @@ export const formatReport = (r: EnvironmentReport): string => {
     }${r.cpu.avx512 === undefined ? "" : `; AVX-512 ${r.cpu.avx512 ? "yes" : "no"}`}; bf16 ${
       r.cpu.bf16Native ? `native (${r.cpu.bf16Flags?.join(" ") || "oneDNN ISA"})` : "not native"
     }${r.cpu.bf16Flags === undefined ? " (by oneDNN's ISA; /proc/cpuinfo needs --allow-all)" : ""}`,
+    `  precision     auto -> ${r.precision.auto} (${r.precision.reason}); train.precision / --precision`,
     `  threads       ${plural(r.cpu.threads, "thread")} for native kernels (${
       r.cpu.threadsFrom === "SWAV_THREADS" ? "SWAV_THREADS" : "the core count; SWAV_THREADS=N changes it"
     })`,

@@ -8,6 +8,7 @@ import { Effect, Option } from "effect";
 import { Command, Flag } from "effect/cli";
 import { BackendName, resolveBackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { CommunicatorService } from "../backend/communicator.ts";
+import { PrecisionChoice, resolvePrecision } from "../backend/precision.ts";
 import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { RECIPE_NAMES, recipeConfig, type RecipeName } from "../config/recipes.ts";
@@ -65,6 +66,7 @@ const overrides = (flags: {
   workers?: number;
   syncBatchNorm?: boolean;
   onlineProbe?: boolean;
+  precision?: string;
 }) => ({
   data: { source: flags.data, workers: flags.workers },
   model: { syncBatchNorm: flags.syncBatchNorm },
@@ -76,6 +78,7 @@ const overrides = (flags: {
     seed: flags.seed,
     batchSize: flags.batchSize,
     maxSteps: flags.maxSteps,
+    precision: flags.precision,
   },
 });
 
@@ -136,6 +139,8 @@ const backendChoice = (config: RunConfig, flag: Option.Option<string>) =>
 const backendLayer = (config: RunConfig, flag: Option.Option<string>, threads?: number) =>
   TensorBackend.layer(backendChoice(config, flag), {
     syncBatchNorm: config.model.syncBatchNorm,
+    // Resolved before (resolvePrecision): `auto` never reaches the kernels.
+    precision: config.train.precision === "bf16" ? "bf16" : "fp32",
     ...(threads === undefined ? {} : { threads }),
   });
 
@@ -171,6 +176,12 @@ const pretrainCommand = Command.make("pretrain", {
   out: outFlag,
   backend: backendFlag,
   seed: seedFlag,
+  precision: Flag.Literals("precision", PrecisionChoice.literals).pipe(
+    Flag.withDescription(
+      "fp32, bf16 (convolutions in bfloat16 where the processor has it) or auto (train.precision)",
+    ),
+    Flag.optional,
+  ),
   resume: Flag.Boolean("resume").pipe(
     Flag.withDescription("continue from the latest checkpoint in --out"),
     Flag.withDefault(false),
@@ -211,7 +222,7 @@ const pretrainCommand = Command.make("pretrain", {
 }, (flags) =>
   reportFailure(
     Effect.gen(function* () {
-      const config = yield* resolveConfig(
+      const requested = yield* resolveConfig(
         flags.config,
         overrides({
           data: Option.getOrUndefined(flags.data),
@@ -224,9 +235,13 @@ const pretrainCommand = Command.make("pretrain", {
           workers: Option.getOrUndefined(flags.workers),
           syncBatchNorm: Option.getOrUndefined(flags.syncBn),
           onlineProbe: Option.getOrUndefined(flags.onlineProbe),
+          precision: Option.getOrUndefined(flags.precision),
         }),
         flags.recipe,
       );
+      const backendAsked = yield* backendChoice(requested, flags.backend);
+      const resolved = resolvePrecision(requested.train.precision, backendAsked);
+      const config = { ...requested, train: { ...requested.train, precision: resolved.precision } };
       // --procs, --threads and --hostfile are checked (with the batch) before any process starts.
       const knobs = yield* checkKnobs({
         procs: Option.getOrUndefined(flags.procs),
@@ -254,6 +269,7 @@ const pretrainCommand = Command.make("pretrain", {
       }
       const comm = yield* CommunicatorService;
       const lead = comm.rank === 0;
+      if (lead && resolved.note !== undefined) console.error(resolved.note);
       // Image folders may hold JPEGs; the built-in set is PNG.
       if (lead) {
         yield* announceSpeedupHint({

@@ -6,6 +6,7 @@
  * written to the run folder.
  */
 import { Effect, Schema } from "effect";
+import { PrecisionChoice } from "../backend/precision.ts";
 import { BackendName } from "../backend/tensor_backend.ts";
 import { readRegularText } from "../data/bounded_read.ts";
 import { ModelConfig } from "../models/model.ts";
@@ -81,6 +82,12 @@ export const TrainConfig = Schema.Struct({
   /** Run folder: resolved config, metrics.jsonl, checkpoints. */
   out: withDefault(Schema.String, "runs/swav"),
   backend: withDefault(BackendName, "auto"),
+  /**
+   * "bf16": convolutions in bfloat16 with fp32 accumulation and fp32 weights, statistics and losses
+   * (where the processor runs bf16 natively; elsewhere fp32, said in one line). "auto": bf16 where native.
+   * The run folder's config.json records the one that ran.
+   */
+  precision: withDefault(PrecisionChoice, "fp32"),
   /** Checkpoint every N steps (0 = only at the end of each epoch). */
   checkpointEvery: withDefault(NonNegativeInt, 0),
   /** Checkpoints kept in the run folder (older ones are removed). */

@@ -16,6 +16,7 @@ import { Effect } from "effect";
 import denoConfig from "../deno.json" with { type: "json" };
 import { defaultThreads } from "../backend/kernel_settings.ts";
 import { dnnlInfo } from "../backend/onednn.ts";
+import { bf16Support } from "../backend/precision.ts";
 import { blasInfo } from "../backend/openblas.ts";
 import { turboJpegLibrary, turboJpegLoadError } from "../backend/turbojpeg.ts";
 import {
@@ -58,6 +59,8 @@ export interface MissingPiece {
 }
 
 export interface EnvironmentReport {
+  /** What `train.precision: auto` picks here and why; a run's environment.json adds the one it ran with. */
+  readonly precision: { readonly auto: "fp32" | "bf16"; readonly reason: string; readonly run?: string };
   readonly deno: { readonly version: string; readonly v8: string; readonly typescript: string };
   readonly os: string;
   /** Versions pinned in deno.json's import map. */
@@ -346,7 +349,9 @@ export const environmentReport = (
     const threadsEnv = envValue("SWAV_THREADS");
     const threads = defaultThreads();
     const memory = memoryBytes();
+    const support = bf16Support();
     const partial = {
+      precision: { auto: support.native ? "bf16" as const : "fp32" as const, reason: support.reason },
       deno: { version: Deno.version.deno, v8: Deno.version.v8, typescript: Deno.version.typescript },
       os: `${Deno.build.os} ${Deno.build.arch}`,
       packages: { ...pinnedVersions(), "@tensorflow/tfjs (loaded)": tf.version.tfjs },

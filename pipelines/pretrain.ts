@@ -140,11 +140,11 @@ const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) 
   Effect.gen(function* () {
     yield* writeJsonFile(folder, "config.json", config);
     yield* writeJsonFile(folder, "seed.json", { seed: config.train.seed });
-    yield* writeJsonFile(
-      folder,
-      "environment.json",
-      yield* environmentReport({ webgpu: backend === "webgpu" }),
-    );
+    const report = yield* environmentReport({ webgpu: backend === "webgpu" });
+    yield* writeJsonFile(folder, "environment.json", {
+      ...report,
+      precision: { ...report.precision, run: config.train.precision },
+    });
   });
 
 /**
@@ -417,6 +417,14 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
     // An earlier run there is refused, or (--force) moved aside once the start-up checks below pass.
     const earlier = folder === undefined ? undefined : yield* checkEarlierRun(folder, options);
+    // The precision the kernels run with (a resolved `auto`), recorded in place of the one asked for.
+    const precision = backend.settings.precision;
+    const runConfig = { ...config, train: { ...config.train, precision } };
+    hooks.onInfo?.(
+      precision === "bf16"
+        ? "precision bf16: convolutions in bfloat16 (fp32 accumulation, weights, statistics and losses)"
+        : "precision fp32",
+    );
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config, batchSize, comm);
@@ -467,7 +475,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     if (folder !== undefined) {
       const movedTo = yield* earlier!.moveAside;
       if (movedTo !== undefined) hooks.onInfo?.(`the earlier run in ${runFolder} was moved into ${movedTo}`);
-      yield* writeRunRecords(folder, config, backend.name);
+      yield* writeRunRecords(folder, runConfig, backend.name);
     }
     // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
     if (comm.size > 1) yield* Effect.promise(() => broadcastModel(model, comm));

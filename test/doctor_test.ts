@@ -98,6 +98,11 @@ Deno.test("doctor --json: what is present and absent on this machine, by the loa
     assert.equal(typeof r.native.onednn["isa"], "string");
     assert.equal(typeof r.native.onednn["bf16"], "boolean");
   });
+  // train.precision auto follows oneDNN's own ISA answer.
+  assert.equal(
+    r.precision.auto,
+    r.native.onednn.found && r.native.onednn["bf16"] === true && r.native.openblas.found ? "bf16" : "fp32",
+  );
   // Both libraries or not: the kernels and the missing list say so.
   const both = r.native.openblas.found && r.native.onednn.found;
   assert.equal(
@@ -115,6 +120,7 @@ Deno.test("doctor: a library named by its variable but missing shows absent, wit
   assert.equal(r.native.openblas.found, false);
   assert.equal(r.native.openblas.library, missing.SWAV_BLAS_LIB);
   assert.equal(r.native.onednn.found, false);
+  assert.equal(r.precision.auto, "fp32", "no oneDNN: no bf16");
   assert.equal(r.jpeg.found, false);
   assert.equal(r.jpeg.decoder, "imagescript");
   assert.equal(r.mpi.found, false);
