@@ -21,7 +21,7 @@ export {
   withKernelSettings,
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
-export type { NamedTensorMap, Scalar, Tensor, Tensor2D, Variable } from "./backend/tensor_types.ts";
+export type { NamedTensorMap, Scalar, Tensor, Tensor2D, Tensor4D, Variable } from "./backend/tensor_types.ts";
 
 // The stage abstraction
 export {
@@ -93,7 +93,15 @@ export {
   type SwavModel,
   trainableVariables,
 } from "./models/model.ts";
-export { backboneForward } from "./models/resnet.ts";
+export {
+  type BackboneConfig,
+  backboneForward,
+  type BackbonePlan,
+  type BlockPlan,
+  type ForwardOptions,
+  type ResnetArch,
+  type ResnetStem,
+} from "./models/resnet.ts";
 export { l2NormaliseRows, normalisePrototypes, prototypeScores } from "./models/prototypes.ts";
 
 // Stage: sinkhorn

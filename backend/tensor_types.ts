@@ -20,3 +20,6 @@ export type Variable = tf.Variable;
 
 /** Tensors by name, as TF.js's `variableGrads` returns the gradients of a loss. */
 export type NamedTensorMap = tf.NamedTensorMap;
+
+/** A TF.js rank-4 tensor: a batch of images or feature maps, [N, H, W, C]. */
+export type Tensor4D = tf.Tensor4D;
