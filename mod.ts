@@ -21,6 +21,7 @@ export {
   withKernelSettings,
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
+export type { Communicator, ReduceOp } from "./backend/communicator.ts";
 export type { NamedTensorMap, Scalar, Tensor, Tensor2D, Tensor4D, Variable } from "./backend/tensor_types.ts";
 
 // The stage abstraction
