@@ -107,8 +107,9 @@ export interface LinearProbeResult {
   readonly confusion: number[][];
   /** Every epoch's learning rate, loss and accuracies. */
   readonly history: readonly ProbeEpoch[];
-  /** The final weights ([D, C] row-major) and bias. */
+  /** The final weights [D, C], row-major. */
   readonly weight: Float32Array;
+  /** The final bias [C]. */
   readonly bias: Float32Array;
 }
 
