@@ -414,13 +414,13 @@ export const runBench = async (
     const { model, crops, variables, optimiser } = fixture;
     const variableList = Object.values(variables);
     // Scores of the current model (for the sinkhorn and loss stages: realistic values).
-    const scores = tf.tidy(() => modelForward(model, crops, { training: false }).scores);
+    const scores = tf.tidy(() => modelForward(model, crops, { training: false }).scores!);
     try {
       let forwardMs: number | undefined;
       if (wants("encode_forward") || wants("encode_backward")) {
         forwardMs = await timeMedian(o.reps, async () => {
           const out = modelForward(model, crops, { training: true });
-          await settle([out.scores, out.embeddings, out.features]);
+          await settle([out.scores!, out.embeddings, out.features]);
         });
         if (wants("encode_forward")) report("encode_forward", forwardMs);
       }
@@ -429,7 +429,7 @@ export const runBench = async (
         const both = await timeMedian(o.reps, async () => {
           // The training step's backward (pipelines/swav_step.ts).
           const { value, grads } = leanVariableGrads(
-            () => tf.sum(tf.mul(modelForward(model, crops, { training: true }).scores, upstream)),
+            () => tf.sum(tf.mul(modelForward(model, crops, { training: true }).scores!, upstream)),
             variableList,
           );
           await settle([value, ...Object.values(grads)]);
