@@ -20,7 +20,7 @@ import {
 } from "./deepclusterv2.ts";
 import { simclrMethod } from "./simclr.ts";
 import { stepSettings, type SwavStages, swavTrainStep } from "./swav_step.ts";
-import { type StepOutcome, type StepState, trainStep } from "./train_step.ts";
+import { type Method, type StepOutcome, type StepState, trainStep } from "./train_step.ts";
 
 /** DeepCluster-v2's memory bank for a data set of `size` samples; undefined for the other methods. */
 export const methodState = (config: RunConfig, size: number): MemoryBank | undefined =>
@@ -31,7 +31,10 @@ export const methodState = (config: RunConfig, size: number): MemoryBank | undef
     heads: prototypeHeads(config.model).length,
   });
 
-/** The run's training step for its method. */
+/** A user's own method for the stock pipeline: made from the run config and the step's state. */
+export type CustomMethod = (config: RunConfig, state: StepState, batchSize: number) => Method;
+
+/** The run's training step for its method (or a user's own, `custom`). */
 export const methodTrainStep = (
   config: RunConfig,
   state: StepState,
@@ -39,9 +42,20 @@ export const methodTrainStep = (
   stages: SwavStages,
   bank: MemoryBank | undefined,
   comm: Communicator,
+  custom?: CustomMethod,
 ) =>
   Effect.gen(function* () {
     const method = config.train.method;
+    if (custom !== undefined) {
+      const optim = effectiveOptim(config.optim, config.train.batchSize);
+      return trainStep(
+        stepSettings(config, { ...optim, freezePrototypesIters: config.swav.freezePrototypesIters }),
+        state,
+        { itersPerEpoch: schedule.itersPerEpoch },
+        custom(config, state, schedule.batchSize),
+        optimiseStage,
+      );
+    }
     if (method === "swav") return yield* swavTrainStep(config, state, schedule, stages);
     if (comm.size > 1) {
       return yield* new DataParallelError({

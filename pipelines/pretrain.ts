@@ -61,7 +61,13 @@ import {
 } from "./run_folder.ts";
 import { runRecords } from "./run_records.ts";
 import { type SwavStages, swavStages } from "./swav_step.ts";
-import { methodCollapseWarning, methodState, methodTrainStep, startMethodEpoch } from "./methods.ts";
+import {
+  type CustomMethod,
+  methodCollapseWarning,
+  methodState,
+  methodTrainStep,
+  startMethodEpoch,
+} from "./methods.ts";
 import type { StepOutcome } from "./train_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import { initFromWeightsFile } from "./torch_weights.ts";
@@ -262,6 +268,8 @@ export interface PretrainOptions {
   readonly hooks?: PretrainHooks;
   /** Replaces stages of the SwAV step by stage values of the same types: a custom pipeline. */
   readonly stages?: Partial<SwavStages>;
+  /** A user's own method (a `Method` value) instead of train.method's (examples/custom_method.ts). */
+  readonly method?: CustomMethod;
 }
 
 /** The run's counters, folded per step (and reset per epoch), never mutated in place. */
@@ -418,6 +426,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       { ...swavStages, ...options.stages },
       memoryBank,
       comm,
+      options.method,
     );
     const { seed, keepCheckpoints } = trainConfig;
     const save = checkpointWriter(folder, keepCheckpoints, () => ({

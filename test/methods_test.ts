@@ -316,3 +316,22 @@ Deno.test("train.method sets the prototype heads: three of K for deepclusterv2, 
   assert.ok(Exit.isFailure(bad));
   assert.match(String(bad.cause), /method/);
 });
+
+Deno.test("a user's own method (examples/custom_method.ts) runs through the stock pretrain", async () => {
+  const { alignUniformMethod } = await import("../examples/custom_method.ts");
+  await withRunFolder(async (out) => {
+    const config = await Effect.runPromise(
+      decodeRunConfig(tinyConfig(out, "simclr", { maxSteps: 4 }), "test"),
+    );
+    const losses: number[] = [];
+    const exit = await Effect.runPromiseExit(
+      pretrain(config, { method: alignUniformMethod, hooks: { onStep: (m) => losses.push(m.loss) } }).pipe(
+        Effect.provide(TensorBackend.layer("wasm")),
+      ),
+    );
+    assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
+    assert.equal(losses.length, 4);
+    // Alignment is in [0, 4] and uniformity in [−4, 0]: the sum lies in [−4, 4].
+    assert.ok(losses.every((l) => Number.isFinite(l) && l > -4 && l < 4), `losses ${losses}`);
+  });
+});
