@@ -184,6 +184,20 @@ const withMethodHeads = (config: RunConfig, source: string): Effect.Effect<RunCo
           }),
         );
       }
+      {
+        const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
+        const outside = config.deepclusterv2.cropsForAssign.find((c) => c >= crops);
+        if (outside !== undefined) {
+          return Effect.fail(
+            new InvalidConfig({
+              source,
+              message:
+                `${source}: deepclusterv2.cropsForAssign names crop ${outside}, but multicrop.nmbCrops ` +
+                `[${config.multicrop.nmbCrops}] gives crops 0..${crops - 1}: list existing crops, e.g. [0]`,
+            }),
+          );
+        }
+      }
       return Effect.succeed(
         typeof prototypes === "number"
           ? { ...config, model: { ...config.model, prototypes: Array(DEEPCLUSTER_HEADS).fill(prototypes) } }

@@ -312,6 +312,15 @@ Deno.test("train.method sets the prototype heads: three of K for deepclusterv2, 
     String(swav.cause),
     /my\.json: model\.prototypes is a list \[40,20\], but swav uses one prototype head/,
   );
+  const crops = await decode({
+    train: { method: "deepclusterv2" },
+    multicrop: { nmbCrops: [1], sizeCrops: [32], minScaleCrops: [0.2], maxScaleCrops: [1] },
+  });
+  assert.ok(Exit.isFailure(crops));
+  assert.match(
+    String(crops.cause),
+    /deepclusterv2\.cropsForAssign names crop 1, but multicrop\.nmbCrops \[1\]/,
+  );
   const bad = await decode({ train: { method: "byol" } });
   assert.ok(Exit.isFailure(bad));
   assert.match(String(bad.cause), /method/);
