@@ -14,7 +14,7 @@ The SwAV paper's ablation on your labelled data: {swav, deepclusterv2, simclr} x
 side; 2 + 4 crops, the small ones at half the side}: six runs per seed, each in its own folder under --out.
 
 Budget (the same for every cell): the small-data recipe (ResNet-18 width 32, 3x3 stem, head 512/128,
-batch 256, LARC trust 0.02, lr 0.6 -> 0.0006 per 256 images, prototypes 10x the classes; DeepCluster-v2
+batch 128 (256 with 2 + 4 crops would not fit the 4 GiB wasm heap), LARC trust 0.02, lr 0.6 -> 0.0006 per 256 images, prototypes 10x the classes; DeepCluster-v2
 three heads of that size) for --epochs (default 2), seed 31 + s for seed s < --seeds (default 1). Then kNN
 (k 200, T 0.1) and the fast linear probe (--probe-epochs, default 20) on each cell's backbone features.
 A stopped grid resumes: finished cells (cell.json) are read back, an unfinished one continues from its

@@ -6,8 +6,16 @@
  * cell by cell (a finished cell's `cell.json` is reused, an unfinished one
  * resumes from its checkpoint). Writes `ablation.json` and `ablation.md`.
  */
-import { Effect } from "effect";
-import { decodeRunConfig, mergeConfig, type MethodName, type RunConfigInput } from "../config/config.ts";
+import { Effect, Schema } from "effect";
+import { TensorBackend } from "../backend/tensor_backend.ts";
+import {
+  decodeRunConfig,
+  mergeConfig,
+  type MethodName,
+  type RunConfig,
+  type RunConfigInput,
+} from "../config/config.ts";
+import { checkFitsBackend } from "../stages/encode.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { recipeConfig } from "../config/recipes.ts";
 import { openSource } from "../data/sources.ts";
@@ -21,6 +29,8 @@ import { resolveSourceSpec } from "./sources.ts";
 export const ABLATION_METHODS: readonly MethodName[] = ["swav", "deepclusterv2", "simclr"];
 export const ABLATION_CROPS = ["2", "2+4"] as const;
 export type AblationCrops = typeof ABLATION_CROPS[number];
+/** Every cell's batch: the multi-crop cells' 2 + 4 crops of 32 px at 256 would not fit the 4 GiB wasm heap. */
+export const ABLATION_BATCH = 128;
 
 export interface AblationOptions {
   /** A labelled SOURCE (kNN and the probe need labels). */
@@ -45,7 +55,15 @@ export interface CellResult {
   readonly seconds: number;
   /** The cell was finished by an earlier invocation and read back. */
   readonly reused: boolean;
+  /** The cell's resolved config (JSON), so that a rerun with another budget does not reuse it. */
+  readonly config: string;
 }
+
+/** A finished cell was trained under another budget than the one asked for now. */
+export class AblationBudgetChanged
+  extends Schema.TaggedError<AblationBudgetChanged>()("AblationBudgetChanged", {
+    message: Schema.String,
+  }) {}
 
 /** The crop settings of a cell at the data's side: two crops, or two plus four at half the side. */
 const cropsFor = (crops: AblationCrops, side: number) =>
@@ -75,57 +93,77 @@ export const runAblation = (options: AblationOptions) =>
     const first = yield* source.read(0);
     const side = Math.min(first.image.width, first.image.height);
     const facts = factsOf(source, side);
-    const results: CellResult[] = [];
+    // Every cell's config, validated and checked against the backend's memory before any cell trains.
+    const backend = yield* TensorBackend;
+    const cells: {
+      method: MethodName;
+      crops: AblationCrops;
+      seed: number;
+      dir: string;
+      config: RunConfig;
+    }[] = [];
     for (let seed = 0; seed < options.seeds; seed++) {
       for (const method of ABLATION_METHODS) {
         for (const crops of ABLATION_CROPS) {
           const dir = `${options.out}/${cellName(method, crops, seed)}`;
-          const done = yield* readCell(`${dir}/cell.json`);
-          if (done !== undefined) {
-            const reused = { ...done, reused: true };
-            results.push(reused);
-            options.hooks?.onCell?.(reused);
-            continue;
-          }
           const raw = mergeConfig(
-            mergeConfig(recipeConfig("small-data", options.epochs), options.base ?? {}),
-            {
+            mergeConfig(recipeConfig("small-data", options.epochs), { train: { batchSize: ABLATION_BATCH } }),
+            mergeConfig(options.base ?? {}, {
               data: { source: withSplit(options.data, "train") },
               multicrop: { ...cropsFor(crops, side), ...(facts.channels === 1 ? { channels: 1 } : {}) },
               model: facts.channels === 1 ? { inputChannels: 1 } : {},
               train: { method, seed: 31 + seed, out: dir, epochs: options.epochs },
-            },
+            }),
           );
           const config = yield* decodeRunConfig(
             withDataDefaults(raw, facts),
             `ablation cell ${cellName(method, crops, seed)}`,
           );
-          const started = performance.now();
-          // An unfinished cell continues from its checkpoint; a new one starts fresh.
-          const resume = (yield* latestCheckpoint(dir)) !== undefined;
-          const run = yield* pretrain(config, { resume, ...(options.hooks ? { hooks: options.hooks } : {}) });
-          const knn = yield* evaluate({ checkpoint: dir, method: "knn" });
-          const linear = yield* evaluate({
-            checkpoint: dir,
-            method: "linear",
-            protocol: "features",
-            epochs: options.probeEpochs,
-          });
-          const cell: CellResult = {
-            method,
-            crops,
-            seed,
-            knnTop1: knn.top1,
-            linearTop1: linear.top1,
-            steps: run.steps,
-            seconds: (performance.now() - started) / 1000,
-            reused: false,
-          };
-          yield* Effect.promise(() => Deno.writeTextFile(`${dir}/cell.json`, JSON.stringify(cell)));
-          results.push(cell);
-          options.hooks?.onCell?.(cell);
+          yield* checkFitsBackend(config.model, config.train.batchSize, config.multicrop, backend.name);
+          cells.push({ method, crops, seed, dir, config });
         }
       }
+    }
+    const results: CellResult[] = [];
+    for (const { method, crops, seed, dir, config } of cells) {
+      const done = yield* readCell(`${dir}/cell.json`);
+      if (done !== undefined && done.config !== JSON.stringify(config)) {
+        return yield* new AblationBudgetChanged({
+          message: `${dir} was trained with another budget (its cell.json records another config): ` +
+            `use another --out, or the same --epochs and data`,
+        });
+      }
+      if (done !== undefined) {
+        const reused = { ...done, reused: true };
+        results.push(reused);
+        options.hooks?.onCell?.(reused);
+        continue;
+      }
+      const started = performance.now();
+      // An unfinished cell continues from its checkpoint; a new one starts fresh.
+      const resume = (yield* latestCheckpoint(dir)) !== undefined;
+      const run = yield* pretrain(config, { resume, ...(options.hooks ? { hooks: options.hooks } : {}) });
+      const knn = yield* evaluate({ checkpoint: dir, method: "knn" });
+      const linear = yield* evaluate({
+        checkpoint: dir,
+        method: "linear",
+        protocol: "features",
+        epochs: options.probeEpochs,
+      });
+      const cell: CellResult = {
+        method,
+        crops,
+        seed,
+        knnTop1: knn.top1,
+        linearTop1: linear.top1,
+        steps: run.steps,
+        seconds: (performance.now() - started) / 1000,
+        reused: false,
+        config: JSON.stringify(config),
+      };
+      yield* Effect.promise(() => Deno.writeTextFile(`${dir}/cell.json`, JSON.stringify(cell)));
+      results.push(cell);
+      options.hooks?.onCell?.(cell);
     }
     const table = ablationTable(results);
     yield* Effect.promise(async () => {

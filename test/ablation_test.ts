@@ -59,6 +59,15 @@ Deno.test("ablation: six cells with finite scores, the table's shape, and a stop
     const redone = second.find((c) => !c.reused)!;
     assert.equal(redone.method, "simclr");
     assert.equal(redone.steps, 7);
+
+    // Another budget (two epochs) in the same folder: refused in one line, nothing reused silently.
+    const other = await Effect.runPromiseExit(
+      runAblation({ data, epochs: 2, seeds: 1, out, probeEpochs: 2, base: tiny }).pipe(
+        Effect.provide(TensorBackend.layer("wasm")),
+      ),
+    );
+    assert.ok(Exit.isFailure(other));
+    assert.match(String(other.cause), /was trained with another budget/);
   } finally {
     await Deno.remove(out, { recursive: true });
   }
@@ -75,4 +84,25 @@ Deno.test("ablation flags: --data is required, unknown flags and bad numbers fai
     out: "runs/ablation",
     probeEpochs: 20,
   });
+});
+
+Deno.test("ablation: a cell that would not fit the backend fails before any cell trains", async () => {
+  const out = await Deno.makeTempDir({ prefix: "swav-ablation-" });
+  try {
+    const exit = await Effect.runPromiseExit(
+      runAblation({
+        data,
+        epochs: 1,
+        seeds: 1,
+        out,
+        probeEpochs: 2,
+        base: { ...tiny, model: { width: 64, hidden: 2048, out: 128 }, train: { batchSize: 100 * 1024 } },
+      }).pipe(Effect.provide(TensorBackend.layer("wasm"))),
+    );
+    assert.ok(Exit.isFailure(exit));
+    assert.match(String(exit.cause), /wasm heap/);
+    assert.deepEqual([...Deno.readDirSync(out)], [], "no cell started");
+  } finally {
+    await Deno.remove(out, { recursive: true });
+  }
 });
