@@ -161,6 +161,20 @@ export {
   swavTape,
   swavTrainStep,
 } from "./pipelines/swav_step.ts";
+// Methods: each one value of the generic step (a user's own is one more)
+export {
+  gradientsOf,
+  type Method,
+  type StepInput,
+  type StepState,
+  trainStep,
+} from "./pipelines/train_step.ts";
+export { type CustomMethod } from "./pipelines/methods.ts";
+export { deepClusterV2Method } from "./pipelines/deepclusterv2.ts";
+export { simclrMethod } from "./pipelines/simclr.ts";
+export { ntXent, ntXentStage } from "./stages/nt_xent.ts";
+export { clusterLoss, clusterLossStage } from "./stages/cluster_loss.ts";
+export { sphericalKmeans } from "./stages/kmeans.ts";
 export { extractFeatures } from "./pipelines/extract.ts";
 export { knnClassify, knnTop1 } from "./pipelines/knn.ts";
 export {

@@ -48,7 +48,8 @@ import {
 } from "../backend/precision.ts";
 import { blasInfo } from "../backend/openblas.ts";
 import { type BackendName, backendNames, TensorBackend } from "../backend/tensor_backend.ts";
-import { decodeRunConfig, type RunConfig } from "../config/config.ts";
+import { decodeRunConfig, MethodName, type RunConfig } from "../config/config.ts";
+import { benchMethod, methodBenchStep } from "./method_step.ts";
 import { renderDemoImage } from "../data/demo_dataset.ts";
 import { rngFor } from "../data/rng.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
@@ -98,6 +99,8 @@ export interface BenchOptions {
   readonly threadsGiven: boolean;
   /** `--precision` as asked (resolved against the processor when the backend starts). */
   readonly precision: PrecisionChoice;
+  /** The training method the step runs (train.method). */
+  readonly method: MethodName;
 }
 
 /** What `bench --help` prints. */
@@ -122,6 +125,8 @@ export const benchUsage =
                       images_per_s counts the global batch (default 1)
   --sync-bn BOOL      true|false: batch norm over the global batch when --procs > 1 (default true)
   --precision P       fp32, bf16 (oneDNN convolutions in bfloat16 where native) or auto (default fp32)
+  --method M          swav, deepclusterv2 or simclr: the step's method (default swav; the others time
+                      --stage step only, in one process)
   --help              this text`;
 
 /** Parses `2x32+4x16`` into [[2, 32], [4, 16]]. */
@@ -165,6 +170,7 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     "--procs",
     "--sync-bn",
     "--precision",
+    "--method",
   ]);
   for (const a of args) {
     if (a.startsWith("--") && !known.has(a)) {
@@ -192,6 +198,15 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
       `--batch ${batch} does not split evenly over ${procs} processes: use a multiple of ${procs}`,
     );
   }
+  const method = value("--method") ?? "swav";
+  if (!(MethodName.literals as readonly string[]).includes(method)) {
+    throw new Error(`--method: swav, deepclusterv2 or simclr, got '${method}'`);
+  }
+  if (method !== "swav" && (stage !== "step" || procs > 1)) {
+    throw new Error(
+      `--method ${method} times --stage step in one process only: add --stage step, drop --procs`,
+    );
+  }
   const arch = value("--arch") ?? "resnet18";
   if (arch !== "resnet18" && arch !== "resnet34" && arch !== "resnet50") {
     throw new Error(`--arch: resnet18, resnet34 or resnet50, got '${arch}'`);
@@ -214,6 +229,7 @@ export const parseBenchArgs = (args: readonly string[]): BenchOptions => {
     syncBn: syncBn === "true",
     threadsGiven: value("--threads") !== undefined,
     precision: precision as PrecisionChoice,
+    method: method as MethodName,
   };
 };
 
@@ -270,7 +286,7 @@ export const benchRunConfig = (o: BenchOptions): RunConfig => {
       prototypes: o.prototypes,
     },
     swav: { cropsForAssign: [0, 1].filter((i) => i < o.crops.reduce((a, [n]) => a + n, 0)) },
-    train: { batchSize: o.batch },
+    train: { batchSize: o.batch, method: o.method },
   }, "bench"));
 };
 
@@ -394,6 +410,16 @@ export const runBench = async (
   const wants = (s: StageName) => o.stages.includes(s);
   const needsModel = o.stages.some((s) => s !== "decode" && s !== "multicrop");
   const fixture = needsModel ? makeFixture(o) : undefined;
+  if (fixture !== undefined && o.method !== "swav") {
+    // Another method's step (bench/method_step.ts): the only stage it times.
+    const method = benchMethod(fixture, o.batch);
+    try {
+      report("step", await timeMedian(o.reps, () => methodBenchStep(fixture, method, o.batch)));
+    } finally {
+      fixture.dispose();
+    }
+    return results;
+  }
   const config = fixture?.config ?? benchRunConfig(o);
   const parts = fixture === undefined ? undefined : swavTape(fixture.model, config, o.batch);
   const layout = {
@@ -428,13 +454,13 @@ export const runBench = async (
     const { model, crops, variables, optimiser } = fixture;
     const variableList = Object.values(variables);
     // Scores of the current model (for the sinkhorn and loss stages: realistic values).
-    const scores = tf.tidy(() => modelForward(model, crops, { training: false }).scores);
+    const scores = tf.tidy(() => modelForward(model, crops, { training: false }).scores!);
     try {
       let forwardMs: number | undefined;
       if (wants("encode_forward") || wants("encode_backward")) {
         forwardMs = await timeMedian(o.reps, async () => {
           const out = modelForward(model, crops, { training: true });
-          await settle([out.scores, out.embeddings, out.features]);
+          await settle([out.scores!, out.embeddings, out.features]);
         });
         if (wants("encode_forward")) report("encode_forward", forwardMs);
       }
@@ -443,7 +469,7 @@ export const runBench = async (
         const both = await timeMedian(o.reps, async () => {
           // The training step's backward (pipelines/swav_step.ts).
           const { value, grads } = leanVariableGrads(
-            () => tf.sum(tf.mul(modelForward(model, crops, { training: true }).scores, upstream)),
+            () => tf.sum(tf.mul(modelForward(model, crops, { training: true }).scores!, upstream)),
             variableList,
           );
           await settle([value, ...Object.values(grads)]);
@@ -514,7 +540,7 @@ export const runBench = async (
 const describe = (o: BenchOptions): string =>
   `${o.arch} cifar stem, width ${o.width}, batch ${o.batch}, crops ${
     o.crops.map(([n, s]) => `${n}x${s}`).join("+")
-  }, head ${o.hidden}/${o.out}, ${o.prototypes} prototypes, LARC-SGD`;
+  }, head ${o.hidden}/${o.out}, ${o.prototypes} prototypes, LARC-SGD, method ${o.method}`;
 
 if (import.meta.main) {
   if (Deno.args.includes("--help") || Deno.args.includes("-h")) {

@@ -236,7 +236,7 @@ const trainable = model.params.filter((p) => p.trainable).map((p) => p.variable)
 const stepWith = (forward: "library" | "fast") => () => {
   const { value, grads } = tf.variableGrads(() => {
     const scores = forward === "library"
-      ? modelForward(model, [crops], { training: true }).scores
+      ? modelForward(model, [crops], { training: true }).scores!
       : fastForward(model, crops, { training: true }).scores;
     return swappedPredictionLoss(scores, lossOptions);
   }, trainable);

@@ -23,7 +23,7 @@
  * For the reference's own setting (ResNet-50, 2x224+6x96, 64 GPUs x 64) no compute time is measured
  * here: the table gives its communication time and the compute time a step needs for 90% efficiency.
  */
-import { modelParamSpecs } from "../models/model.ts";
+import { modelParamSpecs, totalPrototypes } from "../models/model.ts";
 import type { ModelConfig } from "../models/model.ts";
 
 interface Setting {
@@ -114,7 +114,7 @@ const messagesOf = (setting: Setting, bucketBytes: number, iterations = 3) => {
   }
   const sinkhorn: number[] = [];
   for (let c = 0; c < assignCrops; c++) {
-    sinkhorn.push(16, 8, ...Array<number>(iterations).fill(setting.model.prototypes * 8), 8);
+    sinkhorn.push(16, 8, ...Array<number>(iterations).fill(totalPrototypes(setting.model) * 8), 8);
   }
   return { parameters, gradient, batchNorm, sinkhorn };
 };

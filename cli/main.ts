@@ -9,7 +9,7 @@ import { Command, Flag } from "effect/cli";
 import { BackendName, resolveBackendName, TensorBackend } from "../backend/tensor_backend.ts";
 import { CommunicatorService } from "../backend/communicator.ts";
 import { PrecisionChoice, resolvePrecision } from "../backend/precision.ts";
-import { decodeRunConfig, mergeConfig, readRawConfig, type RunConfig } from "../config/config.ts";
+import { decodeRunConfig, mergeConfig, MethodName, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
 import { RECIPE_NAMES, recipeConfig, type RecipeName } from "../config/recipes.ts";
 import { openSource } from "../data/sources.ts";
@@ -67,10 +67,12 @@ const overrides = (flags: {
   syncBatchNorm?: boolean;
   onlineProbe?: boolean;
   precision?: string;
+  method?: string;
 }) => ({
   data: { source: flags.data, workers: flags.workers },
   model: { syncBatchNorm: flags.syncBatchNorm },
   train: {
+    method: flags.method,
     onlineProbe: flags.onlineProbe,
     epochs: flags.epochs,
     out: flags.out,
@@ -213,6 +215,10 @@ const pretrainCommand = Command.make("pretrain", {
     ),
     Flag.optional,
   ),
+  method: Flag.Literals("method", MethodName.literals).pipe(
+    Flag.withDescription("training method: swav (default), deepclusterv2 or simclr (train.method)"),
+    Flag.optional,
+  ),
   json: jsonFlag,
   dashboard: Flag.Boolean("dashboard").pipe(
     Flag.withDescription("serve the run's live report on 127.0.0.1 (a free port; the URL goes to stderr)"),
@@ -236,6 +242,7 @@ const pretrainCommand = Command.make("pretrain", {
           syncBatchNorm: Option.getOrUndefined(flags.syncBn),
           onlineProbe: Option.getOrUndefined(flags.onlineProbe),
           precision: Option.getOrUndefined(flags.precision),
+          method: Option.getOrUndefined(flags.method),
         }),
         flags.recipe,
       );

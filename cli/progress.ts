@@ -36,7 +36,9 @@ export const progressHooks = (options: { quiet?: boolean } = {}): PretrainHooks 
     const eta = ((p.totalSteps - m.step) * elapsed) / Math.max(1, stepsSeen);
     return `epoch ${m.epoch} step ${p.stepInEpoch}/${p.stepsPerEpoch} (total ${m.step}/${p.totalSteps}) ` +
       `loss ${m.loss.toFixed(4)} lr ${m.lr.toExponential(2)} ${m.images_per_s.toFixed(1)} img/s ` +
-      `protos ${m.prototypes_in_use} ETA ${formatDuration(eta)}`;
+      (m.prototypes_in_use === undefined ? "" : `protos ${m.prototypes_in_use} `) +
+      (m.embedding_std === undefined ? "" : `emb std ${m.embedding_std.toFixed(3)} `) +
+      `ETA ${formatDuration(eta)}`;
   };
   return {
     onStep: (m, p) => {

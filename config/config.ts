@@ -50,6 +50,36 @@ export const SwavConfig = Schema.Struct({
 });
 export type SwavConfig = typeof SwavConfig.Type;
 
+/**
+ * DeepCluster-v2 (main_deepclusterv2.py): the targets are each sample's cluster from a spherical k-means
+ * over a memory bank of the last epoch's embeddings, one k-means per prototype head (model.prototypes:
+ * a list of K per head; a number K means three heads of K).
+ */
+export const DeepClusterV2Config = Schema.Struct({
+  /** Softmax temperature of the cross-entropy to the targets. */
+  temperature: withDefault(Positive, 0.1),
+  /** The crops whose embeddings the memory bank keeps; head h clusters bank h mod the list's length. */
+  cropsForAssign: withDefault(Schema.Array(NonNegativeInt).check(Schema.isMinLength(1)), [0, 1]),
+  /** k-means update steps per head at each epoch start (a final assignment follows). */
+  kmeansIterations: withDefault(PositiveInt, 10),
+  /** Iterations during which the prototypes (the centroids) are held still: the reference's 1e10, the whole run. */
+  freezePrototypesIters: withDefault(NonNegativeInt, 1e10),
+});
+export type DeepClusterV2Config = typeof DeepClusterV2Config.Type;
+
+/** SimCLR (NT-Xent over every crop, solo-learn's multi-crop form). */
+export const SimclrConfig = Schema.Struct({
+  temperature: withDefault(Positive, 0.1),
+});
+export type SimclrConfig = typeof SimclrConfig.Type;
+
+/** The training methods: SwAV (the default), DeepCluster-v2, SimCLR. */
+export const MethodName = Schema.Literals(["swav", "deepclusterv2", "simclr"]);
+export type MethodName = typeof MethodName.Type;
+
+/** DeepCluster-v2's heads when model.prototypes is one number. */
+export const DEEPCLUSTER_HEADS = 3;
+
 /** The optimise stage's schedule and LARC-SGD settings. */
 export const OptimConfig = Schema.Struct({
   ...scheduleFields,
@@ -76,6 +106,8 @@ export const effectiveOptim = (optim: OptimConfig, globalBatch: number) => {
 
 /** The run: length, seed, outputs. */
 export const TrainConfig = Schema.Struct({
+  /** The objective: swav, deepclusterv2 or simclr; each reads its own section. */
+  method: withDefault(MethodName, "swav"),
   epochs: withDefault(PositiveInt, 100),
   batchSize: withDefault(PositiveInt, 64),
   seed: withDefault(NonNegativeInt, 31),
@@ -112,6 +144,8 @@ export const RunConfig = Schema.Struct({
   multicrop: withDefault(MulticropConfig, {}),
   model: withDefault(ModelConfig, {}),
   swav: withDefault(SwavConfig, {}),
+  deepclusterv2: withDefault(DeepClusterV2Config, {}),
+  simclr: withDefault(SimclrConfig, {}),
   optim: withDefault(OptimConfig, {}),
   train: withDefault(TrainConfig, {}),
 });
@@ -124,11 +158,63 @@ export class InvalidConfig extends Schema.TaggedError<InvalidConfig>()("InvalidC
   message: Schema.String,
 }) {}
 
-/** Validates raw config (parsed JSON), filling every default. */
+/** Validates raw config (parsed JSON), filling every default; the prototype heads as the method needs. */
 export const decodeRunConfig = (raw: unknown, source = "config"): Effect.Effect<RunConfig, InvalidConfig> =>
   Schema.decodeUnknownEffect(RunConfig)(raw, { errors: "all", onExcessProperty: "error" }).pipe(
     Effect.mapError((error) => new InvalidConfig({ source, message: `${source}: ${error.message}` })),
+    Effect.flatMap((config) => withMethodHeads(config, source)),
   );
+
+/**
+ * The model's prototype heads as the method needs them: SwAV one head (a number), DeepCluster-v2 a
+ * list (a number K becomes three heads of K, as the reference's default), SimCLR none (an empty list).
+ */
+const withMethodHeads = (config: RunConfig, source: string): Effect.Effect<RunConfig, InvalidConfig> => {
+  const { prototypes } = config.model;
+  switch (config.train.method) {
+    case "swav":
+      if (typeof prototypes === "number") return Effect.succeed(config);
+      return Effect.fail(
+        new InvalidConfig({
+          source,
+          message:
+            `${source}: model.prototypes is a list [${prototypes}], but swav uses one prototype head: ` +
+            `give one number, or use train.method deepclusterv2`,
+        }),
+      );
+    case "deepclusterv2":
+      if (typeof prototypes !== "number" && prototypes.length === 0) {
+        return Effect.fail(
+          new InvalidConfig({
+            source,
+            message: `${source}: model.prototypes is [], but deepclusterv2 needs at least one head: ` +
+              `give a number (${DEEPCLUSTER_HEADS} heads of it) or a list`,
+          }),
+        );
+      }
+      {
+        const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
+        const outside = config.deepclusterv2.cropsForAssign.find((c) => c >= crops);
+        if (outside !== undefined) {
+          return Effect.fail(
+            new InvalidConfig({
+              source,
+              message:
+                `${source}: deepclusterv2.cropsForAssign names crop ${outside}, but multicrop.nmbCrops ` +
+                `[${config.multicrop.nmbCrops}] gives crops 0..${crops - 1}: list existing crops, e.g. [0]`,
+            }),
+          );
+        }
+      }
+      return Effect.succeed(
+        typeof prototypes === "number"
+          ? { ...config, model: { ...config.model, prototypes: Array(DEEPCLUSTER_HEADS).fill(prototypes) } }
+          : config,
+      );
+    case "simclr":
+      return Effect.succeed({ ...config, model: { ...config.model, prototypes: [] } });
+  }
+};
 
 /** Reads and validates a JSON config file. */
 export const loadRunConfig = (path: string): Effect.Effect<RunConfig, InvalidConfig> =>

@@ -17,11 +17,32 @@ export interface HeadConfig {
   readonly hidden: number;
   /** Embedding size. */
   readonly out: number;
-  /** Number of prototypes K. */
-  readonly prototypes: number;
+  /** Number of prototypes K, or one K per head (see `prototypeHeads`). */
+  readonly prototypes: number | readonly number[];
 }
 
 export const PROTOTYPES_WEIGHT = "prototypes.weight";
+
+/** One prototype head: its parameter name and its number of prototypes. */
+export interface PrototypeHead {
+  readonly name: string;
+  readonly k: number;
+}
+
+/**
+ * The model's prototype heads: one `prototypes.weight` for a number (SwAV), one
+ * `prototypes.prototypes{h}.weight` per entry of a list (DeepCluster-v2's names), none for [].
+ */
+export const prototypeHeads = (
+  config: { readonly prototypes: number | readonly number[] },
+): PrototypeHead[] =>
+  typeof config.prototypes === "number"
+    ? [{ name: PROTOTYPES_WEIGHT, k: config.prototypes }]
+    : config.prototypes.map((k, h) => ({ name: `prototypes.prototypes${h}.weight`, k }));
+
+/** All prototypes over the heads (0 without prototypes). */
+export const totalPrototypes = (config: { readonly prototypes: number | readonly number[] }): number =>
+  prototypeHeads(config).reduce((sum, head) => sum + head.k, 0);
 
 const linearSpecs = (name: string, inFeatures: number, outFeatures: number, bias: boolean): ParamSpec[] => {
   const init = { kind: "uniformFanIn", fanIn: inFeatures } as const;
@@ -43,7 +64,9 @@ export const headParamSpecs = (featureDim: number, config: HeadConfig): ParamSpe
       ...linearSpecs("projection_head.3", config.hidden, config.out, true),
     ]
     : linearSpecs("projection_head", featureDim, config.out, true)),
-  ...linearSpecs("prototypes", config.out, config.prototypes, false),
+  ...prototypeHeads(config).flatMap((head) =>
+    linearSpecs(head.name.slice(0, -".weight".length), config.out, head.k, false)
+  ),
 ];
 
 /** x·Wᵀ (+ b) with a torch-layout weight [out, in]. */
@@ -66,14 +89,18 @@ export const projectionForward = (
     return l2NormaliseRows(linear(params, "projection_head.3", activated));
   });
 
-/** The whole head: `{ embeddings, scores }`, as SwAV's `forward_head` returns. */
+/**
+ * The whole head: `{ embeddings, scores }`, as SwAV's `forward_head` returns; the scores only for one
+ * head given as a number (SwAV's); other methods score their heads themselves.
+ */
 export const headForward = (
   config: HeadConfig,
   params: ParamLookup,
   features: tf.Tensor2D,
   options: ForwardOptions,
-): { readonly embeddings: tf.Tensor2D; readonly scores: tf.Tensor2D } =>
+): { readonly embeddings: tf.Tensor2D; readonly scores: tf.Tensor2D | undefined } =>
   tf.tidy(() => {
     const embeddings = projectionForward(config, params, features, options);
+    if (typeof config.prototypes !== "number") return { embeddings, scores: undefined };
     return { embeddings, scores: prototypeScores(embeddings, params(PROTOTYPES_WEIGHT) as tf.Tensor2D) };
   });

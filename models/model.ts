@@ -11,7 +11,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, type Scope } from "effect";
 import { rngFor } from "../data/rng.ts";
-import { headForward, headParamSpecs } from "./head.ts";
+import { headForward, headParamSpecs, totalPrototypes } from "./head.ts";
+export { type PrototypeHead, prototypeHeads, totalPrototypes } from "./head.ts";
 import {
   backboneForward,
   backboneParamSpecs,
@@ -37,8 +38,11 @@ export const ModelConfig = Schema.Struct({
   hidden: withDefault(Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(0))), 2048),
   /** Embedding size. */
   out: withDefault(positiveInt, 128),
-  /** Number of prototypes K. */
-  prototypes: withDefault(positiveInt, 3000),
+  /**
+   * Number of prototypes K (one head, `prototypes.weight`), or a list of K per head (DeepCluster-v2's
+   * `prototypes.prototypes{h}.weight`); an empty list: no prototypes (SimCLR).
+   */
+  prototypes: withDefault(Schema.Union([positiveInt, Schema.Array(positiveInt)]), 3000),
   /**
    * Data-parallel runs: batch norm over the global batch (the reference's
    * SyncBatchNorm) rather than each process's share. No effect in one process.
@@ -258,8 +262,8 @@ export const loadModelArrays = (
 export interface ModelOutput {
   /** Unit-norm embeddings z [N, out], crop-major over all groups. */
   readonly embeddings: tf.Tensor2D;
-  /** Prototype scores z·Cᵀ [N, K]. */
-  readonly scores: tf.Tensor2D;
+  /** Prototype scores z·Cᵀ [N, K] of a single-head model (SwAV's); undefined for other heads. */
+  readonly scores: tf.Tensor2D | undefined;
   /** Pooled backbone features [N, featureDim]. */
   readonly features: tf.Tensor2D;
 }
@@ -399,7 +403,7 @@ export const estimateMemory = (config: ModelConfig, batchSize: number, crops: Cr
   });
   // Head: linear, bias, BatchNorm1d (4), ReLU on [N, hidden]; a few [N, out]; scores and the
   // loss's softmax-sized temporaries on [N, K].
-  activations += totalCrops * (config.hidden * 7 + config.out * 8 + config.prototypes * 6);
+  activations += totalCrops * (config.hidden * 7 + config.out * 8 + totalPrototypes(config) * 6);
   const parameterBytes = FLOAT_BYTES * (parameterCount * PARAMETER_COPIES + statCount);
   const activationBytes = FLOAT_BYTES * TAPE_FACTOR * activations;
   const inputBytes = FLOAT_BYTES * inputs;

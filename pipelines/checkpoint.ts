@@ -15,6 +15,7 @@ import {
   serialise as serialiseQueue,
   type SerialisedQueue,
 } from "../state/queue.ts";
+import type { MemoryBank } from "../state/memory_bank.ts";
 import { readRegularFile } from "../data/bounded_read.ts";
 import {
   type Checkpoint,
@@ -274,7 +275,21 @@ export interface RunState {
   readonly config: unknown;
   readonly seed: number;
   readonly backend: string;
+  /** The training method's name (train.method), recorded for eval, extract and export. */
+  readonly method?: string | undefined;
+  /** DeepCluster-v2's memory bank and targets. */
+  readonly memoryBank?: MemoryBank | undefined;
 }
+
+/** The memory bank's shape as a checkpoint's `extra.memoryBank` holds it. */
+type SavedBank = { size: number; dim: number; crops: number; heads: number; filled: boolean };
+
+/** The memory bank's arrays: `bank/{i}` [size, dim], `bank/present` and `targets/{h}` [size]. */
+const bankArrays = (bank: MemoryBank) => [
+  ...bank.banks.map((values, i) => ({ name: `bank/${i}`, shape: [bank.size, bank.dim], values })),
+  { name: "bank/present", shape: [bank.size], values: Int32Array.from(bank.present) },
+  ...bank.targets.map((values, h) => ({ name: `targets/${h}`, shape: [bank.size], values })),
+];
 
 /** A checkpoint of the run at `position`: weights, optimiser slots, queue, counters. */
 export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect.Effect<Checkpoint> =>
@@ -294,6 +309,7 @@ export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect
         shape: [savedQueue!.length, savedQueue!.dim],
         values,
       })),
+      ...(run.memoryBank === undefined ? [] : bankArrays(run.memoryBank)),
     ];
     return {
       step: position.step,
@@ -303,6 +319,16 @@ export const assembleCheckpoint = (position: RunPosition, run: RunState): Effect
       extra: {
         seed: run.seed,
         backend: run.backend,
+        ...(run.method === undefined ? {} : { method: run.method }),
+        ...(run.memoryBank === undefined ? {} : {
+          memoryBank: {
+            size: run.memoryBank.size,
+            dim: run.memoryBank.dim,
+            crops: run.memoryBank.banks.length,
+            heads: run.memoryBank.targets.length,
+            filled: run.memoryBank.filled,
+          } satisfies SavedBank,
+        }),
         ...(savedQueue === undefined ? {} : {
           queue: {
             length: savedQueue.length,
@@ -342,6 +368,8 @@ export const restoreRun = <E, R, S = never>(
     readonly onWarning?: ((message: string) => void) | undefined;
     /** This process's part of the saved queue (data-parallel ranks); the whole queue without. */
     readonly queueShard?: (saved: SerialisedQueue) => Effect.Effect<SerialisedQueue, S>;
+    /** DeepCluster-v2's memory bank, restored from the checkpoint's. */
+    readonly memoryBank?: MemoryBank | undefined;
   },
 ): Effect.Effect<
   RunPosition & { readonly path: string },
@@ -391,12 +419,50 @@ export const restoreRun = <E, R, S = never>(
         yield* restoreQueue(queue, run.queueShard === undefined ? whole : yield* run.queueShard(whole));
       }
     }
+    if (run.memoryBank !== undefined) yield* restoreBank(run.memoryBank, checkpoint, file);
     return {
       step: checkpoint.step,
       epoch: checkpoint.epoch,
       batchInEpoch: checkpoint.batchInEpoch,
       path: file,
     };
+  });
+
+/** Copies the checkpoint's memory bank and targets into `bank`; they must have its shape. */
+const restoreBank = (bank: MemoryBank, checkpoint: Checkpoint, file: string) =>
+  Effect.gen(function* () {
+    const saved = checkpoint.extra["memoryBank"] as SavedBank | undefined;
+    const mismatch = (what: string) =>
+      new CheckpointMismatch({
+        path: file,
+        message: `checkpoint ${file}: ${what}, the run's bank is ${bank.size} x ${bank.dim} for ` +
+          `${bank.banks.length} crops and ${bank.targets.length} heads: resume with the config it was made with`,
+      });
+    if (saved === undefined) return yield* mismatch("no DeepCluster-v2 memory bank (another method's run?)");
+    if (
+      saved.size !== bank.size || saved.dim !== bank.dim || saved.crops !== bank.banks.length ||
+      saved.heads !== bank.targets.length
+    ) {
+      return yield* mismatch(
+        `a memory bank of ${saved.size} x ${saved.dim} for ${saved.crops} crops and ${saved.heads} heads`,
+      );
+    }
+    const find = (name: string, size: number) => {
+      const array = checkpoint.arrays.find((a) => a.name === name);
+      return array !== undefined && array.values.length === size ? array.values : undefined;
+    };
+    for (
+      const [name, target, size] of [
+        ...bank.banks.map((b, i) => [`bank/${i}`, b, bank.size * bank.dim] as const),
+        ["bank/present", bank.present, bank.size] as const,
+        ...bank.targets.map((t, h) => [`targets/${h}`, t, bank.size] as const),
+      ]
+    ) {
+      const values = find(name, size);
+      if (values === undefined) return yield* mismatch(`${name} is missing or has the wrong size`);
+      target.set(values);
+    }
+    bank.filled = saved.filled;
   });
 
 /** Reads `path`; when it is damaged, the newest older checkpoint of its folder that verifies (warning). */

@@ -30,3 +30,24 @@ export const collapseWarning = (
     ". Remedies (SwAV reference notes): fewer prototypes (about 10x the classes), " +
     "start the queue later (swav.queueStartEpoch) or not at all, a smaller swav.epsilon, a larger batch.";
 };
+
+/**
+ * SimCLR's collapse check (it has no prototypes): the unit-norm embeddings' spread, the mean over
+ * dimensions of the batch's standard deviation (`embeddingStd`), about 1/√D when they spread over the
+ * sphere; a warning when it falls under a tenth of that after the first 20 steps.
+ */
+export const embeddingCollapseWarning = (
+  step: number,
+  embeddingStd: number,
+  dim: number,
+): string | undefined => {
+  const spread = 1 / Math.sqrt(dim);
+  if (step <= 20 || embeddingStd >= 0.1 * spread) return undefined;
+  return `training looks collapsed at step ${step}: the embeddings' spread ${
+    embeddingStd.toExponential(2)
+  } is ` +
+    `under a tenth of 1/√D = ${
+      spread.toFixed(3)
+    } (every image maps to nearly one point). Remedies: a lower ` +
+    "optim.baseLr, a larger batch (more negatives), a larger simclr.temperature.";
+};

@@ -15,7 +15,7 @@ import { knnTop1 } from "./knn.ts";
 import { pretrain, type PretrainHooks, scopedModel } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import { plural } from "./wording.ts";
-import { loadModelArrays, type SwavModel } from "../models/model.ts";
+import { loadModelArrays, type SwavModel, totalPrototypes } from "../models/model.ts";
 import type { RunConfig } from "../config/config.ts";
 
 /**
@@ -133,7 +133,7 @@ export const runDemo = (options: DemoOptions) =>
           }`,
           `  training        ${plural(result.epochs, "epoch")}, ${plural(result.steps, "step")}, final loss ${
             result.lastLoss.toFixed(3)
-          } (ln K = ${Math.log(config.model.prototypes).toFixed(3)})`,
+          } (ln K = ${Math.log(totalPrototypes(config.model)).toFixed(3)})`,
           `  kNN top-1       SwAV ${pct(swavTop1)}  vs  random init ${pct(randomTop1)}  (chance 10.0%)`,
           `  time            ${report.seconds} s; run folder ${result.runFolder}`,
         ].join("\n"),

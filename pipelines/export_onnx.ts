@@ -127,9 +127,13 @@ export const onnxModelBytes = (model: SwavModel, options: { head?: boolean } = {
       const norm = node("ReduceL2", [projected], [ints("axes", [1]), int("keepdims", 1)]);
       const floor = node("Max", [norm, constant("norm_floor", NORM_FLOOR)]);
       node("Div", [projected, floor], [], "embeddings");
-      gemm("embeddings", "prototypes", false);
-      nodes[nodes.length - 1]!.output = ["scores"];
-      outputs.push(output("embeddings", config.out), output("scores", config.prototypes));
+      outputs.push(output("embeddings", config.out));
+      // SwAV's single prototype head gives scores; other methods' heads are in the safetensors export.
+      if (typeof config.prototypes === "number") {
+        gemm("embeddings", "prototypes", false);
+        nodes[nodes.length - 1]!.output = ["scores"];
+        outputs.push(output("scores", config.prototypes));
+      }
     }
     const message = onnx.ModelProto.create({
       irVersion: IR_VERSION,

@@ -40,7 +40,6 @@ import {
   type RunState,
   writeCheckpoint,
 } from "./checkpoint.ts";
-import { collapseWarning } from "./collapse.ts";
 import {
   broadcastModel,
   everyRankHasBatch,
@@ -62,7 +61,15 @@ import {
 } from "./run_folder.ts";
 import { runRecords } from "./run_records.ts";
 import { checkEarlierRun } from "./run_history.ts";
-import { type SwavStages, swavStages, swavTrainStep } from "./swav_step.ts";
+import { type SwavStages, swavStages } from "./swav_step.ts";
+import {
+  type CustomMethod,
+  methodCollapseWarning,
+  methodState,
+  methodTrainStep,
+  startMethodEpoch,
+} from "./methods.ts";
+import type { StepOutcome } from "./train_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
 import { initFromWeightsFile } from "./torch_weights.ts";
 import { plural } from "./wording.ts";
@@ -79,8 +86,11 @@ export interface StepMetrics {
   readonly loss: number;
   readonly lr: number;
   readonly images_per_s: number;
-  readonly code_entropy: number;
-  readonly prototypes_in_use: number;
+  /** What the method has: SwAV the codes' entropy and prototypes in use, DeepCluster-v2 prototypes in use. */
+  readonly code_entropy?: number;
+  readonly prototypes_in_use?: number;
+  /** SimCLR's collapse signal (pipelines/simclr.ts). */
+  readonly embedding_std?: number;
 }
 
 export interface EpochReport {
@@ -276,6 +286,8 @@ export interface PretrainOptions {
   readonly hooks?: PretrainHooks;
   /** Replaces stages of the SwAV step by stage values of the same types: a custom pipeline. */
   readonly stages?: Partial<SwavStages>;
+  /** A user's own method (a `Method` value) instead of train.method's (examples/custom_method.ts). */
+  readonly method?: CustomMethod;
 }
 
 /** The run's counters, folded per step (and reset per epoch), never mutated in place. */
@@ -327,7 +339,7 @@ interface RunContext {
 const afterTrainStep = (
   run: RunContext,
   epoch: number,
-  outcome: { loss: number; lr: number; codeEntropy: number; prototypesInUse: number },
+  outcome: StepOutcome,
   seconds: number,
 ) =>
   Effect.gen(function* () {
@@ -339,8 +351,9 @@ const afterTrainStep = (
       loss: outcome.loss,
       lr: outcome.lr,
       images_per_s: config.train.batchSize / seconds,
-      code_entropy: outcome.codeEntropy,
-      prototypes_in_use: outcome.prototypesInUse,
+      ...(outcome.codeEntropy === undefined ? {} : { code_entropy: outcome.codeEntropy }),
+      ...(outcome.prototypesInUse === undefined ? {} : { prototypes_in_use: outcome.prototypesInUse }),
+      ...(outcome.embeddingStd === undefined ? {} : { embedding_std: outcome.embeddingStd }),
     };
     yield* run.writeMetrics(metrics);
     hooks.onStep?.(metrics, {
@@ -348,12 +361,7 @@ const afterTrainStep = (
       stepsPerEpoch: run.stepsPerEpoch,
       totalSteps: run.totalSteps,
     });
-    const collapse = p.collapseWarned
-      ? undefined
-      : collapseWarning(p.step, outcome.loss, outcome.prototypesInUse, {
-        prototypes: config.model.prototypes,
-        freezePrototypesIters: config.swav.freezePrototypesIters,
-      });
+    const collapse = p.collapseWarned ? undefined : methodCollapseWarning(config, p.step, outcome);
     if (collapse !== undefined) {
       p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
       hooks.onWarning?.(collapse);
@@ -436,10 +444,17 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
     const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
     const queues = queueKeeper(config, hooks, comm);
     const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
-    const trainStep = yield* swavTrainStep(config, state, { batchSize, itersPerEpoch: stepsPerEpoch }, {
-      ...swavStages,
-      ...options.stages,
-    });
+    // DeepCluster-v2's memory bank (by sample id over the whole source); none for the other methods.
+    const memoryBank = methodState(config, source.length);
+    const trainStep = yield* methodTrainStep(
+      config,
+      state,
+      { batchSize, itersPerEpoch: stepsPerEpoch },
+      { ...swavStages, ...options.stages },
+      memoryBank,
+      comm,
+      options.method,
+    );
     const { seed, keepCheckpoints } = trainConfig;
     const save = checkpointWriter(folder, keepCheckpoints, () => ({
       ...state,
@@ -447,6 +462,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       config,
       seed,
       backend: backend.name,
+      method: config.train.method,
+      memoryBank,
     }), comm);
 
     // Where we start: fresh, or from the latest checkpoint.
@@ -462,6 +479,7 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
         queueStartEpoch: swav.queueStartEpoch,
         queueFor: queues.ensure,
         onWarning: hooks.onWarning,
+        memoryBank,
         ...(comm.size > 1 ? { queueShard: (saved) => shardQueue(saved, comm) } : {}),
       });
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
@@ -518,6 +536,8 @@ export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
       const epochStart = performance.now();
       const skip = epoch === start.epoch ? start.batchInEpoch : 0;
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
+      // The method's epoch start (DeepCluster-v2: the bank's first fill, then the epoch's k-means).
+      yield* startMethodEpoch(config, model, memoryBank, epoch, skip, () => loader.epoch(epoch));
       // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
       // unreadable samples may run out first, and the others then end the epoch with it.
       const agreement = { ended: false };

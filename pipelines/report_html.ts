@@ -45,8 +45,13 @@ export const renderCurves = (records: RunRecords): Effect.Effect<string> =>
     );
     parts.push(yield* line("learning rate", "lr"));
     parts.push(yield* line("images/s", "images_per_s"));
-    parts.push(yield* line("code entropy", "code_entropy"));
-    parts.push(yield* line("prototypes in use", "prototypes_in_use"));
+    // What the run's method has: SwAV code entropy and prototypes in use, DeepCluster-v2 prototypes in
+    // use, SimCLR the embeddings' spread (its collapse signal).
+    const has = (field: string) =>
+      records.metrics.some((m) => (m as unknown as Record<string, unknown>)[field] !== undefined);
+    if (has("code_entropy")) parts.push(yield* line("code entropy", "code_entropy"));
+    if (has("prototypes_in_use")) parts.push(yield* line("prototypes in use", "prototypes_in_use"));
+    if (has("embedding_std")) parts.push(yield* line("embedding spread (std)", "embedding_std"));
     const epochs = thin(records.epochs.filter((e) => e.mean_loss !== null), 1500);
     if (epochs.length > 0) {
       const svg = yield* renderSvg(
@@ -139,14 +144,14 @@ const renderModelViews = (views: ModelViews) =>
     return `<section id="checkpoint"><h2>At the last checkpoint</h2>
 <p class="meta">${escapeHtml(views.checkpoint)}${views.step === undefined ? "" : `, step ${views.step}`}</p>
 ${
-      figure(
+      // Only SwAV's single head is shown (DeepCluster-v2's heads and SimCLR give no usage here).
+      views.prototypes === 0 ? "" : figure(
         "prototype usage",
         usageSvg,
         `${used} of ${views.prototypes} prototypes take at least one of ${views.testCount} ${
           views.fromTrain ? "training" : "test"
         } images${usage.length > USAGE_BARS ? ` (${USAGE_BARS} of the ranks drawn)` : ""}`,
-      )
-    }
+      )}
 <h3>Retrieval</h3>
 ${renderRetrieval(views)}
 <h3>Feature map</h3>

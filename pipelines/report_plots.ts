@@ -148,3 +148,21 @@ export const heatmapSpec = (rows: readonly Row[], classes: readonly string[]): T
     ],
   } as TopLevelSpec;
 };
+
+/** Bars grouped along x by `group`, one colour per `series` (the ablation's method x crops figure). */
+export const groupedBarSpec = (
+  rows: readonly Row[],
+  group: { field: string; title: string },
+  series: { field: string; title: string },
+  y: { field: string; title: string },
+): TopLevelSpec => ({
+  ...base,
+  data: { values: rows as Row[] },
+  mark: { type: "bar" },
+  encoding: {
+    x: { field: group.field, type: "nominal", title: group.title, sort: null, axis: { labelAngle: 0 } },
+    xOffset: { field: series.field, sort: null },
+    color: { field: series.field, type: "nominal", title: series.title, sort: null },
+    y: { field: y.field, type: "quantitative", title: y.title },
+  },
+});

@@ -219,13 +219,17 @@ export const computeModelViews = (folder: string, options: ViewOptions = {}) =>
 
     const testFeatures = yield* featuresOf(encoder.model, subset(testSource, testIndices), config);
     keep(testFeatures.features);
-    const scores = keep(
-      headForward(encoder.model.config, encoder.model.param, testFeatures.features, { training: false })
-        .scores,
-    );
-    const assigned = yield* Effect.promise(() => keep(tf.argMax(scores, 1)).data());
-    const prototypeUsage = new Array<number>(config.model.prototypes).fill(0);
-    assigned.forEach((k) => prototypeUsage[k]! += 1);
+    // Prototype usage of SwAV's single head (DeepCluster-v2's heads and SimCLR have none to show here).
+    const scores = headForward(encoder.model.config, encoder.model.param, testFeatures.features, {
+      training: false,
+    }).scores;
+    const k = typeof config.model.prototypes === "number" ? config.model.prototypes : 0;
+    const prototypeUsage = new Array<number>(k).fill(0);
+    if (scores !== undefined) {
+      keep(scores);
+      const assigned = yield* Effect.promise(() => keep(tf.argMax(scores, 1)).data());
+      assigned.forEach((k) => prototypeUsage[k]! += 1);
+    }
 
     const unit = keep(l2NormaliseRows(testFeatures.features));
     const rows = yield* Effect.promise(() => unit.array());
@@ -240,7 +244,7 @@ export const computeModelViews = (folder: string, options: ViewOptions = {}) =>
     return {
       checkpoint: encoder.path,
       step: encoder.step,
-      prototypes: config.model.prototypes,
+      prototypes: k,
       prototypeUsage,
       testSource: fromTrain ? train.path : testSpec,
       fromTrain,

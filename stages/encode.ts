@@ -39,8 +39,8 @@ export interface EncodeInput {
 export interface EncodeOutput {
   /** L2-normalised embeddings z [N, out], rows crop-major: `[bs·v, bs·(v+1))` is crop v. */
   readonly embeddings: tf.Tensor2D;
-  /** Prototype scores z·Cᵀ [N, K]. */
-  readonly scores: tf.Tensor2D;
+  /** Prototype scores z·Cᵀ [N, K] of a single-head model (SwAV's); undefined for other heads. */
+  readonly scores: tf.Tensor2D | undefined;
   /** Pooled backbone features [N, F] (`apply` only; an online probe reads them as constants). */
   readonly features?: tf.Tensor2D;
 }

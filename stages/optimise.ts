@@ -267,8 +267,8 @@ export const larcOptions = (config: Pick<OptimiseConfig, keyof typeof larcFields
 
 /**
  * optimise stage: sets the learning rate for this iteration, then one LARC-SGD
- * step in place; while frozen, the prototypes (the variable named
- * `PROTOTYPES_WEIGHT`) keep their value and momentum. The gradients stay owned
+ * step in place; while frozen, the prototypes (`PROTOTYPES_WEIGHT`, or every
+ * head's `prototypes.*`) keep their value and momentum. The gradients stay owned
  * by the caller.
  */
 export const optimiseStage = defineStage<OptimiseInput, OptimiseOutput, OptimiseConfig>({
@@ -285,7 +285,8 @@ export const optimiseStage = defineStage<OptimiseInput, OptimiseOutput, Optimise
         variables,
         grads,
         learningRate,
-        (name) => prototypesFrozen && name === PROTOTYPES_WEIGHT,
+        // SwAV's `prototypes.weight` and DeepCluster-v2's `prototypes.prototypes{h}.weight` alike.
+        (name) => prototypesFrozen && (name === PROTOTYPES_WEIGHT || name.startsWith("prototypes.")),
       );
       return { learningRate, prototypesFrozen };
     }),

@@ -16,6 +16,7 @@ import * as tf from "@tensorflow/tfjs";
 import type { CropLayout } from "./crop_layout.ts";
 import type { EncodeOutput } from "./encode.ts";
 import { withoutGradient } from "../backend/no_gradient.ts";
+import { kernelInvariant } from "../backend/invariant.ts";
 import type { SinkhornInput } from "./sinkhorn.ts";
 import type { SwappedLossInput } from "./swapped_loss.ts";
 
@@ -77,7 +78,10 @@ export const onOneTape = <EncodeIn>(
 ) => {
   const assignDetached = detached(assign);
   return (input: TapeInput<EncodeIn>): TapeForward => {
-    const { embeddings, scores, features } = encode(input.encode);
+    const { embeddings, scores: maybeScores, features } = encode(input.encode);
+    // The swapped prediction scores one prototype head: the model's config says so (a number K).
+    kernelInvariant(maybeScores !== undefined, () => "the swapped prediction needs one prototype head");
+    const scores = maybeScores;
     const codes = assignDetached({ scores, layout: input.layout, queueScores: input.queueScores });
     return { loss: loss({ scores, codes }), embeddings, codes, features };
   };

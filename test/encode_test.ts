@@ -35,7 +35,7 @@ Deno.test("encode stage: embeddings and scores of modelForward, unit norm, owned
     ];
     // Eval mode: the stage and a direct forward see the same running statistics.
     const direct = modelForward(model, cropGroups, { training: false });
-    const want = { embeddings: await values(direct.embeddings), scores: await values(direct.scores) };
+    const want = { embeddings: await values(direct.embeddings), scores: await values(direct.scores!) };
     tf.dispose(Object.values(direct));
 
     const got = await Effect.runPromise(Effect.scoped(
@@ -43,17 +43,17 @@ Deno.test("encode stage: embeddings and scores of modelForward, unit norm, owned
         const encode = yield* configure(encodeStage, { training: false });
         const out = yield* encode({ model, cropGroups });
         assert.deepEqual(out.embeddings.shape, [6 * batch, 8]);
-        assert.deepEqual(out.scores.shape, [6 * batch, 10]);
+        assert.deepEqual(out.scores!.shape, [6 * batch, 10]);
         return {
           embeddings: yield* Effect.promise(() => values(out.embeddings)),
-          scores: yield* Effect.promise(() => values(out.scores)),
+          scores: yield* Effect.promise(() => values(out.scores!)),
           // Still alive inside the scope.
           tensors: [out.embeddings, out.scores],
         };
       }),
     ));
     // Disposed when the scope closed.
-    assert.ok(got.tensors.every((t) => t.isDisposed));
+    assert.ok(got.tensors.every((t) => t!.isDisposed));
     assert.ok(relativeError(got.embeddings, want.embeddings) < 1e-6);
     assert.ok(relativeError(got.scores, want.scores) < 1e-6);
     for (let row = 0; row < 6 * batch; row++) {

@@ -32,7 +32,8 @@ import { pretrain } from "../pipelines/pretrain.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs } from "../bench/bench.ts";
 import { runCli, useBackend } from "./_helpers.ts";
-import { noMpi, readMetrics, tinyRunConfig, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
+import { needs } from "./_optional.ts";
+import { readMetrics, tinyRunConfig, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
 const support = bf16Support();
 const needsBf16 = support.native ? "" : ` (ignored: bf16 is not native here: ${support.reason})`;
@@ -455,10 +456,11 @@ Deno.test(
   },
 );
 
+const mpi = needs("mpich");
 Deno.test(
-  `data parallel in bf16: 2 processes, gradients averaged in fp32, weights equal on both${needsBf16}`,
-  { ignore: !support.native || noMpi },
-  async () => {
+  `data parallel in bf16: 2 processes, gradients averaged in fp32, weights equal on both${needsBf16} (${mpi.what})`,
+  { ignore: !support.native || mpi.ignore },
+  mpi.guard(async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-bf16-mpi-" });
     try {
@@ -488,5 +490,5 @@ Deno.test(
       await Deno.remove(dir, { recursive: true });
       await Deno.remove(data, { recursive: true });
     }
-  },
+  }),
 );

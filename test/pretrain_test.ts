@@ -64,7 +64,7 @@ Deno.test("training loss falls within a few hundred steps and the codes do not c
     );
     // More prototypes in use than there are classes (10): not collapsed onto a few.
     const inUse = metrics.slice(-10).map((m) => m.prototypes_in_use);
-    assert.ok(Math.min(...inUse) > 10, `prototypes in use at the end: ${inUse}`);
+    assert.ok(Math.min(...inUse.map(Number)) > 10, `prototypes in use at the end: ${inUse}`);
     // metrics.jsonl holds one parseable line per step with the documented fields.
     const lines = (await Deno.readTextFile(`${out}/metrics.jsonl`)).trim().split("\n").map((l) =>
       JSON.parse(l)
@@ -199,7 +199,7 @@ Deno.test("a custom pipeline (hard codes instead of Sinkhorn) runs through the s
     assert.equal(metrics.length, 4);
     // Hard codes are one-hot: their entropy is zero, unlike Sinkhorn's.
     assert.ok(
-      metrics.every((m) => Math.abs(m.code_entropy) < 1e-4),
+      metrics.every((m) => Math.abs(m.code_entropy!) < 1e-4),
       `entropies ${metrics.map((m) => m.code_entropy)}`,
     );
   });

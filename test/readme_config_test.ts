@@ -4,7 +4,15 @@
  */
 import assert from "node:assert/strict";
 import { Schema } from "effect";
-import { DataConfig, OptimConfig, RunConfig, SwavConfig, TrainConfig } from "../config/config.ts";
+import {
+  DataConfig,
+  DeepClusterV2Config,
+  OptimConfig,
+  RunConfig,
+  SimclrConfig,
+  SwavConfig,
+  TrainConfig,
+} from "../config/config.ts";
 import { ModelConfig } from "../models/model.ts";
 import { MulticropConfig } from "../stages/multicrop.ts";
 
@@ -13,6 +21,8 @@ const sections = {
   multicrop: MulticropConfig,
   model: ModelConfig,
   swav: SwavConfig,
+  deepclusterv2: DeepClusterV2Config,
+  simclr: SimclrConfig,
   optim: OptimConfig,
   train: TrainConfig,
 } as const;

@@ -105,14 +105,14 @@ const checkCase = async (c: Case) => {
   try {
     const groups = c.groups.map((g) => tf.tensor4d(float32FromBase64(g.data), g.shape));
     const r = tf.tensor2d(float32FromBase64(c.R), [
-      c.train.scores.length / c.config.prototypes,
-      c.config.prototypes,
+      c.train.scores.length / (c.config.prototypes as number),
+      c.config.prototypes as number,
     ]);
     let outputs: tf.Tensor[] = [];
     const { value: loss, grads } = tf.variableGrads(() => {
       const out = modelForward(model, groups, { training: true });
-      outputs = [tf.keep(out.embeddings), tf.keep(out.scores), tf.keep(out.features)];
-      return tf.sum(tf.mul(out.scores, r));
+      outputs = [tf.keep(out.embeddings), tf.keep(out.scores!), tf.keep(out.features)];
+      return tf.sum(tf.mul(out.scores!, r));
     }, trainableVariables(model));
     const [embeddings, scores, features] = outputs;
     checkClose(`${c.name} train embeddings`, await values(embeddings!), c.train.embeddings, FORWARD_TOL);
@@ -136,7 +136,7 @@ const checkCase = async (c: Case) => {
     }
     const evalOut = modelForward(model, groups, { training: false });
     checkClose(`${c.name} eval embeddings`, await values(evalOut.embeddings), c.eval.embeddings, FORWARD_TOL);
-    checkClose(`${c.name} eval scores`, await values(evalOut.scores), c.eval.scores, FORWARD_TOL);
+    checkClose(`${c.name} eval scores`, await values(evalOut.scores!), c.eval.scores, FORWARD_TOL);
     tf.dispose([...groups, r, loss, ...Object.values(grads), ...outputs, ...Object.values(evalOut)]);
   } finally {
     disposeModel(model);
@@ -182,8 +182,8 @@ Deno.test("modelForward: one backbone pass per resolution group, adjacent equal 
     const single = modelForward(model, crops, { training: false });
     checkClose(
       "eval, grouped vs one crop per pass",
-      await values(single.scores),
-      await values(grouped.scores),
+      await values(single.scores!),
+      await values(grouped.scores!),
       1e-5,
     );
     // Train mode: BatchNorm statistics are per pass. Adjacent single crops of one size are merged back
@@ -220,7 +220,7 @@ Deno.test("several training steps keep the live tensor count flat", async () => 
   const step = () => {
     const { value, grads } = tf.variableGrads(() => {
       const { scores } = modelForward(model, groups, { training: true });
-      return tf.mean(tf.square(scores));
+      return tf.mean(tf.square(scores!));
     }, trainableVariables(model));
     tf.dispose([value, ...Object.values(grads)]);
   };
@@ -339,7 +339,7 @@ Deno.test("estimateMemory: at or above the measured peak of a training step, wit
     const info = await tf.profile(() => {
       const { value, grads } = leanVariableGrads(() => {
         const { scores } = modelForward(model, groups, { training: true });
-        return tf.mean(tf.square(scores));
+        return tf.mean(tf.square(scores!));
       }, trainableVariables(model));
       tf.dispose([value, ...Object.values(grads)]);
     });

@@ -168,7 +168,7 @@ for (const name of ["resnet18", "resnet50"]) {
         const ours = {
           features: yield* Effect.promise(() => values(out.features)),
           embeddings: yield* Effect.promise(() => values(out.embeddings)),
-          scores: yield* Effect.promise(() => values(out.scores)),
+          scores: yield* Effect.promise(() => values(out.scores!)),
         };
         tf.dispose([x, out.features, out.embeddings, out.scores]);
         return { bytes, ours };

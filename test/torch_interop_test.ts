@@ -45,7 +45,7 @@ const forward = (file: string, input: Expected) =>
       config: weights.config,
       hasHead: weights.hasHead,
       features: yield* Effect.promise(() => values(out.features)),
-      scores: yield* Effect.promise(() => values(out.scores)),
+      scores: yield* Effect.promise(() => values(out.scores!)),
     };
     tf.dispose([x, out.features, out.scores, out.embeddings]);
     return result;

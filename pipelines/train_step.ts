@@ -1,0 +1,229 @@
+/**
+ * One training step over a method: SwAV, DeepCluster-v2, SimCLR, or a user's own.
+ *
+ *   crops            the batch's per-sample crops -> one tensor per resolution group
+ *   off the tape     the method prepares its targets' inputs (SwAV: unit-norm prototypes, the queue's
+ *                    scores; DeepCluster-v2: the batch's k-means targets; SimCLR: nothing)
+ *   on one tape      the method's forward: encode -> (detached) targets -> loss
+ *   finite-loss      stop before any update when the loss is not a number
+ *   optimise         LARC-SGD at this step's learning rate, prototypes frozen while the method says so
+ *   state update     the method's state from the detached embeddings (queue, memory bank)
+ *   finite-state     the updated weights and batch-norm statistics are all finite, or the run stops
+ *                    here, before anything of this step reaches a checkpoint
+ *
+ * A method is a value (`Method`): what runs off the tape before the forward, the tape's body, the
+ * state update after the optimiser, and the step's statistics.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Schema, type Scope } from "effect";
+import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { activeKernelSettings } from "../backend/kernel_settings.ts";
+import { leanVariableGrads } from "../backend/lean_gradients.ts";
+import { scoped } from "../backend/resources.ts";
+import type { Batch } from "../data/loader.ts";
+import type { SwavModel } from "../models/model.ts";
+import { collateCrops, type MulticropConfig } from "../stages/multicrop.ts";
+import type { LarcSgd, OptimiseConfig, OptimiseInput, OptimiseOutput } from "../stages/optimise.ts";
+import type { Stage } from "../stages/stage.ts";
+import { onTape, type TapeForward, type TapeOutputs } from "../stages/tape.ts";
+import type { EmbeddingQueue } from "../state/queue.ts";
+import {
+  averageGradients,
+  checkParametersAgree,
+  type DataParallelError,
+  debugParamsRequested,
+  meanOverRanks,
+} from "./data_parallel.ts";
+
+/** The loss stopped being a finite number: the run stops before applying the update. */
+export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFiniteLoss", {
+  step: Schema.Number,
+  loss: Schema.Number,
+  message: Schema.String,
+}) {}
+
+/**
+ * The update (or the forward's batch-norm statistics) left a weight or
+ * statistic non-finite: the run stops before this step reaches a checkpoint.
+ */
+export class NonFiniteState extends Schema.TaggedError<NonFiniteState>()("NonFiniteState", {
+  step: Schema.Number,
+  tensor: Schema.String,
+  message: Schema.String,
+}) {}
+
+/**
+ * One scalar that is 0 when every value of `variables` is finite and NaN
+ * otherwise (x·0 is 0 for a finite x, NaN for ±Inf and NaN): one small fused
+ * reduction per step, read together with the step's other values.
+ */
+export const finiteProbe = (variables: readonly tf.Variable[]): tf.Scalar =>
+  tf.tidy(() => tf.addN(variables.map((v) => tf.sum(tf.mul(v, 0)))) as tf.Scalar);
+
+/** The name of the first parameter holding a non-finite value (the failure path only: reads every one). */
+export const firstNonFinite = async (model: SwavModel): Promise<string | undefined> => {
+  for (const p of model.params) {
+    if (!(await p.variable.data()).every(Number.isFinite)) return p.name;
+  }
+  return undefined;
+};
+
+/** The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
+export const gradientsOf = (
+  forward: () => TapeForward,
+  variables: readonly tf.Variable[],
+  keepFeatures = false,
+): TapeOutputs =>
+  // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
+  // settings' `leanBackward: false` keeps TF.js's own walk, for before/after measurements.
+  onTape(
+    activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
+    forward,
+    variables,
+    keepFeatures,
+  );
+
+/** State with an owner that the step updates; the run's scope owns and releases it. */
+export interface StepState {
+  readonly model: SwavModel;
+  /** Trainable variables by parameter name. */
+  readonly variables: Readonly<Record<string, tf.Variable>>;
+  readonly optimiser: LarcSgd;
+  /** SwAV's embedding queue once it exists (it is created at swav.queueStartEpoch). */
+  readonly queue: () => EmbeddingQueue | undefined;
+}
+
+/** What enters the step: a batch and where the run is. */
+export interface StepInput {
+  readonly batch: Batch;
+  /** Optimiser steps taken before this one. */
+  readonly step: number;
+  readonly epoch: number;
+}
+
+/** What a method reports of a step; a method reports what it has (SimCLR has no prototypes). */
+export interface StepStatistics {
+  /** Mean entropy (nats) of the codes' rows: ln K for uniform codes, 0 for one-hot ones (SwAV). */
+  readonly codeEntropy?: number;
+  /** Distinct prototypes that are some sample's code's argmax (SwAV) or target (DeepCluster-v2) in this batch. */
+  readonly prototypesInUse?: number;
+  /**
+   * Mean over the embedding's dimensions of the batch's standard deviation of the unit-norm embeddings
+   * (SimCLR's collapse signal): about 1/√D when they spread over the sphere, 0 when they collapse to a point.
+   */
+  readonly embeddingStd?: number;
+}
+
+/** What the step hands back, all values read from the backend. */
+export interface StepOutcome extends StepStatistics {
+  readonly loss: number;
+  readonly lr: number;
+  /**
+   * The backbone's pooled features of the batch's crops [batch * crops, F], crop-major, as constants
+   * (for the online probe); owned by the caller's scope, valid until it closes.
+   */
+  readonly features?: tf.Tensor2D | undefined;
+}
+
+/**
+ * A training method as one value. `prepare` runs off the tape before the forward and gives the
+ * tape's body for the batch's crops; `update` changes the method's state after the optimiser step
+ * from the tape's detached outputs; `statistics` reads what the method reports.
+ */
+export interface Method<E = never> {
+  readonly name: string;
+  readonly prepare: (
+    input: StepInput,
+  ) => Effect.Effect<(crops: readonly tf.Tensor4D[]) => TapeForward, E, Scope.Scope>;
+  readonly update: (input: StepInput, out: TapeOutputs) => Effect.Effect<void, E, Scope.Scope>;
+  readonly statistics: (out: TapeOutputs, comm: Communicator) => Promise<StepStatistics>;
+  /** What to try when the loss stops being finite, in the error's words. */
+  readonly nonFiniteHint: string;
+}
+
+/** What the step needs of the run config besides the method. */
+export interface StepSettings {
+  readonly multicrop: Pick<MulticropConfig, "nmbCrops" | "sizeCrops" | "channels">;
+  readonly optimise: OptimiseConfig;
+  readonly epochs: number;
+  readonly onlineProbe: boolean;
+}
+
+/** The generic step over a method: see the module comment. */
+export const trainStep = <E>(
+  settings: StepSettings,
+  state: StepState,
+  schedule: { readonly itersPerEpoch: number },
+  method: Method<E>,
+  optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>,
+) => {
+  const optimise = optimiseStage.run(settings.optimise);
+  const everyVariable = state.model.params.map((p) => p.variable);
+  // Data parallel (several ranks): the loss is the global batch's, gradients are averaged over the ranks.
+  const comm = activeCommunicator();
+  const debugParams = debugParamsRequested();
+  return (
+    input: StepInput,
+  ): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> =>
+    Effect.gen(function* () {
+      const crops = yield* scoped(() => collateCrops(input.batch.views, settings.multicrop));
+      // Off the tape: what the method's targets need before the forward.
+      const forward = yield* method.prepare(input);
+      // On one tape: encode -> targets (detached) -> loss.
+      const out = yield* scoped(() =>
+        gradientsOf(() => forward(crops), Object.values(state.variables), settings.onlineProbe)
+      );
+
+      const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
+      // Every rank sees the same (global) loss, so a non-finite one stops all of them at this step.
+      const loss = comm.size > 1 ? meanOverRanks(local, comm) : local;
+      if (!Number.isFinite(loss)) {
+        return yield* new NonFiniteLoss({
+          step: input.step,
+          loss,
+          message:
+            `loss became ${loss} at step ${input.step} (epoch ${input.epoch + 1}); the update was not ` +
+            `applied and the last checkpoint is intact. ${method.nonFiniteHint}`,
+        });
+      }
+
+      let grads: tf.NamedTensorMap = {};
+      for (const [name, variable] of Object.entries(state.variables)) {
+        const g = out.grads[variable.name];
+        if (g !== undefined) grads[name] = g;
+      }
+      if (comm.size > 1) {
+        grads = (yield* Effect.acquireRelease(
+          Effect.promise(() => averageGradients(grads, comm)),
+          (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
+        )).grads;
+      }
+      const { learningRate } = yield* optimise({
+        optimiser: state.optimiser,
+        variables: state.variables,
+        grads,
+        iteration: input.step,
+        itersPerEpoch: schedule.itersPerEpoch,
+        epochs: settings.epochs,
+      });
+
+      // Weights and batch-norm statistics as updated: checked with the same read as the statistics.
+      const probe = yield* scoped(() => finiteProbe(everyVariable));
+      yield* method.update(input, out);
+      const [statistics, finite] = yield* Effect.promise(() =>
+        Promise.all([method.statistics(out, comm), probe.data()])
+      );
+      if (!Number.isFinite(finite[0]!)) {
+        const tensor = (yield* Effect.promise(() => firstNonFinite(state.model))) ?? "a parameter";
+        return yield* new NonFiniteState({
+          step: input.step,
+          tensor,
+          message: `step ${input.step} (epoch ${input.epoch + 1}, loss ${loss}) made ${tensor} non-finite; ` +
+            `the run stops before this step is checkpointed, so the last checkpoint is intact. Try a lower ` +
+            `optim.baseLr or optim.trust.`,
+        });
+      }
+      if (debugParams) yield* checkParametersAgree(state.model, comm, input.step);
+      return { loss, lr: learningRate, ...statistics, features: out.features };
+    });
+};

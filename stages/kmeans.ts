@@ -1,0 +1,100 @@
+/**
+ * Spherical k-means as DeepCluster-v2's `cluster_memory` runs it on one memory
+ * bank: the centroids start at K given rows; then `iterations` times an
+ * assignment (the largest dot product) and an update (each centroid the mean
+ * of its members, an empty cluster keeping its centroid, then every centroid
+ * L2-normalised); then a final assignment. The dot products run on the tensor
+ * backend (one [n, D]·[D, K] product per pass); the sums on the host in
+ * float64.
+ */
+import * as tf from "@tensorflow/tfjs";
+import { Effect, Schema } from "effect";
+
+export interface KmeansInput {
+  /** The bank's rows [n, dim], row-major. */
+  readonly rows: Float32Array;
+  readonly n: number;
+  readonly dim: number;
+  /** The starting centroids: K row indices into `rows`. */
+  readonly start: Int32Array;
+  /** Update steps (the reference's 10); a final assignment follows. */
+  readonly iterations: number;
+}
+
+export interface KmeansOutput {
+  /** Unit-norm centroids [K, dim], row-major. */
+  readonly centroids: Float32Array;
+  /** Each row's cluster. */
+  readonly assignments: Int32Array;
+}
+
+/** Fewer rows than clusters: k-means cannot start. */
+export class TooFewRows extends Schema.TaggedError<TooFewRows>()("TooFewRows", {
+  message: Schema.String,
+}) {}
+
+/** Each row's largest dot product with the centroids (the first on ties, as torch's max). */
+const assign = (rows: tf.Tensor2D, centroids: Float32Array, k: number, dim: number) =>
+  Effect.promise(async () => {
+    const winners = tf.tidy(() =>
+      tf.argMax(tf.matMul(rows, tf.tensor2d(centroids, [k, dim]), false, true), 1)
+    );
+    try {
+      return new Int32Array(await winners.data());
+    } finally {
+      winners.dispose();
+    }
+  });
+
+/** The update: each non-empty cluster's mean, then every centroid normalised (F.normalize's 1e-12 floor). */
+export const updateCentroids = (
+  rows: Float32Array,
+  assignments: Int32Array,
+  centroids: Float32Array,
+  dim: number,
+): Float32Array => {
+  const k = centroids.length / dim;
+  const sums = new Float64Array(k * dim);
+  const counts = new Float64Array(k);
+  for (let r = 0; r < assignments.length; r++) {
+    const c = assignments[r]!;
+    counts[c]! += 1;
+    for (let j = 0; j < dim; j++) sums[c * dim + j]! += rows[r * dim + j]!;
+  }
+  const next = new Float32Array(k * dim);
+  for (let c = 0; c < k; c++) {
+    let ss = 0;
+    const mean = new Float64Array(dim);
+    for (let j = 0; j < dim; j++) {
+      mean[j] = counts[c]! > 0 ? sums[c * dim + j]! / counts[c]! : centroids[c * dim + j]!;
+      ss += mean[j]! * mean[j]!;
+    }
+    const inv = 1 / Math.max(Math.sqrt(ss), 1e-12);
+    for (let j = 0; j < dim; j++) next[c * dim + j] = mean[j]! * inv;
+  }
+  return next;
+};
+
+/** Spherical k-means of `input.rows` from `input.start`: see the module comment. */
+export const sphericalKmeans = (input: KmeansInput): Effect.Effect<KmeansOutput, TooFewRows> =>
+  Effect.gen(function* () {
+    const { rows, n, dim, start, iterations } = input;
+    const k = start.length;
+    if (n < k) {
+      return yield* new TooFewRows({
+        message: `the memory bank holds ${n} samples, fewer than the ${k} clusters asked for`,
+      });
+    }
+    let centroids: Float32Array = new Float32Array(k * dim);
+    start.forEach((row, c) => centroids.set(rows.subarray(row * dim, (row + 1) * dim), c * dim));
+    const bank = yield* Effect.acquireRelease(
+      Effect.sync(() => tf.tensor2d(rows.subarray(0, n * dim), [n, dim])),
+      (t) => Effect.sync(() => t.dispose()),
+    );
+    let assignments = yield* assign(bank, centroids, k, dim);
+    for (let it = 0; it < iterations; it++) {
+      centroids = updateCentroids(rows, assignments, centroids, dim);
+      assignments = yield* assign(bank, centroids, k, dim);
+    }
+    return { centroids, assignments };
+  }).pipe(Effect.scoped);
