@@ -230,6 +230,7 @@ export const renderEvents = (records: RunRecords): string => {
 /** What marks a file as a report this program wrote (`report --out` overwrites only such a file). */
 export const REPORT_MARK = `<meta name="generator" content="swav-ts report">`;
 
+/** How a report page is rendered: its timestamp, and whether it is the dashboard's live page. */
 export interface RenderOptions {
   /** Shown at the top; the only part that changes between two reports of the same run folder. */
   readonly generatedAt?: string;
@@ -300,7 +301,10 @@ ${options.live ? liveScript : ""}
   });
 
 /** The report of a run folder: its records, and the model views of its latest checkpoint when it has one. */
-export const buildReport = (folder: string, options: RenderOptions & ViewOptions = {}) =>
+export const buildReport = (
+  folder: string,
+  options: RenderOptions & ViewOptions = {},
+): Effect.Effect<string, unknown> =>
   Effect.gen(function* () {
     const records = yield* readRunRecords(folder);
     const views = yield* computeModelViews(folder, options);

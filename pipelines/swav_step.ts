@@ -12,7 +12,8 @@
  * (`SwavStages`); stages/tape.ts keeps the gradient boundary.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect } from "effect";
+import type { Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
+import { Effect, type Scope } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { effectiveOptim, type RunConfig } from "../config/config.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
@@ -29,10 +30,20 @@ import {
 import { type SinkhornConfig, type SinkhornInput, sinkhornStage } from "../stages/sinkhorn.ts";
 import type { Stage, TensorStage } from "../stages/stage.ts";
 import { type SwappedLossConfig, type SwappedLossInput, swappedLossStage } from "../stages/swapped_loss.ts";
-import { onOneTape, type TapeOutputs } from "../stages/tape.ts";
+import { onOneTape, type TapeForward, type TapeOutputs } from "../stages/tape.ts";
 import { push as pushQueue, queueScores as scoreQueue } from "../state/queue.ts";
-import { meanOverRanks, prototypesInUseOverRanks } from "./data_parallel.ts";
-import { gradientsOf, type Method, type StepSettings, type StepState, trainStep } from "./train_step.ts";
+import { type DataParallelError, meanOverRanks, prototypesInUseOverRanks } from "./data_parallel.ts";
+import {
+  gradientsOf,
+  type Method,
+  type NonFiniteLoss,
+  type NonFiniteState,
+  type StepInput,
+  type StepOutcome,
+  type StepSettings,
+  type StepState,
+  trainStep,
+} from "./train_step.ts";
 
 export {
   finiteProbe,
@@ -49,9 +60,13 @@ export {
  * with the same input and output types, e.g. an assignment with hard codes.
  */
 export interface SwavStages {
+  /** Crops to embeddings and prototype scores (default `encodeStage`). */
   readonly encode: TensorStage<EncodeInput, EncodeOutput, EncodeConfig, unknown, unknown>;
-  readonly assign: TensorStage<SinkhornInput, readonly tf.Tensor2D[], SinkhornConfig, unknown, unknown>;
-  readonly loss: TensorStage<SwappedLossInput, tf.Scalar, SwappedLossConfig, unknown, unknown>;
+  /** Detached scores to codes (default `sinkhornStage`). */
+  readonly assign: TensorStage<SinkhornInput, readonly Tensor2D[], SinkhornConfig, unknown, unknown>;
+  /** Scores and codes to the loss (default `swappedLossStage`). */
+  readonly loss: TensorStage<SwappedLossInput, Scalar, SwappedLossConfig, unknown, unknown>;
+  /** One optimiser step (default `optimiseStage`). */
   readonly optimise: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>;
 }
 
@@ -97,7 +112,7 @@ export const swavTape = (
   config: RunConfig,
   batchSize: number,
   stages: SwavStages = swavStages,
-) => {
+): SwavTape => {
   const configs = stageConfigs(config);
   const forward = onOneTape(
     stages.encode.apply(configs.encode),
@@ -105,17 +120,18 @@ export const swavTape = (
     stages.loss.apply(configs.loss),
   );
   const layout = cropLayout(config, batchSize);
-  return (cropGroups: readonly tf.Tensor4D[], queueScores?: readonly tf.Tensor2D[]) =>
+  return (cropGroups: readonly Tensor4D[], queueScores?: readonly Tensor2D[]) =>
     forward({ encode: { model, cropGroups }, layout, queueScores });
 };
-export type SwavTape = ReturnType<typeof swavTape>;
+/** SwAV's tape body for one model and batch size: the batch's crops (and the queue's scores) to the forward's outputs. */
+export type SwavTape = (cropGroups: readonly Tensor4D[], queueScores?: readonly Tensor2D[]) => TapeForward;
 
 /** The tape's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
 export const forwardBackward = (
   tape: SwavTape,
-  crops: readonly tf.Tensor4D[],
-  variables: readonly tf.Variable[],
-  options: { queueScores?: readonly tf.Tensor2D[] | undefined; keepFeatures?: boolean } = {},
+  crops: readonly Tensor4D[],
+  variables: readonly Variable[],
+  options: { queueScores?: readonly Tensor2D[] | undefined; keepFeatures?: boolean } = {},
 ): TapeOutputs => gradientsOf(() => tape(crops, options.queueScores), variables, options.keepFeatures);
 
 /**
@@ -123,11 +139,11 @@ export const forwardBackward = (
  * several ranks, of the global batch (mean entropy, prototypes used on any rank).
  */
 export const codeStatistics = async (
-  codes: readonly tf.Tensor2D[],
+  codes: readonly Tensor2D[],
   comm: Communicator = activeCommunicator(),
 ): Promise<{ readonly codeEntropy: number; readonly prototypesInUse: number }> => {
   const [entropy, argmax] = tf.tidy(() => {
-    const all = tf.concat(codes as tf.Tensor2D[], 0);
+    const all = tf.concat(codes as Tensor2D[], 0);
     const h = all.mul(all.add(1e-12).log()).sum(1).neg().mean();
     return [h, all.argMax(1)];
   });
@@ -184,7 +200,12 @@ export const swavTrainStep = (
   state: StepState,
   schedule: { readonly batchSize: number; readonly itersPerEpoch: number },
   stages: SwavStages = swavStages,
-) =>
+): Effect.Effect<
+  (
+    input: StepInput,
+  ) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError, Scope.Scope>,
+  CropLayoutError
+> =>
   Effect.gen(function* () {
     const { batchSize, itersPerEpoch } = schedule;
     const problem = cropLayoutProblem(

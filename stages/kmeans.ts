@@ -8,12 +8,16 @@
  * float64.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 import { Effect, Schema } from "effect";
 
+/** What spherical k-means clusters: the rows, where it starts and how many update steps it takes. */
 export interface KmeansInput {
   /** The bank's rows [n, dim], row-major. */
   readonly rows: Float32Array;
+  /** Number of rows. */
   readonly n: number;
+  /** Row length. */
   readonly dim: number;
   /** The starting centroids: K row indices into `rows`. */
   readonly start: Int32Array;
@@ -21,6 +25,7 @@ export interface KmeansInput {
   readonly iterations: number;
 }
 
+/** The clustering: unit-norm centroids and each row's cluster. */
 export interface KmeansOutput {
   /** Unit-norm centroids [K, dim], row-major. */
   readonly centroids: Float32Array;
@@ -34,7 +39,7 @@ export class TooFewRows extends Schema.TaggedError<TooFewRows>()("TooFewRows", {
 }) {}
 
 /** Each row's largest dot product with the centroids (the first on ties, as torch's max). */
-const assign = (rows: tf.Tensor2D, centroids: Float32Array, k: number, dim: number) =>
+const assign = (rows: Tensor2D, centroids: Float32Array, k: number, dim: number) =>
   Effect.promise(async () => {
     const winners = tf.tidy(() =>
       tf.argMax(tf.matMul(rows, tf.tensor2d(centroids, [k, dim]), false, true), 1)
