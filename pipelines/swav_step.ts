@@ -194,6 +194,45 @@ export const swavMethod = (
 /**
  * The whole SwAV step for a run: the stages configured with their sections of the
  * run config. Fails with CropLayoutError when the crop layout cannot work.
+ *
+ * @example One SwAV step on one batch of a tiny data set
+ * ```ts
+ * import { Effect, Stream } from "effect";
+ * import assert from "node:assert/strict";
+ * import {
+ *   decodeRunConfig,
+ *   makeLarcSgd,
+ *   makeLoader,
+ *   multicropPrepare,
+ *   openSource,
+ *   scopedSwavModel,
+ *   swavTrainStep,
+ *   TensorBackend,
+ *   writeDemoDataset,
+ * } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 1, perClassTest: 1, size: 16, seed: 1 });
+ * const outcome = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *   });
+ *   // The step's state: the model, its trainable variables by name, the optimiser, the queue (none here).
+ *   const model = yield* scopedSwavModel(config.model, 0);
+ *   const variables = Object.fromEntries(model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]));
+ *   const optimiser = yield* makeLarcSgd({ momentum: 0.9, weightDecay: 1e-6, trustCoefficient: 0.001, eps: 1e-8, clip: false });
+ *   const state = { model, variables, optimiser, queue: () => undefined };
+ *   const step = yield* swavTrainStep(config, state, { batchSize: 8, itersPerEpoch: 1 });
+ *   const source = yield* openSource(`${data}:train`);
+ *   const loader = yield* makeLoader({ source, prepare: multicropPrepare(config.multicrop), seed: 0, batchSize: 8 });
+ *   const [batch] = yield* Stream.runCollect(Stream.take(loader.epoch(0), 1));
+ *   return yield* step({ batch: batch!, step: 0, epoch: 0 });
+ * })).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.ok(Number.isFinite(outcome.loss));
+ * assert.ok(outcome.prototypesInUse! >= 1 && outcome.prototypesInUse! <= 20);
+ * await Deno.remove(data, { recursive: true });
+ * ```
  */
 export const swavTrainStep = (
   config: RunConfig,
