@@ -50,7 +50,23 @@ const headLoss = (scores: Tensor2D, targets: Int32Array, crops: number, temperat
     return tf.div(tf.neg(tf.sum(tf.mul(oneHot, logP))), Math.max(1, counted)) as Scalar;
   });
 
-/** The loss: the heads' cross-entropies averaged. */
+/**
+ * The loss: the heads' cross-entropies averaged.
+ *
+ * @example Targets that match the nearest prototype cost less than wrong ones
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { clusterLoss, initBackend } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const prototypes = [tf.eye(3) as tf.Tensor2D]; // one head of K = 3 prototypes of size 3
+ * const embeddings = tf.concat([tf.eye(3), tf.eye(3)]) as tf.Tensor2D; // 2 crops of 3 samples
+ * const loss = async (targets: number[]) =>
+ *   (await clusterLoss({ embeddings, prototypes, targets: [new Int32Array(targets)] }, { temperature: 0.1 }).data())[0]!;
+ * assert.ok((await loss([0, 1, 2])) < (await loss([1, 2, 0])));
+ * ```
+ */
 export const clusterLoss = (input: ClusterLossInput, config: ClusterLossConfig): Scalar =>
   tf.tidy(() => {
     const batch = input.targets[0]?.length ?? 0;

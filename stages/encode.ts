@@ -58,6 +58,27 @@ export interface EncodeOutput {
  * encode stage. `apply` is the form for a gradient tape (the backbone's features
  * stay alive until the tape's scope ends: the backward pass may need them);
  * `run`'s output tensors are owned by the caller's scope.
+ *
+ * @example Embeddings and prototype scores of a batch of two crops at one resolution
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect, Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, encodeStage, initBackend, makeSwavModel, ModelConfig } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * using model = makeSwavModel(
+ *   Schema.decodeUnknownSync(ModelConfig)({ arch: "resnet18", width: 4, stem: "cifar", hidden: 0, out: 8, prototypes: 5 }),
+ * );
+ * const shapes = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const encode = yield* configure(encodeStage, { training: false });
+ *   const crops = tf.randomUniform<tf.Rank.R4>([2 * 3, 16, 16, 3]); // 2 crops of 3 images, crop-major
+ *   const { embeddings, scores } = yield* encode({ model, cropGroups: [crops] });
+ *   crops.dispose();
+ *   return [embeddings.shape, scores?.shape];
+ * })));
+ * assert.deepEqual(shapes, [[6, 8], [6, 5]]); // unit-norm embeddings, scores against the 5 prototypes
+ * ```
  */
 export const encodeStage: TensorStage<EncodeInput, EncodeOutput, EncodeConfig, never, Scope.Scope> =
   defineTensorStage<EncodeInput, EncodeOutput, EncodeConfig, never, Scope.Scope>({

@@ -80,7 +80,23 @@ export const updateCentroids = (
   return next;
 };
 
-/** Spherical k-means of `input.rows` from `input.start`: see the module comment. */
+/**
+ * Spherical k-means of `input.rows` from `input.start`: see the module comment.
+ *
+ * @example Two directions, two clusters
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, sphericalKmeans } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const rows = new Float32Array([1, 0, 0.9, 0.1, 0.95, -0.1, 0, 1, 0.1, 0.9, -0.1, 0.95]); // 6 rows of 2
+ * const { assignments } = await Effect.runPromise(
+ *   sphericalKmeans({ rows, n: 6, dim: 2, start: new Int32Array([0, 3]), iterations: 5 }),
+ * );
+ * assert.deepEqual([...assignments], [0, 0, 0, 1, 1, 1]);
+ * ```
+ */
 export const sphericalKmeans = (input: KmeansInput): Effect.Effect<KmeansOutput, TooFewRows> =>
   Effect.gen(function* () {
     const { rows, n, dim, start, iterations } = input;

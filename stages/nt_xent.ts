@@ -48,7 +48,24 @@ const masks = (n: number, batchSize: number): { positive: Tensor2D; candidates: 
   return { positive: tf.tensor2d(positive, [n, n]), candidates: tf.tensor2d(candidates, [n, n]) };
 };
 
-/** The NT-Xent loss (a scalar on the caller's tape). */
+/**
+ * The NT-Xent loss (a scalar on the caller's tape).
+ *
+ * @example Matching crops give a lower loss than unrelated ones
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend, l2NormaliseRows, ntXent } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const images = l2NormaliseRows(tf.randomNormal<tf.Rank.R2>([4, 8], 0, 1, "float32", 1));
+ * const matching = tf.concat([images, images]); // crop 1 of image i is crop 0 of image i
+ * const unrelated = tf.concat([images, l2NormaliseRows(tf.randomNormal<tf.Rank.R2>([4, 8], 0, 1, "float32", 2))]);
+ * const low = (await ntXent({ embeddings: matching, batchSize: 4 }, { temperature: 0.1 }).data())[0]!;
+ * const high = (await ntXent({ embeddings: unrelated, batchSize: 4 }, { temperature: 0.1 }).data())[0]!;
+ * assert.ok(low < high);
+ * ```
+ */
 export const ntXent = (input: NtXentInput, config: NtXentConfig): Scalar =>
   tf.tidy(() => {
     const n = input.embeddings.shape[0];

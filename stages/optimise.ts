@@ -307,6 +307,29 @@ export const larcOptions = (config: Pick<OptimiseConfig, keyof typeof larcFields
  * step in place; while frozen, the prototypes (`PROTOTYPES_WEIGHT`, or every
  * head's `prototypes.*`) keep their value and momentum. The gradients stay owned
  * by the caller.
+ *
+ * @example One LARC-SGD step on one variable, at the schedule's first iteration
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, initBackend, makeLarcSgd, optimiseStage } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const w = tf.variable(tf.tensor1d([1, 2, 3]));
+ * const result = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const optimise = yield* configure(optimiseStage, { baseLr: 0.1, warmupEpochs: 0, freezePrototypesIters: 0 });
+ *   const optimiser = yield* makeLarcSgd({ momentum: 0.9, weightDecay: 0, trustCoefficient: 0.001, eps: 1e-8, clip: false });
+ *   const grads = { w: tf.ones([3]) };
+ *   const out = yield* optimise({ optimiser, variables: { w }, grads, iteration: 0, itersPerEpoch: 10, epochs: 1 });
+ *   grads.w.dispose();
+ *   return out;
+ * })));
+ * assert.ok(Math.abs(result.learningRate - 0.1) < 1e-9); // the cosine schedule starts at baseLr
+ * const [after] = [await w.data()];
+ * assert.ok(after[0]! < 1 && after[2]! < 3); // moved against the gradient
+ * w.dispose();
+ * ```
  */
 export const optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig> = defineStage<
   OptimiseInput,
