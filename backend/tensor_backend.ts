@@ -19,7 +19,7 @@ import {
   defaultKernelSettings,
   installKernelSettings,
   type KernelSettings,
-  KernelSettingsInvalid,
+  type KernelSettingsInvalid,
   makeKernelSettings,
 } from "./kernel_settings.ts";
 import { registerNativeKernels } from "./native_kernels.ts";

@@ -21,7 +21,7 @@
  * The worker count is capped at the number of CPU cores (with a warning): more
  * workers cannot decode faster, and each costs tens of MB.
  */
-import { Console, Effect, Result, Schema, Scope, Stream } from "effect";
+import { Console, Effect, type Result, Schema, type Scope, Stream } from "effect";
 import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./image_codec.ts";
 import { reasonOf } from "./errors.ts";
 import type { DataSource, RawSample } from "./sources.ts";

@@ -6,7 +6,7 @@
  * run folder falls back to the newest checkpoint that verifies.
  */
 import { Effect, Schema } from "effect";
-import { loadModelArrays, ModelWeightsError, readModelArrays, type SwavModel } from "../models/model.ts";
+import { loadModelArrays, type ModelWeightsError, readModelArrays, type SwavModel } from "../models/model.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,

@@ -4,7 +4,7 @@
  * inputs that cannot be decoded.
  */
 import { Effect, Option, Schema } from "effect";
-import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "../data/image_codec.ts";
+import { type DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "../data/image_codec.ts";
 import { defineStage, type Stage } from "./stage.ts";
 
 /** What to do with an input that cannot be decoded: drop it (counted by the loader) or stop the run. */
