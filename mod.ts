@@ -1,13 +1,269 @@
 /**
  * swav-ts: SwAV self-supervised image representation learning (Caron et al. 2020)
- * on Deno with TensorFlow.js and Effect.
+ * on Deno with TensorFlow.js and Effect, with DeepCluster-v2 and SimCLR as
+ * further methods of the same training step.
  *
- * The public API: the six stages, the pipelines built from them, the backend
- * service, state with an owner (queue, optimiser), and resource helpers.
+ * The exports are grouped by what a user does. Where to start:
+ *
+ * - train: `pretrain` with a `RunConfig` (`decodeRunConfig`, `loadRunConfig`),
+ *   provided a `TensorBackend`;
+ * - measure: `evaluate` (kNN, linear, semi-supervised), or `extractFeatures`
+ *   and `knnClassify` / `trainLinearProbe` on your own features;
+ * - reuse: `exportEncoder` / `loadEncoder`, `loadForEvaluation` for a checkpoint
+ *   or run folder, `buildReport` for a run's HTML report;
+ * - change the method: a stage value of the same types (`SwavStages`), or a
+ *   whole `Method` (`CustomMethod`).
+ *
+ * Every example in this reference runs (`deno test --doc`) in seconds on tiny data.
  * @module
  */
 
-// Backend and tensor resources
+// Stages: each step of a pipeline as a value (a name, a validated config, the work); compose them with
+// `configure` and `andThen`, or swap one for another of the same types.
+export {
+  andThen,
+  ConfigError,
+  configure,
+  defineStage,
+  defineTensorStage,
+  type Stage,
+  type TensorStage,
+  tensorStage,
+} from "./stages/stage.ts";
+export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
+export { DecodeConfig, DecodeErrorPolicy, decodeStage, type EncodedImage } from "./stages/decode.ts";
+export {
+  collateCrops,
+  defaultMulticropConfig,
+  evalPrepare,
+  evalTransform,
+  MulticropConfig,
+  type MulticropInput,
+  multicropPrepare,
+  multicropSample,
+  multicropStage,
+  smallImageProfile,
+} from "./stages/multicrop.ts";
+export {
+  checkFitsBackend,
+  EncodeConfig,
+  type EncodeInput,
+  type EncodeOutput,
+  encodeStage,
+  ModelTooLarge,
+} from "./stages/encode.ts";
+export { SinkhornConfig, type SinkhornInput, sinkhornKnopp, sinkhornStage } from "./stages/sinkhorn.ts";
+export {
+  assignmentCodes,
+  type AssignmentOptions,
+  SwappedLossConfig,
+  swappedLossFromCodes,
+  type SwappedLossInput,
+  type SwappedLossOptions,
+  swappedLossStage,
+  swappedPredictionLoss,
+  type SwappedPredictionOptions,
+} from "./stages/swapped_loss.ts";
+export {
+  LarcSgd,
+  type LarcSgdOptions,
+  learningRateAt,
+  makeLarcSgd,
+  OptimiseConfig,
+  type OptimiseInput,
+  type OptimiseOutput,
+  optimiseStage,
+  scheduleFromEpochs,
+  type SerialisedSlots,
+} from "./stages/optimise.ts";
+export { ntXent, NtXentConfig, type NtXentInput, ntXentStage } from "./stages/nt_xent.ts";
+export {
+  clusterLoss,
+  ClusterLossConfig,
+  type ClusterLossInput,
+  clusterLossStage,
+} from "./stages/cluster_loss.ts";
+export { type KmeansInput, type KmeansOutput, sphericalKmeans, TooFewRows } from "./stages/kmeans.ts";
+export {
+  detached,
+  onOneTape,
+  onTape,
+  type TapeForward,
+  type TapeInput,
+  type TapeOutputs,
+  type VariableGrads,
+} from "./stages/tape.ts";
+export { withoutGradient } from "./backend/no_gradient.ts";
+
+// Methods: one training step over a `Method` value (SwAV, DeepCluster-v2, SimCLR, or your own).
+export {
+  gradientsOf,
+  type Method,
+  NonFiniteLoss,
+  NonFiniteState,
+  type StepInput,
+  type StepOutcome,
+  type StepSettings,
+  type StepState,
+  type StepStatistics,
+  trainStep,
+} from "./pipelines/train_step.ts";
+export {
+  forwardBackward,
+  swavMethod,
+  type SwavStages,
+  swavStages,
+  type SwavTape,
+  swavTape,
+  swavTrainStep,
+} from "./pipelines/swav_step.ts";
+export { deepClusterV2Method } from "./pipelines/deepclusterv2.ts";
+export { simclrMethod } from "./pipelines/simclr.ts";
+export { type CustomMethod } from "./pipelines/methods.ts";
+
+// Pipelines: whole runs from a run config: pretraining, evaluation, features, export.
+export {
+  type DataConfig,
+  decodeRunConfig,
+  type DeepClusterV2Config,
+  InvalidConfig,
+  loadRunConfig,
+  type OptimConfig,
+  RunConfig,
+  type RunConfigInput,
+  type SimclrConfig,
+  type SwavConfig,
+  type TrainConfig,
+} from "./config/config.ts";
+export { type RecipeInfo } from "./config/recipes.ts";
+export {
+  type EpochReport,
+  pretrain,
+  type PretrainHooks,
+  type PretrainOptions,
+  type PretrainResult,
+  RunFolderBusy,
+  RunFolderUnusable,
+  type StepMetrics,
+} from "./pipelines/pretrain.ts";
+export {
+  type EvalMethod,
+  evaluate,
+  type EvaluatedSources,
+  type EvaluateOptions,
+  type Evaluation,
+  EvaluationError,
+  type KnnEvaluation,
+  type LinearEvaluation,
+  type LinearProtocol,
+  type LoadedEncoder,
+  loadForEvaluation,
+  type OnWarning,
+  type ResizeOption,
+  type SemisupEvaluation,
+} from "./pipelines/evaluate.ts";
+export { extractFeatures, type ExtractOptions, type Features } from "./pipelines/extract.ts";
+export { extractToFolder } from "./pipelines/extract_folder.ts";
+export { knnClassify, type KnnOptions, type KnnResult, knnTop1 } from "./pipelines/knn.ts";
+export {
+  linearProbeDefaults,
+  type LinearProbeOptions,
+  type LinearProbeResult,
+  type ProbeEpoch,
+  trainLinearProbe,
+} from "./pipelines/linear_probe.ts";
+export { type ImageEvaluation, linearEvaluation, type Pooling } from "./pipelines/linear_eval.ts";
+export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
+export { EncoderError, type EncoderInput, exportEncoder, loadEncoder } from "./pipelines/export.ts";
+
+// Data: data sets (`SOURCE` specs), the loader that batches and augments them, images and NumPy files.
+export {
+  type DataSource,
+  openSource,
+  parseSourceSpec,
+  type RawSample,
+  type Sample,
+  SourceError,
+  type SourceKind,
+  type Split,
+} from "./data/sources.ts";
+export { resolveSourceSpec } from "./pipelines/sources.ts";
+export { type DemoDatasetOptions, writeDemoDataset } from "./data/demo_dataset.ts";
+export {
+  type Batch,
+  type Loader,
+  LoaderError,
+  type LoaderOptions,
+  makeLoader,
+  type PrepareRef,
+  type SkippedSample,
+  type SkipReport,
+} from "./data/loader.ts";
+export { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./data/image_codec.ts";
+export { evalResizeFor, trainCrop } from "./data/eval_augment.ts";
+export {
+  decodeNpy,
+  encodeNpy,
+  type NpyArray,
+  type NpyDtype,
+  NpyError,
+  type NpyValues,
+  readNpy,
+  writeNpy,
+} from "./data/npy.ts";
+export { type Rng, rngFor, rngFromState } from "./data/rng.ts";
+
+// Models: the ResNet backbone, projection head and prototypes as named variables, and the state a
+// method keeps (SwAV's queue, DeepCluster-v2's memory bank).
+export {
+  disposeModel,
+  estimateMemory,
+  makeSwavModel,
+  ModelConfig,
+  modelForward,
+  ModelWeightsError,
+  type NamedVariable,
+  scopedSwavModel,
+  type SwavModel,
+  trainableVariables,
+} from "./models/model.ts";
+export {
+  type BackboneConfig,
+  backboneForward,
+  type BackbonePlan,
+  type BlockPlan,
+  type ForwardOptions,
+  type ResnetArch,
+  type ResnetStem,
+} from "./models/resnet.ts";
+export { l2NormaliseRows, normalisePrototypes, prototypeScores } from "./models/prototypes.ts";
+export {
+  createQueue,
+  type EmbeddingQueue,
+  isFull as queueIsFull,
+  makeQueue,
+  push as pushQueue,
+  type QueueOptions,
+  queueScores,
+  type QueueState,
+} from "./state/queue.ts";
+export { makeMemoryBank, type MemoryBank } from "./state/memory_bank.ts";
+
+// Checkpoints: one file per checkpoint, written atomically, read back verified; the model's arrays.
+export {
+  type Checkpoint,
+  CheckpointError,
+  readCheckpoint,
+  resolveCheckpointPath,
+  writeCheckpoint,
+} from "./pipelines/checkpoint.ts";
+export { loadModelArrays, type NamedArray, readModelArrays } from "./models/model.ts";
+
+// Reporting: a run folder's HTML report (curves, warnings, model views, evaluations).
+export { buildReport, type RenderOptions } from "./pipelines/report_html.ts";
+export { type ViewOptions } from "./pipelines/run_report.ts";
+
+// Backend and tensors: the TF.js backend as an Effect service, kernel settings, tensor ownership.
 export {
   BackendName,
   BackendUnavailable,
@@ -21,134 +277,5 @@ export {
   withKernelSettings,
 } from "./backend/tensor_backend.ts";
 export { disposeAll, liveTensors, scoped, scopedPromise, type TensorContainer } from "./backend/resources.ts";
-
-// The stage abstraction
-export {
-  andThen,
-  ConfigError,
-  configure,
-  defineStage,
-  defineTensorStage,
-  type Stage,
-  type TensorStage,
-  tensorStage,
-} from "./stages/stage.ts";
-export { detached, onOneTape, onTape, type TapeOutputs, type VariableGrads } from "./stages/tape.ts";
-export { type CropLayout, CropLayoutError } from "./stages/crop_layout.ts";
-
-// Stage: decode
-export { DecodeError, decodeImage, type RgbImage } from "./data/image_codec.ts";
-export { decodeStage } from "./stages/decode.ts";
-export { type DataSource, openSource, parseSourceSpec, type Sample, SourceError } from "./data/sources.ts";
-export { type Batch, type Loader, makeLoader } from "./data/loader.ts";
-
-// Stage: multicrop
-export {
-  collateCrops,
-  defaultMulticropConfig,
-  evalPrepare,
-  evalTransform,
-  MulticropConfig,
-  multicropPrepare,
-  multicropSample,
-  multicropStage,
-  smallImageProfile,
-} from "./stages/multicrop.ts";
-
-// Stage: encode (ResNet backbone per resolution group, projection head, prototypes)
-export { checkFitsBackend, encodeStage, ModelTooLarge } from "./stages/encode.ts";
-export {
-  disposeModel,
-  estimateMemory,
-  loadModelArrays,
-  makeSwavModel,
-  ModelConfig,
-  modelForward,
-  ModelWeightsError,
-  type NamedArray,
-  readModelArrays,
-  scopedSwavModel,
-  type SwavModel,
-  trainableVariables,
-} from "./models/model.ts";
-export { backboneForward } from "./models/resnet.ts";
-export { l2NormaliseRows, normalisePrototypes, prototypeScores } from "./models/prototypes.ts";
-
-// Stage: sinkhorn
-export { SinkhornConfig, type SinkhornInput, sinkhornKnopp, sinkhornStage } from "./stages/sinkhorn.ts";
-export { withoutGradient } from "./backend/no_gradient.ts";
-
-// Stage: swappedLoss (and the composed one-call form)
-export {
-  assignmentCodes,
-  SwappedLossConfig,
-  swappedLossFromCodes,
-  swappedLossStage,
-  swappedPredictionLoss,
-} from "./stages/swapped_loss.ts";
-
-// Stage: optimise (LARC-SGD, warm-up + cosine schedule)
-export {
-  LarcSgd,
-  learningRateAt,
-  makeLarcSgd,
-  OptimiseConfig,
-  optimiseStage,
-  scheduleFromEpochs,
-} from "./stages/optimise.ts";
-
-// State with an owner: the embedding queue
-export {
-  createQueue,
-  type EmbeddingQueue,
-  isFull as queueIsFull,
-  makeQueue,
-  push as pushQueue,
-  queueScores,
-} from "./state/queue.ts";
-
-// Pipelines
-export { decodeRunConfig, loadRunConfig, RunConfig, type RunConfigInput } from "./config/config.ts";
-export {
-  NonFiniteState,
-  pretrain,
-  type PretrainOptions,
-  RunFolderBusy,
-  RunFolderUnusable,
-} from "./pipelines/pretrain.ts";
-export {
-  forwardBackward,
-  NonFiniteLoss,
-  type SwavStages,
-  swavStages,
-  swavTape,
-  swavTrainStep,
-} from "./pipelines/swav_step.ts";
-// Methods: each one value of the generic step (a user's own is one more)
-export {
-  gradientsOf,
-  type Method,
-  type StepInput,
-  type StepState,
-  trainStep,
-} from "./pipelines/train_step.ts";
-export { type CustomMethod } from "./pipelines/methods.ts";
-export { deepClusterV2Method } from "./pipelines/deepclusterv2.ts";
-export { simclrMethod } from "./pipelines/simclr.ts";
-export { ntXent, ntXentStage } from "./stages/nt_xent.ts";
-export { clusterLoss, clusterLossStage } from "./stages/cluster_loss.ts";
-export { sphericalKmeans } from "./stages/kmeans.ts";
-export { extractFeatures } from "./pipelines/extract.ts";
-export { knnClassify, knnTop1 } from "./pipelines/knn.ts";
-export { evaluate, type Evaluation, EvaluationError, loadForEvaluation } from "./pipelines/evaluate.ts";
-export { extractToFolder } from "./pipelines/extract_folder.ts";
-export { trainLinearProbe } from "./pipelines/linear_probe.ts";
-export { linearEvaluation } from "./pipelines/linear_eval.ts";
-export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
-export { evalResizeFor, trainCrop } from "./data/eval_augment.ts";
-export { EncoderError, exportEncoder, loadEncoder } from "./pipelines/export.ts";
-export { decodeNpy, encodeNpy, NpyError, readNpy, writeNpy } from "./data/npy.ts";
-export { readCheckpoint, resolveCheckpointPath, writeCheckpoint } from "./pipelines/checkpoint.ts";
-
-// Randomness keyed by (seed, epoch, sample index)
-export { type Rng, rngFor, rngFromState } from "./data/rng.ts";
+export type { Communicator, ReduceOp } from "./backend/communicator.ts";
+export type { NamedTensorMap, Scalar, Tensor, Tensor2D, Tensor4D, Variable } from "./backend/tensor_types.ts";

@@ -16,10 +16,13 @@ import { launchedByMpi, mpiLibraryPath, openMpi, type ReduceOp } from "./mpi.ts"
 
 export type { ReduceOp } from "./mpi.ts";
 
+/** The processes of a job and the collectives between them: a world of one, or MPI ranks in a data-parallel run. */
 export interface Communicator {
   /** `mpi` when several processes share the job, `single` otherwise. */
   readonly kind: "single" | "mpi";
+  /** This process's index, 0 .. size - 1. */
   readonly rank: number;
+  /** Number of processes in the job. */
   readonly size: number;
   /** The MPI library's own version line (empty for `single`). */
   readonly library: string;
@@ -29,6 +32,7 @@ export interface Communicator {
   readonly broadcast: (data: Float32Array | Float64Array | Uint8Array, root: number) => void;
   /** `root` gets every rank's `data` (equal lengths), rank-major; the other ranks get undefined. */
   readonly gather: (data: Float32Array, root: number) => Float32Array | undefined;
+  /** Waits until every rank has reached it. */
   readonly barrier: () => void;
   /** Ends every rank of the job with `code` (the caller prints why first). */
   readonly abort: (code: number) => void;

@@ -11,6 +11,7 @@
  */
 import { Effect, Schema } from "effect";
 
+/** Which accelerated kernels run and how, as one value; the defaults are what every run uses, the rest exist for benchmarks and kernel comparisons. */
 export interface KernelSettings {
   /** OpenBLAS and oneDNN kernels on the wasm backend where they load (false: plain wasm kernels only). */
   readonly blas: boolean;
@@ -18,8 +19,11 @@ export interface KernelSettings {
   readonly threads: number | undefined;
   /** Which OpenBLAS-backed kernels run (each falls back to the wasm kernel when off). */
   readonly blasConv2D: boolean;
+  /** The OpenBLAS filter gradient of convolutions. */
   readonly blasConv2DBackpropFilter: boolean;
+  /** The OpenBLAS input gradient of convolutions. */
   readonly blasConv2DBackpropInput: boolean;
+  /** The OpenBLAS batched matrix product. */
   readonly blasBatchMatMul: boolean;
   /** Convolutions through oneDNN (libdnnl2) first, where it loads; im2col + OpenBLAS otherwise. */
   readonly dnnl: boolean;
@@ -86,6 +90,7 @@ export class KernelSettingsInvalid
     setting: Schema.String,
     reason: Schema.String,
   }) {
+  /** The setting and why it is invalid, on one line. */
   override get message(): string {
     return `kernel setting '${this.setting}' is invalid: ${this.reason}`;
   }

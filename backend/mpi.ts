@@ -65,6 +65,7 @@ export const launchedByMpi = (): boolean => {
   }
 };
 
+/** How `allReduce` combines the ranks' values. */
 export type ReduceOp = "sum" | "mean" | "max";
 
 /** An initialised MPI world. */

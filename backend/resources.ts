@@ -5,10 +5,11 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, type Scope } from "effect";
+import type { Tensor } from "./tensor_types.ts";
 
 /** Anything that holds tensors: a tensor, an array or record of them, or nested ones. */
 export type TensorContainer =
-  | tf.Tensor
+  | Tensor
   | readonly TensorContainer[]
   | { readonly [key: string]: TensorContainer }
   | null
@@ -31,7 +32,28 @@ export const disposeAll = (value: unknown): void => {
   for (const item of Object.values(value)) disposeAll(item);
 };
 
-/** Acquires tensors with `make` and ties their disposal to the current scope. */
+/**
+ * Acquires tensors with `make` and ties their disposal to the current scope.
+ *
+ * @example Tensors made inside a scope are gone when it closes
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, liveTensors, scoped } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const before = liveTensors().tensors;
+ * const sum = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const [a, b] = yield* scoped(() => [tf.ones([2, 2]), tf.ones([2, 2])]);
+ *   // tf.tidy frees the intermediate sum a + b; scoped owns only the result
+ *   const total = yield* scoped(() => tf.tidy(() => tf.add(a!, b!).sum()));
+ *   return (yield* Effect.promise(() => total.data()))[0];
+ * })));
+ * assert.equal(sum, 8);
+ * assert.equal(liveTensors().tensors, before); // no leak
+ * ```
+ */
 export const scoped = <T>(make: () => T): Effect.Effect<T, never, Scope.Scope> =>
   Effect.acquireRelease(Effect.sync(make), (value) => Effect.sync(() => disposeAll(value)));
 

@@ -19,7 +19,7 @@ import {
   defaultKernelSettings,
   installKernelSettings,
   type KernelSettings,
-  KernelSettingsInvalid,
+  type KernelSettingsInvalid,
   makeKernelSettings,
 } from "./kernel_settings.ts";
 import { registerNativeKernels } from "./native_kernels.ts";
@@ -29,7 +29,10 @@ import { registerPlainWasmKernels } from "./wasm_kernels.ts";
 
 export { defaultKernelSettings, type KernelSettings, KernelSettingsInvalid } from "./kernel_settings.ts";
 
-export const BackendName = Schema.Literals(["auto", "wasm", "cpu", "webgpu", "tensorflow"]);
+/** The backends one can ask for, as a Schema (config files and `--backend` flags are decoded with it). */
+export const BackendName: Schema.Literals<readonly ["auto", "wasm", "cpu", "webgpu", "tensorflow"]> = Schema
+  .Literals(["auto", "wasm", "cpu", "webgpu", "tensorflow"]);
+/** A backend name: "auto", "wasm", "cpu", "webgpu" or "tensorflow" (see the module's notes). */
 export type BackendName = typeof BackendName.Type;
 export const backendNames: readonly BackendName[] = ["auto", "wasm", "cpu", "webgpu", "tensorflow"];
 
@@ -39,6 +42,7 @@ export class BackendUnavailable extends Schema.TaggedError<BackendUnavailable>()
   reason: Schema.String,
   alternatives: Schema.Array(Schema.String),
 }) {
+  /** The backend, why it is unavailable and the alternatives, on one line. */
   override get message(): string {
     return `backend '${this.backend}' is unavailable: ${this.reason}. Alternatives: ${
       this.alternatives.join(", ")
@@ -201,7 +205,19 @@ export const initBackendEffect = (
   }
 };
 
-/** `initBackendEffect` as a promise, for plain-TypeScript callers (rejects with BackendUnavailable). */
+/**
+ * `initBackendEffect` as a promise, for plain-TypeScript callers (rejects with BackendUnavailable).
+ *
+ * @example The portable CPU backend for a script
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend } from "@swav/swav-ts";
+ *
+ * assert.equal(await initBackend("wasm"), "wasm");
+ * assert.equal(tf.getBackend(), "wasm");
+ * ```
+ */
 export const initBackend = (requested: BackendName): Promise<Exclude<BackendName, "auto">> =>
   Effect.runPromise(initBackendEffect(requested));
 
@@ -266,7 +282,24 @@ const applyThreads = (): void => {
   setDnnlThreads(threads);
 };
 
-/** The active tensor backend. */
+/**
+ * The active tensor backend.
+ *
+ * @example Provide the backend to a program; it is released when the program ends
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { TensorBackend } from "@swav/swav-ts";
+ *
+ * const name = await Effect.runPromise(
+ *   Effect.gen(function* () {
+ *     const backend = yield* TensorBackend;
+ *     return backend.name;
+ *   }).pipe(Effect.provide(TensorBackend.layer("cpu"))),
+ * );
+ * assert.equal(name, "cpu");
+ * ```
+ */
 export class TensorBackend extends Context.Service<TensorBackend, {
   /** What was asked for (`auto` included). */
   readonly requested: BackendName;

@@ -9,7 +9,7 @@
  * `host:0` and of SIGSEGV on `::::`).
  */
 import { Effect, Schema } from "effect";
-import { readRegularFile, UnsafeFile } from "../pipelines/bounded_read.ts";
+import { readRegularFile, type UnsafeFile } from "../pipelines/bounded_read.ts";
 import { type DataParallelError, localBatchSize } from "../pipelines/data_parallel.ts";
 
 /** A command-line value out of its range. */

@@ -18,7 +18,25 @@
 import { Schema } from "effect";
 
 /** What a preset records about itself in the run's config.json (the `recipe` section). */
-export const RecipeInfo = Schema.Struct({
+export interface RecipeInfo {
+  /** The preset's name, as given to `--recipe`. */
+  readonly name: string;
+  /** The reference script it transcribes, or "" for this project's own presets. */
+  readonly script: string;
+  /** Processes the reference ran (its global batch is workers x train.batchSize). */
+  readonly referenceWorkers: number;
+  /** The preset's own length: `--epochs` rescales the schedule by epochs / referenceEpochs. */
+  readonly referenceEpochs: number;
+  /** The reference's arithmetic ("fp16" with apex/AMP); swav-ts always trains in float32. */
+  readonly referencePrecision: "fp16" | "fp32";
+  /** Whether the reference synchronised batch norm across workers (its --sync_bn). */
+  readonly referenceSyncBatchNorm: boolean;
+  /** The factor `--epochs` applied to the schedule (1 when the preset's own length is kept). */
+  readonly epochScale: number;
+}
+
+/** The `recipe` section's schema. */
+export const RecipeInfo: Schema.Codec<RecipeInfo> = Schema.Struct({
   /** The preset's name, as given to `--recipe`. */
   name: Schema.String,
   /** The reference script it transcribes, or "" for this project's own presets. */
@@ -34,7 +52,6 @@ export const RecipeInfo = Schema.Struct({
   /** The factor `--epochs` applied to the schedule (1 when the preset's own length is kept). */
   epochScale: Schema.Number,
 });
-export type RecipeInfo = typeof RecipeInfo.Type;
 
 export const RECIPE_NAMES = [
   "swav_800ep_pretrain",

@@ -100,11 +100,17 @@ export const renderDemoImage = (classIndex: number, size: number, rng: Rng): Uin
   return out;
 };
 
+/** Where `writeDemoDataset` writes, how many images per class and split, their size and the seed. */
 export interface DemoDatasetOptions {
+  /** The folder to write (replaced when it holds a different copy). */
   readonly folder: string;
+  /** Training images per class. */
   readonly perClassTrain: number;
+  /** Test images per class. */
   readonly perClassTest: number;
+  /** Side of the square images in pixels. */
   readonly size: number;
+  /** Seed of the generator: the same options write the same files. */
   readonly seed: number;
 }
 

@@ -26,8 +26,11 @@ import { boundPng, unfilterRgb8 } from "./png_bounded.ts";
 
 /** An 8-bit RGB image, HWC, row-major: pixel (x, y) channel c is `data[(y * width + x) * 3 + c]`. */
 export interface RgbImage {
+  /** Width in pixels. */
   readonly width: number;
+  /** Height in pixels. */
   readonly height: number;
+  /** `width * height * 3` bytes, RGB interleaved. */
   readonly data: Uint8Array;
 }
 
@@ -36,6 +39,7 @@ export class DecodeError extends Schema.TaggedError<DecodeError>()("DecodeError"
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The file and the reason, on one line. */
   override get message(): string {
     return `${this.path}: ${this.reason}`;
   }

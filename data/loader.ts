@@ -21,7 +21,7 @@
  * The worker count is capped at the number of CPU cores (with a warning): more
  * workers cannot decode faster, and each costs tens of MB.
  */
-import { Console, Effect, Result, Schema, Scope, Stream } from "effect";
+import { Console, Effect, type Result, Schema, type Scope, Stream } from "effect";
 import { DecodeError, decodeImage, type JpegDecoder, type RgbImage } from "./image_codec.ts";
 import { reasonOf } from "./errors.ts";
 import type { DataSource, RawSample } from "./sources.ts";
@@ -33,8 +33,11 @@ import { type Rng, rngFor } from "./rng.ts";
  * `config` must be structured-cloneable (plain JSON is).
  */
 export interface PrepareRef<C = unknown> {
+  /** URL of the module that exports the transform (`import.meta.url` of its file). */
   readonly module: string;
+  /** The export's name in that module. */
   readonly name: string;
+  /** Passed to the transform with every image. */
   readonly config: C;
 }
 
@@ -54,21 +57,29 @@ export const cropPrepare = (
 export class LoaderError extends Schema.TaggedError<LoaderError>()("LoaderError", {
   reason: Schema.String,
 }) {
+  /** The reason, as given. */
   override get message(): string {
     return this.reason;
   }
 }
 
+/** One sample after its prepare function ran: its index in the source, its label and its view buffers. */
 export interface PreparedSample {
+  /** Index in the source. */
   readonly index: number;
+  /** Class label, -1 when unlabelled. */
   readonly label: number;
+  /** The prepared views (crops), each a CHW float buffer. */
   readonly views: Float32Array[];
 }
 
 /** One batch: sample indices, labels (-1 when unlabelled) and, per sample, its view buffers. */
 export interface Batch {
+  /** The epoch the batch belongs to. */
   readonly epoch: number;
+  /** Each sample's index in the source. */
   readonly indices: Int32Array;
+  /** Each sample's label, -1 when unlabelled. */
   readonly labels: Int32Array;
   /** `views[sample][view]`: for multi-crop, crop order as `multicropSample` returns it. */
   readonly views: Float32Array[][];
@@ -82,10 +93,15 @@ export const stackView = (batch: Batch, view: number): Float32Array => {
   return out;
 };
 
+/** What `makeLoader` reads, how it prepares each sample, and how it batches and parallelises. */
 export interface LoaderOptions {
+  /** The data set to read (`openSource`). */
   readonly source: DataSource;
+  /** The per-sample preparation, by module and export name so workers can import it (`multicropPrepare`, `evalPrepare`). */
   readonly prepare: PrepareRef;
+  /** Seeds the shuffling and every sample's augmentation (with the epoch and sample index). */
   readonly seed: number;
+  /** Samples per batch. */
   readonly batchSize: number;
   /** Drop the last, smaller batch of an epoch (default true). */
   readonly dropLast?: boolean;
@@ -99,7 +115,9 @@ export interface LoaderOptions {
   readonly prefetch?: number;
   /** Finished batches held ahead of the consumer (default 2). */
   readonly bufferBatches?: number;
+  /** What an undecodable sample does: skip it (counted in `skipped`) or fail the epoch (default "fail"). */
   readonly onError?: "skip" | "fail";
+  /** The JPEG decoder to use (default "auto": libturbojpeg when installed). */
   readonly jpeg?: JpegDecoder;
   /** This rank's part of each epoch in a data-parallel job (`shardOrder`); the whole epoch without. */
   readonly shard?: { readonly rank: number; readonly size: number };
@@ -107,12 +125,17 @@ export interface LoaderOptions {
 
 /** One skipped sample: its index in the source, the epoch it was first skipped in, its path and why. */
 export interface SkippedSample {
+  /** Index in the source. */
   readonly index: number;
+  /** The epoch it was first skipped in. */
   readonly epoch: number;
+  /** The file (or record) that names it. */
   readonly path: string;
+  /** Why it could not be decoded. */
   readonly reason: string;
 }
 
+/** The samples a loader skipped so far, counted and listed. */
 export interface SkipReport {
   /** Skips so far, all epochs together (a sample bad in every epoch counts once per epoch). */
   readonly count: number;
@@ -147,7 +170,12 @@ const coreCount = (): number => {
   return typeof n === "number" && Number.isInteger(n) && n > 0 ? n : 1;
 };
 
+/**
+ * Batches of prepared samples from a data source, one stream per epoch,
+ * shuffled and augmented reproducibly from the seed; made by `makeLoader`.
+ */
 export interface Loader {
+  /** The data set read. */
   readonly source: DataSource;
   /** Batches per epoch when nothing is skipped. */
   readonly batchesPerEpoch: number;
@@ -339,7 +367,32 @@ const makeLocal = (prepare: PrepareRef, jpeg: JpegDecoder): Pool => {
 export const asViews = (out: Float32Array | Float32Array[]): Float32Array[] =>
   Array.isArray(out) ? out : [out];
 
-/** Builds a loader; with `workers > 0` its worker pool lives as long as the scope. */
+/**
+ * Builds a loader; with `workers > 0` its worker pool lives as long as the scope.
+ *
+ * @example One epoch of a tiny generated data set, in batches of 8
+ * ```ts
+ * import { Effect, Stream } from "effect";
+ * import assert from "node:assert/strict";
+ * import { evalPrepare, makeLoader, openSource, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const folder = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder, perClassTrain: 2, perClassTest: 1, size: 16, seed: 1 }); // 10 classes
+ * const batches = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const source = yield* openSource(`${folder}:train`);
+ *   const loader = yield* makeLoader({
+ *     source,
+ *     prepare: evalPrepare({ size: 16, channels: 3, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] }),
+ *     seed: 0,
+ *     batchSize: 8,
+ *   });
+ *   return yield* Stream.runCollect(loader.epoch(0));
+ * })));
+ * assert.equal(batches.length, 2); // 20 images, the last partial batch dropped
+ * assert.equal(batches[0]!.views[0]![0]!.length, 16 * 16 * 3);
+ * await Deno.remove(folder, { recursive: true });
+ * ```
+ */
 export const makeLoader = (options: LoaderOptions): Effect.Effect<Loader, LoaderError, Scope.Scope> =>
   Effect.gen(function* () {
     const {

@@ -18,11 +18,16 @@ import { reasonOf } from "./errors.ts";
 /** The element types written and read here (little-endian). */
 export type NpyDtype = "<f4" | "<f8" | "<i4" | "<i8" | "|u1" | "|i1";
 
+/** The typed array holding an array's elements, one type per `NpyDtype`. */
 export type NpyValues = Float32Array | Float64Array | Int32Array | BigInt64Array | Uint8Array | Int8Array;
 
+/** A NumPy array in memory: element type, shape and the elements in C (row-major) order. */
 export interface NpyArray {
+  /** Element type. */
   readonly dtype: NpyDtype;
+  /** Dimensions, outermost first. */
   readonly shape: readonly number[];
+  /** The elements, row-major. */
   readonly values: NpyValues;
 }
 
@@ -32,6 +37,7 @@ export class NpyError extends Schema.TaggedError<NpyError>()("NpyError", {
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The path and the reason, on one line. */
   override get message(): string {
     return `${this.path}: ${this.reason}`;
   }

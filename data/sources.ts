@@ -26,17 +26,22 @@ export class SourceError extends Schema.TaggedError<SourceError>()("SourceError"
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The path and the reason, on one line. */
   override get message(): string {
     return `${this.path}: ${this.reason}`;
   }
 }
 
+/** Which split of a data set a source reads (`:test` and `:val` in a SOURCE spec read the test split). */
 export type Split = "train" | "test";
+/** The layout a source was detected as: IDX files (MNIST, Fashion-MNIST), CIFAR binaries, an image folder with class subfolders, or a flat folder of unlabelled images. */
 export type SourceKind = "idx" | "cifar10" | "cifar100" | "folder" | "flat";
 
 /** A decoded sample; `label` is -1 for unlabelled data. */
 export interface Sample {
+  /** The decoded image. */
   readonly image: RgbImage;
+  /** Class index, or -1 for unlabelled data. */
   readonly label: number;
 }
 
@@ -49,11 +54,15 @@ export type RawSample =
   | { readonly kind: "encoded"; readonly path: string; readonly label: number; readonly bytes: Uint8Array }
   | { readonly kind: "pixels"; readonly path: string; readonly label: number; readonly image: RgbImage };
 
+/** A data set opened by `openSource`: its size, class names and channel count, and random access to its samples. */
 export interface DataSource {
+  /** The detected layout. */
   readonly kind: SourceKind;
   /** The folder, as given. */
   readonly path: string;
+  /** The split read. */
   readonly split: Split;
+  /** Number of samples. */
   readonly length: number;
   /** Class names, label i is `classes[i]`; absent for unlabelled data. */
   readonly classes?: readonly string[];

@@ -9,6 +9,7 @@
  * BatchNorm1d) runs once on all of them.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
 import { Effect, Schema, type Scope } from "effect";
 import { rngFor } from "../data/rng.ts";
 import { headForward, headParamSpecs, totalPrototypes } from "./head.ts";
@@ -27,8 +28,28 @@ import { kernelInvariant } from "../backend/invariant.ts";
 
 const positiveInt = Schema.Int.pipe(Schema.check(Schema.isGreaterThanOrEqualTo(1)));
 
-/** Model architecture; every field has the reference default. */
-export const ModelConfig = Schema.Struct({
+/** A validated model config: the backbone, the projection head and the prototypes. */
+export interface ModelConfig {
+  /** The ResNet depth (default resnet50). */
+  readonly arch: "resnet18" | "resnet34" | "resnet50";
+  /** Channels of the first ResNet stage (64 in the standard networks). */
+  readonly width: number;
+  /** Input channels: 1 (grey) or 3 (RGB, default). */
+  readonly inputChannels: 1 | 3;
+  /** `imagenet` (default): 7x7/2 conv and a max-pool; `cifar`: 3x3/1 conv, no pool, for small images. */
+  readonly stem: "imagenet" | "cifar";
+  /** Hidden width of the projection MLP (default 2048); 0 = a single linear layer. */
+  readonly hidden: number;
+  /** Embedding size (default 128). */
+  readonly out: number;
+  /** Number of prototypes K (default 3000), a list of K per head (DeepCluster-v2), or [] for none (SimCLR). */
+  readonly prototypes: number | readonly number[];
+  /** Data-parallel runs: batch norm over the global batch (default true). */
+  readonly syncBatchNorm: boolean;
+}
+
+/** The model config's schema; every field has the reference default. */
+export const ModelConfig: Schema.Codec<ModelConfig, Partial<ModelConfig>> = Schema.Struct({
   arch: withDefault(Schema.Literals(["resnet18", "resnet34", "resnet50"]), "resnet50"),
   /** Channels of the first ResNet stage (64 in the standard networks). */
   width: withDefault(positiveInt, 64),
@@ -49,15 +70,17 @@ export const ModelConfig = Schema.Struct({
    */
   syncBatchNorm: withDefault(Schema.Boolean, true),
 });
-export type ModelConfig = typeof ModelConfig.Type;
 
 /** Validates a raw model config, filling defaults; the error names the bad field. */
 export const decodeModelConfig = Schema.decodeUnknownEffect(ModelConfig);
 
 /** A model parameter: its torch-style name, its variable, and whether the optimiser updates it. */
 export interface NamedVariable {
+  /** The torch-style name, e.g. `backbone.conv1.weight`. */
   readonly name: string;
-  readonly variable: tf.Variable;
+  /** The variable holding the values. */
+  readonly variable: Variable;
+  /** Whether the optimiser updates it (false for BatchNorm running statistics). */
   readonly trainable: boolean;
 }
 
@@ -66,12 +89,14 @@ export interface NamedVariable {
  * `disposeModel`, or `scopedSwavModel` inside Effect) frees them all.
  */
 export interface SwavModel extends Disposable {
+  /** The architecture it was built from. */
   readonly config: ModelConfig;
+  /** The backbone's layer structure. */
   readonly plan: BackbonePlan;
   /** Every parameter (trainable ones and BatchNorm running statistics) in state_dict order. */
   readonly params: readonly NamedVariable[];
   /** The variable called `name`; throws on an unknown name (a bug in the caller: names come from the specs). */
-  readonly param: (name: string) => tf.Variable;
+  readonly param: (name: string) => Variable;
 }
 
 /** The parameter specs of a model, in state_dict order. */
@@ -140,7 +165,7 @@ export const makeSwavModel = (config: ModelConfig, seed = 0): SwavModel => {
     throw error;
   }
   const byName = new Map(params.map((p) => [p.name, p.variable]));
-  const param = (name: string): tf.Variable => {
+  const param = (name: string): Variable => {
     const variable = byName.get(name);
     // A lookup inside the synchronous forward pass (tf.tidy, the gradient tape), where no Effect
     // runs; the names come from the model's own specs, so an unknown one is a bug in the caller.
@@ -167,12 +192,14 @@ export const scopedSwavModel = (
   );
 
 /** The variables the optimiser updates (everything but BatchNorm running statistics), in order. */
-export const trainableVariables = (model: SwavModel): tf.Variable[] =>
+export const trainableVariables = (model: SwavModel): Variable[] =>
   model.params.filter((p) => p.trainable).map((p) => p.variable);
 
 /** One parameter's values, row-major, with its name and shape (a checkpoint entry). */
 export interface NamedArray {
+  /** The parameter's name. */
   readonly name: string;
+  /** Its shape. */
   readonly shape: readonly number[];
   /** Model parameters are float32; checkpoints also hold int32 arrays (counters). */
   readonly values: Float32Array | Int32Array;
@@ -190,6 +217,7 @@ export class ModelWeightsError extends Schema.TaggedError<ModelWeightsError>()("
   /** Set when the array's value count does not match its own shape. */
   values: Schema.optional(Schema.Number),
 }) {
+  /** What does not fit, and the likely cause, on one line. */
   override get message(): string {
     if (this.got === undefined) {
       return `${this.source} lacks parameter ${this.parameter}: another architecture?`;
@@ -261,11 +289,11 @@ export const loadModelArrays = (
 
 export interface ModelOutput {
   /** Unit-norm embeddings z [N, out], crop-major over all groups. */
-  readonly embeddings: tf.Tensor2D;
+  readonly embeddings: Tensor2D;
   /** Prototype scores z·Cᵀ [N, K] of a single-head model (SwAV's); undefined for other heads. */
-  readonly scores: tf.Tensor2D | undefined;
+  readonly scores: Tensor2D | undefined;
   /** Pooled backbone features [N, featureDim]. */
-  readonly features: tf.Tensor2D;
+  readonly features: Tensor2D;
 }
 
 /**
@@ -275,7 +303,7 @@ export interface ModelOutput {
  */
 export const modelForward = (
   model: SwavModel,
-  cropGroups: readonly tf.Tensor4D[],
+  cropGroups: readonly Tensor4D[],
   options: ForwardOptions,
 ): ModelOutput =>
   tf.tidy(() => {
@@ -293,7 +321,7 @@ export const modelForward = (
   });
 
 /** True when two adjacent groups have the same resolution (and would be merged). */
-const mergesGroups = (groups: readonly tf.Tensor4D[]): boolean =>
+const mergesGroups = (groups: readonly Tensor4D[]): boolean =>
   groups.some((g, i) =>
     i > 0 && g.shape[1] === groups[i - 1]!.shape[1] && g.shape[2] === groups[i - 1]!.shape[2]
   );
@@ -302,8 +330,8 @@ const mergesGroups = (groups: readonly tf.Tensor4D[]): boolean =>
  * Concatenates consecutive crops of the same resolution, as SwAV's forward does
  * with `unique_consecutive`: crops [2×224, 6×96] give two groups.
  */
-export const groupCropsByResolution = (crops: readonly tf.Tensor4D[]): tf.Tensor4D[] => {
-  const groups: tf.Tensor4D[][] = [];
+export const groupCropsByResolution = (crops: readonly Tensor4D[]): Tensor4D[] => {
+  const groups: Tensor4D[][] = [];
   let last = "";
   for (const crop of crops) {
     const key = `${crop.shape[1]}x${crop.shape[2]}`;

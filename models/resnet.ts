@@ -13,13 +13,18 @@ import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
+/** The ResNet depth: 18 and 34 with basic blocks, 50 with bottleneck blocks. */
 export type ResnetArch = "resnet18" | "resnet34" | "resnet50";
+/** The ResNet stem: ImageNet's (7x7/2 conv and a max-pool) or the CIFAR one (3x3/1 conv, no pool) for small images. */
 export type ResnetStem = "imagenet" | "cifar";
 
+/** What a backbone is built from: depth, width, input channels and stem. */
 export interface BackboneConfig {
+  /** The ResNet depth. */
   readonly arch: ResnetArch;
   /** Channels of the first stage (64 for the standard networks). */
   readonly width: number;
+  /** Input channels: 1 (grey) or 3 (RGB). */
   readonly inputChannels: number;
   /** `imagenet`: 7x7/2 conv + 3x3/2 max-pool; `cifar`: 3x3/1 conv, no pool. */
   readonly stem: ResnetStem;
@@ -56,11 +61,17 @@ interface StageShape {
 
 /** One residual block of the plan. */
 export interface BlockPlan {
+  /** The block's parameter name prefix, e.g. `backbone.layer1.0.`. */
   readonly prefix: string;
+  /** Basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1). */
   readonly kind: "basic" | "bottleneck";
+  /** Channels in. */
   readonly inChannels: number;
+  /** Width of the block's inner convolutions. */
   readonly planes: number;
+  /** Channels out (planes times the expansion). */
   readonly outChannels: number;
+  /** Stride of the block's spatial convolution. */
   readonly stride: number;
   /** 1x1 strided conv + BN on the shortcut when the shape changes. */
   readonly downsample: boolean;
@@ -68,11 +79,17 @@ export interface BlockPlan {
 
 /** The layer structure of a backbone; shared by parameter creation, forward and memory estimates. */
 export interface BackbonePlan {
+  /** The configuration it was planned from. */
   readonly config: BackboneConfig;
+  /** Kernel side of the stem's convolution. */
   readonly stemKernel: number;
+  /** Stride of the stem's convolution. */
   readonly stemStride: number;
+  /** Padding of the stem's convolution. */
   readonly stemPad: number;
+  /** Whether the stem ends with a 3x3/2 max-pool. */
   readonly maxPool: boolean;
+  /** Every residual block, in order. */
   readonly blocks: readonly BlockPlan[];
   /** Size of the pooled feature vector: 8·width·expansion. */
   readonly featureDim: number;

@@ -6,7 +6,7 @@
  * run folder falls back to the newest checkpoint that verifies.
  */
 import { Effect, Schema } from "effect";
-import { loadModelArrays, ModelWeightsError, readModelArrays, type SwavModel } from "../models/model.ts";
+import { loadModelArrays, type ModelWeightsError, readModelArrays, type SwavModel } from "../models/model.ts";
 import type { LarcSgd } from "../stages/optimise.ts";
 import {
   type EmbeddingQueue,
@@ -100,6 +100,41 @@ export const writeCheckpoint = (
 /**
  * Reads one checkpoint file: a regular file of at most `maxCheckpointBytes`
  * (checked before the buffer is allocated), then `decodeCheckpoint`.
+ *
+ * @example Read a run's checkpoint and load its weights into a fresh model
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import {
+ *   decodeRunConfig,
+ *   loadModelArrays,
+ *   pretrain,
+ *   readCheckpoint,
+ *   scopedSwavModel,
+ *   TensorBackend,
+ *   writeDemoDataset,
+ * } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const out = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 4, perClassTest: 2, size: 16, seed: 1 });
+ * const step = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     data: { source: `${data}:train` },
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *     train: { epochs: 1, batchSize: 8, out, knnEvery: 0 },
+ *   });
+ *   const { checkpoint } = yield* pretrain(config);
+ *   const saved = yield* readCheckpoint(checkpoint!); // verified: a damaged file fails with CheckpointError
+ *   const model = yield* scopedSwavModel(config.model, 1);
+ *   yield* loadModelArrays(model, saved.arrays, checkpoint!); // names and shapes checked
+ *   return saved.step;
+ * })).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.equal(step, 5);
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(out, { recursive: true });
+ * ```
  */
 export const readCheckpoint = (
   path: string,

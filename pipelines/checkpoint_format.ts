@@ -30,18 +30,22 @@ export interface Checkpoint {
   readonly step: number;
   /** The epoch to continue with, and how many batches of it are already done. */
   readonly epoch: number;
+  /** Batches of that epoch already done. */
   readonly batchInEpoch: number;
   /** The resolved config of the run (JSON). */
   readonly config: unknown;
   /** Anything else small and JSON-able (RNG seed and counters, metrics so far). */
   readonly extra: Record<string, unknown>;
+  /** Model weights, optimiser slots, the queue: every array by name. */
   readonly arrays: readonly NamedArray[];
 }
 
+/** A checkpoint that cannot be written, read or verified; `path` names it, `reason` says why. */
 export class CheckpointError extends Schema.TaggedError<CheckpointError>()("CheckpointError", {
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The file and the reason, on one line. */
   override get message(): string {
     return `checkpoint ${this.path}: ${this.reason}`;
   }

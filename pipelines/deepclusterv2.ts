@@ -140,7 +140,33 @@ export const fillMemoryBank = <E>(
       }
     })).pipe(Effect.tap(() => Effect.sync(() => (bank.filled = true))));
 
-/** DeepCluster-v2 as a method value: targets from the bank, cross-entropy per head, bank written after. */
+/**
+ * DeepCluster-v2 as a method value: targets from the bank, cross-entropy per head, bank written after.
+ *
+ * @example DeepCluster-v2 through the stock pipeline: three heads of 10 prototypes, k-means at each epoch start
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { decodeRunConfig, pretrain, TensorBackend, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const out = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 4, perClassTest: 2, size: 16, seed: 1 });
+ * const result = await Effect.runPromise(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     data: { source: `${data}:train` },
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: [10, 10, 10] },
+ *     train: { method: "deepclusterv2", epochs: 2, batchSize: 8, out, knnEvery: 0 },
+ *   });
+ *   return yield* pretrain(config);
+ * }).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.equal(result.steps, 10); // 2 epochs of 5 steps
+ * assert.ok(Number.isFinite(result.lastLoss));
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(out, { recursive: true });
+ * ```
+ */
 export const deepClusterV2Method = (config: RunConfig, state: StepState, bank: MemoryBank): Method => {
   const settings = config.deepclusterv2;
   const encode = encodeStage.apply({ training: true });

@@ -46,7 +46,9 @@ export class EvaluationError extends Schema.TaggedError<EvaluationError>()("Eval
 
 /** A backbone ready for feature extraction, with what it was trained on. */
 export interface LoadedEncoder {
+  /** The model (backbone, and head when the file held one). */
   readonly model: SwavModel;
+  /** The input the backbone expects (the run's evaluation transform). */
   readonly input: EncoderInput;
   /** The run config (absent for an exported encoder folder). */
   readonly config: RunConfig | undefined;
@@ -68,6 +70,34 @@ export type OnWarning = ((message: string) => void) | undefined;
  * Loads PATH: a checkpoint file, a run folder (its newest checkpoint that
  * verifies; a newer damaged one is named in a warning), or a folder written by
  * `exportEncoder`. The scope disposes the model.
+ *
+ * @example Load the newest checkpoint of a (tiny, one-epoch) run folder
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { decodeRunConfig, loadForEvaluation, pretrain, TensorBackend, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const out = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 4, perClassTest: 2, size: 16, seed: 1 });
+ * const loaded = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     data: { source: `${data}:train` },
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *     swav: { queueLength: 0 },
+ *     train: { epochs: 1, batchSize: 8, out, knnEvery: 0 },
+ *   });
+ *   yield* pretrain(config);
+ *   const { model, step, input } = yield* loadForEvaluation(out); // the model is disposed with the scope
+ *   return { step, input, arch: model.config.arch };
+ * })).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.equal(loaded.step, 5); // 40 images in batches of 8
+ * assert.equal(loaded.arch, "resnet18");
+ * assert.equal(loaded.input.size, 16); // the run's evaluation transform comes with it
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(out, { recursive: true });
+ * ```
  */
 export const loadForEvaluation = (
   path: string,
@@ -151,12 +181,16 @@ export const parseResizeOption = (text: string): ResizeOption | undefined => {
   return /^[1-9][0-9]*$/.test(text) ? Number(text) : undefined;
 };
 
+/** How `evaluate` scores a backbone: weighted kNN, a linear classifier, or semi-supervised fine-tuning. */
 export type EvalMethod = "knn" | "linear" | "semisup";
+/** Linear evaluation on augmented images through the frozen backbone (`paper`, eval_linear.py) or a fast probe on precomputed features (`features`). */
 export type LinearProtocol = "paper" | "features";
 
+/** What `evaluate` evaluates and how: the checkpoint, the method, the data and the method's settings (unset ones take the reference's defaults). */
 export interface EvaluateOptions {
   /** A checkpoint file, a run folder, or an exported encoder folder. */
   readonly checkpoint: string;
+  /** The evaluation method. */
   readonly method: EvalMethod;
   /** Linear evaluation: eval_linear.py on images (`paper`, the default for image folders) or the fast probe on precomputed features (`features`, the default otherwise). */
   readonly protocol?: LinearProtocol | undefined;
@@ -164,6 +198,7 @@ export interface EvaluateOptions {
   readonly resize?: ResizeOption | undefined;
   /** RegLog's pooling (paper protocol; default global) and its optional BatchNorm (avgpool only). */
   readonly pooling?: Pooling | undefined;
+  /** Paper protocol with avgpool: BatchNorm before the linear layer. */
   readonly batchNorm?: boolean | undefined;
   /** semisup: `1%`, `10%` or a file of image names. */
   readonly labels?: string | undefined;
@@ -171,91 +206,143 @@ export interface EvaluateOptions {
   readonly lrHead?: number | undefined;
   /** SOURCE specs; default to the run's splits. */
   readonly train?: string | undefined;
+  /** Test SOURCE spec; defaults to the run's `data.testSource` or its test split. */
   readonly test?: string | undefined;
   /** kNN neighbours and temperature (defaults: the run's train.knnK / knnTemperature, else 200 / 0.1). */
   readonly k?: number | undefined;
+  /** kNN vote temperature. */
   readonly temperature?: number | undefined;
   /** Linear probe / fine-tuning settings (defaults: SwAV eval_linear.py, eval_semisup.py). */
   readonly epochs?: number | undefined;
+  /** Learning rate of the classifier (semisup: of the trunk). */
   readonly lr?: number | undefined;
+  /** Classifier training batch size. */
   readonly probeBatchSize?: number | undefined;
+  /** Classifier weight decay. */
   readonly weightDecay?: number | undefined;
+  /** Seed of the classifier's initialisation, shuffles and crops. */
   readonly seed?: number | undefined;
   /** Images per extraction batch and data workers. */
   readonly batchSize?: number | undefined;
+  /** Data workers. */
   readonly workers?: number | undefined;
   /** Test rows per similarity chunk (bounds kNN memory at chunk x N). */
   readonly chunkSize?: number | undefined;
   /** Progress: phase ("train features", "test features", "linear probe", "linear eval epoch N", ...), done, total. */
   readonly onProgress?: ((phase: string, done: number, total: number) => void) | undefined;
+  /** Called after each classifier epoch with its report. */
   readonly onProbeEpoch?: ((report: ProbeEpoch, epochs: number) => void) | undefined;
+  /** Where warnings go (a damaged checkpoint skipped, an unverified older file). */
   readonly onWarning?: OnWarning;
 }
 
+/** The result of a kNN evaluation. */
 export interface KnnEvaluation {
+  /** "knn". */
   readonly method: "knn";
   /** Shorter side of the test-time resize (undefined: none). */
   readonly resize: number | undefined;
+  /** Top-1 accuracy, a fraction in [0, 1]. */
   readonly top1: number;
+  /** Top-5 accuracy, a fraction in [0, 1]. */
   readonly top5: number;
+  /** Neighbours that voted. */
   readonly k: number;
+  /** Vote temperature. */
   readonly temperature: number;
+  /** Top-1 accuracy of each class. */
   readonly perClassAccuracy: number[];
+  /** confusion[truth][predicted] counts over the test set. */
   readonly confusion: number[][];
+  /** Class names, label i is classes[i]. */
   readonly classes: readonly string[];
+  /** Training images used. */
   readonly trainSamples: number;
+  /** Test images scored. */
   readonly testSamples: number;
+  /** The checkpoint file or export folder evaluated. */
   readonly checkpoint: string;
+  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
   readonly step: number | undefined;
 }
 
+/** The result of a linear evaluation, with its per-epoch history. */
 export interface LinearEvaluation {
+  /** "linear". */
   readonly method: "linear";
+  /** The protocol that ran. */
   readonly protocol: LinearProtocol;
   /** Paper protocol only: RegLog's pooling and BatchNorm. */
   readonly pooling: Pooling | undefined;
+  /** Paper protocol only: whether BatchNorm preceded the linear layer. */
   readonly batchNorm: boolean | undefined;
   /** Shorter side of the test-time resize (undefined: none). */
   readonly resize: number | undefined;
   /** Best epoch's top-1 (and its top-5), as the reference reports. */
   readonly top1: number;
+  /** Top-5 accuracy, a fraction in [0, 1]. */
   readonly top5: number;
+  /** The last epoch's top-1. */
   readonly lastTop1: number;
+  /** The last epoch's top-5. */
   readonly lastTop5: number;
+  /** The epoch (1-based) whose top-1 is reported. */
   readonly bestEpoch: number;
+  /** Training epochs of the classifier. */
   readonly epochs: number;
+  /** Top-1 accuracy of each class. */
   readonly perClassAccuracy: number[];
+  /** confusion[truth][predicted] counts over the test set. */
   readonly confusion: number[][];
+  /** Every epoch's learning rate, loss and accuracies. */
   readonly history: readonly ProbeEpoch[];
+  /** Class names, label i is classes[i]. */
   readonly classes: readonly string[];
+  /** Training images used. */
   readonly trainSamples: number;
+  /** Test images scored. */
   readonly testSamples: number;
+  /** The checkpoint file or export folder evaluated. */
   readonly checkpoint: string;
+  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
   readonly step: number | undefined;
 }
 
+/** The result of semi-supervised fine-tuning on a label subset. */
 export interface SemisupEvaluation extends ImageEvaluation {
+  /** "semisup". */
   readonly method: "semisup";
   /** The `--labels` given (`1%`, `10%` or the file). */
   readonly labels: string;
   /** Labelled training images used. */
   readonly subsetSamples: number;
+  /** Training epochs of the classifier. */
   readonly epochs: number;
+  /** Shorter side of the test-time resize (undefined: none). */
   readonly resize: number | undefined;
+  /** Class names, label i is classes[i]. */
   readonly classes: readonly string[];
+  /** Training images used. */
   readonly trainSamples: number;
+  /** Test images scored. */
   readonly testSamples: number;
+  /** The checkpoint file or export folder evaluated. */
   readonly checkpoint: string;
+  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
   readonly step: number | undefined;
 }
 
 /** The sources an evaluation used, and whether they are the run's own splits (not given by --train/--test). */
 export interface EvaluatedSources {
+  /** The training SOURCE spec used. */
   readonly trainSource: string;
+  /** The test SOURCE spec used. */
   readonly testSource: string;
+  /** Whether both are the run's own splits (not given by --train / --test). */
   readonly ownSplits: boolean;
 }
 
+/** What `evaluate` returns: the method's result and the sources it used. */
 export type Evaluation = (KnnEvaluation | LinearEvaluation | SemisupEvaluation) & EvaluatedSources;
 
 /** The `--json` line: snake_case keys, accuracies as fractions in [0, 1]. */
@@ -350,7 +437,31 @@ export const confusionOf = (predictions: Int32Array, labels: Int32Array, classes
   return { confusion, perClassAccuracy };
 };
 
-/** Evaluates a checkpoint (or exported encoder) by kNN or a linear probe. */
+/**
+ * Evaluates a checkpoint (or exported encoder) by kNN or a linear probe.
+ *
+ * @example kNN accuracy of an exported (here untrained) encoder on a tiny generated data set
+ * ```ts
+ * import { Effect, Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { evaluate, exportEncoder, makeSwavModel, ModelConfig, TensorBackend, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const encoder = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 2, perClassTest: 1, size: 16, seed: 1 });
+ * const result = await Effect.runPromise(Effect.gen(function* () {
+ *   using model = makeSwavModel(Schema.decodeUnknownSync(ModelConfig)({ arch: "resnet18", width: 4, stem: "cifar" }));
+ *   yield* exportEncoder(model, encoder, { size: 16, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] });
+ *   // a checkpoint file or a run folder works the same way
+ *   return yield* evaluate({ checkpoint: encoder, method: "knn", train: `${data}:train`, test: `${data}:test`, k: 5 });
+ * }).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.equal(result.method, "knn");
+ * assert.equal(result.testSamples, 10);
+ * assert.ok(result.top1 >= 0 && result.top1 <= 1);
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(encoder, { recursive: true });
+ * ```
+ */
 export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, unknown> =>
   Effect.scoped(Effect.gen(function* () {
     const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);

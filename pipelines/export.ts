@@ -36,6 +36,7 @@ export class EncoderError extends Schema.TaggedError<EncoderError>()("EncoderErr
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The folder and the reason, on one line. */
   override get message(): string {
     return `encoder ${this.path}: ${this.reason}`;
   }
@@ -43,9 +44,13 @@ export class EncoderError extends Schema.TaggedError<EncoderError>()("EncoderErr
 
 /** What the encoder expects as input (the run's evaluation transform). */
 export interface EncoderInput {
+  /** Side of the square input the backbone was evaluated at. */
   readonly size: number;
+  /** Input channels: 1 (grey) or 3 (RGB). */
   readonly channels: 1 | 3;
+  /** Per-channel mean subtracted after scaling pixels to [0, 1]. */
   readonly mean: readonly number[];
+  /** Per-channel standard deviation divided by. */
   readonly std: readonly number[];
 }
 
@@ -68,7 +73,30 @@ export interface EncoderManifest {
 
 const isBackbone = (name: string) => name.startsWith("backbone.");
 
-/** Writes the model's backbone to `folder` (`model.json` + `weights.bin`); returns the folder. */
+/**
+ * Writes the model's backbone to `folder` (`model.json` + `weights.bin`); returns the folder.
+ *
+ * @example Export a (tiny, untrained) backbone and load it back for feature extraction
+ * ```ts
+ * import { Effect, Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { exportEncoder, initBackend, loadEncoder, makeSwavModel, ModelConfig } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const folder = await Deno.makeTempDir();
+ * {
+ *   using model = makeSwavModel(Schema.decodeUnknownSync(ModelConfig)({ arch: "resnet18", width: 8, prototypes: 10 }));
+ *   await Effect.runPromise(exportEncoder(model, folder, { size: 32, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] }));
+ * }
+ * const input = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const loaded = yield* loadEncoder(folder); // backbone weights only; disposed with the scope
+ *   return loaded.input;
+ * })));
+ * assert.equal(input.size, 32);
+ * assert.equal(input.channels, 3);
+ * await Deno.remove(folder, { recursive: true });
+ * ```
+ */
 export const exportEncoder = (
   model: SwavModel,
   folder: string,

@@ -15,19 +15,26 @@ import type { SwavModel } from "../models/model.ts";
 import { l2NormaliseRows } from "../models/prototypes.ts";
 import { evalResizeFor } from "../data/eval_augment.ts";
 import { extractFeatures } from "./extract.ts";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
 
+/** The weighted kNN vote's settings: how many neighbours vote, and how sharply similarity weighs them. */
 export interface KnnOptions {
   /** Neighbours that vote (200 in the references). */
   readonly k: number;
   /** Vote weight exp(sim / temperature) (0.1 in the references). */
   readonly temperature: number;
+  /** Number of classes (labels are 0 .. numClasses - 1). */
   readonly numClasses: number;
   /** Test rows per similarity chunk. */
   readonly chunkSize?: number;
 }
 
+/** kNN accuracy on the test features and the predicted class of each. */
 export interface KnnResult {
+  /** Fraction of test samples whose top-voted class is their label. */
   readonly top1: number;
+  /** Fraction of test samples whose label is among the 5 top-voted classes. */
   readonly top5: number;
   /** Predicted class per test sample (argmax of the votes). */
   readonly predictions: Int32Array;
@@ -41,6 +48,28 @@ export class EvaluationInputError extends Schema.TaggedError<EvaluationInputErro
 /**
  * Classifies `testFeatures` [M, D] by the labelled `trainFeatures` [N, D].
  * Features need not be normalised: both sides are L2-normalised here.
+ *
+ * @example Two labelled clusters; each test point takes the label of the cluster it is near
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, knnClassify } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const train = tf.tensor2d([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1]]);
+ * const test = tf.tensor2d([[2, 0.3], [0.2, 3]]);
+ * const result = await Effect.runPromise(
+ *   knnClassify(train, new Int32Array([0, 0, 1, 1]), test, new Int32Array([0, 1]), {
+ *     k: 3,
+ *     temperature: 0.1,
+ *     numClasses: 2,
+ *   }),
+ * );
+ * assert.equal(result.top1, 1);
+ * assert.deepEqual([...result.predictions], [0, 1]);
+ * tf.dispose([train, test]);
+ * ```
  */
 export const knnClassify = (
   trainFeatures: tf.Tensor2D,
@@ -129,7 +158,12 @@ export const runEvalTransform = (config: RunConfig) => {
  * with the run config's eval transform and kNN settings (used by pretrain's
  * periodic check and by the demo).
  */
-export const knnTop1 = (model: SwavModel, train: DataSource, test: DataSource, config: RunConfig) =>
+export const knnTop1 = (
+  model: SwavModel,
+  train: DataSource,
+  test: DataSource,
+  config: RunConfig,
+): Effect.Effect<number, DecodeError | LoaderError | EvaluationInputError> =>
   Effect.gen(function* () {
     const common = runEvalTransform(config);
     const a = yield* extractFeatures(model, train, common);

@@ -36,6 +36,7 @@ import {
 import { EvaluationInputError } from "./knn.ts";
 import { initialProbeWeights, type ProbeEpoch, probeLearningRate } from "./linear_probe.ts";
 
+/** RegLog's pooling before the linear layer: global average pooling, or eval_linear.py's AvgPool2d variant (`avgpool`: kernel side - 1, 6 on a 7 x 7 map, giving 2 x 2). */
 export type Pooling = "global" | "avgpool";
 
 export interface LinearEvalOptions extends EvalRunSettings<ProbeEpoch> {
@@ -196,15 +197,23 @@ export const rawPixelFeatures = (size: number, channels: number): FrozenFeatures
   map: (x) => x.reshape([x.shape[0], 1, 1, size * size * channels]),
 });
 
+/** Accuracies of a classifier trained on images (linear paper protocol, semisup), best and last epoch. */
 export interface ImageEvaluation {
   /** Best epoch's top-1 and its top-5, as the reference reports. */
   readonly top1: number;
+  /** Top-5 accuracy, a fraction in [0, 1]. */
   readonly top5: number;
+  /** The epoch (1-based) whose top-1 is reported. */
   readonly bestEpoch: number;
+  /** The last epoch's top-1. */
   readonly lastTop1: number;
+  /** The last epoch's top-5. */
   readonly lastTop5: number;
+  /** Top-1 accuracy of each class. */
   readonly perClassAccuracy: number[];
+  /** confusion[truth][predicted] counts over the test set. */
   readonly confusion: number[][];
+  /** Every epoch's learning rate, loss and accuracies. */
   readonly history: readonly ProbeEpoch[];
 }
 

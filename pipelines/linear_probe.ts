@@ -21,18 +21,23 @@ import { epochOrder } from "../data/loader.ts";
 import { rngFor } from "../data/rng.ts";
 import { EvaluationInputError } from "./knn.ts";
 
+/** The linear probe's training settings (`linearProbeDefaults` holds the reference's). */
 export interface LinearProbeOptions {
+  /** Number of classes (labels are 0 .. numClasses - 1). */
   readonly numClasses: number;
   /** Epochs over the training features (100 in the reference). */
   readonly epochs: number;
+  /** Training batch size (256). */
   readonly batchSize: number;
   /** Initial learning rate (0.3). */
   readonly lr: number;
   /** CosineAnnealingLR's eta_min (0). */
   readonly finalLr: number;
+  /** SGD momentum (0.9). */
   readonly momentum: number;
   /** L2 weight decay added to the gradient, on weight and bias as torch's SGD does (1e-6). */
   readonly weightDecay: number;
+  /** Nesterov momentum (false). */
   readonly nesterov: boolean;
   /** Keys the initial weights and the per-epoch shuffles. */
   readonly seed: number;
@@ -40,11 +45,15 @@ export interface LinearProbeOptions {
   readonly init?: { readonly weight: Float32Array; readonly bias: Float32Array };
   /** Test rows scored at once. */
   readonly chunkSize?: number;
+  /** Called after each epoch with its report. */
   readonly onEpoch?: (report: ProbeEpoch, epochs: number) => void;
 }
 
 /** SwAV eval_linear.py defaults (batch 32 per GPU on 8 GPUs). */
-export const linearProbeDefaults = {
+export const linearProbeDefaults: Pick<
+  LinearProbeOptions,
+  "epochs" | "batchSize" | "lr" | "finalLr" | "momentum" | "weightDecay" | "nesterov" | "seed"
+> = {
   epochs: 100,
   batchSize: 256,
   lr: 0.3,
@@ -55,13 +64,17 @@ export const linearProbeDefaults = {
   seed: 31,
 } as const;
 
+/** One epoch of a linear classifier's training: its learning rate, mean loss and test accuracies. */
 export interface ProbeEpoch {
   /** 1-based. */
   readonly epoch: number;
+  /** Learning rate during the epoch. */
   readonly lr: number;
   /** Mean training loss over the epoch's batches (weighted by batch size). */
   readonly loss: number;
+  /** Test top-1 after the epoch. */
   readonly top1: number;
+  /** Test top-5 after the epoch. */
   readonly top5: number;
 }
 
@@ -76,19 +89,27 @@ export interface ClassifierScores {
   readonly perClassAccuracy: number[];
 }
 
+/** The trained probe's accuracies (best and last epoch), history and weights. */
 export interface LinearProbeResult {
   /** Best epoch's top-1 (the reference's reported number) and that epoch's top-5. */
   readonly top1: number;
+  /** The best epoch's top-5. */
   readonly top5: number;
+  /** The epoch (1-based) whose top-1 is reported. */
   readonly bestEpoch: number;
+  /** The last epoch's top-1. */
   readonly lastTop1: number;
+  /** The last epoch's top-5. */
   readonly lastTop5: number;
   /** Per-class accuracy and confusion matrix of the best epoch's classifier. */
   readonly perClassAccuracy: number[];
+  /** confusion[truth][predicted] counts of the best epoch's classifier. */
   readonly confusion: number[][];
+  /** Every epoch's learning rate, loss and accuracies. */
   readonly history: readonly ProbeEpoch[];
-  /** The final weights ([D, C] row-major) and bias. */
+  /** The final weights [D, C], row-major. */
   readonly weight: Float32Array;
+  /** The final bias [C]. */
   readonly bias: Float32Array;
 }
 
@@ -185,6 +206,30 @@ export const scoreClassifier = async (
 /**
  * Trains the probe on `trainFeatures` [N, D] and scores it on `testFeatures`
  * [M, D] after every epoch. The caller keeps ownership of the feature tensors.
+ *
+ * @example A probe on two separable classes of 2-d features
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, linearProbeDefaults, trainLinearProbe } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const features = tf.tensor2d([[1, 0], [0.9, 0.2], [0.8, -0.1], [0, 1], [0.1, 0.9], [-0.2, 0.8]]);
+ * const labels = new Int32Array([0, 0, 0, 1, 1, 1]);
+ * const result = await Effect.runPromise(
+ *   trainLinearProbe(features, labels, features, labels, {
+ *     ...linearProbeDefaults,
+ *     numClasses: 2,
+ *     epochs: 20,
+ *     batchSize: 6,
+ *     lr: 1,
+ *   }),
+ * );
+ * assert.equal(result.top1, 1);
+ * assert.equal(result.history.length, 20);
+ * features.dispose();
+ * ```
  */
 export const trainLinearProbe = (
   trainFeatures: tf.Tensor2D,

@@ -81,45 +81,68 @@ export { DataParallelError } from "./data_parallel.ts";
 
 /** One line of `metrics.jsonl`. */
 export interface StepMetrics {
+  /** The epoch (1-based). */
   readonly epoch: number;
+  /** Optimiser steps taken, this one included. */
   readonly step: number;
+  /** The step's loss. */
   readonly loss: number;
+  /** The learning rate the step used. */
   readonly lr: number;
+  /** Training throughput over the step. */
   readonly images_per_s: number;
   /** What the method has: SwAV the codes' entropy and prototypes in use, DeepCluster-v2 prototypes in use. */
   readonly code_entropy?: number;
+  /** Distinct prototypes that are some sample's code's argmax or target in the batch. */
   readonly prototypes_in_use?: number;
   /** SimCLR's collapse signal (pipelines/simclr.ts). */
   readonly embedding_std?: number;
 }
 
+/** What an epoch of pretraining reports: its mean loss, the kNN check and the online probe when they run, and its duration. */
 export interface EpochReport {
+  /** The epoch (1-based). */
   readonly epoch: number;
+  /** The mean of the epoch's step losses. */
   readonly meanLoss: number;
+  /** kNN top-1 on the labelled test split (train.knnEvery). */
   readonly knnTop1?: number;
   /** Test top-1 of the online probe (train.onlineProbe), when it runs. */
   readonly onlineProbeTop1?: number;
+  /** The epoch's wall-clock time. */
   readonly seconds: number;
 }
 
+/** Callbacks of a pretraining run: after each step and epoch, and for warnings and information lines. */
 export interface PretrainHooks {
   /** After every step. */
   readonly onStep?: (
     metrics: StepMetrics,
     progress: { stepInEpoch: number; stepsPerEpoch: number; totalSteps: number },
   ) => void;
+  /** After every epoch. */
   readonly onEpoch?: (report: EpochReport) => void;
+  /** A warning (skipped samples, signs of collapse, --resume without a checkpoint). */
   readonly onWarning?: (message: string) => void;
+  /** An information line (the precision, the queue created, the checkpoint resumed from). */
   readonly onInfo?: (message: string) => void;
 }
 
+/** What a pretraining run returns: how far it got, its last loss, the epochs' reports and where it wrote. */
 export interface PretrainResult {
+  /** Optimiser steps taken in total. */
   readonly steps: number;
+  /** Epochs completed. */
   readonly epochs: number;
+  /** The last step's loss. */
   readonly lastLoss: number;
+  /** Every epoch's report. */
   readonly epochReports: readonly EpochReport[];
+  /** The run folder (train.out). */
   readonly runFolder: string;
+  /** The last checkpoint written, if any. */
   readonly checkpoint: string | undefined;
+  /** Samples skipped as undecodable (data.onError: skip). */
   readonly skippedSamples: number;
 }
 
@@ -276,6 +299,7 @@ export const scopedModel = (config: SwavModel["config"], seed: number) =>
     (model) => Effect.sync(() => disposeModel(model)),
   );
 
+/** How `pretrain` runs: resume or start afresh, initial weights, callbacks, and replaced stages or a whole custom method. */
 export interface PretrainOptions {
   /** Continue from the latest checkpoint in the run folder. */
   readonly resume?: boolean;
@@ -283,6 +307,7 @@ export interface PretrainOptions {
   readonly force?: boolean;
   /** A fresh run starts from these weights (a PyTorch checkpoint: pipelines/torch_weights.ts). */
   readonly init?: string;
+  /** Callbacks for progress, warnings and information. */
   readonly hooks?: PretrainHooks;
   /** Replaces stages of the SwAV step by stage values of the same types: a custom pipeline. */
   readonly stages?: Partial<SwavStages>;
@@ -410,8 +435,37 @@ const warnSkipped = (run: RunContext, skipped: { readonly count: number }) =>
 /**
  * Pretrains a SwAV model as `config` says. With `resume`, continues exactly
  * from the latest checkpoint in the run folder.
+ *
+ * @example Pretrain a tiny model for one epoch on a tiny generated data set
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { decodeRunConfig, pretrain, TensorBackend, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const out = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 4, perClassTest: 2, size: 16, seed: 1 });
+ * const result = await Effect.runPromise(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     data: { source: `${data}:train` },
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *     swav: { queueLength: 0 },
+ *     train: { epochs: 1, batchSize: 8, out, knnEvery: 0 },
+ *   });
+ *   return yield* pretrain(config, { hooks: { onEpoch: (report) => console.log(report.epoch, report.meanLoss) } });
+ * }).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.equal(result.steps, 5); // 40 images in batches of 8
+ * assert.ok(Number.isFinite(result.lastLoss));
+ * assert.ok(result.checkpoint !== undefined); // a checkpoint to resume or evaluate from, in the run folder
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(out, { recursive: true });
+ * ```
  */
-export const pretrain = (config: RunConfig, options: PretrainOptions = {}) =>
+export const pretrain = (
+  config: RunConfig,
+  options: PretrainOptions = {},
+): Effect.Effect<PretrainResult, unknown, TensorBackend> =>
   Effect.scoped(Effect.gen(function* () {
     const hooks = options.hooks ?? {};
     const backend = yield* TensorBackend;

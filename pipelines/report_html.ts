@@ -230,6 +230,7 @@ export const renderEvents = (records: RunRecords): string => {
 /** What marks a file as a report this program wrote (`report --out` overwrites only such a file). */
 export const REPORT_MARK = `<meta name="generator" content="swav-ts report">`;
 
+/** How a report page is rendered: its timestamp, and whether it is the dashboard's live page. */
 export interface RenderOptions {
   /** Shown at the top; the only part that changes between two reports of the same run folder. */
   readonly generatedAt?: string;
@@ -299,8 +300,39 @@ ${options.live ? liveScript : ""}
 `;
   });
 
-/** The report of a run folder: its records, and the model views of its latest checkpoint when it has one. */
-export const buildReport = (folder: string, options: RenderOptions & ViewOptions = {}) =>
+/**
+ * The report of a run folder: its records, and the model views of its latest checkpoint when it has one.
+ *
+ * @example The HTML report of a (tiny, one-epoch) run folder
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { buildReport, decodeRunConfig, pretrain, TensorBackend, writeDemoDataset } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * const out = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 4, perClassTest: 2, size: 16, seed: 1 });
+ * const html = await Effect.runPromise(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     data: { source: `${data}:train` },
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *     train: { epochs: 1, batchSize: 8, out, knnEvery: 0 },
+ *   });
+ *   yield* pretrain(config);
+ *   return yield* buildReport(out, { queries: 2, neighbours: 2, maxTrain: 40, maxTest: 20 });
+ * }).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.match(html, /^<!DOCTYPE html>/);
+ * assert.match(html, /Training curves/);
+ * await Deno.writeTextFile(`${out}/report.html`, html); // one self-contained file
+ * await Deno.remove(data, { recursive: true });
+ * await Deno.remove(out, { recursive: true });
+ * ```
+ */
+export const buildReport = (
+  folder: string,
+  options: RenderOptions & ViewOptions = {},
+): Effect.Effect<string, unknown> =>
   Effect.gen(function* () {
     const records = yield* readRunRecords(folder);
     const views = yield* computeModelViews(folder, options);

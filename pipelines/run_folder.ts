@@ -18,6 +18,7 @@ export class RunFolderBusy extends Schema.TaggedError<RunFolderBusy>()("RunFolde
   folder: Schema.String,
   holder: Schema.String,
 }) {
+  /** The folder, who holds it, and what to do. */
   override get message(): string {
     return `run folder ${this.folder} is in use by ${this.holder}: wait for that run to end, stop it, ` +
       `or choose another --out`;
@@ -29,6 +30,7 @@ export class RunFolderUnusable extends Schema.TaggedError<RunFolderUnusable>()("
   folder: Schema.String,
   reason: Schema.String,
 }) {
+  /** The folder, why it cannot be used, and what to do. */
   override get message(): string {
     return `cannot use run folder ${this.folder}: ${this.reason}; choose another --out`;
   }

@@ -53,11 +53,15 @@ export interface ModelViews {
   readonly classes: readonly string[] | undefined;
 }
 
+/** How much of the data set a report's model views use: the retrieval grid's size and the images searched and mapped. */
 export interface ViewOptions {
+  /** Test images whose nearest neighbours the retrieval grid shows (default 8). */
   readonly queries?: number;
+  /** Neighbours shown per query (default 8). */
   readonly neighbours?: number;
-  /** Most training images searched for neighbours, and most test images used for usage and the map. */
+  /** Most training images searched for neighbours (default 4000). */
   readonly maxTrain?: number;
+  /** Most test images used for prototype usage and the map (default 2000). */
   readonly maxTest?: number;
 }
 

@@ -12,7 +12,8 @@
  * (`SwavStages`); stages/tape.ts keeps the gradient boundary.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect } from "effect";
+import type { Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
+import { Effect, type Scope } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { effectiveOptim, type RunConfig } from "../config/config.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
@@ -29,10 +30,20 @@ import {
 import { type SinkhornConfig, type SinkhornInput, sinkhornStage } from "../stages/sinkhorn.ts";
 import type { Stage, TensorStage } from "../stages/stage.ts";
 import { type SwappedLossConfig, type SwappedLossInput, swappedLossStage } from "../stages/swapped_loss.ts";
-import { onOneTape, type TapeOutputs } from "../stages/tape.ts";
+import { onOneTape, type TapeForward, type TapeOutputs } from "../stages/tape.ts";
 import { push as pushQueue, queueScores as scoreQueue } from "../state/queue.ts";
-import { meanOverRanks, prototypesInUseOverRanks } from "./data_parallel.ts";
-import { gradientsOf, type Method, type StepSettings, type StepState, trainStep } from "./train_step.ts";
+import { type DataParallelError, meanOverRanks, prototypesInUseOverRanks } from "./data_parallel.ts";
+import {
+  gradientsOf,
+  type Method,
+  type NonFiniteLoss,
+  type NonFiniteState,
+  type StepInput,
+  type StepOutcome,
+  type StepSettings,
+  type StepState,
+  trainStep,
+} from "./train_step.ts";
 
 export {
   finiteProbe,
@@ -49,9 +60,13 @@ export {
  * with the same input and output types, e.g. an assignment with hard codes.
  */
 export interface SwavStages {
+  /** Crops to embeddings and prototype scores (default `encodeStage`). */
   readonly encode: TensorStage<EncodeInput, EncodeOutput, EncodeConfig, unknown, unknown>;
-  readonly assign: TensorStage<SinkhornInput, readonly tf.Tensor2D[], SinkhornConfig, unknown, unknown>;
-  readonly loss: TensorStage<SwappedLossInput, tf.Scalar, SwappedLossConfig, unknown, unknown>;
+  /** Detached scores to codes (default `sinkhornStage`). */
+  readonly assign: TensorStage<SinkhornInput, readonly Tensor2D[], SinkhornConfig, unknown, unknown>;
+  /** Scores and codes to the loss (default `swappedLossStage`). */
+  readonly loss: TensorStage<SwappedLossInput, Scalar, SwappedLossConfig, unknown, unknown>;
+  /** One optimiser step (default `optimiseStage`). */
   readonly optimise: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>;
 }
 
@@ -97,7 +112,7 @@ export const swavTape = (
   config: RunConfig,
   batchSize: number,
   stages: SwavStages = swavStages,
-) => {
+): SwavTape => {
   const configs = stageConfigs(config);
   const forward = onOneTape(
     stages.encode.apply(configs.encode),
@@ -105,17 +120,18 @@ export const swavTape = (
     stages.loss.apply(configs.loss),
   );
   const layout = cropLayout(config, batchSize);
-  return (cropGroups: readonly tf.Tensor4D[], queueScores?: readonly tf.Tensor2D[]) =>
+  return (cropGroups: readonly Tensor4D[], queueScores?: readonly Tensor2D[]) =>
     forward({ encode: { model, cropGroups }, layout, queueScores });
 };
-export type SwavTape = ReturnType<typeof swavTape>;
+/** SwAV's tape body for one model and batch size: the batch's crops (and the queue's scores) to the forward's outputs. */
+export type SwavTape = (cropGroups: readonly Tensor4D[], queueScores?: readonly Tensor2D[]) => TapeForward;
 
 /** The tape's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
 export const forwardBackward = (
   tape: SwavTape,
-  crops: readonly tf.Tensor4D[],
-  variables: readonly tf.Variable[],
-  options: { queueScores?: readonly tf.Tensor2D[] | undefined; keepFeatures?: boolean } = {},
+  crops: readonly Tensor4D[],
+  variables: readonly Variable[],
+  options: { queueScores?: readonly Tensor2D[] | undefined; keepFeatures?: boolean } = {},
 ): TapeOutputs => gradientsOf(() => tape(crops, options.queueScores), variables, options.keepFeatures);
 
 /**
@@ -123,11 +139,11 @@ export const forwardBackward = (
  * several ranks, of the global batch (mean entropy, prototypes used on any rank).
  */
 export const codeStatistics = async (
-  codes: readonly tf.Tensor2D[],
+  codes: readonly Tensor2D[],
   comm: Communicator = activeCommunicator(),
 ): Promise<{ readonly codeEntropy: number; readonly prototypesInUse: number }> => {
   const [entropy, argmax] = tf.tidy(() => {
-    const all = tf.concat(codes as tf.Tensor2D[], 0);
+    const all = tf.concat(codes as Tensor2D[], 0);
     const h = all.mul(all.add(1e-12).log()).sum(1).neg().mean();
     return [h, all.argMax(1)];
   });
@@ -178,13 +194,57 @@ export const swavMethod = (
 /**
  * The whole SwAV step for a run: the stages configured with their sections of the
  * run config. Fails with CropLayoutError when the crop layout cannot work.
+ *
+ * @example One SwAV step on one batch of a tiny data set
+ * ```ts
+ * import { Effect, Stream } from "effect";
+ * import assert from "node:assert/strict";
+ * import {
+ *   decodeRunConfig,
+ *   makeLarcSgd,
+ *   makeLoader,
+ *   multicropPrepare,
+ *   openSource,
+ *   scopedSwavModel,
+ *   swavTrainStep,
+ *   TensorBackend,
+ *   writeDemoDataset,
+ * } from "@swav/swav-ts";
+ *
+ * const data = await Deno.makeTempDir();
+ * await writeDemoDataset({ folder: data, perClassTrain: 1, perClassTest: 1, size: 16, seed: 1 });
+ * const outcome = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const config = yield* decodeRunConfig({
+ *     multicrop: { nmbCrops: [2, 2], sizeCrops: [16, 8], minScaleCrops: [0.3, 0.1], maxScaleCrops: [1, 0.3] },
+ *     model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 20 },
+ *   });
+ *   // The step's state: the model, its trainable variables by name, the optimiser, the queue (none here).
+ *   const model = yield* scopedSwavModel(config.model, 0);
+ *   const variables = Object.fromEntries(model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]));
+ *   const optimiser = yield* makeLarcSgd({ momentum: 0.9, weightDecay: 1e-6, trustCoefficient: 0.001, eps: 1e-8, clip: false });
+ *   const state = { model, variables, optimiser, queue: () => undefined };
+ *   const step = yield* swavTrainStep(config, state, { batchSize: 8, itersPerEpoch: 1 });
+ *   const source = yield* openSource(`${data}:train`);
+ *   const loader = yield* makeLoader({ source, prepare: multicropPrepare(config.multicrop), seed: 0, batchSize: 8 });
+ *   const [batch] = yield* Stream.runCollect(Stream.take(loader.epoch(0), 1));
+ *   return yield* step({ batch: batch!, step: 0, epoch: 0 });
+ * })).pipe(Effect.provide(TensorBackend.layer("wasm"))));
+ * assert.ok(Number.isFinite(outcome.loss));
+ * assert.ok(outcome.prototypesInUse! >= 1 && outcome.prototypesInUse! <= 20);
+ * await Deno.remove(data, { recursive: true });
+ * ```
  */
 export const swavTrainStep = (
   config: RunConfig,
   state: StepState,
   schedule: { readonly batchSize: number; readonly itersPerEpoch: number },
   stages: SwavStages = swavStages,
-) =>
+): Effect.Effect<
+  (
+    input: StepInput,
+  ) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError, Scope.Scope>,
+  CropLayoutError
+> =>
   Effect.gen(function* () {
     const { batchSize, itersPerEpoch } = schedule;
     const problem = cropLayoutProblem(

@@ -15,6 +15,7 @@
  * state update after the optimiser, and the step's statistics.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { NamedTensorMap, Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
 import { Effect, Schema, type Scope } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
@@ -37,8 +38,11 @@ import {
 
 /** The loss stopped being a finite number: the run stops before applying the update. */
 export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFiniteLoss", {
+  /** The step whose loss was not finite. */
   step: Schema.Number,
+  /** The loss (NaN or ±Infinity). */
   loss: Schema.Number,
+  /** What happened and what to try. */
   message: Schema.String,
 }) {}
 
@@ -47,8 +51,11 @@ export class NonFiniteLoss extends Schema.TaggedError<NonFiniteLoss>()("NonFinit
  * statistic non-finite: the run stops before this step reaches a checkpoint.
  */
 export class NonFiniteState extends Schema.TaggedError<NonFiniteState>()("NonFiniteState", {
+  /** The step that made it non-finite. */
   step: Schema.Number,
+  /** The first parameter holding a non-finite value. */
   tensor: Schema.String,
+  /** What happened and what to try. */
   message: Schema.String,
 }) {}
 
@@ -57,8 +64,8 @@ export class NonFiniteState extends Schema.TaggedError<NonFiniteState>()("NonFin
  * otherwise (x·0 is 0 for a finite x, NaN for ±Inf and NaN): one small fused
  * reduction per step, read together with the step's other values.
  */
-export const finiteProbe = (variables: readonly tf.Variable[]): tf.Scalar =>
-  tf.tidy(() => tf.addN(variables.map((v) => tf.sum(tf.mul(v, 0)))) as tf.Scalar);
+export const finiteProbe = (variables: readonly Variable[]): Scalar =>
+  tf.tidy(() => tf.addN(variables.map((v) => tf.sum(tf.mul(v, 0)))) as Scalar);
 
 /** The name of the first parameter holding a non-finite value (the failure path only: reads every one). */
 export const firstNonFinite = async (model: SwavModel): Promise<string | undefined> => {
@@ -71,7 +78,7 @@ export const firstNonFinite = async (model: SwavModel): Promise<string | undefin
 /** The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
 export const gradientsOf = (
   forward: () => TapeForward,
-  variables: readonly tf.Variable[],
+  variables: readonly Variable[],
   keepFeatures = false,
 ): TapeOutputs =>
   // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
@@ -85,9 +92,11 @@ export const gradientsOf = (
 
 /** State with an owner that the step updates; the run's scope owns and releases it. */
 export interface StepState {
+  /** The model trained. */
   readonly model: SwavModel;
   /** Trainable variables by parameter name. */
-  readonly variables: Readonly<Record<string, tf.Variable>>;
+  readonly variables: Readonly<Record<string, Variable>>;
+  /** The optimiser and its momentum slots. */
   readonly optimiser: LarcSgd;
   /** SwAV's embedding queue once it exists (it is created at swav.queueStartEpoch). */
   readonly queue: () => EmbeddingQueue | undefined;
@@ -95,9 +104,11 @@ export interface StepState {
 
 /** What enters the step: a batch and where the run is. */
 export interface StepInput {
+  /** The batch's prepared crops. */
   readonly batch: Batch;
   /** Optimiser steps taken before this one. */
   readonly step: number;
+  /** The epoch (0-based). */
   readonly epoch: number;
 }
 
@@ -116,13 +127,15 @@ export interface StepStatistics {
 
 /** What the step hands back, all values read from the backend. */
 export interface StepOutcome extends StepStatistics {
+  /** The step's loss (the global batch's in a data-parallel run). */
   readonly loss: number;
+  /** The learning rate the step used. */
   readonly lr: number;
   /**
    * The backbone's pooled features of the batch's crops [batch * crops, F], crop-major, as constants
    * (for the online probe); owned by the caller's scope, valid until it closes.
    */
-  readonly features?: tf.Tensor2D | undefined;
+  readonly features?: Tensor2D | undefined;
 }
 
 /**
@@ -131,11 +144,15 @@ export interface StepOutcome extends StepStatistics {
  * from the tape's detached outputs; `statistics` reads what the method reports.
  */
 export interface Method<E = never> {
+  /** The method's name, as `train.method` spells it. */
   readonly name: string;
+  /** Off the tape, before the forward: the tape's body for this batch's crops. */
   readonly prepare: (
     input: StepInput,
-  ) => Effect.Effect<(crops: readonly tf.Tensor4D[]) => TapeForward, E, Scope.Scope>;
+  ) => Effect.Effect<(crops: readonly Tensor4D[]) => TapeForward, E, Scope.Scope>;
+  /** After the optimiser step: the method's state from the tape's detached outputs. */
   readonly update: (input: StepInput, out: TapeOutputs) => Effect.Effect<void, E, Scope.Scope>;
+  /** What the method reports of the step (read from the backend). */
   readonly statistics: (out: TapeOutputs, comm: Communicator) => Promise<StepStatistics>;
   /** What to try when the loss stops being finite, in the error's words. */
   readonly nonFiniteHint: string;
@@ -143,9 +160,13 @@ export interface Method<E = never> {
 
 /** What the step needs of the run config besides the method. */
 export interface StepSettings {
+  /** The crop layout of a batch. */
   readonly multicrop: Pick<MulticropConfig, "nmbCrops" | "sizeCrops" | "channels">;
+  /** The optimise stage's config. */
   readonly optimise: OptimiseConfig;
+  /** The schedule's length in epochs. */
   readonly epochs: number;
+  /** Whether the step keeps the backbone's features for an online probe. */
   readonly onlineProbe: boolean;
 }
 
@@ -156,7 +177,9 @@ export const trainStep = <E>(
   schedule: { readonly itersPerEpoch: number },
   method: Method<E>,
   optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>,
-) => {
+): (
+  input: StepInput,
+) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> => {
   const optimise = optimiseStage.run(settings.optimise);
   const everyVariable = state.model.params.map((p) => p.variable);
   // Data parallel (several ranks): the loss is the global batch's, gradients are averaged over the ranks.
@@ -187,7 +210,7 @@ export const trainStep = <E>(
         });
       }
 
-      let grads: tf.NamedTensorMap = {};
+      let grads: NamedTensorMap = {};
       for (const [name, variable] of Object.entries(state.variables)) {
         const g = out.grads[variable.name];
         if (g !== undefined) grads[name] = g;

@@ -4,6 +4,7 @@
  */
 import { Schema } from "effect";
 
+/** The crop layout of a batch's score rows: samples per crop, crops per resolution, and the assignment crops. */
 export interface CropLayout {
   /** Samples per crop (per process in the reference). */
   readonly batchSize: number;

@@ -8,12 +8,16 @@
  * float64.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 import { Effect, Schema } from "effect";
 
+/** What spherical k-means clusters: the rows, where it starts and how many update steps it takes. */
 export interface KmeansInput {
   /** The bank's rows [n, dim], row-major. */
   readonly rows: Float32Array;
+  /** Number of rows. */
   readonly n: number;
+  /** Row length. */
   readonly dim: number;
   /** The starting centroids: K row indices into `rows`. */
   readonly start: Int32Array;
@@ -21,6 +25,7 @@ export interface KmeansInput {
   readonly iterations: number;
 }
 
+/** The clustering: unit-norm centroids and each row's cluster. */
 export interface KmeansOutput {
   /** Unit-norm centroids [K, dim], row-major. */
   readonly centroids: Float32Array;
@@ -34,7 +39,7 @@ export class TooFewRows extends Schema.TaggedError<TooFewRows>()("TooFewRows", {
 }) {}
 
 /** Each row's largest dot product with the centroids (the first on ties, as torch's max). */
-const assign = (rows: tf.Tensor2D, centroids: Float32Array, k: number, dim: number) =>
+const assign = (rows: Tensor2D, centroids: Float32Array, k: number, dim: number) =>
   Effect.promise(async () => {
     const winners = tf.tidy(() =>
       tf.argMax(tf.matMul(rows, tf.tensor2d(centroids, [k, dim]), false, true), 1)
@@ -75,7 +80,23 @@ export const updateCentroids = (
   return next;
 };
 
-/** Spherical k-means of `input.rows` from `input.start`: see the module comment. */
+/**
+ * Spherical k-means of `input.rows` from `input.start`: see the module comment.
+ *
+ * @example Two directions, two clusters
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, sphericalKmeans } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const rows = new Float32Array([1, 0, 0.9, 0.1, 0.95, -0.1, 0, 1, 0.1, 0.9, -0.1, 0.95]); // 6 rows of 2
+ * const { assignments } = await Effect.runPromise(
+ *   sphericalKmeans({ rows, n: 6, dim: 2, start: new Int32Array([0, 3]), iterations: 5 }),
+ * );
+ * assert.deepEqual([...assignments], [0, 0, 0, 1, 1, 1]);
+ * ```
+ */
 export const sphericalKmeans = (input: KmeansInput): Effect.Effect<KmeansOutput, TooFewRows> =>
   Effect.gen(function* () {
     const { rows, n, dim, start, iterations } = input;

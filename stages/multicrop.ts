@@ -37,7 +37,7 @@ import {
 import type { PrepareRef } from "../data/loader.ts";
 import { type Rng, rngFor } from "../data/rng.ts";
 import type { RgbImage } from "../data/image_codec.ts";
-import { defineStage } from "./stage.ts";
+import { defineStage, type Stage } from "./stage.ts";
 import { withDefault } from "../models/schema.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
@@ -136,9 +136,50 @@ const consistent = Schema.makeFilter((c: typeof MulticropFields.Type) => {
   return issues;
 });
 
-/** The multicrop stage's config: validated, with the SwAV reference's defaults (2x224 + 6x96). */
-export const MulticropConfig = MulticropFields.check(consistent);
-export type MulticropConfig = typeof MulticropConfig.Type;
+/** A validated multicrop config (defaults: the SwAV reference's 2 x 224 + 6 x 96 px recipe). */
+export interface MulticropConfig {
+  /** Number of crops of each size group (default [2, 6]). */
+  readonly nmbCrops: readonly number[];
+  /** Side in pixels of the crops of each group (default [224, 96]). */
+  readonly sizeCrops: readonly number[];
+  /** Lower end of each group's area fraction range, RandomResizedCrop's scale (default [0.14, 0.05]). */
+  readonly minScaleCrops: readonly number[];
+  /** Upper end of each group's area fraction range (default [1, 0.14]). */
+  readonly maxScaleCrops: readonly number[];
+  /** Aspect ratio (width / height) range, sampled log-uniformly (default [3/4, 4/3]). */
+  readonly aspectRatio: readonly [number, number];
+  /** Probability of a horizontal flip (default 0.5). */
+  readonly flipProbability: number;
+  /** Colour jitter brightness strength, as torchvision's ColorJitter takes it (default 0.8; 0 disables). */
+  readonly brightness: number;
+  /** Colour jitter contrast strength (default 0.8). */
+  readonly contrast: number;
+  /** Colour jitter saturation strength (default 0.8). */
+  readonly saturation: number;
+  /** Colour jitter hue strength, at most 0.5 (default 0.2). */
+  readonly hue: number;
+  /** Probability of applying the colour jitter (default 0.8). */
+  readonly jitterProbability: number;
+  /** Probability of converting to grayscale after the jitter (default 0.2). */
+  readonly grayscaleProbability: number;
+  /** Whether to blur at all (default true; the small-image profile turns it off). */
+  readonly blur: boolean;
+  /** Probability of the Gaussian blur (default 0.5). */
+  readonly blurProbability: number;
+  /** Range of the blur's sigma, sampled uniformly (default [0.1, 2]). */
+  readonly blurSigma: readonly [number, number];
+  /** Per-channel mean subtracted (default the reference's [0.485, 0.456, 0.406]). */
+  readonly mean: readonly [number, number, number];
+  /** Per-channel standard deviation divided by (default the reference's [0.228, 0.224, 0.225]). */
+  readonly std: readonly [number, number, number];
+  /** Output channels: 3 (RGB) or 1 (luma of the final RGB, normalised with mean[0], std[0]). */
+  readonly channels: 1 | 3;
+}
+
+/** The multicrop stage's config schema: validates every field (errors name it) and fills the defaults. */
+export const MulticropConfig: Schema.Codec<MulticropConfig, Partial<MulticropConfig>> = MulticropFields.check(
+  consistent,
+);
 
 /** The reference defaults, decoded from an empty config. */
 export const defaultMulticropConfig: MulticropConfig = Schema.decodeUnknownSync(MulticropConfig)({});
@@ -232,6 +273,20 @@ const checkImage = (image: RgbImage): void => {
  * All crops of one sample: nmbCrops[g] crops of sizeCrops[g] px for each
  * group g in turn, each HWC float32 normalised with `config.channels` channels.
  * Deterministic in `rng`.
+ *
+ * @example Two 32 px and four 16 px crops of a 48 x 40 image
+ * ```ts
+ * import { Schema } from "effect";
+ * import assert from "node:assert/strict";
+ * import { MulticropConfig, multicropSample, rngFor, smallImageProfile } from "@swav/swav-ts";
+ *
+ * const config = Schema.decodeUnknownSync(MulticropConfig)(smallImageProfile); // 2 x 32 px + 4 x 16 px
+ * const image = { width: 48, height: 40, data: new Uint8Array(48 * 40 * 3).fill(128) };
+ * const crops = multicropSample(image, config, rngFor(2020, 0, 7)); // seed, epoch, sample index
+ * assert.deepEqual(crops.map((c) => c.length), [...Array(2).fill(32 * 32 * 3), ...Array(4).fill(16 * 16 * 3)]);
+ * // The same key draws the same crops: runs are reproducible sample by sample.
+ * assert.deepEqual(multicropSample(image, config, rngFor(2020, 0, 7)), crops);
+ * ```
  */
 export const multicropSample = (image: RgbImage, config: MulticropConfig, rng: Rng): Float32Array[] => {
   checkImage(image);
@@ -344,8 +399,11 @@ export const evalTransform = (image: RgbImage, options: EvalTransformOptions): F
 
 /** One sample for the multicrop stage: the image and the key of its randomness. */
 export interface MulticropInput {
+  /** The decoded image. */
   readonly image: RgbImage;
+  /** The run's seed. */
   readonly seed: number;
+  /** The epoch, so every epoch draws new crops. */
   readonly epoch: number;
   /** Index of the sample in the data set (not its position in the shuffled order). */
   readonly index: number;
@@ -354,8 +412,26 @@ export interface MulticropInput {
 /**
  * multicrop stage: an image and its (seed, epoch, index) key to its crops,
  * grouped by resolution (see `multicropSample`); `collateCrops` batches them.
+ *
+ * @example As a stage: configured from JSON, keyed by (seed, epoch, index)
+ * ```ts
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, multicropStage } from "@swav/swav-ts";
+ *
+ * const crops = await Effect.runPromise(Effect.gen(function* () {
+ *   const multicrop = yield* configure(multicropStage, { nmbCrops: [2, 2], sizeCrops: [24, 12] });
+ *   const image = { width: 32, height: 32, data: new Uint8Array(32 * 32 * 3).fill(200) };
+ *   return yield* multicrop({ image, seed: 1, epoch: 0, index: 0 });
+ * }));
+ * assert.equal(crops.length, 4);
+ * ```
  */
-export const multicropStage = defineStage<MulticropInput, Float32Array[], MulticropConfig>({
+export const multicropStage: Stage<MulticropInput, Float32Array[], MulticropConfig> = defineStage<
+  MulticropInput,
+  Float32Array[],
+  MulticropConfig
+>({
   name: "multicrop",
   config: MulticropConfig,
   run: (config) => (input) =>

@@ -9,19 +9,28 @@
  * −∞, so that the gradient stays finite): the same value, without overflow.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Schema } from "effect";
+import type { Scalar, Tensor2D } from "../backend/tensor_types.ts";
+import { Schema, type Scope } from "effect";
 import { Positive, withDefault } from "../models/schema.ts";
-import { tensorStage } from "./stage.ts";
+import { type TensorStage, tensorStage } from "./stage.ts";
 
-export const NtXentConfig = Schema.Struct({
+/** A validated ntXent config. */
+export interface NtXentConfig {
+  /** Softmax temperature τ (default 0.1). */
+  readonly temperature: number;
+}
+
+/** The ntXent stage's config schema. */
+export const NtXentConfig: Schema.Codec<NtXentConfig, Partial<NtXentConfig>> = Schema.Struct({
   /** Softmax temperature τ (SimCLR's 0.1 in solo-learn). */
   temperature: withDefault(Positive, 0.1),
 });
-export type NtXentConfig = typeof NtXentConfig.Type;
 
+/** What SimCLR's loss takes: every crop's embedding and the batch size that groups them by image. */
 export interface NtXentInput {
   /** Unit-norm embeddings [crops * batch, D], crop-major: row c·B + i is crop c of image i. */
-  readonly embeddings: tf.Tensor2D;
+  readonly embeddings: Tensor2D;
+  /** Images in the batch (rows per crop). */
   readonly batchSize: number;
 }
 
@@ -29,7 +38,7 @@ export interface NtXentInput {
 const MASKED = -1e9;
 
 /** The additive masks [N, N]: positives (same image, another crop) and candidates (every row but the anchor). */
-const masks = (n: number, batchSize: number): { positive: tf.Tensor2D; candidates: tf.Tensor2D } => {
+const masks = (n: number, batchSize: number): { positive: Tensor2D; candidates: Tensor2D } => {
   const positive = new Float32Array(n * n).fill(MASKED);
   const candidates = new Float32Array(n * n).fill(0);
   for (let r = 0; r < n; r++) {
@@ -39,19 +48,40 @@ const masks = (n: number, batchSize: number): { positive: tf.Tensor2D; candidate
   return { positive: tf.tensor2d(positive, [n, n]), candidates: tf.tensor2d(candidates, [n, n]) };
 };
 
-/** The NT-Xent loss (a scalar on the caller's tape). */
-export const ntXent = (input: NtXentInput, config: NtXentConfig): tf.Scalar =>
+/**
+ * The NT-Xent loss (a scalar on the caller's tape).
+ *
+ * @example Matching crops give a lower loss than unrelated ones
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend, l2NormaliseRows, ntXent } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const images = l2NormaliseRows(tf.randomNormal<tf.Rank.R2>([4, 8], 0, 1, "float32", 1));
+ * const matching = tf.concat([images, images]); // crop 1 of image i is crop 0 of image i
+ * const unrelated = tf.concat([images, l2NormaliseRows(tf.randomNormal<tf.Rank.R2>([4, 8], 0, 1, "float32", 2))]);
+ * const low = (await ntXent({ embeddings: matching, batchSize: 4 }, { temperature: 0.1 }).data())[0]!;
+ * const high = (await ntXent({ embeddings: unrelated, batchSize: 4 }, { temperature: 0.1 }).data())[0]!;
+ * assert.ok(low < high);
+ * ```
+ */
+export const ntXent = (input: NtXentInput, config: NtXentConfig): Scalar =>
   tf.tidy(() => {
     const n = input.embeddings.shape[0];
     const { positive, candidates } = masks(n, input.batchSize);
     const sim = tf.div(tf.matMul(input.embeddings, input.embeddings, false, true), config.temperature);
     const logPos = tf.logSumExp(tf.add(sim, positive), 1);
     const logAll = tf.logSumExp(tf.add(sim, candidates), 1);
-    return tf.mean(tf.sub(logAll, logPos)) as tf.Scalar;
+    return tf.mean(tf.sub(logAll, logPos)) as Scalar;
   });
 
-/** The ntXent stage value. */
-export const ntXentStage = tensorStage<NtXentInput, tf.Scalar, NtXentConfig>({
+/** The ntXent stage value: SimCLR's loss as a tensor stage (`apply` for the gradient tape). */
+export const ntXentStage: TensorStage<NtXentInput, Scalar, NtXentConfig, never, Scope.Scope> = tensorStage<
+  NtXentInput,
+  Scalar,
+  NtXentConfig
+>({
   name: "ntXent",
   config: NtXentConfig,
   apply: (config) => (input) => ntXent(input, config),

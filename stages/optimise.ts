@@ -26,14 +26,17 @@
  * ops (`tf.where`), nothing is read back.
  */
 import * as tf from "@tensorflow/tfjs";
+import type { NamedTensorMap, Variable } from "../backend/tensor_types.ts";
 import { Effect, Schema, type Scope } from "effect";
 import { fusedLarcStep } from "../backend/fused_larc.ts";
-import { defineStage } from "./stage.ts";
+import { defineStage, type Stage } from "./stage.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import { NonNegative, NonNegativeInt, Positive, Probability, withDefault } from "../models/schema.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
+/** LARC-SGD's settings for one optimiser (from a config through `larcOptions`). */
 export interface LarcSgdOptions {
+  /** SGD momentum (reference 0.9). */
   readonly momentum: number;
   /** SGD weight decay, absorbed by LARC (added to the gradient before scaling). */
   readonly weightDecay: number;
@@ -101,9 +104,11 @@ export type SerialisedSlots = Record<
  * Inside Effect, `makeLarcSgd` ties the disposal to a scope.
  */
 export class LarcSgd {
-  readonly #slots = new Map<string, tf.Variable>();
+  readonly #slots = new Map<string, Variable>();
 
   /**
+   * An optimiser with no momentum slots yet (each is made on its variable's first step).
+   * @param options the LARC-SGD settings
    * @param fused use the one-pass update where the backend has one (wasm); false
    *   forces the tensor-op version (tests compare the two).
    */
@@ -115,8 +120,8 @@ export class LarcSgd {
    * momentum buffer).
    */
   step(
-    variables: Readonly<Record<string, tf.Variable>>,
-    grads: tf.NamedTensorMap,
+    variables: Readonly<Record<string, Variable>>,
+    grads: NamedTensorMap,
     lr: number,
     skip: (name: string) => boolean = () => false,
   ): void {
@@ -233,24 +238,56 @@ export const freezeFields = {
   freezePrototypesIters: withDefault(NonNegativeInt, 313),
 };
 
-/** The optimise stage's config, with the reference's defaults. */
-export const OptimiseConfig = Schema.Struct({ ...larcFields, ...scheduleFields, ...freezeFields });
-export type OptimiseConfig = typeof OptimiseConfig.Type;
+/** A validated optimise config: LARC-SGD, the learning-rate schedule and the prototype freezing. */
+export interface OptimiseConfig {
+  /** SGD momentum (default 0.9). */
+  readonly momentum: number;
+  /** SGD weight decay, absorbed by LARC (default 1e-6). */
+  readonly weightDecay: number;
+  /** LARC trust coefficient (default 0.001). */
+  readonly trust: number;
+  /** LARC eps in the adaptive rate's denominator (default 1e-8). */
+  readonly eps: number;
+  /** LARC clipping: the effective rate is min(adaptive, lr) (default false). */
+  readonly clip: boolean;
+  /** Learning rate after the warm-up, for a batch of 256 (default 0.6). */
+  readonly baseLr: number;
+  /** Learning rate the cosine decay ends at (default 0.0006). */
+  readonly finalLr: number;
+  /** Learning rate the linear warm-up starts from (default 0). */
+  readonly startWarmup: number;
+  /** Warm-up length in epochs (default 0). */
+  readonly warmupEpochs: number;
+  /** Iterations during which the prototypes are frozen (default 313, main_swav.py's freeze_prototypes_niters). */
+  readonly freezePrototypesIters: number;
+}
 
+/** The optimise stage's config schema, with the reference's defaults. */
+export const OptimiseConfig: Schema.Codec<OptimiseConfig, Partial<OptimiseConfig>> = Schema.Struct({
+  ...larcFields,
+  ...scheduleFields,
+  ...freezeFields,
+});
+
+/** What the optimise stage takes: the optimiser, the variables and their gradients, and where the step is in the schedule. */
 export interface OptimiseInput {
   /** The optimiser (its momentum slots), from `makeLarcSgd` with `larcOptions(config)`. */
   readonly optimiser: LarcSgd;
   /** Trainable variables by name (the names `tf.variableGrads` keys the gradients by). */
-  readonly variables: Readonly<Record<string, tf.Variable>>;
-  readonly grads: tf.NamedTensorMap;
+  readonly variables: Readonly<Record<string, Variable>>;
+  /** Gradient of the loss for each variable, by name (owned by the caller). */
+  readonly grads: NamedTensorMap;
   /** 0-based global iteration: epoch * itersPerEpoch + index in the epoch. */
   readonly iteration: number;
+  /** Optimiser steps per epoch. */
   readonly itersPerEpoch: number;
   /** The schedule's length in epochs (the run's `train.epochs`). */
   readonly epochs: number;
 }
 
+/** What the optimise stage reports about the step it took. */
 export interface OptimiseOutput {
+  /** The learning rate the step used. */
   readonly learningRate: number;
   /** Whether the prototypes were held still in this step. */
   readonly prototypesFrozen: boolean;
@@ -270,8 +307,35 @@ export const larcOptions = (config: Pick<OptimiseConfig, keyof typeof larcFields
  * step in place; while frozen, the prototypes (`PROTOTYPES_WEIGHT`, or every
  * head's `prototypes.*`) keep their value and momentum. The gradients stay owned
  * by the caller.
+ *
+ * @example One LARC-SGD step on one variable, at the schedule's first iteration
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, initBackend, makeLarcSgd, optimiseStage } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const w = tf.variable(tf.tensor1d([1, 2, 3]));
+ * const result = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const optimise = yield* configure(optimiseStage, { baseLr: 0.1, warmupEpochs: 0, freezePrototypesIters: 0 });
+ *   const optimiser = yield* makeLarcSgd({ momentum: 0.9, weightDecay: 0, trustCoefficient: 0.001, eps: 1e-8, clip: false });
+ *   const grads = { w: tf.ones([3]) };
+ *   const out = yield* optimise({ optimiser, variables: { w }, grads, iteration: 0, itersPerEpoch: 10, epochs: 1 });
+ *   grads.w.dispose();
+ *   return out;
+ * })));
+ * assert.ok(Math.abs(result.learningRate - 0.1) < 1e-9); // the cosine schedule starts at baseLr
+ * const [after] = [await w.data()];
+ * assert.ok(after[0]! < 1 && after[2]! < 3); // moved against the gradient
+ * w.dispose();
+ * ```
  */
-export const optimiseStage = defineStage<OptimiseInput, OptimiseOutput, OptimiseConfig>({
+export const optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig> = defineStage<
+  OptimiseInput,
+  OptimiseOutput,
+  OptimiseConfig
+>({
   name: "optimise",
   config: OptimiseConfig,
   run: (config) => ({ optimiser, variables, grads, iteration, itersPerEpoch, epochs }) =>

@@ -37,7 +37,8 @@ import { scoped } from "../backend/resources.ts";
 import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
 import { hostBackendActive, hostCodes, type SinkhornOptions } from "../backend/sinkhorn_host.ts";
 import { type CropLayout, CropLayoutError, inputProblem } from "./crop_layout.ts";
-import { defineTensorStage } from "./stage.ts";
+import { defineTensorStage, type TensorStage } from "./stage.ts";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 
@@ -122,6 +123,28 @@ export type ComputePath = "auto" | "tensor";
  * Codes [B, K] for scores [B, K] (queue rows, if any, first): each row sums to
  * 1 (for iterations ≥ 1), equal to the reference where the reference is finite,
  * finite for any positive epsilon. The result carries no gradient.
+ *
+ * @example Codes for 8 samples over 4 prototypes
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend, sinkhornKnopp } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const scores = tf.randomNormal<tf.Rank.R2>([8, 4], 0, 1, "float32", 1);
+ * const codes = sinkhornKnopp(scores, { epsilon: 0.05, iterations: 3 });
+ * // Each sample's code is a distribution over the prototypes...
+ * const rows = await codes.sum(1).data();
+ * assert.ok(rows.every((sum) => Math.abs(sum - 1) < 1e-5));
+ * // ...and the prototypes share the batch more equally than a plain softmax shares it.
+ * const spread = async (q: tf.Tensor2D) => {
+ *   const columns = await q.sum(0).data();
+ *   return Math.max(...columns) - Math.min(...columns);
+ * };
+ * const softmax = tf.softmax(scores.div(0.05)) as tf.Tensor2D;
+ * assert.ok((await spread(codes)) < (await spread(softmax)));
+ * tf.dispose([scores, codes, softmax]);
+ * ```
  */
 export const sinkhornKnopp = (
   scores: tf.Tensor2D,
@@ -155,18 +178,30 @@ export const sinkhornFields = {
   /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs. */
   sinkhornIterations: withDefault(NonNegativeInt, 3),
 };
-export const SinkhornConfig = Schema.Struct(sinkhornFields);
-export type SinkhornConfig = typeof SinkhornConfig.Type;
+/** A validated sinkhorn config. */
+export interface SinkhornConfig {
+  /** Sinkhorn-Knopp entropic regularisation (> 0; reference 0.05). */
+  readonly epsilon: number;
+  /** Sinkhorn-Knopp iterations: (column, row) normalisation pairs (>= 0; reference 3). */
+  readonly sinkhornIterations: number;
+}
 
+/** The sinkhorn stage's config schema: validates `epsilon` and `sinkhornIterations` and fills the reference's defaults. */
+export const SinkhornConfig: Schema.Codec<SinkhornConfig, Partial<SinkhornConfig>> = Schema.Struct(
+  sinkhornFields,
+);
+
+/** What the sinkhorn stage reads: the scores, and optionally the crop layout and the queue's scores. */
 export interface SinkhornInput {
   /**
    * Scores, read as constants. With `layout`, crop-major [bs·V, K] and one code
    * per assignment crop; without, one matrix [B, K] and one code.
    */
-  readonly scores: tf.Tensor2D;
+  readonly scores: Tensor2D;
+  /** How the rows are laid out by crop; without it, the whole matrix gets one code. */
   readonly layout?: CropLayout | undefined;
   /** queueScores[i]: the queue's scores [queueLength, K] for cropsForAssign[i], prepended before Sinkhorn. */
-  readonly queueScores?: readonly tf.Tensor2D[] | undefined;
+  readonly queueScores?: readonly Tensor2D[] | undefined;
 }
 
 /** Codes [bs, K] per assignment crop (queue rows prepended, dropped after); no layout checks. */
@@ -191,8 +226,32 @@ const assignmentCodesOf = (config: SinkhornConfig) => {
  * codes whose rows sum to 1, one per assignment crop. `apply` is meant for the
  * detached side of a training step (stages/tape.ts runs it off the tape); `run`
  * checks the layout and its codes are owned by the caller's scope.
+ *
+ * @example Configured from raw JSON, run on two crops of 4 samples each
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, initBackend, sinkhornStage } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const shapes = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const assign = yield* configure(sinkhornStage, { epsilon: 0.05, sinkhornIterations: 3 });
+ *   const scores = tf.randomNormal<tf.Rank.R2>([2 * 4, 16]); // crop-major: crop 0's rows, then crop 1's
+ *   const codes = yield* assign({ scores, layout: { batchSize: 4, nmbCrops: [2], cropsForAssign: [0, 1] } });
+ *   scores.dispose();
+ *   return codes.map((q) => q.shape); // the codes are disposed with the scope
+ * })));
+ * assert.deepEqual(shapes, [[4, 16], [4, 16]]);
+ * ```
  */
-export const sinkhornStage = defineTensorStage<
+export const sinkhornStage: TensorStage<
+  SinkhornInput,
+  readonly Tensor2D[],
+  SinkhornConfig,
+  CropLayoutError,
+  Scope.Scope
+> = defineTensorStage<
   SinkhornInput,
   readonly tf.Tensor2D[],
   SinkhornConfig,

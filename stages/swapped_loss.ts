@@ -18,23 +18,29 @@ import { Effect, Schema, type Scope } from "effect";
 import { NonNegativeInt, Positive, withDefault } from "../models/schema.ts";
 import { type CropLayout, CropLayoutError, inputProblem, totalCrops } from "./crop_layout.ts";
 import { sinkhornStage } from "./sinkhorn.ts";
-import { defineTensorStage } from "./stage.ts";
+import { defineTensorStage, type TensorStage } from "./stage.ts";
+import type { Scalar, Tensor2D } from "../backend/tensor_types.ts";
 import { detached } from "./tape.ts";
 
 export { type CropLayout, CropLayoutError, cropLayoutProblem } from "./crop_layout.ts";
 
+/** The swapped loss's settings for one call: the crop layout and the softmax temperature. */
 export interface SwappedLossOptions extends CropLayout {
   /** Softmax temperature (reference 0.1). */
   readonly temperature: number;
 }
 
+/** How `assignmentCodes` computes codes: the crop layout, the Sinkhorn settings and the queue's scores if any. */
 export interface AssignmentOptions extends CropLayout {
+  /** Sinkhorn-Knopp entropic regularisation (reference 0.05). */
   readonly epsilon: number;
+  /** Sinkhorn-Knopp iterations (reference 3). */
   readonly iterations: number;
   /** queueScores[i]: the queue's scores [queueLength, K] for cropsForAssign[i], prepended before Sinkhorn. */
-  readonly queueScores?: readonly tf.Tensor2D[];
+  readonly queueScores?: readonly Tensor2D[];
 }
 
+/** The settings of the composed `swappedPredictionLoss`: those of the codes and those of the loss. */
 export type SwappedPredictionOptions = SwappedLossOptions & AssignmentOptions;
 
 /**
@@ -108,6 +114,21 @@ const lossFromCodes = (
  * The composed one-call form: codes from the detached scores (queue rows
  * prepended for each assignment crop), then the swapped loss. The gradient with
  * respect to `scores` is the reference's: none flows through the codes.
+ *
+ * @example The loss and its gradient for two crops of 4 samples over 10 prototypes
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import assert from "node:assert/strict";
+ * import { initBackend, swappedPredictionLoss } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const options = { batchSize: 4, nmbCrops: [2], cropsForAssign: [0, 1], temperature: 0.1, epsilon: 0.05, iterations: 3 };
+ * const scores = tf.randomNormal<tf.Rank.R2>([2 * 4, 10], 0, 1, "float32", 2);
+ * const { value, grad } = tf.valueAndGrad((s: tf.Tensor) => swappedPredictionLoss(s as tf.Tensor2D, options))(scores);
+ * assert.ok((await value.data())[0]! > 0); // a cross-entropy
+ * assert.deepEqual(grad.shape, [8, 10]); // what the encoder's backward pass receives
+ * tf.dispose([scores, value, grad]);
+ * ```
  */
 export const swappedPredictionLoss = (scores: tf.Tensor2D, options: SwappedPredictionOptions): tf.Scalar =>
   tf.tidy(() => swappedLossFromCodes(scores, assignmentCodes(scores, options), options));
@@ -120,11 +141,26 @@ export const swappedLossFields = {
   cropsForAssign: withDefault(Schema.Array(NonNegativeInt), [0, 1]),
 };
 
-/** The swappedLoss stage's config: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
-export const SwappedLossConfig = Schema.Struct({
+const swappedLossConfigFields = {
+  /** Crops per resolution group, e.g. [2, 6]. */
   nmbCrops: withDefault(Schema.Array(NonNegativeInt), [2]),
   ...swappedLossFields,
-}).check(
+};
+
+/** A validated swappedLoss config. */
+export interface SwappedLossConfig {
+  /** Crops per resolution group, e.g. [2, 6] (their sum is at least 2). */
+  readonly nmbCrops: readonly number[];
+  /** Softmax temperature of the swapped prediction (> 0; reference 0.1). */
+  readonly temperature: number;
+  /** Crops whose codes are predicted, each below the total crop count (reference [0, 1]). */
+  readonly cropsForAssign: readonly number[];
+}
+
+/** The swappedLoss stage's config schema: its settings and the crops per resolution (the run's `multicrop.nmbCrops`). */
+export const SwappedLossConfig: Schema.Codec<SwappedLossConfig, Partial<SwappedLossConfig>> = Schema.Struct(
+  swappedLossConfigFields,
+).check(
   Schema.makeFilter((c) => {
     const total = totalCrops(c.nmbCrops);
     if (total < 2) {
@@ -139,13 +175,13 @@ export const SwappedLossConfig = Schema.Struct({
       : { path: ["cropsForAssign"], issue: `cropsForAssign has crop ${bad}, outside 0..${total - 1}` };
   }),
 );
-export type SwappedLossConfig = typeof SwappedLossConfig.Type;
 
+/** What the swappedLoss stage reads: every crop's scores and the codes of the assignment crops. */
 export interface SwappedLossInput {
   /** Crop-major scores [bs * totalCrops, K]; the batch size is rows / totalCrops. */
-  readonly scores: tf.Tensor2D;
+  readonly scores: Tensor2D;
   /** One [bs, K] code per assignment crop (from `assignmentCodes` or the sinkhorn stage). */
-  readonly codes: readonly tf.Tensor2D[];
+  readonly codes: readonly Tensor2D[];
 }
 
 /** The layout of `config` for scores with `rows` rows. */
@@ -159,8 +195,33 @@ const layoutOf = (config: SwappedLossConfig, rows: number): SwappedLossOptions =
  * differentiable form for a gradient tape (inputs assumed to fit the layout);
  * `run` checks them, fails with CropLayoutError when they do not fit, and its
  * loss is owned by the caller's scope.
+ *
+ * @example Equal scores give every prototype the same probability: the loss is log K
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { configure, initBackend, swappedLossStage } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const loss = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const swappedLoss = yield* configure(swappedLossStage, { nmbCrops: [2], cropsForAssign: [0, 1] });
+ *   const scores = tf.zeros<tf.Rank.R2>([2 * 3, 5]); // 2 crops of 3 samples, 5 prototypes
+ *   const codes = [tf.oneHot([0, 1, 2], 5).toFloat() as tf.Tensor2D, tf.fill<tf.Rank.R2>([3, 5], 0.2)];
+ *   const value = yield* swappedLoss({ scores, codes }); // disposed with the scope
+ *   tf.dispose([scores, ...codes]);
+ *   return (yield* Effect.promise(() => value.data()))[0]!;
+ * })));
+ * assert.ok(Math.abs(loss - Math.log(5)) < 1e-5);
+ * ```
  */
-export const swappedLossStage = defineTensorStage<
+export const swappedLossStage: TensorStage<
+  SwappedLossInput,
+  Scalar,
+  SwappedLossConfig,
+  CropLayoutError,
+  Scope.Scope
+> = defineTensorStage<
   SwappedLossInput,
   tf.Scalar,
   SwappedLossConfig,

@@ -11,9 +11,11 @@
  */
 import { NO_TARGET } from "../stages/cluster_loss.ts";
 
+/** DeepCluster-v2's memory bank: the last epoch's embeddings of every sample per assignment crop, and each sample's k-means target per head. */
 export interface MemoryBank {
   /** Samples of the data set (rows per bank). */
   readonly size: number;
+  /** Embedding size (row length). */
   readonly dim: number;
   /** One [size, dim] bank per assignment crop. */
   readonly banks: Float32Array[];
@@ -25,6 +27,7 @@ export interface MemoryBank {
   filled: boolean;
 }
 
+/** An empty memory bank for `size` samples: `crops` banks of `dim`-wide rows, `heads` target lists. */
 export const makeMemoryBank = (options: {
   readonly size: number;
   readonly dim: number;

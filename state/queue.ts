@@ -20,7 +20,9 @@ import { Effect, Schema, type Scope, SynchronizedRef } from "effect";
 import { disposeAll } from "../backend/resources.ts";
 import { prototypeScores } from "../models/prototypes.ts";
 import { withoutGradient } from "../backend/no_gradient.ts";
+import type { Tensor2D } from "../backend/tensor_types.ts";
 
+/** The shape of an embedding queue: its length, the batch it is fed with, the embedding size and its crops. */
 export interface QueueOptions {
   /** Requested length (the reference's queue_length); rounded down to a multiple of the batch. */
   readonly length: number;
@@ -32,9 +34,10 @@ export interface QueueOptions {
   readonly cropsForAssign: readonly number[];
 }
 
+/** What an embedding queue holds at one moment: its rows and how many of them are filled. */
 export interface QueueState {
   /** One [length, D] tensor per assignment crop, newest rows first. */
-  readonly embeddings: readonly tf.Tensor2D[];
+  readonly embeddings: readonly Tensor2D[];
   /** Rows written so far, capped at the length: the queue is full when it reaches it. */
   readonly filled: number;
 }
@@ -43,9 +46,13 @@ export interface QueueState {
 export interface EmbeddingQueue extends Disposable {
   /** The length after rounding down to a multiple of the batch size. */
   readonly length: number;
+  /** Samples per crop in a batch. */
   readonly batchSize: number;
+  /** Embedding dimension. */
   readonly dim: number;
+  /** The assignment crops, one queue each. */
   readonly cropsForAssign: readonly number[];
+  /** The rows and fill count, updated atomically by `push` and read by `queueScores`. */
   readonly state: SynchronizedRef.SynchronizedRef<QueueState>;
 }
 
@@ -121,7 +128,33 @@ export const createQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue
     };
   });
 
-/** A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0. */
+/**
+ * A zero-filled queue, disposed when the scope closes. Fails when the length rounds down to 0.
+ *
+ * @example A queue of 4 rows per assignment crop fills after two batches of 2
+ * ```ts
+ * import * as tf from "@tensorflow/tfjs";
+ * import { Effect } from "effect";
+ * import assert from "node:assert/strict";
+ * import { initBackend, makeQueue, pushQueue, queueIsFull, queueScores } from "@swav/swav-ts";
+ *
+ * await initBackend("cpu");
+ * const shapes = await Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+ *   const queue = yield* makeQueue({ length: 4, batchSize: 2, dim: 3, cropsForAssign: [0, 1] });
+ *   const prototypes = yield* Effect.sync(() => tf.eye(5, 3) as tf.Tensor2D); // K = 5 prototypes of size 3
+ *   for (let step = 0; step < 2; step++) {
+ *     const embeddings = tf.randomNormal<tf.Rank.R2>([2 * 2, 3]); // 2 crops of 2 samples, crop-major
+ *     yield* pushQueue(queue, embeddings);
+ *     embeddings.dispose();
+ *   }
+ *   assert.ok(yield* queueIsFull(queue));
+ *   const scores = yield* queueScores(queue, prototypes); // scored against the current prototypes
+ *   prototypes.dispose();
+ *   return scores?.map((s) => s.shape);
+ * })));
+ * assert.deepEqual(shapes, [[4, 5], [4, 5]]);
+ * ```
+ */
 export const makeQueue = (options: QueueOptions): Effect.Effect<EmbeddingQueue, QueueError, Scope.Scope> =>
   Effect.acquireRelease(createQueue(options), (queue) => Effect.sync(() => queue[Symbol.dispose]()));
 

@@ -1,5 +1,5 @@
 /** Shared test helpers: backend set-up, leak checks, tolerances. */
-import * as tf from "@tensorflow/tfjs";
+import type * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { liveTensors } from "../backend/resources.ts";
 

@@ -7,7 +7,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { optionalTest } from "./_optional.ts";
 import { initBackend, probeWebGpu } from "../backend/tensor_backend.ts";
-import { type ModelConfig } from "../models/model.ts";
+import type { ModelConfig } from "../models/model.ts";
 import { makeSwavModel, trainableVariables } from "../models/model.ts";
 import { normalisePrototypes } from "../models/prototypes.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
