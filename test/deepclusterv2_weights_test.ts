@@ -15,7 +15,12 @@ import { readTorchStateDict } from "../data/torch_checkpoint.ts";
 import { modelForward, readModelArrays, scopedSwavModel } from "../models/model.ts";
 import { decodeModelConfig } from "../models/model.ts";
 import { exportCheckpointEncoder } from "../pipelines/extract_folder.ts";
-import { initFromWeightsFile, loadWeightsFile, scopedModelFromWeights } from "../pipelines/torch_weights.ts";
+import {
+  initFromWeightsFile,
+  initNote,
+  loadWeightsFile,
+  scopedModelFromWeights,
+} from "../pipelines/torch_weights.ts";
 import { needs, PYTHON } from "./_optional.ts";
 import { assertNoTensorLeak, relativeError, values } from "./_helpers.ts";
 
@@ -172,4 +177,19 @@ Deno.test({
       await Deno.remove(dir, { recursive: true });
     }
   },
+});
+
+Deno.test("pretrain --init from a backbone-only file says that the head starts from random values", async () => {
+  const fixture = new URL("./fixtures/torch/resnet18_backbone.pt", import.meta.url).pathname;
+  const withHead = new URL("./fixtures/torch/resnet18.pth", import.meta.url).pathname;
+  const hasHead = (file: string) =>
+    Effect.runPromise(Effect.scoped(Effect.gen(function* () {
+      const weights = yield* loadWeightsFile(withHead);
+      const model = yield* scopedSwavModel(weights.config, 5);
+      return (yield* initFromWeightsFile(model, file)).hasHead;
+    })));
+  assert.equal(await hasHead(fixture), false);
+  assert.equal(await hasHead(withHead), true);
+  assert.match(initNote(fixture, false), /the backbone only .*start from random values/);
+  assert.equal(initNote(withHead, true), `weights initialised from ${withHead}`);
 });
