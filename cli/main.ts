@@ -11,6 +11,7 @@ import { CommunicatorService } from "../backend/communicator.ts";
 import { PrecisionChoice, resolvePrecision } from "../backend/precision.ts";
 import { decodeRunConfig, mergeConfig, MethodName, readRawConfig, type RunConfig } from "../config/config.ts";
 import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
+import { parseSetting, settingsObject } from "../config/settings.ts";
 import { RECIPE_NAMES, recipeConfig, type RecipeName } from "../config/recipes.ts";
 import { openSource } from "../data/sources.ts";
 import { resolveSourceSpec } from "../pipelines/sources.ts";
@@ -84,17 +85,32 @@ const overrides = (flags: {
   },
 });
 
+/** `--set KEY=JSON` settings, each checked against the schema on its own, as a partial config. */
+const settingsOf = (texts: readonly string[]) =>
+  Effect.gen(function* () {
+    const settings = [];
+    for (const text of texts) {
+      const setting = parseSetting(text, `--set ${text}`);
+      if (setting instanceof Error) return yield* setting;
+      settings.push(setting);
+    }
+    return settingsObject(settings);
+  });
+
 /**
- * The resolved config: the file (if any), then flags over it, then the data
- * set's defaults where neither says (config/data_defaults.ts), then the
- * schema's defaults; validated once, naming the file in errors.
+ * The resolved config: the recipe, the file over it, `--set` settings over
+ * those, the explicit flags over everything, then the data set's defaults
+ * where none says (config/data_defaults.ts), then the schema's defaults;
+ * validated once, naming the file in errors.
  */
 const resolveConfig = (
   file: Option.Option<string>,
-  flagOverrides: { data?: { source?: string | undefined }; train?: { epochs?: number | undefined } },
+  explicitFlags: { data?: { source?: string | undefined }; train?: { epochs?: number | undefined } },
   recipe: Option.Option<RecipeName> = Option.none(),
+  sets: readonly string[] = [],
 ) =>
   Effect.gen(function* () {
+    const flagOverrides = mergeConfig(yield* settingsOf(sets), explicitFlags) as typeof explicitFlags;
     const name = Option.getOrElse(file, () =>
       Option.isSome(recipe) ? `recipe ${recipe.value}` : "command line");
     const fileRaw = Option.isSome(file) ? yield* readRawConfig(file.value) : undefined;
@@ -219,6 +235,13 @@ const pretrainCommand = Command.make("pretrain", {
     Flag.withDescription("training method: swav (default), deepclusterv2 or simclr (train.method)"),
     Flag.optional,
   ),
+  set: Flag.String("set").pipe(
+    Flag.withDescription(
+      "KEY=JSON: set one config field (dotted key, JSON value; repeatable), e.g. --set swav.epsilon=0.03 " +
+        "--set 'multicrop.nmbCrops=[2,4]'. Precedence: recipe < --config file < --set < the other flags",
+    ),
+    Flag.atLeast(0),
+  ),
   json: jsonFlag,
   dashboard: Flag.Boolean("dashboard").pipe(
     Flag.withDescription("serve the run's live report on 127.0.0.1 (a free port; the URL goes to stderr)"),
@@ -245,6 +268,7 @@ const pretrainCommand = Command.make("pretrain", {
           method: Option.getOrUndefined(flags.method),
         }),
         flags.recipe,
+        flags.set,
       );
       const backendAsked = yield* backendChoice(requested, flags.backend);
       const resolved = resolvePrecision(requested.train.precision, backendAsked);

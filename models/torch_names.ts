@@ -3,7 +3,8 @@
  *
  * A SwAV checkpoint (main_swav.py) names the backbone as torchvision does (`conv1.weight`,
  * `layer1.0.bn1.running_mean`, ...), the head `projection_head.*` and the prototypes
- * `prototypes.weight`, all with DistributedDataParallel's `module.` prefix; solo-learn and
+ * `prototypes.weight` (DeepCluster-v2's heads `prototypes.prototypes{h}.weight`), all with
+ * DistributedDataParallel's `module.` prefix; solo-learn and
  * this project's own exports put `backbone.` before the backbone's names. Here every one of
  * those is brought to our names (`backbone.` + torchvision name, head and prototypes as they
  * are) and layouts (conv [out, in, kh, kw] -> [kh, kw, in, out]; Linear and BatchNorm as
@@ -54,6 +55,8 @@ export const ourName = (key: string): string | undefined => {
   if (name.startsWith("backbone.")) return BACKBONE.test(name.slice("backbone.".length)) ? name : undefined;
   if (BACKBONE.test(name)) return `backbone.${name}`;
   if (name.startsWith("projection_head.") || name === "prototypes.weight") return name;
+  // DeepCluster-v2's MultiPrototypes: one Linear per head.
+  if (/^prototypes\.prototypes\d+\.weight$/.test(name)) return name;
   return undefined;
 };
 
@@ -140,20 +143,30 @@ const inferConfig = (
     inputChannels,
     stem: kernel === 7 ? "imagenet" : kernel === 3 ? "cifar" : undefined,
   };
-  if (
-    byName.has("prototypes.prototypes0.weight") ||
-    [...byName.keys()].some((n) => n.startsWith("prototypes.prototypes"))
-  ) {
-    return "multiple prototype heads (nmb_prototypes as a list) are not supported";
+  // DeepCluster-v2 (main_deepclusterv2.py) names its heads prototypes.prototypes0..H-1: all of them, in order.
+  const heads = [...byName.keys()].filter((n) => n.startsWith("prototypes.prototypes"));
+  const multi = Array.from(
+    { length: heads.length },
+    (_, h) => byName.get(`prototypes.prototypes${h}.weight`),
+  );
+  if (heads.length > 0) {
+    const missing = multi.findIndex((t) => t === undefined);
+    if (missing >= 0) {
+      return `has ${heads.length} prototype heads but no prototypes.prototypes${missing}.weight: ` +
+        "the heads must be numbered 0..H-1";
+    }
+    if (byName.has("prototypes.weight")) {
+      return "has both prototypes.weight and prototypes.prototypes0.weight";
+    }
   }
-  const prototypes = byName.get("prototypes.weight");
+  const prototypes = byName.get("prototypes.weight") ?? multi[0];
   const first = byName.get("projection_head.0.weight");
   const last = byName.get("projection_head.3.weight");
   const single = byName.get("projection_head.weight");
   const hasHead = prototypes !== undefined &&
     (single !== undefined || (first !== undefined && last !== undefined));
   if (hasHead) {
-    config.prototypes = prototypes.shape[0];
+    config.prototypes = heads.length > 0 ? multi.map((t) => t!.shape[0]) : prototypes.shape[0];
     if (single !== undefined) {
       config.hidden = 0;
       config.out = single.shape[0];

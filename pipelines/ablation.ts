@@ -4,27 +4,18 @@
  * per cell under one budget (the same recipe, epochs, batch, width and seed),
  * each cell scored by kNN and the fast linear probe on its features; resumable
  * cell by cell (a finished cell's `cell.json` is reused, an unfinished one
- * resumes from its checkpoint). Writes `ablation.json` and `ablation.md`.
+ * resumes from its checkpoint). A sweep (pipelines/sweep.ts) under the budget;
+ * writes `ablation.json`, `ablation.md` and `ablation.html`.
  */
-import { Effect, Schema } from "effect";
-import { TensorBackend } from "../backend/tensor_backend.ts";
-import {
-  decodeRunConfig,
-  mergeConfig,
-  type MethodName,
-  type RunConfig,
-  type RunConfigInput,
-} from "../config/config.ts";
-import { checkFitsBackend } from "../stages/encode.ts";
-import { factsOf, withDataDefaults } from "../config/data_defaults.ts";
+import { Effect } from "effect";
+import { mergeConfig, type MethodName, type RunConfigInput } from "../config/config.ts";
+import { factsOf } from "../config/data_defaults.ts";
 import { recipeConfig } from "../config/recipes.ts";
 import { openSource } from "../data/sources.ts";
-import { latestCheckpoint } from "./checkpoint.ts";
-import { evaluate } from "./evaluate.ts";
-import { pretrain, type PretrainHooks, withSplit } from "./pretrain.ts";
-import { escapeHtml } from "./report_html.ts";
-import { groupedBarSpec, renderSvg } from "./report_plots.ts";
+import { type PretrainHooks, withSplit } from "./pretrain.ts";
 import { resolveSourceSpec } from "./sources.ts";
+import { gridCells, runSweep, type SweepAxis, type SweepCellResult } from "./sweep.ts";
+import { gridReportHtml } from "./sweep_report.ts";
 
 export const ABLATION_METHODS: readonly MethodName[] = ["swav", "deepclusterv2", "simclr"];
 export const ABLATION_CROPS = ["2", "2+4"] as const;
@@ -59,11 +50,8 @@ export interface CellResult {
   readonly config: string;
 }
 
-/** A finished cell was trained under another budget than the one asked for now. */
-export class AblationBudgetChanged
-  extends Schema.TaggedError<AblationBudgetChanged>()("AblationBudgetChanged", {
-    message: Schema.String,
-  }) {}
+/** A finished cell was trained under another budget than the one asked for now (the sweep's error). */
+export { SweepCellChanged as AblationBudgetChanged } from "./sweep.ts";
 
 /** The crop settings of a cell at the data's side: two crops, or two plus four at half the side. */
 const cropsFor = (crops: AblationCrops, side: number) =>
@@ -77,94 +65,60 @@ const cropsFor = (crops: AblationCrops, side: number) =>
 const cellName = (method: MethodName, crops: AblationCrops, seed: number) =>
   `${method}-${crops === "2" ? "2crops" : "multicrop"}-seed${seed}`;
 
-const readCell = (path: string) =>
-  Effect.promise(async () => {
-    try {
-      return JSON.parse(await Deno.readTextFile(path)) as CellResult;
-    } catch {
-      return undefined;
-    }
-  });
-
-/** Runs (or resumes) every cell, then writes the table; the cells' results in grid order. */
+/**
+ * Runs (or resumes) every cell, then writes the table; the cells' results in grid order. The grid
+ * is a sweep (pipelines/sweep.ts) over train.seed x train.method x multicrop under the budget.
+ */
 export const runAblation = (options: AblationOptions) =>
   Effect.gen(function* () {
     const source = yield* openSource(yield* resolveSourceSpec(withSplit(options.data, "train")));
     const first = yield* source.read(0);
     const side = Math.min(first.image.width, first.image.height);
     const facts = factsOf(source, side);
-    // Every cell's config, validated and checked against the backend's memory before any cell trains.
-    const backend = yield* TensorBackend;
-    const cells: {
-      method: MethodName;
-      crops: AblationCrops;
-      seed: number;
-      dir: string;
-      config: RunConfig;
-    }[] = [];
-    for (let seed = 0; seed < options.seeds; seed++) {
-      for (const method of ABLATION_METHODS) {
-        for (const crops of ABLATION_CROPS) {
-          const dir = `${options.out}/${cellName(method, crops, seed)}`;
-          const raw = mergeConfig(
-            mergeConfig(recipeConfig("small-data", options.epochs), { train: { batchSize: ABLATION_BATCH } }),
-            mergeConfig(options.base ?? {}, {
-              data: { source: withSplit(options.data, "train") },
-              multicrop: { ...cropsFor(crops, side), ...(facts.channels === 1 ? { channels: 1 } : {}) },
-              model: facts.channels === 1 ? { inputChannels: 1 } : {},
-              train: { method, seed: 31 + seed, out: dir, epochs: options.epochs },
-            }),
-          );
-          const config = yield* decodeRunConfig(
-            withDataDefaults(raw, facts),
-            `ablation cell ${cellName(method, crops, seed)}`,
-          );
-          yield* checkFitsBackend(config.model, config.train.batchSize, config.multicrop, backend.name);
-          cells.push({ method, crops, seed, dir, config });
-        }
-      }
-    }
-    const results: CellResult[] = [];
-    for (const { method, crops, seed, dir, config } of cells) {
-      const done = yield* readCell(`${dir}/cell.json`);
-      if (done !== undefined && done.config !== JSON.stringify(config)) {
-        return yield* new AblationBudgetChanged({
-          message: `${dir} was trained with another budget (its cell.json records another config): ` +
-            `use another --out, or the same --epochs and data`,
-        });
-      }
-      if (done !== undefined) {
-        const reused = { ...done, reused: true };
-        results.push(reused);
-        options.hooks?.onCell?.(reused);
-        continue;
-      }
-      const started = performance.now();
-      // An unfinished cell continues from its checkpoint; a new one starts fresh.
-      const resume = (yield* latestCheckpoint(dir)) !== undefined;
-      const run = yield* pretrain(config, { resume, ...(options.hooks ? { hooks: options.hooks } : {}) });
-      const knn = yield* evaluate({ checkpoint: dir, method: "knn" });
-      const linear = yield* evaluate({
-        checkpoint: dir,
-        method: "linear",
-        protocol: "features",
-        epochs: options.probeEpochs,
-      });
-      const cell: CellResult = {
-        method,
-        crops,
-        seed,
-        knnTop1: knn.top1,
-        linearTop1: linear.top1,
-        steps: run.steps,
-        seconds: (performance.now() - started) / 1000,
-        reused: false,
-        config: JSON.stringify(config),
-      };
-      yield* Effect.promise(() => Deno.writeTextFile(`${dir}/cell.json`, JSON.stringify(cell)));
-      results.push(cell);
-      options.hooks?.onCell?.(cell);
-    }
+    const seeds = Array.from({ length: options.seeds }, (_, s) => s);
+    // The axes' values, seed outermost; the crops axis sets the multicrop section as a whole.
+    const axes: SweepAxis[] = [
+      { key: "train.seed", path: ["train", "seed"], values: seeds.map((s) => 31 + s) },
+      { key: "train.method", path: ["train", "method"], values: [...ABLATION_METHODS] },
+      { key: "multicrop", path: ["multicrop"], values: ABLATION_CROPS.map((c) => cropsFor(c, side)) },
+    ];
+    const cellOf = new Map<string, { method: MethodName; crops: AblationCrops; seed: number }>();
+    const cells = gridCells(axes, ([seedValue, method, crops]) => {
+      const seed = (seedValue as number) - 31;
+      const label = ABLATION_CROPS[axes[2]!.values.indexOf(crops)]!;
+      const name = cellName(method as MethodName, label, seed);
+      cellOf.set(name, { method: method as MethodName, crops: label, seed });
+      return name;
+    });
+    const base = mergeConfig(
+      mergeConfig(recipeConfig("small-data", options.epochs), { train: { batchSize: ABLATION_BATCH } }),
+      mergeConfig(options.base ?? {}, {
+        data: { source: withSplit(options.data, "train") },
+        multicrop: facts.channels === 1 ? { channels: 1 } : {},
+        model: facts.channels === 1 ? { inputChannels: 1 } : {},
+        train: { epochs: options.epochs },
+      }),
+    );
+    const asCell = (c: SweepCellResult): CellResult => ({
+      ...cellOf.get(c.name)!,
+      knnTop1: c.knnTop1,
+      linearTop1: c.linearTop1,
+      steps: c.steps,
+      seconds: c.seconds,
+      reused: c.reused,
+      config: c.config,
+    });
+    const onCell = options.hooks?.onCell;
+    const sweep = yield* runSweep({
+      base,
+      cells,
+      facts,
+      out: options.out,
+      probeEpochs: options.probeEpochs,
+      label: "ablation",
+      hooks: { ...options.hooks, onCell: (c) => onCell?.(asCell(c)) },
+    });
+    const results = sweep.map(asCell);
     const table = ablationTable(results);
     yield* Effect.promise(async () => {
       await Deno.writeTextFile(
@@ -216,31 +170,37 @@ export const ablationMarkdown = (table: readonly AblationRow[]): string =>
 /** The HTML report: kNN and linear top-1 as grouped bars (method x crops), and the table. */
 const writeAblationHtml = (path: string, table: readonly AblationRow[]) =>
   Effect.gen(function* () {
-    const chart = (key: "knn" | "linear", title: string) =>
-      renderSvg(groupedBarSpec(
-        table.flatMap((r) => [
-          { method: r.method, crops: "2 crops", top1: 100 * r[key].twoCrops },
-          { method: r.method, crops: "multi-crop", top1: 100 * r[key].multiCrop },
-        ]),
-        { field: "method", title: "method" },
-        { field: "crops", title: "crops" },
-        { field: "top1", title },
-      ));
-    const knn = yield* chart("knn", "kNN top-1 (%)");
-    const linear = yield* chart("linear", "linear top-1 (%)");
-    const rows = table.map((r) =>
-      `<tr><td>${escapeHtml(r.method)}</td><td>${pct(r.knn.twoCrops)}</td><td>${pct(r.knn.multiCrop)}</td>` +
-      `<td>${signed(r.knn.gain)}</td><td>${pct(r.linear.twoCrops)}</td><td>${pct(r.linear.multiCrop)}</td>` +
-      `<td>${signed(r.linear.gain)}</td></tr>`
-    );
-    const html = `<!doctype html><html><head><meta charset="utf-8"><title>multi-crop ablation</title>
-<style>body{font:14px/1.4 sans-serif;margin:1.5em auto;max-width:1000px;color:#222;padding:0 1em}
-td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}</style></head><body>
-<h1>Multi-crop ablation</h1><figure>${knn}</figure><figure>${linear}</figure>
-<table><thead><tr><th>method</th><th>kNN 2 crops</th><th>kNN multi-crop</th><th>gain</th>
-<th>linear 2 crops</th><th>linear multi-crop</th><th>gain</th></tr></thead><tbody>${
-      rows.join("")
-    }</tbody></table>
-</body></html>`;
+    const html = yield* gridReportHtml({
+      title: "multi-crop ablation",
+      heading: "Multi-crop ablation",
+      axes: { group: "method", series: "crops" },
+      bars: table.flatMap((r) => [
+        { group: r.method, series: "2 crops", knn: 100 * r.knn.twoCrops, linear: 100 * r.linear.twoCrops },
+        {
+          group: r.method,
+          series: "multi-crop",
+          knn: 100 * r.knn.multiCrop,
+          linear: 100 * r.linear.multiCrop,
+        },
+      ]),
+      header: [
+        "method",
+        "kNN 2 crops",
+        "kNN multi-crop",
+        "gain",
+        "linear 2 crops",
+        "linear multi-crop",
+        "gain",
+      ],
+      rows: table.map((r) => [
+        r.method,
+        pct(r.knn.twoCrops),
+        pct(r.knn.multiCrop),
+        signed(r.knn.gain),
+        pct(r.linear.twoCrops),
+        pct(r.linear.multiCrop),
+        signed(r.linear.gain),
+      ]),
+    });
     yield* Effect.promise(() => Deno.writeTextFile(path, html));
   });

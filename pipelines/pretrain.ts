@@ -71,7 +71,7 @@ import {
 } from "./methods.ts";
 import type { StepOutcome } from "./train_step.ts";
 import { resolveSourceSpec } from "./sources.ts";
-import { initFromWeightsFile } from "./torch_weights.ts";
+import { initFromWeightsFile, initNote } from "./torch_weights.ts";
 import { plural } from "./wording.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
@@ -540,8 +540,8 @@ export const pretrain = (
     if (latest !== undefined) {
       hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
     } else if (options.init !== undefined) {
-      yield* initFromWeightsFile(model, options.init);
-      hooks.onInfo?.(`weights initialised from ${options.init}`);
+      const { hasHead } = yield* initFromWeightsFile(model, options.init);
+      hooks.onInfo?.(initNote(options.init, hasHead));
     }
     // Start-up checks passed: only now does anything in the run folder change.
     if (folder !== undefined) {

@@ -99,16 +99,28 @@ export const scopedModelFromWeights = (
 
 /**
  * `pretrain --init FILE.pth`: the run's model (already made from the run's config) takes the
- * file's weights; the file must fit the config (its architecture fields are the run's).
+ * file's weights; the file must fit the config (its architecture fields are the run's). Whether
+ * the file held the head (else the head and prototypes keep their seeded values: see `initNote`).
  */
 export const initFromWeightsFile = (
   model: SwavModel,
   path: string,
-): Effect.Effect<void, TorchCheckpointError | TorchWeightsError | ModelWeightsError> =>
+): Effect.Effect<
+  { readonly hasHead: boolean },
+  TorchCheckpointError | TorchWeightsError | ModelWeightsError
+> =>
   Effect.gen(function* () {
     const weights = yield* loadWeightsFile(path, model.config);
     yield* assignWeights(model, weights, `PyTorch checkpoint ${path}`);
+    return { hasHead: weights.hasHead };
   });
+
+/** The line `pretrain --init` prints: a file without a head says that the head starts from random values. */
+export const initNote = (path: string, hasHead: boolean): string =>
+  hasHead
+    ? `weights initialised from ${path}`
+    : `weights initialised from ${path}: the backbone only (the file has no complete projection head and ` +
+      "prototypes); the head and prototypes start from random values";
 
 /** SwAV's evaluation transform for ImageNet weights (eval_linear.py): 224 px, its mean and std. */
 export const torchEncoderInput = (channels: 1 | 3) => ({
