@@ -27,10 +27,21 @@ export interface ClusterLossInput {
   readonly prototypes: readonly tf.Tensor2D[];
   /** One target per sample of the batch per head (NO_TARGET: none). */
   readonly targets: readonly Int32Array[];
+  /**
+   * Per head, what the summed cross-entropy is divided by; absent: the rows here with a target
+   * (at least 1). Data parallel: the global batch's count over the ranks.
+   */
+  readonly divisors?: readonly number[] | undefined;
 }
 
 /** One head's mean cross-entropy over the rows that have a target (0 when none has). */
-const headLoss = (scores: tf.Tensor2D, targets: Int32Array, crops: number, temperature: number): tf.Scalar =>
+const headLoss = (
+  scores: tf.Tensor2D,
+  targets: Int32Array,
+  crops: number,
+  temperature: number,
+  divisor?: number,
+): tf.Scalar =>
   tf.tidy(() => {
     const rows = new Int32Array(targets.length * crops);
     for (let c = 0; c < crops; c++) rows.set(targets, c * targets.length);
@@ -39,7 +50,7 @@ const headLoss = (scores: tf.Tensor2D, targets: Int32Array, crops: number, tempe
     const counted = indices.reduce((n, t) => n + (t >= 0 ? 1 : 0), 0);
     const oneHot = tf.cast(tf.oneHot(tf.tensor1d(indices, "int32"), scores.shape[1]), "float32");
     const logP = tf.logSoftmax(tf.div(scores, temperature));
-    return tf.div(tf.neg(tf.sum(tf.mul(oneHot, logP))), Math.max(1, counted)) as tf.Scalar;
+    return tf.div(tf.neg(tf.sum(tf.mul(oneHot, logP))), divisor ?? Math.max(1, counted)) as tf.Scalar;
   });
 
 /** The loss: the heads' cross-entropies averaged. */
@@ -48,7 +59,13 @@ export const clusterLoss = (input: ClusterLossInput, config: ClusterLossConfig):
     const batch = input.targets[0]?.length ?? 0;
     const crops = batch === 0 ? 0 : input.embeddings.shape[0] / batch;
     const losses = input.prototypes.map((w, h) =>
-      headLoss(prototypeScores(input.embeddings, w), input.targets[h]!, crops, config.temperature)
+      headLoss(
+        prototypeScores(input.embeddings, w),
+        input.targets[h]!,
+        crops,
+        config.temperature,
+        input.divisors?.[h],
+      )
     );
     return tf.div(losses.length === 1 ? losses[0]! : tf.addN(losses), losses.length) as tf.Scalar;
   });
