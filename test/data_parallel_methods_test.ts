@@ -5,7 +5,9 @@
  * - DeepCluster-v2: the same loss and prototypes in use at every step (the first epoch's k-means runs
  *   over the initial fill pass's bank, the second's over the bank the steps wrote, with the dropped
  *   remainder's samples left without target), and in the last checkpoint the same prototypes (the
- *   second epoch's centroids: frozen), weights, targets (equal), presence (equal) and present rows.
+ *   second epoch's centroids: frozen), weights, presence (equal), present rows and targets (no more
+ *   differing than in the floor run: k-means on this untrained model has near ties); the 2-rank
+ *   checkpoint, taken mid-epoch, resumes in one process as one process's checkpoint does.
  * - SimCLR: the same loss and embedding spread at every step and the same weights after 10 steps
  *   (gradients through the gather of the embeddings).
  *
@@ -13,7 +15,9 @@
  * same single-process run on another kernel set (`SWAV_DNNL=0`) is the floor; the ranks stay within
  * FLOOR_FACTOR times it, per step and per checkpoint array, and at step 1 within 1e-5 relative.
  *
- * Without MPI: NT-Xent over gathered candidates, per rank, averages to the whole batch's loss.
+ * On 2 and 4 ranks, test/mpi/methods_rank.ts checks the pieces exactly on fresh random inputs
+ * (k-means centroids and targets, the merged and re-owned bank, the loss and gradients of both
+ * methods). Without MPI: NT-Xent over gathered candidates, per rank, averages to the whole batch's.
  */
 import assert from "node:assert/strict";
 import * as tf from "@tensorflow/tfjs";
@@ -36,7 +40,7 @@ interface Metric {
   readonly embedding_std?: number;
 }
 
-const train = async (config: string, out: string, procs: number, env = {}) => {
+const train = async (config: string, out: string, procs: number, env = {}, steps = STEPS, resume = false) => {
   const result = await runCli([
     "pretrain",
     "--config",
@@ -44,9 +48,10 @@ const train = async (config: string, out: string, procs: number, env = {}) => {
     "--out",
     out,
     "--max-steps",
-    String(STEPS),
+    String(steps),
     "--json",
     ...(procs > 1 ? ["--procs", String(procs)] : []),
+    ...(resume ? ["--resume"] : []),
   ], { SWAV_DEBUG_PARAMS: "1", SWAV_THREADS: "1", ...env });
   assert.equal(result.code, 0, result.stderr);
   const summary = JSON.parse(result.stdout.trim().split("\n").at(-1)!);
@@ -149,6 +154,17 @@ const equivalence = (method: "deepclusterv2" | "simclr") => async () => {
           `${name}: ${differing(many)} targets differ (floor ${differing(floorRun)})`,
         );
       }
+      // The 2-rank checkpoint (mid-epoch, the merged bank) resumes in one process as one process's does.
+      const resumed = await train(config, `${dir}/procs2`, 1, {}, STEPS + 4, true);
+      const oneResumed = await train(config, `${dir}/one`, 1, {}, STEPS + 4, true);
+      const floorResumed = await train(config, `${dir}/floor`, 1, { SWAV_DNNL: "0" }, STEPS + 4, true);
+      const resumedGaps = metricGaps(resumed, oneResumed);
+      const resumedFloor = metricGaps(floorResumed, oneResumed);
+      assert.equal(resumed.metrics.length, STEPS + 4);
+      assert.ok(
+        resumedGaps.worst <= FLOOR_FACTOR * Math.max(resumedFloor.worst, 1e-6),
+        `resumed on 1 process: loss gap ${resumedGaps.worst} vs floor ${resumedFloor.worst}`,
+      );
     }
   } finally {
     await Deno.remove(dir, { recursive: true });
