@@ -10,9 +10,15 @@
  *
  * The bank is kept by global sample id and the k-means starts from rows chosen by a seeded draw over
  * sample ids, so the clusters do not depend on the order of the writes.
+ *
+ * Data parallel, each rank writes its shard's samples into its bank (present on that rank only);
+ * the k-means' starting rows are drawn over the job's present ids and each update's sums and counts
+ * are all-reduced, so the centroids are global; the assignments are all-reduced so that every rank
+ * holds every sample's target; the loss is divided by the global batch's count of rows with a target.
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, Schema, Stream } from "effect";
+import { type Communicator, singleProcess } from "../backend/communicator.ts";
 import type { RunConfig } from "../config/config.ts";
 import type { Batch } from "../data/loader.ts";
 import { rngFor } from "../data/rng.ts";
@@ -29,6 +35,8 @@ import {
   writeBatch,
   writeCrop,
 } from "../state/memory_bank.ts";
+import { everyRankHasBatch, prototypesInUseOverRanks } from "./data_parallel.ts";
+import { globalPresence } from "./data_parallel_methods.ts";
 import type { Method, StepState } from "./train_step.ts";
 
 /** The bank holds fewer samples than a head has prototypes. */
@@ -64,32 +72,69 @@ export const clusterMemory = (
   heads: readonly number[],
   iterations: number,
   start: (head: number, n: number, k: number) => Int32Array,
+  comm: Communicator = singleProcess,
 ): Effect.Effect<Float32Array[], BankTooSmall> =>
   Effect.gen(function* () {
+    // This rank's rows; the start draw runs over the job's present ids (every rank draws the same).
     const ids = presentIds(bank);
+    const globalIds = comm.size === 1 ? ids : presentIds({ ...bank, present: globalPresence(bank, comm) });
+    const reduce = comm.size === 1 ? undefined : (sums: Float64Array, counts: Float64Array) => {
+      comm.allReduce(sums, "sum");
+      comm.allReduce(counts, "sum");
+    };
     const centroidsPerHead: Float32Array[] = [];
     for (const [h, k] of heads.entries()) {
-      if (ids.length < k) {
+      if (globalIds.length < k) {
         return yield* new BankTooSmall({
-          message: `the memory bank holds ${ids.length} samples, fewer than the ${k} prototypes of ` +
+          message: `the memory bank holds ${globalIds.length} samples, fewer than the ${k} prototypes of ` +
             `head ${h}: lower model.prototypes or train on more data`,
         });
       }
+      const i = h % bank.banks.length;
+      const first = start(h, globalIds.length, k);
       const { centroids, assignments } = yield* sphericalKmeans({
-        rows: rowsOf(bank, h % bank.banks.length, ids),
+        rows: rowsOf(bank, i, ids),
         n: ids.length,
         dim: bank.dim,
-        start: start(h, ids.length, k),
+        start: first,
         iterations,
+        initial: comm.size === 1 ? undefined : startCentroids(bank, i, globalIds, first, comm),
+        reduce,
       }).pipe(Effect.mapError((e) => new BankTooSmall({ message: e.message })));
       centroidsPerHead.push(centroids);
       const targets = bank.targets[h]!;
-      targets.fill(NO_TARGET);
-      ids.forEach((id, r) => targets[id] = assignments[r]!);
+      if (comm.size === 1) {
+        targets.fill(NO_TARGET);
+        ids.forEach((id, r) => targets[id] = assignments[r]!);
+      } else {
+        // Each sample is present on one rank: the largest over the ranks is its cluster.
+        const all = new Float32Array(bank.size).fill(NO_TARGET);
+        ids.forEach((id, r) => all[id] = assignments[r]!);
+        comm.allReduce(all, "max");
+        all.forEach((t, id) => targets[id] = t);
+      }
     }
     bank.present.fill(0);
     return centroidsPerHead;
   });
+
+/** The starting centroids [K, dim]: the global present ids' rows at `start`, each from the rank holding it. */
+const startCentroids = (
+  bank: MemoryBank,
+  i: number,
+  globalIds: Int32Array,
+  start: Int32Array,
+  comm: Communicator,
+): Float32Array => {
+  const { dim } = bank;
+  const out = new Float32Array(start.length * dim);
+  start.forEach((position, c) => {
+    const id = globalIds[position]!;
+    if (bank.present[id] === 1) out.set(bank.banks[i]!.subarray(id * dim, (id + 1) * dim), c * dim);
+  });
+  comm.allReduce(out, "sum");
+  return out;
+};
 
 /** The prototypes of every head set to the centroids. */
 export const setPrototypes = (model: SwavModel, centroids: readonly Float32Array[]): void => {
@@ -126,19 +171,43 @@ const sizeOfCrop = (config: RunConfig, crop: number): number => {
   return config.multicrop.sizeCrops[0]!;
 };
 
-/** The reference's `init_memory`: every batch of `batches`, one forward per assignment crop, into the bank. */
+/**
+ * The reference's `init_memory`: every batch of `batches`, one forward per assignment crop, into the
+ * bank. Data parallel, batch norm is synchronised: every rank forwards while all still have a batch.
+ */
 export const fillMemoryBank = <E>(
   model: SwavModel,
   bank: MemoryBank,
   config: RunConfig,
   batches: Stream.Stream<Batch, E>,
-) =>
-  Stream.runForEach(batches, (batch) =>
-    Effect.gen(function* () {
-      for (const [i, crop] of config.deepclusterv2.cropsForAssign.entries()) {
-        writeCrop(bank, i, batch.indices, yield* embedCrop(model, batch, config, crop));
-      }
-    })).pipe(Effect.tap(() => Effect.sync(() => (bank.filled = true))));
+  comm: Communicator = singleProcess,
+) => {
+  const agreement = { ended: false };
+  return Stream.runForEach(
+    Stream.concat(batches, Stream.make(undefined)),
+    (batch) =>
+      Effect.gen(function* () {
+        if (agreement.ended) return;
+        if (comm.size > 1 && !everyRankHasBatch(batch !== undefined, comm)) agreement.ended = true;
+        if (batch === undefined || agreement.ended) return;
+        for (const [i, crop] of config.deepclusterv2.cropsForAssign.entries()) {
+          writeCrop(bank, i, batch.indices, yield* embedCrop(model, batch, config, crop));
+        }
+      }),
+  ).pipe(Effect.tap(() => Effect.sync(() => (bank.filled = true))));
+};
+
+/**
+ * Data parallel, per head: what this rank's summed cross-entropy is divided by, the global batch's
+ * count of rows with a target over the ranks, so that the ranks' mean loss (and mean gradient) is
+ * the global batch's, whichever rank holds the samples without target. Collective.
+ */
+export const lossDivisors = (targets: readonly Int32Array[], crops: number, comm: Communicator): number[] =>
+  targets.map((t) => {
+    const counted = Float64Array.of(t.reduce((n, x) => n + (x >= 0 ? crops : 0), 0));
+    comm.allReduce(counted, "sum");
+    return Math.max(1, counted[0]!) / comm.size;
+  });
 
 /**
  * DeepCluster-v2 as a method value: targets from the bank, cross-entropy per head, bank written after.
@@ -167,8 +236,15 @@ export const fillMemoryBank = <E>(
  * await Deno.remove(out, { recursive: true });
  * ```
  */
-export const deepClusterV2Method = (config: RunConfig, state: StepState, bank: MemoryBank): Method => {
+export const deepClusterV2Method = (
+  config: RunConfig,
+  state: StepState,
+  bank: MemoryBank,
+  comm: Communicator = singleProcess,
+): Method => {
   const settings = config.deepclusterv2;
+  const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
+  const firstK = prototypeHeads(config.model)[0]!.k;
   const encode = encodeStage.apply({ training: true });
   const heads = prototypeHeads(config.model).map((head) =>
     state.model.param(head.name) as tf.Variable<tf.Rank.R2>
@@ -180,9 +256,10 @@ export const deepClusterV2Method = (config: RunConfig, state: StepState, bank: M
       Effect.sync(() => {
         const targets = batchTargets(bank, input.batch.indices);
         lastTargets = targets;
-        return (crops) => {
-          const { embeddings, features } = encode({ model: state.model, cropGroups: crops });
-          const loss = clusterLoss({ embeddings, prototypes: heads, targets }, settings);
+        const divisors = comm.size === 1 ? undefined : lossDivisors(targets, crops, comm);
+        return (cropGroups) => {
+          const { embeddings, features } = encode({ model: state.model, cropGroups });
+          const loss = clusterLoss({ embeddings, prototypes: heads, targets, divisors }, settings);
           return { loss, embeddings, codes: [], features };
         };
       }),
@@ -196,8 +273,12 @@ export const deepClusterV2Method = (config: RunConfig, state: StepState, bank: M
         );
       }),
     // The distinct targets of the first head in the batch: 1 when every sample went to one cluster.
-    statistics: () =>
-      Promise.resolve({ prototypesInUse: new Set(lastTargets[0]?.filter((t) => t >= 0) ?? []).size }),
+    statistics: () => {
+      const winners = new Set(lastTargets[0]?.filter((t) => t >= 0) ?? []);
+      return Promise.resolve({
+        prototypesInUse: comm.size === 1 ? winners.size : prototypesInUseOverRanks(winners, firstK, comm),
+      });
+    },
     nonFiniteHint: "Try a lower optim.baseLr or a larger deepclusterv2.temperature.",
   };
 };

@@ -10,7 +10,6 @@ import { prototypeHeads, type SwavModel } from "../models/model.ts";
 import { optimiseStage } from "../stages/optimise.ts";
 import { makeMemoryBank, type MemoryBank } from "../state/memory_bank.ts";
 import { collapseWarning, embeddingCollapseWarning } from "./collapse.ts";
-import { DataParallelError } from "./data_parallel.ts";
 import {
   clusterMemory,
   deepClusterV2Method,
@@ -57,12 +56,6 @@ export const methodTrainStep = (
       );
     }
     if (method === "swav") return yield* swavTrainStep(config, state, schedule, stages);
-    if (comm.size > 1) {
-      return yield* new DataParallelError({
-        message: `train.method ${method} with --procs ${comm.size} is not supported yet: run it in one ` +
-          "process (without --procs), or use train.method swav",
-      });
-    }
     const optim = effectiveOptim(config.optim, config.train.batchSize);
     const { itersPerEpoch, batchSize } = schedule;
     return method === "deepclusterv2"
@@ -70,7 +63,7 @@ export const methodTrainStep = (
         stepSettings(config, { ...optim, freezePrototypesIters: config.deepclusterv2.freezePrototypesIters }),
         state,
         { itersPerEpoch },
-        deepClusterV2Method(config, state, bank!),
+        deepClusterV2Method(config, state, bank!, comm),
         optimiseStage,
       )
       : trainStep(
@@ -93,16 +86,18 @@ export const startMethodEpoch = <E>(
   epoch: number,
   skip: number,
   batches: () => Stream.Stream<Batch, E>,
+  comm: Communicator,
 ) =>
   Effect.gen(function* () {
     if (bank === undefined) return;
-    if (!bank.filled) yield* fillMemoryBank(model, bank, config, batches());
+    if (!bank.filled) yield* fillMemoryBank(model, bank, config, batches(), comm);
     if (skip > 0) return;
     const centroids = yield* clusterMemory(
       bank,
       prototypeHeads(model.config).map((head) => head.k),
       config.deepclusterv2.kmeansIterations,
       (head, n, k) => startRows(n, k, config.train.seed, epoch, head),
+      comm,
     );
     setPrototypes(model, centroids);
   });

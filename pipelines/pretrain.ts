@@ -48,6 +48,7 @@ import {
   localBatchSize,
   shardQueue,
 } from "./data_parallel.ts";
+import { mergedBank, ownRestoredBank } from "./data_parallel_methods.ts";
 import { environmentReport } from "./environment.ts";
 import { knnTop1 } from "./knn.ts";
 import { makeOnlineProbe, type OnlineProbe } from "./online_probe.ts";
@@ -197,8 +198,10 @@ const checkpointWriter = (
     const savedQueue = comm.size > 1 && state.queue !== undefined
       ? gatherQueue(yield* serialiseQueue(state.queue), comm)
       : undefined;
+    // DeepCluster-v2's bank as one process holds it (each rank has its shard's rows).
+    const memoryBank = state.memoryBank === undefined ? undefined : mergedBank(state.memoryBank, comm);
     if (folder === undefined) return undefined;
-    const checkpoint = yield* assembleCheckpoint(position, { ...state, savedQueue });
+    const checkpoint = yield* assembleCheckpoint(position, { ...state, savedQueue, memoryBank });
     const path = yield* writeCheckpoint(folder.path, checkpoint, folder.tempPathFor);
     yield* pruneCheckpoints(folder.path, keep);
     return path;
@@ -536,6 +539,8 @@ export const pretrain = (
         memoryBank,
         ...(comm.size > 1 ? { queueShard: (saved) => shardQueue(saved, comm) } : {}),
       });
+    // The checkpoint's bank is whole on every rank: each keeps its share of the present samples.
+    if (latest !== undefined && memoryBank !== undefined) ownRestoredBank(memoryBank, comm);
     const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
     if (latest !== undefined) {
       hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
@@ -591,7 +596,7 @@ export const pretrain = (
       const skip = epoch === start.epoch ? start.batchInEpoch : 0;
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
       // The method's epoch start (DeepCluster-v2: the bank's first fill, then the epoch's k-means).
-      yield* startMethodEpoch(config, model, memoryBank, epoch, skip, () => loader.epoch(epoch));
+      yield* startMethodEpoch(config, model, memoryBank, epoch, skip, () => loader.epoch(epoch), comm);
       // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
       // unreadable samples may run out first, and the others then end the epoch with it.
       const agreement = { ended: false };

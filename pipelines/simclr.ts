@@ -5,12 +5,18 @@
  * Its collapse signal is the embeddings' spread (`embeddingStd`): the mean over
  * dimensions of the batch's standard deviation, about 1/√D for embeddings
  * spread over the sphere and 0 when they collapse to one point.
+ *
+ * Data parallel, every rank's embeddings are gathered (pipelines/data_parallel_methods.ts), so
+ * each anchor has every image of the global batch as candidates, and the gradient flows back
+ * through the gather: 2 ranks with B/2 images each train as one process with B.
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
+import { activeCommunicator } from "../backend/communicator.ts";
 import type { RunConfig } from "../config/config.ts";
 import { encodeStage } from "../stages/encode.ts";
 import { ntXent } from "../stages/nt_xent.ts";
+import { allGatherRows, embeddingStdOverRanks } from "./data_parallel_methods.ts";
 import type { Method, StepState } from "./train_step.ts";
 
 /** Mean over dimensions of the rows' standard deviation, read asynchronously. */
@@ -52,16 +58,25 @@ export const embeddingStd = async (embeddings: tf.Tensor2D): Promise<number> => 
  */
 export const simclrMethod = (config: RunConfig, state: StepState, batchSize: number): Method => {
   const encode = encodeStage.apply({ training: true });
+  const comm = activeCommunicator();
+  const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
   return {
     name: "simclr",
     prepare: () =>
-      Effect.succeed((crops) => {
-        const { embeddings, features } = encode({ model: state.model, cropGroups: crops });
-        const loss = ntXent({ embeddings, batchSize }, config.simclr);
+      Effect.succeed((cropGroups) => {
+        const { embeddings, features } = encode({ model: state.model, cropGroups });
+        const gathered = comm.size === 1
+          ? undefined
+          : { all: allGatherRows(embeddings, crops, comm), rank: comm.rank, ranks: comm.size };
+        const loss = ntXent({ embeddings, batchSize, gathered }, config.simclr);
         return { loss, embeddings, codes: [], features };
       }),
     update: () => Effect.void,
-    statistics: async (out) => ({ embeddingStd: await embeddingStd(out.embeddings) }),
+    statistics: async (out) => ({
+      embeddingStd: comm.size === 1
+        ? await embeddingStd(out.embeddings)
+        : await embeddingStdOverRanks(out.embeddings, comm),
+    }),
     nonFiniteHint: "Try a lower optim.baseLr or a larger simclr.temperature.",
   };
 };

@@ -35,10 +35,21 @@ export interface ClusterLossInput {
   readonly prototypes: readonly Tensor2D[];
   /** One target per sample of the batch per head (NO_TARGET: none). */
   readonly targets: readonly Int32Array[];
+  /**
+   * Per head, what the summed cross-entropy is divided by; absent: the rows here with a target
+   * (at least 1). Data parallel: the global batch's count over the ranks.
+   */
+  readonly divisors?: readonly number[] | undefined;
 }
 
 /** One head's mean cross-entropy over the rows that have a target (0 when none has). */
-const headLoss = (scores: Tensor2D, targets: Int32Array, crops: number, temperature: number): Scalar =>
+const headLoss = (
+  scores: Tensor2D,
+  targets: Int32Array,
+  crops: number,
+  temperature: number,
+  divisor?: number,
+): Scalar =>
   tf.tidy(() => {
     const rows = new Int32Array(targets.length * crops);
     for (let c = 0; c < crops; c++) rows.set(targets, c * targets.length);
@@ -47,7 +58,7 @@ const headLoss = (scores: Tensor2D, targets: Int32Array, crops: number, temperat
     const counted = indices.reduce((n, t) => n + (t >= 0 ? 1 : 0), 0);
     const oneHot = tf.cast(tf.oneHot(tf.tensor1d(indices, "int32"), scores.shape[1]), "float32");
     const logP = tf.logSoftmax(tf.div(scores, temperature));
-    return tf.div(tf.neg(tf.sum(tf.mul(oneHot, logP))), Math.max(1, counted)) as Scalar;
+    return tf.div(tf.neg(tf.sum(tf.mul(oneHot, logP))), divisor ?? Math.max(1, counted)) as Scalar;
   });
 
 /**
@@ -60,8 +71,8 @@ const headLoss = (scores: Tensor2D, targets: Int32Array, crops: number, temperat
  * import { clusterLoss, initBackend } from "@swav/swav-ts";
  *
  * await initBackend("cpu");
- * const prototypes = [tf.eye(3) as tf.Tensor2D]; // one head of K = 3 prototypes of size 3
- * const embeddings = tf.concat([tf.eye(3), tf.eye(3)]) as tf.Tensor2D; // 2 crops of 3 samples
+ * const prototypes = [tf.eye(3) as Tensor2D]; // one head of K = 3 prototypes of size 3
+ * const embeddings = tf.concat([tf.eye(3), tf.eye(3)]) as Tensor2D; // 2 crops of 3 samples
  * const loss = async (targets: number[]) =>
  *   (await clusterLoss({ embeddings, prototypes, targets: [new Int32Array(targets)] }, { temperature: 0.1 }).data())[0]!;
  * assert.ok((await loss([0, 1, 2])) < (await loss([1, 2, 0])));
@@ -72,7 +83,13 @@ export const clusterLoss = (input: ClusterLossInput, config: ClusterLossConfig):
     const batch = input.targets[0]?.length ?? 0;
     const crops = batch === 0 ? 0 : input.embeddings.shape[0] / batch;
     const losses = input.prototypes.map((w, h) =>
-      headLoss(prototypeScores(input.embeddings, w), input.targets[h]!, crops, config.temperature)
+      headLoss(
+        prototypeScores(input.embeddings, w),
+        input.targets[h]!,
+        crops,
+        config.temperature,
+        input.divisors?.[h],
+      )
     );
     return tf.div(losses.length === 1 ? losses[0]! : tf.addN(losses), losses.length) as Scalar;
   });

@@ -6,6 +6,10 @@
  * L2-normalised); then a final assignment. The dot products run on the tensor
  * backend (one [n, D]·[D, K] product per pass); the sums on the host in
  * float64.
+ *
+ * Data parallel, each rank runs it on its own rows with the same starting
+ * centroids (`initial`) and `reduce` summing the clusters' sums and counts over
+ * the ranks before each update, so every rank computes the global centroids.
  */
 import * as tf from "@tensorflow/tfjs";
 import type { Tensor2D } from "../backend/tensor_types.ts";
@@ -23,6 +27,10 @@ export interface KmeansInput {
   readonly start: Int32Array;
   /** Update steps (the reference's 10); a final assignment follows. */
   readonly iterations: number;
+  /** The starting centroids' values [K, dim] instead of `start`'s rows (data parallel: the global rows). */
+  readonly initial?: Float32Array | undefined;
+  /** Sums the clusters' sums [K·dim] and counts [K] over the ranks, in place (data parallel). */
+  readonly reduce?: ((sums: Float64Array, counts: Float64Array) => void) | undefined;
 }
 
 /** The clustering: unit-norm centroids and each row's cluster. */
@@ -41,6 +49,8 @@ export class TooFewRows extends Schema.TaggedError<TooFewRows>()("TooFewRows", {
 /** Each row's largest dot product with the centroids (the first on ties, as torch's max). */
 const assign = (rows: Tensor2D, centroids: Float32Array, k: number, dim: number) =>
   Effect.promise(async () => {
+    // A rank whose shard holds no rows has nothing to assign.
+    if (rows.shape[0] === 0) return new Int32Array(0);
     const winners = tf.tidy(() =>
       tf.argMax(tf.matMul(rows, tf.tensor2d(centroids, [k, dim]), false, true), 1)
     );
@@ -51,14 +61,13 @@ const assign = (rows: Tensor2D, centroids: Float32Array, k: number, dim: number)
     }
   });
 
-/** The update: each non-empty cluster's mean, then every centroid normalised (F.normalize's 1e-12 floor). */
-export const updateCentroids = (
+/** Each cluster's sum of member rows [K·dim] and member count [K], in float64. */
+export const clusterSums = (
   rows: Float32Array,
   assignments: Int32Array,
-  centroids: Float32Array,
+  k: number,
   dim: number,
-): Float32Array => {
-  const k = centroids.length / dim;
+): { sums: Float64Array; counts: Float64Array } => {
   const sums = new Float64Array(k * dim);
   const counts = new Float64Array(k);
   for (let r = 0; r < assignments.length; r++) {
@@ -66,6 +75,17 @@ export const updateCentroids = (
     counts[c]! += 1;
     for (let j = 0; j < dim; j++) sums[c * dim + j]! += rows[r * dim + j]!;
   }
+  return { sums, counts };
+};
+
+/** The centroids from the clusters' sums and counts: each non-empty cluster's mean, then normalised. */
+export const centroidsFrom = (
+  sums: Float64Array,
+  counts: Float64Array,
+  centroids: Float32Array,
+  dim: number,
+): Float32Array => {
+  const k = centroids.length / dim;
   const next = new Float32Array(k * dim);
   for (let c = 0; c < k; c++) {
     let ss = 0;
@@ -78,6 +98,19 @@ export const updateCentroids = (
     for (let j = 0; j < dim; j++) next[c * dim + j] = mean[j]! * inv;
   }
   return next;
+};
+
+/** The update: each non-empty cluster's mean, then every centroid normalised (F.normalize's 1e-12 floor). */
+export const updateCentroids = (
+  rows: Float32Array,
+  assignments: Int32Array,
+  centroids: Float32Array,
+  dim: number,
+  reduce?: (sums: Float64Array, counts: Float64Array) => void,
+): Float32Array => {
+  const { sums, counts } = clusterSums(rows, assignments, centroids.length / dim, dim);
+  reduce?.(sums, counts);
+  return centroidsFrom(sums, counts, centroids, dim);
 };
 
 /**
@@ -99,22 +132,24 @@ export const updateCentroids = (
  */
 export const sphericalKmeans = (input: KmeansInput): Effect.Effect<KmeansOutput, TooFewRows> =>
   Effect.gen(function* () {
-    const { rows, n, dim, start, iterations } = input;
-    const k = start.length;
-    if (n < k) {
+    const { rows, n, dim, start, iterations, initial, reduce } = input;
+    const k = initial === undefined ? start.length : initial.length / dim;
+    // Data parallel, a rank's own rows may be fewer than K: the caller checks the global count.
+    if (initial === undefined && n < k) {
       return yield* new TooFewRows({
         message: `the memory bank holds ${n} samples, fewer than the ${k} clusters asked for`,
       });
     }
     let centroids: Float32Array = new Float32Array(k * dim);
-    start.forEach((row, c) => centroids.set(rows.subarray(row * dim, (row + 1) * dim), c * dim));
+    if (initial !== undefined) centroids.set(initial);
+    else start.forEach((row, c) => centroids.set(rows.subarray(row * dim, (row + 1) * dim), c * dim));
     const bank = yield* Effect.acquireRelease(
       Effect.sync(() => tf.tensor2d(rows.subarray(0, n * dim), [n, dim])),
       (t) => Effect.sync(() => t.dispose()),
     );
     let assignments = yield* assign(bank, centroids, k, dim);
     for (let it = 0; it < iterations; it++) {
-      centroids = updateCentroids(rows, assignments, centroids, dim);
+      centroids = updateCentroids(rows, assignments, centroids, dim, reduce);
       assignments = yield* assign(bank, centroids, k, dim);
     }
     return { centroids, assignments };

@@ -32,20 +32,39 @@ export interface NtXentInput {
   readonly embeddings: Tensor2D;
   /** Images in the batch (rows per crop). */
   readonly batchSize: number;
+  /**
+   * Data parallel: every rank's embeddings gathered crop-major over the global batch (row
+   * c·B·ranks + r·B + i is rank r's row c·B + i), the candidates of this rank's anchors
+   * (`embeddings`); the loss is then the mean over this rank's anchors. Absent: `embeddings`.
+   */
+  readonly gathered?:
+    | { readonly all: Tensor2D; readonly rank: number; readonly ranks: number }
+    | undefined;
 }
 
 /** Off-mask additive: exp(−1e9) is 0 in float32, and its gradient too. */
 const MASKED = -1e9;
 
-/** The additive masks [N, N]: positives (same image, another crop) and candidates (every row but the anchor). */
-const masks = (n: number, batchSize: number): { positive: Tensor2D; candidates: Tensor2D } => {
-  const positive = new Float32Array(n * n).fill(MASKED);
-  const candidates = new Float32Array(n * n).fill(0);
-  for (let r = 0; r < n; r++) {
-    candidates[r * n + r] = MASKED;
-    for (let c = r % batchSize; c < n; c += batchSize) if (c !== r) positive[r * n + c] = 0;
+/**
+ * The additive masks [anchors, N]: positives (same image, another crop) and candidates (every row
+ * but the anchor). Anchor row c·b + i is column c·b·ranks + rank·b + i of the N gathered rows.
+ */
+const masks = (
+  anchors: number,
+  batchSize: number,
+  rank: number,
+  ranks: number,
+): { positive: Tensor2D; candidates: Tensor2D } => {
+  const global = batchSize * ranks;
+  const n = anchors * ranks;
+  const positive = new Float32Array(anchors * n).fill(MASKED);
+  const candidates = new Float32Array(anchors * n).fill(0);
+  for (let r = 0; r < anchors; r++) {
+    const self = Math.floor(r / batchSize) * global + rank * batchSize + (r % batchSize);
+    candidates[r * n + self] = MASKED;
+    for (let c = self % global; c < n; c += global) if (c !== self) positive[r * n + c] = 0;
   }
-  return { positive: tf.tensor2d(positive, [n, n]), candidates: tf.tensor2d(candidates, [n, n]) };
+  return { positive: tf.tensor2d(positive, [anchors, n]), candidates: tf.tensor2d(candidates, [anchors, n]) };
 };
 
 /**
@@ -68,9 +87,10 @@ const masks = (n: number, batchSize: number): { positive: Tensor2D; candidates: 
  */
 export const ntXent = (input: NtXentInput, config: NtXentConfig): Scalar =>
   tf.tidy(() => {
-    const n = input.embeddings.shape[0];
-    const { positive, candidates } = masks(n, input.batchSize);
-    const sim = tf.div(tf.matMul(input.embeddings, input.embeddings, false, true), config.temperature);
+    const anchors = input.embeddings.shape[0];
+    const { all, rank, ranks } = input.gathered ?? { all: input.embeddings, rank: 0, ranks: 1 };
+    const { positive, candidates } = masks(anchors, input.batchSize, rank, ranks);
+    const sim = tf.div(tf.matMul(input.embeddings, all, false, true), config.temperature);
     const logPos = tf.logSumExp(tf.add(sim, positive), 1);
     const logAll = tf.logSumExp(tf.add(sim, candidates), 1);
     return tf.mean(tf.sub(logAll, logPos)) as Scalar;

@@ -344,27 +344,3 @@ Deno.test("a user's own method (examples/custom_method.ts) runs through the stoc
     assert.ok(losses.every((l) => Number.isFinite(l) && l > -4 && l < 4), `losses ${losses}`);
   });
 });
-
-Deno.test("--procs with deepclusterv2 or simclr is a one-line 'not supported yet' error before any step", async () => {
-  const { methodTrainStep } = await import("../pipelines/methods.ts");
-  const { swavStages } = await import("../pipelines/swav_step.ts");
-  const twoRanks = { size: 2, rank: 0 } as unknown as Parameters<typeof methodTrainStep>[5];
-  for (const method of ["deepclusterv2", "simclr"]) {
-    const config = await Effect.runPromise(decodeRunConfig(tinyConfig("/tmp/unused", method), "test"));
-    const exit = await Effect.runPromiseExit(
-      methodTrainStep(
-        config,
-        {} as never,
-        { batchSize: 8, itersPerEpoch: 1 },
-        swavStages,
-        undefined,
-        twoRanks,
-      ),
-    );
-    assert.ok(Exit.isFailure(exit));
-    assert.match(
-      String(exit.cause),
-      new RegExp(`train.method ${method} with --procs 2 is not supported yet`),
-    );
-  }
-});
