@@ -71,8 +71,8 @@ const headLoss = (
  * import { clusterLoss, initBackend } from "@swav/swav-ts";
  *
  * await initBackend("cpu");
- * const prototypes = [tf.eye(3) as Tensor2D]; // one head of K = 3 prototypes of size 3
- * const embeddings = tf.concat([tf.eye(3), tf.eye(3)]) as Tensor2D; // 2 crops of 3 samples
+ * const prototypes = [tf.eye(3) as tf.Tensor2D]; // one head of K = 3 prototypes of size 3
+ * const embeddings = tf.concat([tf.eye(3), tf.eye(3)]) as tf.Tensor2D; // 2 crops of 3 samples
  * const loss = async (targets: number[]) =>
  *   (await clusterLoss({ embeddings, prototypes, targets: [new Int32Array(targets)] }, { temperature: 0.1 }).data())[0]!;
  * assert.ok((await loss([0, 1, 2])) < (await loss([1, 2, 0])));
