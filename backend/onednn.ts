@@ -92,6 +92,15 @@ export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): 
  */
 export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 && g.oh * g.ow >= 256;
 
+/**
+ * Switches for side-by-side measurements of the bf16 path in one process (bench/precision_bench.ts);
+ * training leaves them at their defaults.
+ */
+export const bf16Tuning = {
+  /** A layer's input-gradient and filter-gradient convolutions share one bf16 copy of dy. */
+  shareDy: true,
+};
+
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
   readonly library: string;
@@ -434,7 +443,7 @@ export const loadDnnl = (): Dnnl | undefined => {
           d.dnnl_memory_set_data_handle(c.from, c.operand === "x" ? x : y);
           d.dnnl_memory_set_data_handle(c.to, scratchPointer(c.slot, c.bytes));
           if (c.operand === "y") {
-            const held = lastDy !== undefined && dyIdentity !== undefined &&
+            const held = bf16Tuning.shareDy && lastDy !== undefined && dyIdentity !== undefined &&
               lastDy.identity === dyIdentity && Deno.UnsafePointer.equals(lastDy.pointer, y) &&
               lastDy.bytes === c.bytes;
             if (held) continue;
