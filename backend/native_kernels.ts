@@ -101,8 +101,8 @@ const openNativeConv = (
     const ran = direction === "forward"
       ? dnnl.run(direction, shape, p(a), p(b), p(out))
       : direction === "backwardData"
-      ? dnnl.run(direction, shape, p(out), p(b), p(a))
-      : dnnl.run(direction, shape, p(a), p(out), p(b));
+      ? dnnl.run(direction, shape, p(out), p(b), p(a), a.dataId)
+      : dnnl.run(direction, shape, p(a), p(out), p(b), b.dataId);
     if (ran) return { done: out };
     backend.disposeData(out.dataId);
   }

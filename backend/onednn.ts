@@ -92,12 +92,24 @@ export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): 
  */
 export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 && g.oh * g.ow >= 256;
 
+/**
+ * Switches for side-by-side measurements of the bf16 path in one process (bench/precision_bench.ts);
+ * training leaves them at their defaults.
+ */
+export const bf16Tuning = {
+  /** A layer's input-gradient and filter-gradient convolutions share one bf16 copy of dy. */
+  shareDy: true,
+};
+
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
   readonly library: string;
   /**
    * forward: (x, w) -> y; backwardData: (dy, w) -> dx; backwardWeights: (x, dy) -> dw.
    * Pointers: x / dx [N, H, W, Ci], w / dw [KH, KW, Ci, Co], y / dy [N, OH, OW, Co].
+   * `dyIdentity` (backward directions): an object that names dy's contents for as long as dy
+   * lives (the caller's tensor data id). Under bf16 the input-gradient and filter-gradient
+   * convolutions of one layer then share one bf16 copy of dy instead of rounding it twice.
    */
   run(
     direction: DnnlDirection,
@@ -105,6 +117,7 @@ export interface Dnnl {
     x: Deno.PointerValue,
     w: Deno.PointerValue,
     y: Deno.PointerValue,
+    dyIdentity?: object,
   ): boolean;
   /**
    * Batch normalisation in training mode over `rows` rows of `channels` values
@@ -225,6 +238,12 @@ export const loadDnnl = (): Dnnl | undefined => {
       if (scratch[i]!.length < bytes) scratch[i] = new Uint8Array(bytes);
       return ptr(scratch[i]!);
     };
+    /**
+     * What scratch slot 1 holds now: the bf16 copy of the dy named by `identity` at `pointer`.
+     * TF.js runs a layer's input gradient and then its filter gradient on the same dy tensor,
+     * which stays alive (and immutable) in between, so the second call reuses the copy.
+     */
+    let lastDy: { identity: object; pointer: Deno.PointerValue; bytes: number } | undefined;
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
 
@@ -348,7 +367,9 @@ export const loadDnnl = (): Dnnl | undefined => {
           from: fromMemory,
           to: toMemory,
           bytes: 2 * count,
-          slot: casts.length,
+          // x always in slot 0, dy in slot 1: the dy copy a backward-data call leaves stays
+          // there for the filter gradient that follows (see `lastDy`).
+          slot: operand === "x" ? 0 : 1,
         });
         return toMemory;
       };
@@ -394,7 +415,7 @@ export const loadDnnl = (): Dnnl | undefined => {
     dnnlLoaded = {
       library: name,
       batchNorm,
-      run: (direction, g, x, w, y) => {
+      run: (direction, g, x, w, y, dyIdentity) => {
         const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
           .concat([g.top, g.left, g.bottom, g.right]).join(",");
         const { dnnlWeightsLayout: weightsLayout, precision: asked } = activeKernelSettings();
@@ -421,6 +442,16 @@ export const loadDnnl = (): Dnnl | undefined => {
         for (const c of plan.casts) {
           d.dnnl_memory_set_data_handle(c.from, c.operand === "x" ? x : y);
           d.dnnl_memory_set_data_handle(c.to, scratchPointer(c.slot, c.bytes));
+          if (c.operand === "y") {
+            const held = bf16Tuning.shareDy && lastDy !== undefined && dyIdentity !== undefined &&
+              lastDy.identity === dyIdentity && Deno.UnsafePointer.equals(lastDy.pointer, y) &&
+              lastDy.bytes === c.bytes;
+            if (held) continue;
+            lastDy = undefined;
+            execute(c.primitive, c.args);
+            if (dyIdentity !== undefined) lastDy = { identity: dyIdentity, pointer: y, bytes: c.bytes };
+            continue;
+          }
           execute(c.primitive, c.args);
         }
         if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);

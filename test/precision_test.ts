@@ -223,6 +223,57 @@ Deno.test(
   },
 );
 
+Deno.test(
+  `bf16: a filter gradient reuses the input gradient's bf16 copy of dy only for that same dy${needsBf16}`,
+  { ignore: !support.native },
+  async () => {
+    await useBackend("wasm");
+    // A shape whose filter gradient runs in bf16 (bf16FilterGradientPays), so dy is rounded for both.
+    const [n, h, w, ci, co] = [pick(2, 4), 16, 16, pick(4, 32), pick(4, 32)];
+    const g: DnnlConvShape = {
+      ...{ n, h, w, ci, oh: h, ow: w, co, kh: 3, kw: 3, sh: 1, sw: 1, dh: 1, dw: 1 },
+      ...{ top: 1, left: 1, bottom: 1, right: 1 },
+    };
+    assert.ok(bf16FilterGradientPays(g));
+    const attrs = { strides: 1, pad: "same", dataFormat: "NHWC", dilations: 1 };
+    const seed = pick(0, 1e6);
+    const x = tf.randomNormal([n, h, w, ci], 0, 1, "float32", seed) as tf.Tensor4D;
+    const filter = tf.randomNormal([3, 3, ci, co], 0, 1, "float32", seed + 1) as tf.Tensor4D;
+    const filterGradient = (dy: tf.Tensor) =>
+      tf.engine().runKernel("Conv2DBackpropFilter", { x, dy }, {
+        ...attrs,
+        filterShape: filter.shape,
+      } as unknown as tf.NamedAttrMap) as tf.Tensor;
+    for (const same of [true, false]) {
+      const dy1 = tf.randomNormal([n, h, w, co], 0, 1, "float32", seed + 2) as tf.Tensor4D;
+      const dw = await withKernelSettings({ precision: "bf16" }, () => {
+        tf.dispose(
+          tf.engine().runKernel("Conv2DBackpropInput", { dy: dy1, filter }, {
+            ...attrs,
+            inputShape: x.shape,
+          } as unknown as tf.NamedAttrMap) as tf.Tensor,
+        );
+        if (same) return Promise.resolve({ dy: dy1, dw: filterGradient(dy1) });
+        // Another dy of the same shape, most likely at the freed one's heap address: its own copy.
+        dy1.dispose();
+        const dy2 = tf.randomNormal([n, h, w, co], 0, 1, "float32", seed + 3) as tf.Tensor4D;
+        return Promise.resolve({ dy: dy2, dw: filterGradient(dy2) });
+      });
+      const r = reference(
+        g,
+        x.dataSync() as Float32Array,
+        filter.dataSync() as Float32Array,
+        dw.dy.dataSync() as Float32Array,
+      );
+      const label = `n${n} 16x16x${ci} -> ${co}, ${same ? "same" : "another"} dy`;
+      const error = checkBound(`${label} dw`, dw.dw.dataSync() as Float32Array, r.dw, r.dwa, n * h * w);
+      assert.ok(error > 2 ** -14, `${label}: dw error ${error} is fp32's: bf16 did not run`);
+      tf.dispose([dw.dy, dw.dw]);
+    }
+    tf.dispose([x, filter]);
+  },
+);
+
 /** Loss and gradients of one step of a small SwAV model at `precision` (same weights, same crops). */
 const stepAt = async (precision: "fp32" | "bf16", roundCrops = false) => {
   const o = parseBenchArgs([
