@@ -25,19 +25,30 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { Effect, Exit } from "effect";
 import { bf16FilterGradientPays, type DnnlConvShape, overrunsScratchpad } from "../backend/onednn.ts";
-import { bf16Support, resolvePrecision } from "../backend/precision.ts";
+import { resolvePrecision } from "../backend/precision.ts";
 import { TensorBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { decodeRunConfig } from "../config/config.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs } from "../bench/bench.ts";
 import { runCli, useBackend } from "./_helpers.ts";
-import { needs } from "./_optional.ts";
+import { needs, needsHardware, type Piece } from "./_optional.ts";
 import { readMetrics, tinyRunConfig, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
 
-const support = bf16Support();
-const needsBf16 = support.native ? "" : ` (ignored: bf16 is not native here: ${support.reason})`;
-if (!support.native) console.error(`precision_test: bf16 tests ignored: ${support.reason}`);
+/**
+ * The bf16 tests' options: a bf16 processor (hardware: ignored where absent, under either setting) and
+ * oneDNN with OpenBLAS (packages: ignored, or failing under SWAV_REQUIRE_OPTIONAL=1); each tallied for
+ * the closing line. Called once per test.
+ */
+const bf16Test = (name: string, fn: () => Promise<void>, pieces: readonly Piece[] = []): void => {
+  const cpu = needsHardware("bf16-cpu");
+  const libs = needs("openblas", "onednn", ...pieces);
+  Deno.test({
+    name: `${name} (${cpu.what}; ${libs.what})`,
+    ignore: cpu.ignore || libs.ignore,
+    fn: libs.guard(fn),
+  });
+};
 
 Deno.test("resolvePrecision: auto takes bf16 only where native; bf16 asked for elsewhere runs fp32 with a note", () => {
   const native = () => ({ native: true, reason: "oneDNN avx512_core_amx" });
@@ -145,9 +156,8 @@ const checkBound = (
   return Math.sqrt(num / den);
 };
 
-Deno.test(
-  `bf16 convolutions (forward, input and filter gradients) on random shapes within bf16's bound${needsBf16}`,
-  { ignore: !support.native },
+bf16Test(
+  `bf16 convolutions (forward, input and filter gradients) on random shapes within bf16's bound`,
   async () => {
     await useBackend("wasm");
     for (let trial = 0; trial < 8; trial++) {
@@ -223,9 +233,8 @@ Deno.test(
   },
 );
 
-Deno.test(
-  `bf16: a filter gradient reuses the input gradient's bf16 copy of dy only for that same dy${needsBf16}`,
-  { ignore: !support.native },
+bf16Test(
+  `bf16: a filter gradient reuses the input gradient's bf16 copy of dy only for that same dy`,
   async () => {
     await useBackend("wasm");
     // A shape whose filter gradient runs in bf16 (bf16FilterGradientPays), so dy is rounded for both.
@@ -329,9 +338,8 @@ const toBf16 = (values: Float32Array): Float32Array => {
   return out;
 };
 
-Deno.test(
-  `the whole step in bf16: loss and every gradient near fp32's${needsBf16}`,
-  { ignore: !support.native },
+bf16Test(
+  `the whole step in bf16: loss and every gradient near fp32's`,
   async () => {
     await useBackend("wasm");
     const fp32 = await stepAt("fp32");
@@ -401,9 +409,8 @@ const tinyRunAt = async (data: string, precision: "fp32" | "bf16", steps: number
 // 200 steps take about 8 minutes on a shared 2-core machine: 60 (three windows) keep the test under 2.
 const RUN_STEPS = 60;
 
-Deno.test(
-  `${RUN_STEPS} steps of a tiny run in bf16 follow the fp32 loss curve; live tensors stay flat${needsBf16}`,
-  { ignore: !support.native },
+bf16Test(
+  `${RUN_STEPS} steps of a tiny run in bf16 follow the fp32 loss curve; live tensors stay flat`,
   async () => {
     const data = await writeTinyData();
     try {
@@ -469,9 +476,8 @@ Deno.test("CLI: --precision bf16 where it is not native runs fp32 and says so in
   }
 });
 
-Deno.test(
-  `CLI: an fp32 run resumed with --precision auto continues in bf16 from the same fp32 checkpoint${needsBf16}`,
-  { ignore: !support.native },
+bf16Test(
+  `CLI: an fp32 run resumed with --precision auto continues in bf16 from the same fp32 checkpoint`,
   async () => {
     const data = await writeTinyData();
     const folder = await Deno.makeTempDir();
@@ -507,11 +513,9 @@ Deno.test(
   },
 );
 
-const mpi = needs("mpich");
-Deno.test(
-  `data parallel in bf16: 2 processes, gradients averaged in fp32, weights equal on both${needsBf16} (${mpi.what})`,
-  { ignore: !support.native || mpi.ignore },
-  mpi.guard(async () => {
+bf16Test(
+  `data parallel in bf16: 2 processes, gradients averaged in fp32, weights equal on both`,
+  async () => {
     const data = await writeTinyData();
     const dir = await Deno.makeTempDir({ prefix: "swav-bf16-mpi-" });
     try {
@@ -541,5 +545,6 @@ Deno.test(
       await Deno.remove(dir, { recursive: true });
       await Deno.remove(data, { recursive: true });
     }
-  }),
+  },
+  ["mpich"],
 );
