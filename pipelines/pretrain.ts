@@ -13,53 +13,26 @@
  * stops the run before the update, a non-finite weight or batch-norm statistic
  * before the step is checkpointed, so the last checkpoint stays good.
  */
-import * as tf from "@tensorflow/tfjs";
-import { Effect, Ref, Schema, Stream } from "effect";
+import type * as tf from "@tensorflow/tfjs";
+import { Effect, Ref, Stream } from "effect";
 import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
-import { makeLoader, type SkipReport } from "../data/loader.ts";
-import { multicropPrepare } from "../stages/multicrop.ts";
-import { type DataSource, openSource } from "../data/sources.ts";
+import type { SkipReport } from "../data/loader.ts";
 import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
 import { checkFitsBackend } from "../stages/encode.ts";
 import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
-import {
-  effectiveQueueLength,
-  type EmbeddingQueue,
-  makeQueue,
-  queueActiveAt,
-  serialise as serialiseQueue,
-} from "../state/queue.ts";
-import {
-  assembleCheckpoint,
-  latestCheckpoint,
-  pruneCheckpoints,
-  restoreRun,
-  type RunPosition,
-  type RunState,
-  writeCheckpoint,
-} from "./checkpoint.ts";
+import { effectiveQueueLength, type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts";
+import { latestCheckpoint, restoreRun, type RunPosition } from "./checkpoint.ts";
 import {
   broadcastModel,
   everyRankHasBatch,
-  gatherQueue,
   gatherSkipReports,
   localBatchSize,
   shardQueue,
 } from "./data_parallel.ts";
-import { mergedBank, ownRestoredBank } from "./data_parallel_methods.ts";
-import { environmentReport } from "./environment.ts";
-import { knnTop1 } from "./knn.ts";
-import { makeOnlineProbe, type OnlineProbe } from "./online_probe.ts";
-import {
-  lockRunFolder,
-  openMetricsLog,
-  type RunFolder,
-  type RunFolderUnusable,
-  writeJsonFile,
-  writeJsonLines,
-} from "./run_folder.ts";
+import { ownRestoredBank } from "./data_parallel_methods.ts";
+import { lockRunFolder, openMetricsLog, type RunFolderUnusable, writeJsonLines } from "./run_folder.ts";
 import { runRecords } from "./run_records.ts";
 import { checkEarlierRun } from "./run_history.ts";
 import { type SwavStages, swavStages } from "./swav_step.ts";
@@ -71,189 +44,31 @@ import {
   startMethodEpoch,
 } from "./methods.ts";
 import type { StepOutcome } from "./train_step.ts";
-import { resolveSourceSpec } from "./sources.ts";
 import { initFromWeightsFile, initNote } from "./torch_weights.ts";
 import { plural } from "./wording.ts";
+import { openEpochScoring, scoreEpoch, trainProbe } from "./epoch_scoring.ts";
+import { checkpointWriter, writeRunRecords } from "./run_writing.ts";
+import { openTrainingData } from "./training_data.ts";
+import {
+  type EpochReport,
+  NoTrainingBatch,
+  type PretrainHooks,
+  type PretrainResult,
+  type StepMetrics,
+} from "./pretrain_types.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
 export { ResumeWithForce, RunFolderHoldsRun } from "./run_history.ts";
 export { DataParallelError } from "./data_parallel.ts";
-
-/** One line of `metrics.jsonl`. */
-export interface StepMetrics {
-  /** The epoch (1-based). */
-  readonly epoch: number;
-  /** Optimiser steps taken, this one included. */
-  readonly step: number;
-  /** The step's loss. */
-  readonly loss: number;
-  /** The learning rate the step used. */
-  readonly lr: number;
-  /** Training throughput over the step. */
-  readonly images_per_s: number;
-  /** What the method has: SwAV the codes' entropy and prototypes in use, DeepCluster-v2 prototypes in use. */
-  readonly code_entropy?: number;
-  /** Distinct prototypes that are some sample's code's argmax or target in the batch. */
-  readonly prototypes_in_use?: number;
-  /** SimCLR's collapse signal (pipelines/simclr.ts). */
-  readonly embedding_std?: number;
-}
-
-/** What an epoch of pretraining reports: its mean loss, the kNN check and the online probe when they run, and its duration. */
-export interface EpochReport {
-  /** The epoch (1-based). */
-  readonly epoch: number;
-  /** The mean of the epoch's step losses. */
-  readonly meanLoss: number;
-  /** kNN top-1 on the labelled test split (train.knnEvery). */
-  readonly knnTop1?: number;
-  /** Test top-1 of the online probe (train.onlineProbe), when it runs. */
-  readonly onlineProbeTop1?: number;
-  /** The epoch's wall-clock time. */
-  readonly seconds: number;
-}
-
-/** Callbacks of a pretraining run: after each step and epoch, and for warnings and information lines. */
-export interface PretrainHooks {
-  /** After every step. */
-  readonly onStep?: (
-    metrics: StepMetrics,
-    progress: { stepInEpoch: number; stepsPerEpoch: number; totalSteps: number },
-  ) => void;
-  /** After every epoch. */
-  readonly onEpoch?: (report: EpochReport) => void;
-  /** A warning (skipped samples, signs of collapse, --resume without a checkpoint). */
-  readonly onWarning?: (message: string) => void;
-  /** An information line (the precision, the queue created, the checkpoint resumed from). */
-  readonly onInfo?: (message: string) => void;
-}
-
-/** What a pretraining run returns: how far it got, its last loss, the epochs' reports and where it wrote. */
-export interface PretrainResult {
-  /** Optimiser steps taken in total. */
-  readonly steps: number;
-  /** Epochs completed. */
-  readonly epochs: number;
-  /** The last step's loss. */
-  readonly lastLoss: number;
-  /** Every epoch's report. */
-  readonly epochReports: readonly EpochReport[];
-  /** The run folder (train.out). */
-  readonly runFolder: string;
-  /** The last checkpoint written, if any. */
-  readonly checkpoint: string | undefined;
-  /** Samples skipped as undecodable (data.onError: skip). */
-  readonly skippedSamples: number;
-}
-
-/** Fewer samples than one batch. */
-export class DatasetTooSmall extends Schema.TaggedError<DatasetTooSmall>()("DatasetTooSmall", {
-  message: Schema.String,
-}) {}
-
-/** An epoch gave no batch at all: nothing was trained, no checkpoint written. */
-export class NoTrainingBatch extends Schema.TaggedError<NoTrainingBatch>()("NoTrainingBatch", {
-  epoch: Schema.Number,
-  batchSize: Schema.Number,
-  samples: Schema.Number,
-  skipped: Schema.Number,
-}) {
-  override get message(): string {
-    return `epoch ${this.epoch} gave no batch of ${this.batchSize}: ${this.skipped} of the ${this.samples} ` +
-      "samples were unreadable (listed in the run folder's skipped.jsonl), so nothing was trained and no " +
-      "checkpoint written: fix or remove the unreadable files, or lower train.batchSize";
-  }
-}
-
-/**
- * The run's records, written once the folder is ours: the resolved config, the
- * seed, and the machine it runs on (the `doctor --json` report).
- */
-const writeRunRecords = (folder: RunFolder, config: RunConfig, backend: string) =>
-  Effect.gen(function* () {
-    yield* writeJsonFile(folder, "config.json", config);
-    yield* writeJsonFile(folder, "seed.json", { seed: config.train.seed });
-    const report = yield* environmentReport({ webgpu: backend === "webgpu" });
-    yield* writeJsonFile(folder, "environment.json", {
-      ...report,
-      precision: { ...report.precision, run: config.train.precision },
-    });
-  });
-
-/**
- * Writes the run's checkpoint at a position with the owner's temp name, then
- * prunes old ones; its path. With several ranks every rank calls it (the
- * queues are gathered) and rank 0, the folder's owner, writes.
- */
-const checkpointWriter = (
-  folder: RunFolder | undefined,
-  keep: number,
-  run: () => RunState,
-  comm: Communicator,
-) =>
-(position: RunPosition) =>
-  Effect.gen(function* () {
-    const state = run();
-    const savedQueue = comm.size > 1 && state.queue !== undefined
-      ? gatherQueue(yield* serialiseQueue(state.queue), comm)
-      : undefined;
-    // DeepCluster-v2's bank as one process holds it (each rank has its shard's rows).
-    const memoryBank = state.memoryBank === undefined ? undefined : mergedBank(state.memoryBank, comm);
-    if (folder === undefined) return undefined;
-    const checkpoint = yield* assembleCheckpoint(position, { ...state, savedQueue, memoryBank });
-    const path = yield* writeCheckpoint(folder.path, checkpoint, folder.tempPathFor);
-    yield* pruneCheckpoints(folder.path, keep);
-    return path;
-  });
-
-const sourceOptions = (config: RunConfig) =>
-  config.data.channels === undefined ? {} : { channels: config.data.channels };
-
-/** The labelled train/test splits for the periodic kNN check, when asked for and the source has labels. */
-const openKnnSources = (config: RunConfig, labelled: boolean) =>
-  Effect.gen(function* () {
-    if (config.train.knnEvery <= 0 || !labelled) return undefined;
-    const { source, testSource } = config.data;
-    const train = yield* openSource(
-      yield* resolveSourceSpec(withSplit(source, "train")),
-      sourceOptions(config),
-    );
-    const test = yield* openSource(
-      yield* resolveSourceSpec(testSource ?? withSplit(source, "test")),
-      sourceOptions(config),
-    );
-    return { train, test };
-  });
-
-/**
- * The training source and its loader: decode -> multicrop in a Worker pool,
- * batched (the scope stops it); with several ranks, this rank's shard of each
- * epoch in batches of `batchSize` (the rank's share of the global batch).
- */
-const openTrainingData = (config: RunConfig, batchSize: number, comm: Communicator) =>
-  Effect.gen(function* () {
-    const { seed } = config.train;
-    const source = yield* openSource(yield* resolveSourceSpec(config.data.source), sourceOptions(config));
-    if (source.length < config.train.batchSize) {
-      return yield* new DatasetTooSmall({
-        message: `the data set has ${source.length} samples, fewer than one batch of ` +
-          `${config.train.batchSize}: lower train.batchSize`,
-      });
-    }
-    const loader = yield* makeLoader({
-      source,
-      prepare: multicropPrepare(config.multicrop),
-      seed,
-      batchSize,
-      dropLast: true,
-      workers: config.data.workers,
-      bufferBatches: config.data.prefetch,
-      onError: config.data.onError,
-      ...(comm.size > 1 ? { shard: { rank: comm.rank, size: comm.size } } : {}),
-    });
-    return { source, loader };
-  });
+export { DatasetTooSmall, withSplit } from "./training_data.ts";
+export {
+  type EpochReport,
+  NoTrainingBatch,
+  type PretrainHooks,
+  type PretrainResult,
+  type StepMetrics,
+} from "./pretrain_types.ts";
 
 /**
  * The embedding queue, created at swav.queueStartEpoch (or on resume); the run's
@@ -667,61 +482,3 @@ export const pretrain = (
       skippedSamples: skipped.count,
     } satisfies PretrainResult;
   }));
-
-/**
- * What scores the features after each epoch: the kNN's train/test sources and the online probe.
- * Rank 0 alone reports, so it alone scores (the probe trains on its shard's features).
- */
-const openEpochScoring = (config: RunConfig, model: SwavModel, source: DataSource, comm: Communicator) =>
-  Effect.gen(function* () {
-    if (comm.rank !== 0) return { knnSources: undefined, probe: undefined };
-    const knnSources = yield* openKnnSources(config, source.classes !== undefined);
-    const probe = yield* onlineProbeFor(config, model, source.classes?.length, knnSources?.test);
-    return { knnSources, probe };
-  });
-
-/** The end of an epoch's kNN top-1 (every `knnEvery` epochs) and online-probe top-1, where they run. */
-const scoreEpoch = (
-  config: RunConfig,
-  model: SwavModel,
-  epoch: number,
-  knnSources: { readonly train: DataSource; readonly test: DataSource } | undefined,
-  probe: { readonly probe: OnlineProbe; readonly test: DataSource } | undefined,
-) =>
-  Effect.gen(function* () {
-    const knn = knnSources !== undefined && (epoch + 1) % config.train.knnEvery === 0
-      ? yield* knnTop1(model, knnSources.train, knnSources.test, config)
-      : undefined;
-    const probeTop1 = probe !== undefined ? yield* probe.probe.top1(model, probe.test, config) : undefined;
-    return { knn, probeTop1 };
-  });
-
-/** The online probe and its test split, when train.onlineProbe asks for one and the source has labels. */
-const onlineProbeFor = (
-  config: RunConfig,
-  model: SwavModel,
-  classes: number | undefined,
-  knnTest: DataSource | undefined,
-) =>
-  Effect.gen(function* () {
-    if (!config.train.onlineProbe || classes === undefined || classes < 2) return undefined;
-    const test = knnTest ?? (yield* openSource(
-      yield* resolveSourceSpec(config.data.testSource ?? withSplit(config.data.source, "test")),
-      sourceOptions(config),
-    ));
-    return { probe: yield* makeOnlineProbe(model.plan.featureDim, classes), test };
-  });
-
-/** One probe step on the first crop's features (rows [0, batch) of the crop-major features). */
-const trainProbe = (probe: OnlineProbe, features: tf.Tensor2D, labels: Int32Array) => {
-  const first = tf.tidy(() => features.slice([0, 0], [labels.length, -1]));
-  try {
-    probe.train(first, labels);
-  } finally {
-    first.dispose();
-  }
-};
-
-/** `path[:split]` with its split replaced. */
-export const withSplit = (spec: string, split: "train" | "test"): string =>
-  `${spec.replace(/:(train|test|val)$/, "")}:${split}`;
