@@ -18,14 +18,13 @@ import { Effect, Schema, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { readRegularText } from "../data/bounded_read.ts";
 import { shown } from "../data/errors.ts";
-import { evalResizeFor } from "../data/eval_augment.ts";
-import { type DataSource, openSource, type SourceKind } from "../data/sources.ts";
+import type { DataSource } from "../data/sources.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import { readCheckpointAt } from "./checkpoint.ts";
 import { type EncoderInput, loadEncoder } from "./export.ts";
 import { extractFeatures, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
-import { type ImageEvaluation, linearEvalDefaults, linearEvaluation, type Pooling } from "./linear_eval.ts";
+import { linearEvalDefaults, linearEvaluation, type Pooling } from "./linear_eval.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
 import {
   labelsAndPaths,
@@ -36,8 +35,26 @@ import {
   subsetFromNames,
 } from "./semisup.ts";
 import { scopedModel, withSplit } from "./pretrain.ts";
-import { resolveSourceSpec } from "./sources.ts";
+import { evalResizeSide, openEvalSource, type ResizeOption } from "./eval_sources.ts";
+import type {
+  Evaluation,
+  KnnEvaluation,
+  LinearEvaluation,
+  LinearProtocol,
+  SemisupEvaluation,
+} from "./evaluation_result.ts";
 import { isTorchCheckpointFile, loadTorchForEvaluation } from "./torch_weights.ts";
+
+export { evalResizeSide, openEvalSource, parseResizeOption, type ResizeOption } from "./eval_sources.ts";
+export {
+  type EvaluatedSources,
+  type Evaluation,
+  evaluationJson,
+  type KnnEvaluation,
+  type LinearEvaluation,
+  type LinearProtocol,
+  type SemisupEvaluation,
+} from "./evaluation_result.ts";
 
 /** Evaluation cannot run as asked: wrong data, wrong checkpoint, nothing to compare. */
 export class EvaluationError extends Schema.TaggedError<EvaluationError>()("EvaluationError", {
@@ -135,12 +152,6 @@ export const loadForEvaluation = (
     };
   });
 
-/** Opens a SOURCE spec (built-ins resolved) with the encoder's channel count. */
-export const openEvalSource = (spec: string, channels: 1 | 3) =>
-  Effect.gen(function* () {
-    return yield* openSource(yield* resolveSourceSpec(spec), { channels });
-  });
-
 /** The SOURCE specs to use: given ones, else the run's train split and test source. */
 export const defaultSourceSpecs = (
   encoder: LoadedEncoder,
@@ -160,31 +171,8 @@ export const defaultSourceSpecs = (
   return Effect.succeed({ train, test });
 };
 
-/**
- * The test-time resize: `"auto"` (default) is `evalResizeFor(size)` (Resize(256) before
- * CenterCrop(224), in proportion) for every source; for IDX and CIFAR, whose images already have
- * the crop size, it measured better than no resize on Fashion-MNIST kNN (README, Evaluation).
- * `"none"` crops without resizing beyond the crop size; a number is the shorter side.
- */
-export type ResizeOption = "auto" | "none" | number;
-
-/** The shorter side to resize to before the centre crop of `size`, or undefined for none. */
-export const evalResizeSide = (option: ResizeOption, size: number, _kind: SourceKind): number | undefined => {
-  if (option === "none") return undefined;
-  if (typeof option === "number") return option;
-  return evalResizeFor(size);
-};
-
-/** `--resize auto|none|N` as a value, or undefined when it is none of them. */
-export const parseResizeOption = (text: string): ResizeOption | undefined => {
-  if (text === "auto" || text === "none") return text;
-  return /^[1-9][0-9]*$/.test(text) ? Number(text) : undefined;
-};
-
 /** How `evaluate` scores a backbone: weighted kNN, a linear classifier, or semi-supervised fine-tuning. */
 export type EvalMethod = "knn" | "linear" | "semisup";
-/** Linear evaluation on augmented images through the frozen backbone (`paper`, eval_linear.py) or a fast probe on precomputed features (`features`). */
-export type LinearProtocol = "paper" | "features";
 
 /** What `evaluate` evaluates and how: the checkpoint, the method, the data and the method's settings (unset ones take the reference's defaults). */
 export interface EvaluateOptions {
@@ -235,165 +223,6 @@ export interface EvaluateOptions {
   /** Where warnings go (a damaged checkpoint skipped, an unverified older file). */
   readonly onWarning?: OnWarning;
 }
-
-/** The result of a kNN evaluation. */
-export interface KnnEvaluation {
-  /** "knn". */
-  readonly method: "knn";
-  /** Shorter side of the test-time resize (undefined: none). */
-  readonly resize: number | undefined;
-  /** Top-1 accuracy, a fraction in [0, 1]. */
-  readonly top1: number;
-  /** Top-5 accuracy, a fraction in [0, 1]. */
-  readonly top5: number;
-  /** Neighbours that voted. */
-  readonly k: number;
-  /** Vote temperature. */
-  readonly temperature: number;
-  /** Top-1 accuracy of each class. */
-  readonly perClassAccuracy: number[];
-  /** confusion[truth][predicted] counts over the test set. */
-  readonly confusion: number[][];
-  /** Class names, label i is classes[i]. */
-  readonly classes: readonly string[];
-  /** Training images used. */
-  readonly trainSamples: number;
-  /** Test images scored. */
-  readonly testSamples: number;
-  /** The checkpoint file or export folder evaluated. */
-  readonly checkpoint: string;
-  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
-  readonly step: number | undefined;
-}
-
-/** The result of a linear evaluation, with its per-epoch history. */
-export interface LinearEvaluation {
-  /** "linear". */
-  readonly method: "linear";
-  /** The protocol that ran. */
-  readonly protocol: LinearProtocol;
-  /** Paper protocol only: RegLog's pooling and BatchNorm. */
-  readonly pooling: Pooling | undefined;
-  /** Paper protocol only: whether BatchNorm preceded the linear layer. */
-  readonly batchNorm: boolean | undefined;
-  /** Shorter side of the test-time resize (undefined: none). */
-  readonly resize: number | undefined;
-  /** Best epoch's top-1 (and its top-5), as the reference reports. */
-  readonly top1: number;
-  /** Top-5 accuracy, a fraction in [0, 1]. */
-  readonly top5: number;
-  /** The last epoch's top-1. */
-  readonly lastTop1: number;
-  /** The last epoch's top-5. */
-  readonly lastTop5: number;
-  /** The epoch (1-based) whose top-1 is reported. */
-  readonly bestEpoch: number;
-  /** Training epochs of the classifier. */
-  readonly epochs: number;
-  /** Top-1 accuracy of each class. */
-  readonly perClassAccuracy: number[];
-  /** confusion[truth][predicted] counts over the test set. */
-  readonly confusion: number[][];
-  /** Every epoch's learning rate, loss and accuracies. */
-  readonly history: readonly ProbeEpoch[];
-  /** Class names, label i is classes[i]. */
-  readonly classes: readonly string[];
-  /** Training images used. */
-  readonly trainSamples: number;
-  /** Test images scored. */
-  readonly testSamples: number;
-  /** The checkpoint file or export folder evaluated. */
-  readonly checkpoint: string;
-  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
-  readonly step: number | undefined;
-}
-
-/** The result of semi-supervised fine-tuning on a label subset. */
-export interface SemisupEvaluation extends ImageEvaluation {
-  /** "semisup". */
-  readonly method: "semisup";
-  /** The `--labels` given (`1%`, `10%` or the file). */
-  readonly labels: string;
-  /** Labelled training images used. */
-  readonly subsetSamples: number;
-  /** Training epochs of the classifier. */
-  readonly epochs: number;
-  /** Shorter side of the test-time resize (undefined: none). */
-  readonly resize: number | undefined;
-  /** Class names, label i is classes[i]. */
-  readonly classes: readonly string[];
-  /** Training images used. */
-  readonly trainSamples: number;
-  /** Test images scored. */
-  readonly testSamples: number;
-  /** The checkpoint file or export folder evaluated. */
-  readonly checkpoint: string;
-  /** Optimiser steps of the checkpoint (undefined for an exported encoder). */
-  readonly step: number | undefined;
-}
-
-/** The sources an evaluation used, and whether they are the run's own splits (not given by --train/--test). */
-export interface EvaluatedSources {
-  /** The training SOURCE spec used. */
-  readonly trainSource: string;
-  /** The test SOURCE spec used. */
-  readonly testSource: string;
-  /** Whether both are the run's own splits (not given by --train / --test). */
-  readonly ownSplits: boolean;
-}
-
-/** What `evaluate` returns: the method's result and the sources it used. */
-export type Evaluation = (KnnEvaluation | LinearEvaluation | SemisupEvaluation) & EvaluatedSources;
-
-/** The `--json` line: snake_case keys, accuracies as fractions in [0, 1]. */
-export const evaluationJson = (result: Evaluation): Record<string, unknown> => {
-  const common = {
-    top1: result.top1,
-    top5: result.top5,
-    per_class_accuracy: result.perClassAccuracy,
-    confusion: result.confusion,
-    classes: result.classes,
-    train_samples: result.trainSamples,
-    test_samples: result.testSamples,
-    checkpoint: result.checkpoint,
-    step: result.step ?? null,
-    train_source: result.trainSource,
-    test_source: result.testSource,
-    own_splits: result.ownSplits,
-  };
-  if (result.method === "knn") {
-    return {
-      method: "knn",
-      ...common,
-      k: result.k,
-      temperature: result.temperature,
-      resize: result.resize ?? null,
-    };
-  }
-  const trained = {
-    last_top1: result.lastTop1,
-    last_top5: result.lastTop5,
-    best_epoch: result.bestEpoch,
-    epochs: result.epochs,
-    resize: result.resize ?? null,
-    history: result.history,
-  };
-  return result.method === "linear"
-    ? {
-      method: "linear",
-      protocol: result.protocol,
-      ...common,
-      ...trained,
-      ...(result.protocol === "paper" ? { pooling: result.pooling, batch_norm: result.batchNorm } : {}),
-    }
-    : {
-      method: "semisup",
-      labels: result.labels,
-      subset_samples: result.subsetSamples,
-      ...common,
-      ...trained,
-    };
-};
 
 /** Extracts a source's features with the encoder's evaluation transform (caller owns the tensor). */
 export const extractWith = (
