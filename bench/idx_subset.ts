@@ -70,4 +70,6 @@ Deno.writeFileSync(`${out}/train-images-idx3-ubyte`, subsetImages);
 Deno.writeFileSync(`${out}/train-labels-idx1-ubyte`, subsetLabels);
 Deno.writeFileSync(`${out}/t10k-images-idx3-ubyte`, readIdx("t10k-images-idx3-ubyte"));
 Deno.writeFileSync(`${out}/t10k-labels-idx1-ubyte`, readIdx("t10k-labels-idx1-ubyte"));
-console.log(`${out}: ${keep.length} training images (${perClass} per class over ${taken.size} classes), full test split`);
+console.log(
+  `${out}: ${keep.length} training images (${perClass} per class over ${taken.size} classes), full test split`,
+);

@@ -4,7 +4,7 @@
  * own, so that a typo or a wrong type is one line naming the key before
  * anything runs (the whole config is validated again once merged).
  */
-import { Schema, SchemaAST } from "effect";
+import { Schema, type SchemaAST } from "effect";
 import { InvalidConfig, RunConfig } from "./config.ts";
 
 /** One parsed setting: the key's path and its value. */
