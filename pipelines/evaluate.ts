@@ -18,12 +18,17 @@ import { Effect, Schema, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
 import { readRegularText } from "../data/bounded_read.ts";
 import { shown } from "../data/errors.ts";
-import type { DataSource } from "../data/sources.ts";
-import { loadModelArrays, type SwavModel } from "../models/model.ts";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
+import type { TorchCheckpointError } from "../data/torch_checkpoint.ts";
+import type { DataSource, SourceError } from "../data/sources.ts";
+import { loadModelArrays, type ModelWeightsError, type SwavModel } from "../models/model.ts";
+import type { TorchWeightsError } from "../models/torch_names.ts";
 import { readCheckpointAt } from "./checkpoint.ts";
-import { type EncoderInput, loadEncoder } from "./export.ts";
-import { extractFeatures, type Features } from "./extract.ts";
-import { knnClassify } from "./knn.ts";
+import type { CheckpointError } from "./checkpoint_format.ts";
+import { type EncoderError, type EncoderInput, loadEncoder } from "./export.ts";
+import { extractFeatures, type ExtractFeaturesError, type Features } from "./extract.ts";
+import { type EvaluationInputError, knnClassify } from "./knn.ts";
 import { linearEvalDefaults, linearEvaluation, type Pooling } from "./linear_eval.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
 import {
@@ -60,6 +65,31 @@ export {
 export class EvaluationError extends Schema.TaggedError<EvaluationError>()("EvaluationError", {
   message: Schema.String,
 }) {}
+
+/**
+ * How `loadForEvaluation` fails: no checkpoint, run folder, export or torch file that reads and verifies at
+ * the path (CheckpointError, EncoderError, TorchCheckpointError), or weights that do not fit the model
+ * (ModelWeightsError, TorchWeightsError, EvaluationError).
+ */
+export type LoadForEvaluationError =
+  | CheckpointError
+  | EncoderError
+  | TorchCheckpointError
+  | TorchWeightsError
+  | ModelWeightsError
+  | EvaluationError;
+
+/**
+ * How `evaluate` fails: the checkpoint does not load (LoadForEvaluationError), a SOURCE does not open
+ * (SourceError), its images cannot be read (LoaderError, DecodeError), or the evaluation cannot run as
+ * asked (EvaluationError, EvaluationInputError).
+ */
+export type EvaluateError =
+  | LoadForEvaluationError
+  | SourceError
+  | LoaderError
+  | DecodeError
+  | EvaluationInputError;
 
 /** A backbone ready for feature extraction, with what it was trained on. */
 export interface LoadedEncoder {
@@ -119,7 +149,7 @@ export type OnWarning = ((message: string) => void) | undefined;
 export const loadForEvaluation = (
   path: string,
   onWarning?: OnWarning,
-): Effect.Effect<LoadedEncoder, unknown, Scope.Scope> =>
+): Effect.Effect<LoadedEncoder, LoadForEvaluationError, Scope.Scope> =>
   Effect.gen(function* () {
     if (yield* isTorchCheckpointFile(path)) return yield* loadTorchForEvaluation(path);
     if (yield* isExportFolder(path)) {
@@ -231,7 +261,7 @@ export const extractWith = (
   options: Pick<EvaluateOptions, "batchSize" | "workers" | "seed" | "resize"> & {
     onProgress?: ((done: number, total: number) => void) | undefined;
   },
-): Effect.Effect<Features, unknown> => {
+): Effect.Effect<Features, ExtractFeaturesError> => {
   const resize = evalResizeSide(options.resize ?? "auto", encoder.input.size, source.kind);
   return extractFeatures(encoder.model, source, {
     size: encoder.input.size,
@@ -291,7 +321,7 @@ export const confusionOf = (predictions: Int32Array, labels: Int32Array, classes
  * await Deno.remove(encoder, { recursive: true });
  * ```
  */
-export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, unknown> =>
+export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, EvaluateError> =>
   Effect.scoped(Effect.gen(function* () {
     const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);
     const specs = yield* defaultSourceSpecs(encoder, options);

@@ -37,7 +37,7 @@ import {
   trainCropPrepare,
 } from "./eval_loop.ts";
 import { EvaluationInputError } from "./knn.ts";
-import { EpochTracker, type ImageEvaluation } from "./linear_eval.ts";
+import { EpochTracker, type ImageEvaluation, type ImageEvaluationError } from "./linear_eval.ts";
 
 export interface SemisupOptions extends EvalRunSettings<SemisupEpoch> {
   readonly numClasses: number;
@@ -268,7 +268,7 @@ export const semisupEvaluation = (
   subset: readonly number[],
   test: DataSource,
   options: SemisupOptions,
-): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
+): Effect.Effect<ImageEvaluation, ImageEvaluationError, Scope.Scope> =>
   Effect.gen(function* () {
     const { input, numClasses: classes } = options;
     if (!(options.epochs >= 1)) {
