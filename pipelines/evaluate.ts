@@ -14,31 +14,18 @@
  * `evalResizeFor(size)` (256 for 224) for every source, record data sets whose
  * images already have the crop size included (`evalResizeSide`).
  */
-import { Effect, Schema, type Scope } from "effect";
+import { Effect, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
-import { readRegularText } from "../data/bounded_read.ts";
-import { shown } from "../data/errors.ts";
-import type { DecodeError } from "../data/image_codec.ts";
-import type { LoaderError } from "../data/loader.ts";
-import type { TorchCheckpointError } from "../data/torch_checkpoint.ts";
-import type { DataSource, SourceError } from "../data/sources.ts";
-import { loadModelArrays, type ModelWeightsError, type SwavModel } from "../models/model.ts";
-import type { TorchWeightsError } from "../models/torch_names.ts";
+import type { DataSource } from "../data/sources.ts";
+import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import { readCheckpointAt } from "./checkpoint.ts";
-import type { CheckpointError } from "./checkpoint_format.ts";
-import { type EncoderError, type EncoderInput, loadEncoder } from "./export.ts";
+import { type EncoderInput, loadEncoder } from "./export.ts";
 import { extractFeatures, type ExtractFeaturesError, type Features } from "./extract.ts";
-import { type EvaluationInputError, knnClassify } from "./knn.ts";
+import { knnClassify } from "./knn.ts";
+import { type EvaluateError, EvaluationError, type LoadForEvaluationError } from "./evaluate_errors.ts";
 import { linearEvalDefaults, linearEvaluation, type Pooling } from "./linear_eval.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
-import {
-  labelsAndPaths,
-  parseLabelFraction,
-  selectLabelSubset,
-  semisupDefaults,
-  semisupEvaluation,
-  subsetFromNames,
-} from "./semisup.ts";
+import { labelSubset, semisupDefaults, semisupEvaluation } from "./semisup.ts";
 import { scopedModel, withSplit } from "./pretrain.ts";
 import { evalResizeSide, openEvalSource, type ResizeOption } from "./eval_sources.ts";
 import type {
@@ -50,6 +37,8 @@ import type {
 } from "./evaluation_result.ts";
 import { isTorchCheckpointFile, loadTorchForEvaluation } from "./torch_weights.ts";
 
+export { labelSubset } from "./semisup.ts";
+export { type EvaluateError, EvaluationError, type LoadForEvaluationError } from "./evaluate_errors.ts";
 export { evalResizeSide, openEvalSource, parseResizeOption, type ResizeOption } from "./eval_sources.ts";
 export {
   type EvaluatedSources,
@@ -60,36 +49,6 @@ export {
   type LinearProtocol,
   type SemisupEvaluation,
 } from "./evaluation_result.ts";
-
-/** Evaluation cannot run as asked: wrong data, wrong checkpoint, nothing to compare. */
-export class EvaluationError extends Schema.TaggedError<EvaluationError>()("EvaluationError", {
-  message: Schema.String,
-}) {}
-
-/**
- * How `loadForEvaluation` fails: no checkpoint, run folder, export or torch file that reads and verifies at
- * the path (CheckpointError, EncoderError, TorchCheckpointError), or weights that do not fit the model
- * (ModelWeightsError, TorchWeightsError, EvaluationError).
- */
-export type LoadForEvaluationError =
-  | CheckpointError
-  | EncoderError
-  | TorchCheckpointError
-  | TorchWeightsError
-  | ModelWeightsError
-  | EvaluationError;
-
-/**
- * How `evaluate` fails: the checkpoint does not load (LoadForEvaluationError), a SOURCE does not open
- * (SourceError), its images cannot be read (LoaderError, DecodeError), or the evaluation cannot run as
- * asked (EvaluationError, EvaluationInputError).
- */
-export type EvaluateError =
-  | LoadForEvaluationError
-  | SourceError
-  | LoaderError
-  | DecodeError
-  | EvaluationInputError;
 
 /** A backbone ready for feature extraction, with what it was trained on. */
 export interface LoadedEncoder {
@@ -508,28 +467,3 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, Ev
       ...extracted,
     } satisfies LinearEvaluation;
   }));
-
-/** The largest `--labels` file read (64 MiB: ImageNet's full list of 1.28 M names is about 30 MB). */
-const MAX_LABELS_BYTES = 64 * 2 ** 20;
-
-/** The training subset of `--labels`: a fraction per class (`1%`, `10%`) or a file of image names. */
-export const labelSubset = (train: DataSource, classes: number, spec: string, seed: number) =>
-  Effect.gen(function* () {
-    const fraction = parseLabelFraction(spec);
-    if (fraction === undefined && /%\s*$/.test(spec)) {
-      return yield* new EvaluationError({
-        message: `--labels ${spec}: give a percentage in (0, 100], e.g. 1% or 10%`,
-      });
-    }
-    const text = fraction !== undefined ? undefined : yield* readRegularText(spec, MAX_LABELS_BYTES).pipe(
-      Effect.mapError((error) =>
-        new EvaluationError({
-          message: `--labels ${shown(spec)}: not 1%, 10% or a readable file of image names (${error.reason})`,
-        })
-      ),
-    );
-    const { labels, paths } = yield* labelsAndPaths(train);
-    return text === undefined
-      ? selectLabelSubset(labels, classes, fraction!, seed)
-      : yield* subsetFromNames(paths, text.split("\n"), spec);
-  });
