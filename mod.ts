@@ -150,6 +150,7 @@ export {
   type EvalMethod,
   evaluate,
   type EvaluatedSources,
+  type EvaluateError,
   type EvaluateOptions,
   type Evaluation,
   EvaluationError,
@@ -158,13 +159,28 @@ export {
   type LinearProtocol,
   type LoadedEncoder,
   loadForEvaluation,
+  type LoadForEvaluationError,
   type OnWarning,
   type ResizeOption,
   type SemisupEvaluation,
 } from "./pipelines/evaluate.ts";
-export { extractFeatures, type ExtractOptions, type Features } from "./pipelines/extract.ts";
-export { extractToFolder } from "./pipelines/extract_folder.ts";
-export { knnClassify, type KnnOptions, type KnnResult, knnTop1 } from "./pipelines/knn.ts";
+export {
+  extractFeatures,
+  type ExtractFeaturesError,
+  type ExtractOptions,
+  type Features,
+} from "./pipelines/extract.ts";
+export { extractToFolder, type ExtractToFolderError } from "./pipelines/extract_folder.ts";
+// loadForEvaluation's failures on a torch checkpoint (torch.save zip, or its weights do not map).
+export { TorchCheckpointError } from "./data/torch_checkpoint.ts";
+export { TorchWeightsError } from "./models/torch_names.ts";
+export {
+  EvaluationInputError,
+  knnClassify,
+  type KnnOptions,
+  type KnnResult,
+  knnTop1,
+} from "./pipelines/knn.ts";
 export {
   linearProbeDefaults,
   type LinearProbeOptions,
@@ -172,7 +188,12 @@ export {
   type ProbeEpoch,
   trainLinearProbe,
 } from "./pipelines/linear_probe.ts";
-export { type ImageEvaluation, linearEvaluation, type Pooling } from "./pipelines/linear_eval.ts";
+export {
+  type ImageEvaluation,
+  type ImageEvaluationError,
+  linearEvaluation,
+  type Pooling,
+} from "./pipelines/linear_eval.ts";
 export { selectLabelSubset, semisupEvaluation } from "./pipelines/semisup.ts";
 export { EncoderError, type EncoderInput, exportEncoder, loadEncoder } from "./pipelines/export.ts";
 
@@ -260,7 +281,7 @@ export {
 export { loadModelArrays, type NamedArray, readModelArrays } from "./models/model.ts";
 
 // Reporting: a run folder's HTML report (curves, warnings, model views, evaluations).
-export { buildReport, type RenderOptions } from "./pipelines/report_html.ts";
+export { buildReport, type BuildReportError, type RenderOptions } from "./pipelines/report_html.ts";
 export { type ViewOptions } from "./pipelines/run_report.ts";
 
 // Backend and tensors: the TF.js backend as an Effect service, kernel settings, tensor ownership.

@@ -37,10 +37,12 @@ export type { TorchTensor } from "./torch_tensors.ts";
 /** The largest checkpoint file read (4 GiB: a ResNet-50w5 with its head is about 2.4 GB). */
 export const MAX_CHECKPOINT_BYTES = 4 * 2 ** 30;
 
+/** A PyTorch checkpoint that cannot be read: not a torch.save zip, an unsupported pickle, a damaged entry. */
 export class TorchCheckpointError extends Schema.TaggedError<TorchCheckpointError>()("TorchCheckpointError", {
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The file and the reason, on one line. */
   override get message(): string {
     return `PyTorch checkpoint ${shown(this.path, 200)}: ${shown(this.reason, 400)}`;
   }

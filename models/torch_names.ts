@@ -25,10 +25,12 @@ export interface TorchArray {
   readonly values: Float32Array | Float64Array;
 }
 
+/** Torch weights that do not map onto the model: a missing, unknown or misshapen tensor. */
 export class TorchWeightsError extends Schema.TaggedError<TorchWeightsError>()("TorchWeightsError", {
   source: Schema.String,
   reason: Schema.String,
 }) {
+  /** The weights' source and the reason, on one line. */
   override get message(): string {
     return `${this.source}: ${this.reason}`;
   }

@@ -14,26 +14,18 @@
  * `evalResizeFor(size)` (256 for 224) for every source, record data sets whose
  * images already have the crop size included (`evalResizeSide`).
  */
-import { Effect, Schema, type Scope } from "effect";
+import { Effect, type Scope } from "effect";
 import { decodeRunConfig, type RunConfig } from "../config/config.ts";
-import { readRegularText } from "../data/bounded_read.ts";
-import { shown } from "../data/errors.ts";
 import type { DataSource } from "../data/sources.ts";
 import { loadModelArrays, type SwavModel } from "../models/model.ts";
 import { readCheckpointAt } from "./checkpoint.ts";
 import { type EncoderInput, loadEncoder } from "./export.ts";
-import { extractFeatures, type Features } from "./extract.ts";
+import { extractFeatures, type ExtractFeaturesError, type Features } from "./extract.ts";
 import { knnClassify } from "./knn.ts";
+import { type EvaluateError, EvaluationError, type LoadForEvaluationError } from "./evaluate_errors.ts";
 import { linearEvalDefaults, linearEvaluation, type Pooling } from "./linear_eval.ts";
 import { linearProbeDefaults, type ProbeEpoch, trainLinearProbe } from "./linear_probe.ts";
-import {
-  labelsAndPaths,
-  parseLabelFraction,
-  selectLabelSubset,
-  semisupDefaults,
-  semisupEvaluation,
-  subsetFromNames,
-} from "./semisup.ts";
+import { labelSubset, semisupDefaults, semisupEvaluation } from "./semisup.ts";
 import { scopedModel, withSplit } from "./pretrain.ts";
 import { evalResizeSide, openEvalSource, type ResizeOption } from "./eval_sources.ts";
 import type {
@@ -45,6 +37,8 @@ import type {
 } from "./evaluation_result.ts";
 import { isTorchCheckpointFile, loadTorchForEvaluation } from "./torch_weights.ts";
 
+export { labelSubset } from "./semisup.ts";
+export { type EvaluateError, EvaluationError, type LoadForEvaluationError } from "./evaluate_errors.ts";
 export { evalResizeSide, openEvalSource, parseResizeOption, type ResizeOption } from "./eval_sources.ts";
 export {
   type EvaluatedSources,
@@ -55,11 +49,6 @@ export {
   type LinearProtocol,
   type SemisupEvaluation,
 } from "./evaluation_result.ts";
-
-/** Evaluation cannot run as asked: wrong data, wrong checkpoint, nothing to compare. */
-export class EvaluationError extends Schema.TaggedError<EvaluationError>()("EvaluationError", {
-  message: Schema.String,
-}) {}
 
 /** A backbone ready for feature extraction, with what it was trained on. */
 export interface LoadedEncoder {
@@ -119,7 +108,7 @@ export type OnWarning = ((message: string) => void) | undefined;
 export const loadForEvaluation = (
   path: string,
   onWarning?: OnWarning,
-): Effect.Effect<LoadedEncoder, unknown, Scope.Scope> =>
+): Effect.Effect<LoadedEncoder, LoadForEvaluationError, Scope.Scope> =>
   Effect.gen(function* () {
     if (yield* isTorchCheckpointFile(path)) return yield* loadTorchForEvaluation(path);
     if (yield* isExportFolder(path)) {
@@ -231,7 +220,7 @@ export const extractWith = (
   options: Pick<EvaluateOptions, "batchSize" | "workers" | "seed" | "resize"> & {
     onProgress?: ((done: number, total: number) => void) | undefined;
   },
-): Effect.Effect<Features, unknown> => {
+): Effect.Effect<Features, ExtractFeaturesError> => {
   const resize = evalResizeSide(options.resize ?? "auto", encoder.input.size, source.kind);
   return extractFeatures(encoder.model, source, {
     size: encoder.input.size,
@@ -291,7 +280,7 @@ export const confusionOf = (predictions: Int32Array, labels: Int32Array, classes
  * await Deno.remove(encoder, { recursive: true });
  * ```
  */
-export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, unknown> =>
+export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, EvaluateError> =>
   Effect.scoped(Effect.gen(function* () {
     const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);
     const specs = yield* defaultSourceSpecs(encoder, options);
@@ -478,28 +467,3 @@ export const evaluate = (options: EvaluateOptions): Effect.Effect<Evaluation, un
       ...extracted,
     } satisfies LinearEvaluation;
   }));
-
-/** The largest `--labels` file read (64 MiB: ImageNet's full list of 1.28 M names is about 30 MB). */
-const MAX_LABELS_BYTES = 64 * 2 ** 20;
-
-/** The training subset of `--labels`: a fraction per class (`1%`, `10%`) or a file of image names. */
-export const labelSubset = (train: DataSource, classes: number, spec: string, seed: number) =>
-  Effect.gen(function* () {
-    const fraction = parseLabelFraction(spec);
-    if (fraction === undefined && /%\s*$/.test(spec)) {
-      return yield* new EvaluationError({
-        message: `--labels ${spec}: give a percentage in (0, 100], e.g. 1% or 10%`,
-      });
-    }
-    const text = fraction !== undefined ? undefined : yield* readRegularText(spec, MAX_LABELS_BYTES).pipe(
-      Effect.mapError((error) =>
-        new EvaluationError({
-          message: `--labels ${shown(spec)}: not 1%, 10% or a readable file of image names (${error.reason})`,
-        })
-      ),
-    );
-    const { labels, paths } = yield* labelsAndPaths(train);
-    return text === undefined
-      ? selectLabelSubset(labels, classes, fraction!, seed)
-      : yield* subsetFromNames(paths, text.split("\n"), spec);
-  });

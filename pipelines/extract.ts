@@ -48,6 +48,9 @@ export interface Features {
   readonly indices: Int32Array;
 }
 
+/** How `extractFeatures` fails: the loader cannot read the source, or (`onError: "fail"`) an image does not decode. */
+export type ExtractFeaturesError = DecodeError | LoaderError;
+
 /**
  * Extracts pooled backbone features of every sample of `source`.
  *
@@ -77,7 +80,7 @@ export const extractFeatures = (
   model: SwavModel,
   source: DataSource,
   options: ExtractOptions,
-): Effect.Effect<Features, DecodeError | LoaderError> =>
+): Effect.Effect<Features, ExtractFeaturesError> =>
   Effect.scoped(Effect.gen(function* () {
     const channels = model.config.inputChannels;
     const batchSize = options.batchSize ?? 256;

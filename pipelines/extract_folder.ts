@@ -3,19 +3,23 @@
  * the backbone as TF.js weights, safetensors or ONNX.
  */
 import { Effect } from "effect";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
 import { type NpyValues, writeNpy } from "../data/npy.ts";
+import type { SourceError } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
 import {
   evalResizeSide,
   EvaluationError,
   extractWith,
   loadForEvaluation,
+  type LoadForEvaluationError,
   type OnWarning,
   openEvalSource,
   type ResizeOption,
 } from "./evaluate.ts";
 import { exportOnnx } from "./export_onnx.ts";
-import { exportSafetensors } from "./export_safetensors.ts";
+import { type ExportError, exportSafetensors } from "./export_safetensors.ts";
 import { type EncoderInput, exportEncoder } from "./export.ts";
 import { withSplit } from "./pretrain.ts";
 import { sameFile } from "./atomic_write.ts";
@@ -73,6 +77,24 @@ export interface ExtractSidecar {
   readonly skipped: number;
 }
 
+/**
+ * How `extractToFolder` fails: the checkpoint does not load (LoadForEvaluationError), the SOURCE does not
+ * open (SourceError) or read (LoaderError, DecodeError), or the out folder cannot be written (EvaluationError).
+ */
+export type ExtractToFolderError =
+  | LoadForEvaluationError
+  | SourceError
+  | LoaderError
+  | DecodeError
+  | EvaluationError;
+
+/**
+ * How `exportCheckpointEncoder` fails: the checkpoint does not load (LoadForEvaluationError), `--out` is
+ * unusable or asks for what the file lacks (EvaluationError), or a weights file cannot be written (ExportError,
+ * EncoderError).
+ */
+export type ExportCheckpointError = LoadForEvaluationError | EvaluationError | ExportError;
+
 const toInt64 = (values: Int32Array): NpyValues => BigInt64Array.from(values, (v) => BigInt(v));
 
 /**
@@ -80,7 +102,9 @@ const toInt64 = (values: Int32Array): NpyValues => BigInt64Array.from(values, (v
  * `out/labels.npy` (int64 [N], -1 unlabelled), `out/indices.npy` (int64 [N],
  * source index of each row) and `out/features.json` (the sidecar).
  */
-export const extractToFolder = (options: ExtractToFolderOptions): Effect.Effect<ExtractSidecar, unknown> =>
+export const extractToFolder = (
+  options: ExtractToFolderOptions,
+): Effect.Effect<ExtractSidecar, ExtractToFolderError> =>
   Effect.scoped(Effect.gen(function* () {
     yield* ensureWritableFolder(options.out);
     const encoder = yield* loadForEvaluation(options.checkpoint, options.onWarning);
@@ -142,7 +166,7 @@ export const exportCheckpointEncoder = (
   out: string,
   onWarning?: OnWarning,
   options: { readonly format?: ExportFormat; readonly head?: boolean } = {},
-): Effect.Effect<string, unknown> =>
+): Effect.Effect<string, ExportCheckpointError> =>
   Effect.scoped(Effect.gen(function* () {
     const format = options.format ?? "tfjs";
     // A folder for TF.js; the file's folder otherwise. Checked before any work.

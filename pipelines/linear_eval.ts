@@ -19,6 +19,8 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, type Scope } from "effect";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
 import { backboneFeatureMap, batchNorm, type ParamLookup } from "../models/resnet.ts";
@@ -197,6 +199,12 @@ export const rawPixelFeatures = (size: number, channels: number): FrozenFeatures
   map: (x) => x.reshape([x.shape[0], 1, 1, size * size * channels]),
 });
 
+/**
+ * How a classifier trained on images (`linearEvaluation`, `semisupEvaluation`) fails: settings it cannot run
+ * with (EvaluationInputError), or a source whose images cannot be read (LoaderError, DecodeError).
+ */
+export type ImageEvaluationError = EvaluationInputError | LoaderError | DecodeError;
+
 /** Accuracies of a classifier trained on images (linear paper protocol, semisup), best and last epoch. */
 export interface ImageEvaluation {
   /** Best epoch's top-1 and its top-5, as the reference reports. */
@@ -260,7 +268,7 @@ export const linearEvaluation = (
   train: DataSource,
   test: DataSource,
   options: LinearEvalOptions,
-): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
+): Effect.Effect<ImageEvaluation, ImageEvaluationError, Scope.Scope> =>
   linearEvaluationOn(backboneFeatures(model), train, test, options);
 
 /** eval_linear.py end to end on any frozen features (a backbone, or raw pixels as the baseline). */
@@ -269,7 +277,7 @@ export const linearEvaluationOn = (
   train: DataSource,
   test: DataSource,
   options: LinearEvalOptions,
-): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
+): Effect.Effect<ImageEvaluation, ImageEvaluationError, Scope.Scope> =>
   Effect.gen(function* () {
     const { input, numClasses: classes } = options;
     if (!(options.epochs >= 1)) {

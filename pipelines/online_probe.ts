@@ -18,14 +18,18 @@ import { Effect } from "effect";
 import type { RunConfig } from "../config/config.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
-import { extractFeatures } from "./extract.ts";
+import { extractFeatures, type ExtractFeaturesError } from "./extract.ts";
 import { runEvalTransform } from "./knn.ts";
 
 export interface OnlineProbe {
   /** One SGD step on features [B, D] (constants) and their labels; unlabelled rows (-1) are skipped. */
   readonly train: (features: tf.Tensor2D, labels: Int32Array) => void;
   /** Top-1 of the probe on the test split's features (the eval transform, backbone in eval mode). */
-  readonly top1: (model: SwavModel, test: DataSource, config: RunConfig) => Effect.Effect<number, unknown>;
+  readonly top1: (
+    model: SwavModel,
+    test: DataSource,
+    config: RunConfig,
+  ) => Effect.Effect<number, ExtractFeaturesError>;
 }
 
 export const ONLINE_PROBE_LR = 0.1;

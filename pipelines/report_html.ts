@@ -4,6 +4,10 @@
  * The dashboard serves the same page with a small inline script that follows the run live.
  */
 import { Effect } from "effect";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
+import type { SourceError } from "../data/sources.ts";
+import type { LoadForEvaluationError } from "./evaluate.ts";
 import type { EpochRecord } from "./run_records.ts";
 import {
   computeModelViews,
@@ -301,6 +305,12 @@ ${options.live ? liveScript : ""}
   });
 
 /**
+ * How `buildReport` fails: the run's newest checkpoint does not load for its model views
+ * (LoadForEvaluationError), or the run's train SOURCE does not open or read (SourceError, LoaderError, DecodeError).
+ */
+export type BuildReportError = LoadForEvaluationError | SourceError | LoaderError | DecodeError;
+
+/**
  * The report of a run folder: its records, and the model views of its latest checkpoint when it has one.
  *
  * @example The HTML report of a (tiny, one-epoch) run folder
@@ -332,7 +342,7 @@ ${options.live ? liveScript : ""}
 export const buildReport = (
   folder: string,
   options: RenderOptions & ViewOptions = {},
-): Effect.Effect<string, unknown> =>
+): Effect.Effect<string, BuildReportError> =>
   Effect.gen(function* () {
     const records = yield* readRunRecords(folder);
     const views = yield* computeModelViews(folder, options);

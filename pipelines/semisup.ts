@@ -19,6 +19,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { Effect, type Scope } from "effect";
+import { readRegularText } from "../data/bounded_read.ts";
 import { shown } from "../data/errors.ts";
 import { rngFor } from "../data/rng.ts";
 import type { DataSource } from "../data/sources.ts";
@@ -36,8 +37,9 @@ import {
   topClasses,
   trainCropPrepare,
 } from "./eval_loop.ts";
+import { EvaluationError } from "./evaluate_errors.ts";
 import { EvaluationInputError } from "./knn.ts";
-import { EpochTracker, type ImageEvaluation } from "./linear_eval.ts";
+import { EpochTracker, type ImageEvaluation, type ImageEvaluationError } from "./linear_eval.ts";
 
 export interface SemisupOptions extends EvalRunSettings<SemisupEpoch> {
   readonly numClasses: number;
@@ -268,7 +270,7 @@ export const semisupEvaluation = (
   subset: readonly number[],
   test: DataSource,
   options: SemisupOptions,
-): Effect.Effect<ImageEvaluation, unknown, Scope.Scope> =>
+): Effect.Effect<ImageEvaluation, ImageEvaluationError, Scope.Scope> =>
   Effect.gen(function* () {
     const { input, numClasses: classes } = options;
     if (!(options.epochs >= 1)) {
@@ -327,4 +329,29 @@ export const semisupEvaluation = (
       options.onEpoch?.(report, options.epochs);
     }
     return tracker.result();
+  });
+
+/** The largest `--labels` file read (64 MiB: ImageNet's full list of 1.28 M names is about 30 MB). */
+const MAX_LABELS_BYTES = 64 * 2 ** 20;
+
+/** The training subset of `--labels`: a fraction per class (`1%`, `10%`) or a file of image names. */
+export const labelSubset = (train: DataSource, classes: number, spec: string, seed: number) =>
+  Effect.gen(function* () {
+    const fraction = parseLabelFraction(spec);
+    if (fraction === undefined && /%\s*$/.test(spec)) {
+      return yield* new EvaluationError({
+        message: `--labels ${spec}: give a percentage in (0, 100], e.g. 1% or 10%`,
+      });
+    }
+    const text = fraction !== undefined ? undefined : yield* readRegularText(spec, MAX_LABELS_BYTES).pipe(
+      Effect.mapError((error) =>
+        new EvaluationError({
+          message: `--labels ${shown(spec)}: not 1%, 10% or a readable file of image names (${error.reason})`,
+        })
+      ),
+    );
+    const { labels, paths } = yield* labelsAndPaths(train);
+    return text === undefined
+      ? selectLabelSubset(labels, classes, fraction!, seed)
+      : yield* subsetFromNames(paths, text.split("\n"), spec);
   });
