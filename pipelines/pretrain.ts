@@ -363,8 +363,7 @@ export const pretrain = (
     if (latest !== undefined) {
       hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
     } else if (options.init !== undefined) {
-      const { hasHead } = yield* initFromWeightsFile(model, options.init);
-      hooks.onInfo?.(initNote(options.init, hasHead));
+      hooks.onInfo?.(initNote(options.init, yield* initFromWeightsFile(model, options.init)));
     }
     // Start-up checks passed: only now does anything in the run folder change.
     if (folder !== undefined) {
