@@ -39,10 +39,18 @@ export class TorchWeightsError extends Schema.TaggedError<TorchWeightsError>()("
 /** Weights in our names and layouts, with the architecture they make. */
 export interface MappedWeights {
   readonly config: ModelConfig;
-  /** Every backbone parameter, and the head's and prototypes' when `hasHead`, in state_dict order. */
+  /** Every backbone parameter, and those of each head part the file holds, in state_dict order. */
   readonly arrays: readonly NamedArray[];
-  /** Whether the file held the projection head and prototypes (else only a backbone). */
+  /** Whether the file held the whole head: the projection head and every prototype head of `config`. */
   readonly hasHead: boolean;
+  /**
+   * The head parts of `config` the file lacks, as words naming them ("the projection head
+   * (projection_head.*)", "prototypes.prototypes2.weight"); empty when `hasHead`. A model loaded
+   * from the file keeps its own (seeded) values for these: callers say so, never silently.
+   */
+  readonly absentHead: readonly string[];
+  /** Head keys of the file that `config` has no place for (prototype heads named or counted otherwise). */
+  readonly unusedHead: readonly string[];
   /** For each of our names, the file's key it came from (for messages). */
   readonly keyOf: ReadonlyMap<string, string>;
 }
@@ -119,7 +127,7 @@ const ARCHS: Record<string, ModelConfig["arch"]> = {
 const inferConfig = (
   byName: ReadonlyMap<string, TorchArray>,
   given: Partial<ModelConfig>,
-): { config: Record<string, unknown>; hasHead: boolean } | string => {
+): { config: Record<string, unknown> } | string => {
   const stem = byName.get("backbone.conv1.weight");
   if (stem === undefined) {
     return "no ResNet weights found (no conv1.weight, with or without module./backbone.)";
@@ -161,24 +169,26 @@ const inferConfig = (
       return "has both prototypes.weight and prototypes.prototypes0.weight";
     }
   }
+  // Each head part the file holds sets its sizes: a file may hold the projection head or the
+  // prototypes alone (the parts it lacks are named by `mapTorchWeights`, never filled in silently).
   const prototypes = byName.get("prototypes.weight") ?? multi[0];
   const first = byName.get("projection_head.0.weight");
   const last = byName.get("projection_head.3.weight");
   const single = byName.get("projection_head.weight");
-  const hasHead = prototypes !== undefined &&
-    (single !== undefined || (first !== undefined && last !== undefined));
-  if (hasHead) {
+  const projection = single !== undefined || (first !== undefined && last !== undefined);
+  if (prototypes !== undefined) {
     config.prototypes = heads.length > 0 ? multi.map((t) => t!.shape[0]) : prototypes.shape[0];
-    if (single !== undefined) {
-      config.hidden = 0;
-      config.out = single.shape[0];
-    } else {
-      config.hidden = first!.shape[0];
-      config.out = last!.shape[0];
-    }
+    if (prototypes.shape.length === 2) config.out = prototypes.shape[1];
+  }
+  if (single !== undefined) {
+    config.hidden = 0;
+    config.out = single.shape[0];
+  } else if (projection) {
+    config.hidden = first!.shape[0];
+    config.out = last!.shape[0];
   }
   for (const [field, value] of Object.entries(given)) if (value !== undefined) config[field] = value;
-  return { config, hasHead };
+  return { config };
 };
 
 /**
@@ -209,7 +219,7 @@ export const mapTorchWeights = (
         new TorchWeightsError({ source, reason: `the weights make no supported model: ${error.message}` })
       ),
     );
-    const specs = inferred.hasHead ? modelParamSpecs(config) : backboneParamSpecs(backbonePlan(config));
+    const { specs, absentHead } = presentSpecs(config, byName);
     const arrays: NamedArray[] = [];
     for (const spec of specs) {
       const tensor = byName.get(spec.name);
@@ -228,5 +238,34 @@ export const mapTorchWeights = (
       const mapped = fromTorchLayout(tensor.shape, tensor.values);
       arrays.push({ name: spec.name, shape: mapped.shape, values: mapped.values });
     }
-    return { config, arrays, hasHead: inferred.hasHead, keyOf };
+    const read = new Set(specs.map((spec) => spec.name));
+    const unusedHead = [...byName.keys()].filter((name) => HEAD_KEY.test(name) && !read.has(name))
+      .map((name) => keyOf.get(name)!);
+    return { config, arrays, hasHead: absentHead.length === 0, absentHead, unusedHead, keyOf };
   });
+
+const HEAD_KEY = /^(projection_head|prototypes)\./;
+
+/** What the projection head is called where a file lacks it. */
+export const PROJECTION_HEAD = "the projection head (projection_head.*)";
+
+/**
+ * The parameters of `config` to read from the file: the backbone's, and those of each head part
+ * (the projection head as a whole, each prototype head) the file names; the parts it does not name.
+ * A part the file names must then be whole and fit, like the backbone.
+ */
+const presentSpecs = (config: ModelConfig, byName: ReadonlyMap<string, TorchArray>) => {
+  const backbone = backboneParamSpecs(backbonePlan(config));
+  const head = modelParamSpecs(config).slice(backbone.length);
+  const projection = head.filter((spec) => spec.name.startsWith("projection_head."));
+  const holdsProjection = config.hidden === 0
+    ? byName.has("projection_head.weight")
+    : byName.has("projection_head.0.weight") && byName.has("projection_head.3.weight");
+  const absentHead = holdsProjection ? [] : [PROJECTION_HEAD];
+  const specs = [...backbone, ...(holdsProjection ? projection : [])];
+  for (const spec of head.filter((spec) => !spec.name.startsWith("projection_head."))) {
+    if (byName.has(spec.name)) specs.push(spec);
+    else absentHead.push(spec.name);
+  }
+  return { specs, absentHead };
+};

@@ -62,8 +62,10 @@ export interface LoadedEncoder {
   readonly path: string;
   /** Optimiser steps of the checkpoint (absent for an export). */
   readonly step: number | undefined;
-  /** false: the file held no projection head or prototypes (the model's are its random initial ones). */
+  /** false: the file held no whole head (the parts it lacks are the model's random initial ones). */
   readonly hasHead?: boolean;
+  /** The head parts a PyTorch file with part of the head lacked, as words (see `missingHeadMessage`). */
+  readonly absentHead?: readonly string[];
 }
 
 const isExportFolder = (path: string) =>

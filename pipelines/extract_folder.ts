@@ -23,6 +23,7 @@ import { type ExportError, exportSafetensors } from "./export_safetensors.ts";
 import { type EncoderInput, exportEncoder } from "./export.ts";
 import { withSplit } from "./pretrain.ts";
 import { sameFile } from "./atomic_write.ts";
+import { missingHeadMessage } from "./torch_weights.ts";
 
 export interface ExtractToFolderOptions {
   readonly checkpoint: string;
@@ -174,10 +175,7 @@ export const exportCheckpointEncoder = (
     yield* ensureWritableFolder(format === "tfjs" ? out : parentFolder(out));
     const encoder = yield* loadForEvaluation(checkpoint, onWarning);
     if (options.head && format !== "tfjs" && encoder.hasHead === false) {
-      return yield* new EvaluationError({
-        message: `${checkpoint} holds no projection head or prototypes (a backbone only): --head would ` +
-          "write random ones; export without --head, or from a checkpoint with a head",
-      });
+      return yield* new EvaluationError({ message: missingHeadMessage(checkpoint, encoder.absentHead) });
     }
     if (format === "safetensors") return yield* exportSafetensors(encoder.model, out, { head: options.head });
     if (format === "onnx") return yield* exportOnnx(encoder.model, out, { head: options.head });

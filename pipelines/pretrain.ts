@@ -39,6 +39,7 @@ import { type SwavStages, swavStages } from "./swav_step.ts";
 import {
   type CustomMethod,
   methodCollapseWarning,
+  type MethodEpochTimes,
   methodState,
   methodTrainStep,
   startMethodEpoch,
@@ -225,6 +226,7 @@ const reportEpoch = (
   elapsedMs: number,
   knn: number | undefined,
   probe?: number | undefined,
+  method?: MethodEpochTimes | undefined,
 ) =>
   Effect.gen(function* () {
     const report: EpochReport = {
@@ -233,6 +235,7 @@ const reportEpoch = (
       seconds: elapsedMs / 1000,
       ...(knn === undefined ? {} : { knnTop1: knn }),
       ...(probe === undefined ? {} : { onlineProbeTop1: probe }),
+      ...method,
     };
     run.hooks.onEpoch?.(report);
     yield* run.records.epoch(report);
@@ -360,8 +363,7 @@ export const pretrain = (
     if (latest !== undefined) {
       hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
     } else if (options.init !== undefined) {
-      const { hasHead } = yield* initFromWeightsFile(model, options.init);
-      hooks.onInfo?.(initNote(options.init, hasHead));
+      hooks.onInfo?.(initNote(options.init, yield* initFromWeightsFile(model, options.init)));
     }
     // Start-up checks passed: only now does anything in the run folder change.
     if (folder !== undefined) {
@@ -411,7 +413,18 @@ export const pretrain = (
       const skip = epoch === start.epoch ? start.batchInEpoch : 0;
       const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
       // The method's epoch start (DeepCluster-v2: the bank's first fill, then the epoch's k-means).
-      yield* startMethodEpoch(config, model, memoryBank, epoch, skip, () => loader.epoch(epoch), comm);
+      // Told through onInfo (it may take minutes), its seconds kept in the epoch's record.
+      const told = { onInfo: hooks.onInfo, batchesPerEpoch: stepsPerEpoch };
+      const methodTimes = yield* startMethodEpoch(
+        config,
+        model,
+        memoryBank,
+        epoch,
+        skip,
+        () => loader.epoch(epoch),
+        comm,
+        told,
+      );
       // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
       // unreadable samples may run out first, and the others then end the epoch with it.
       const agreement = { ended: false };
@@ -467,7 +480,9 @@ export const pretrain = (
       const { knn, probeTop1 } = p.epochEnded
         ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
         : { knn: undefined, probeTop1: undefined };
-      reports.push(yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1));
+      reports.push(
+        yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1, methodTimes),
+      );
     }
     const skipped = runSkips ?? (yield* loader.skipped);
     if (comm.rank === 0) yield* warnSkipped(run, skipped);

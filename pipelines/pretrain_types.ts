@@ -34,8 +34,12 @@ export interface EpochReport {
   readonly knnTop1?: number;
   /** Test top-1 of the online probe (train.onlineProbe), when it runs. */
   readonly onlineProbeTop1?: number;
-  /** The epoch's wall-clock time. */
+  /** The epoch's wall-clock time (DeepCluster-v2's fill and k-means included). */
   readonly seconds: number;
+  /** DeepCluster-v2: seconds of the memory bank's first fill at this epoch's start (0 after the first). */
+  readonly fillSeconds?: number;
+  /** DeepCluster-v2: seconds of this epoch's k-means (0 at a resumed epoch's start). */
+  readonly kmeansSeconds?: number;
 }
 
 /** Callbacks of a pretraining run: after each step and epoch, and for warnings and information lines. */

@@ -1,7 +1,8 @@
 /**
  * What a run folder keeps for its report, beside `metrics.jsonl` (one line per step):
  *
- *   epochs.jsonl      one line per finished epoch: epoch, mean_loss, knn_top1 / online_probe_top1 where run
+ *   epochs.jsonl      one line per finished epoch: epoch, mean_loss, seconds, knn_top1 / online_probe_top1
+ *                     where run, DeepCluster-v2's fill_seconds and kmeans_seconds (parts of seconds)
  *   events.jsonl      warnings with the step they fired at (the collapse check, skipped samples)
  *   eval-<method>.json  the last `eval --json` result of a checkpoint of this folder (confusion matrix included)
  *
@@ -25,8 +26,13 @@ const failWith = (path: string) => (error: unknown) =>
 export interface EpochRecord {
   readonly epoch: number;
   readonly mean_loss: number | null;
+  /** The epoch's wall-clock seconds, its method's epoch start included. */
+  readonly seconds?: number;
   readonly knn_top1?: number;
   readonly online_probe_top1?: number;
+  /** DeepCluster-v2 only: the memory bank's first fill (0 after the first epoch) and the k-means, seconds. */
+  readonly fill_seconds?: number;
+  readonly kmeans_seconds?: number;
 }
 
 /** One line of `events.jsonl`. */
@@ -40,15 +46,21 @@ export interface EventRecord {
 export interface EpochLike {
   readonly epoch: number;
   readonly meanLoss: number;
+  readonly seconds?: number | undefined;
   readonly knnTop1?: number | undefined;
   readonly onlineProbeTop1?: number | undefined;
+  readonly fillSeconds?: number | undefined;
+  readonly kmeansSeconds?: number | undefined;
 }
 
 export const epochRecord = (report: EpochLike): EpochRecord => ({
   epoch: report.epoch,
   mean_loss: Number.isFinite(report.meanLoss) ? report.meanLoss : null,
+  ...(report.seconds === undefined ? {} : { seconds: report.seconds }),
   ...(report.knnTop1 === undefined ? {} : { knn_top1: report.knnTop1 }),
   ...(report.onlineProbeTop1 === undefined ? {} : { online_probe_top1: report.onlineProbeTop1 }),
+  ...(report.fillSeconds === undefined ? {} : { fill_seconds: report.fillSeconds }),
+  ...(report.kmeansSeconds === undefined ? {} : { kmeans_seconds: report.kmeansSeconds }),
 });
 
 const appendLine = (path: string, value: unknown) =>

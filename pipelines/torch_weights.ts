@@ -4,8 +4,10 @@
  *
  * `loadWeightsFile` reads the container (data/torch_checkpoint.ts: nothing in it is executed)
  * and maps names, layouts and architecture (models/torch_names.ts). A file with only a
- * backbone (a torchvision ResNet, the hub model) gives a model whose head and prototypes
- * keep their seeded initial values.
+ * backbone (a torchvision ResNet, the hub model), or only part of the head (the projection head
+ * or some prototype heads), gives a model whose missing head parts keep their seeded initial
+ * values; `absentHead` names them, and every caller that uses a head says so (`initNote`, `export
+ * --head` refuses).
  */
 import { Effect, type Scope } from "effect";
 import { readTorchStateDict, type TorchCheckpointError } from "../data/torch_checkpoint.ts";
@@ -13,6 +15,7 @@ import {
   loadModelArrays,
   type ModelConfig,
   type ModelWeightsError,
+  prototypeHeads,
   readModelArrays,
   scopedSwavModel,
   type SwavModel,
@@ -72,8 +75,8 @@ export const loadWeightsFile = (
   });
 
 /**
- * Loads `weights` into `model`: every parameter the file has; the others (a backbone-only
- * file's head and prototypes) keep the model's current values. Nothing is assigned unless all fit.
+ * Loads `weights` into `model`: every parameter the file has; the others (the head parts in
+ * `weights.absentHead`) keep the model's current values. Nothing is assigned unless all fit.
  */
 export const assignWeights = (
   model: SwavModel,
@@ -99,28 +102,71 @@ export const scopedModelFromWeights = (
 
 /**
  * `pretrain --init FILE.pth`: the run's model (already made from the run's config) takes the
- * file's weights; the file must fit the config (its architecture fields are the run's). Whether
- * the file held the head (else the head and prototypes keep their seeded values: see `initNote`).
+ * file's weights; the file must fit the config (its architecture fields are the run's). The head
+ * parts the file lacks keep their seeded values: `absentHead` names them (see `initNote`).
  */
 export const initFromWeightsFile = (
   model: SwavModel,
   path: string,
-): Effect.Effect<
-  { readonly hasHead: boolean },
-  TorchCheckpointError | TorchWeightsError | ModelWeightsError
-> =>
+): Effect.Effect<InitFromWeights, TorchCheckpointError | TorchWeightsError | ModelWeightsError> =>
   Effect.gen(function* () {
     const weights = yield* loadWeightsFile(path, model.config);
     yield* assignWeights(model, weights, `PyTorch checkpoint ${path}`);
-    return { hasHead: weights.hasHead };
+    // Every head part absent (the projection head and each prototype head) and none other: a backbone only.
+    const backboneOnly = weights.absentHead.length === prototypeHeads(model.config).length + 1 &&
+      weights.unusedHead.length === 0;
+    const { hasHead, absentHead, unusedHead } = weights;
+    return { hasHead, absentHead, unusedHead, backboneOnly };
   });
 
-/** The line `pretrain --init` prints: a file without a head says that the head starts from random values. */
-export const initNote = (path: string, hasHead: boolean): string =>
-  hasHead
-    ? `weights initialised from ${path}`
-    : `weights initialised from ${path}: the backbone only (the file has no complete projection head and ` +
-      "prototypes); the head and prototypes start from random values";
+/** What `pretrain --init` took from its file: which head parts it lacked. */
+export interface InitFromWeights {
+  /** The file held the whole head. */
+  readonly hasHead: boolean;
+  /** The head parts the file lacked (they keep the run's seeded values), as words naming them. */
+  readonly absentHead: readonly string[];
+  /** The file's head keys the run's config has no place for (not used). */
+  readonly unusedHead: readonly string[];
+  /** The file held no head part at all. */
+  readonly backboneOnly: boolean;
+}
+
+/**
+ * The line `pretrain --init` prints: which head parts the file lacked and so start from the
+ * run's seeded random values (none, some, or the whole head of a backbone-only file).
+ */
+export const initNote = (path: string, init: Omit<InitFromWeights, "hasHead">): string => {
+  const { absentHead } = init;
+  if (absentHead.length === 0) return `weights initialised from ${path}`;
+  if (init.backboneOnly) {
+    return `weights initialised from ${path}: the backbone only (the file has no projection head or ` +
+      "prototypes); the head and prototypes start from random values (the run's seed)";
+  }
+  const one = absentHead.length === 1;
+  const several = init.unusedHead.length > 1;
+  const [fit, is] = several ? ["fit", "are"] : ["fits", "is"];
+  const names = inWords(init.unusedHead);
+  const unused = names === "" ? "" : `; its ${names} ${fit} no head of the run's config (model.prototypes) ` +
+    `and ${is} not used`;
+  return `weights initialised from ${path}, but the file lacks ${inWords(absentHead)}: ` +
+    `${one ? "it starts" : "they start"} from random values (the run's seed)${unused}`;
+};
+
+/** "a", "a and b", "a, b and c". */
+const inWords = (items: readonly string[]): string =>
+  items.length <= 1 ? items.join("") : `${items.slice(0, -1).join(", ")} and ${items.at(-1)}`;
+
+/**
+ * The line `export --head` refuses with when the file lacks head parts (`absentHead`; undefined
+ * for a file holding a backbone only, and an exported encoder folder).
+ */
+export const missingHeadMessage = (path: string, absentHead: readonly string[] | undefined): string =>
+  `${path} ${
+    absentHead === undefined
+      ? "holds no projection head or prototypes (a backbone only)"
+      : `lacks ${inWords(absentHead)}`
+  }: --head would write random values in their place; export without --head, or from a file with the ` +
+  "whole head";
 
 /** SwAV's evaluation transform for ImageNet weights (eval_linear.py): 224 px, its mean and std. */
 export const torchEncoderInput = (channels: 1 | 3) => ({
@@ -145,5 +191,9 @@ export const loadTorchForEvaluation = (path: string) =>
       path,
       step: undefined,
       hasHead: weights.hasHead,
+      // A backbone-only file is said to be one (see `missingHeadMessage`); else its missing parts.
+      ...(weights.arrays.every((a) => a.name.startsWith("backbone."))
+        ? {}
+        : { absentHead: weights.absentHead }),
     };
   });

@@ -12,6 +12,7 @@ import { decodeRunConfig, type RunConfig, type RunConfigInput } from "../config/
 import { writeDemoDataset } from "../data/demo_dataset.ts";
 import { latestCheckpoint, readCheckpoint } from "../pipelines/checkpoint.ts";
 import { clusterMemory, startRows } from "../pipelines/deepclusterv2.ts";
+import { fillProgressDue } from "../pipelines/methods.ts";
 import { pretrain, type StepMetrics } from "../pipelines/pretrain.ts";
 import { clusterLoss, NO_TARGET } from "../stages/cluster_loss.ts";
 import { ntXent } from "../stages/nt_xent.ts";
@@ -194,6 +195,19 @@ Deno.test("SimCLR NT-Xent (multi-crop) and its gradient match solo-learn's formu
   }
 });
 
+Deno.test("the memory bank's fill tells its progress about every tenth of the way, never per batch", () => {
+  for (const total of [20, 21, 29, 99, 100, 101, 600, 937, 5000]) {
+    const due = Array.from({ length: total + 1 }, (_, done) => done).filter((d) => fillProgressDue(d, total));
+    assert.ok(due.length >= 6 && due.length <= 9, `${total} batches: ${due}`);
+    assert.ok(!due.includes(0) && !due.includes(total), `${total} batches: not at the start or the end`);
+    const gaps = due.slice(1).map((d, i) => d - due[i]!);
+    assert.ok(gaps.every((g) => g === gaps[0] && g >= total / 10), `${total} batches: gaps ${gaps}`);
+  }
+  for (const total of [1, 7, 19]) {
+    assert.ok(Array.from({ length: total + 1 }, (_, d) => d).every((d) => !fillProgressDue(d, total)));
+  }
+});
+
 // ---- each method through the stock pretrain pipeline ----
 
 const dataFolder = await Deno.makeTempDir({ prefix: "swav-methods-test-" });
@@ -215,13 +229,13 @@ const tinyConfig = (out: string, method: string, train: object = {}): RunConfigI
 
 const run = async (
   config: RunConfigInput,
-  options: { resume?: boolean; onStep?: (m: StepMetrics) => void } = {},
+  options: { resume?: boolean; onStep?: (m: StepMetrics) => void; onInfo?: (line: string) => void } = {},
 ) => {
   const decoded: RunConfig = await Effect.runPromise(decodeRunConfig(config, "test"));
   const exit = await Effect.runPromiseExit(
     pretrain(decoded, {
       ...(options.resume ? { resume: true } : {}),
-      ...(options.onStep ? { hooks: { onStep: options.onStep } } : {}),
+      hooks: { onStep: options.onStep, onInfo: options.onInfo },
     }).pipe(Effect.provide(TensorBackend.layer("wasm"))),
   );
   assert.ok(Exit.isSuccess(exit), String(Exit.isFailure(exit) ? exit.cause : ""));
@@ -242,12 +256,45 @@ for (const method of ["deepclusterv2", "simclr"]) {
       const before = tf.memory().numTensors;
       const counts: number[] = [];
       const metrics: StepMetrics[] = [];
+      const info: string[] = [];
       await run(tinyConfig(out, method), {
         onStep: (m) => {
           counts.push(tf.memory().numTensors);
           metrics.push(m);
         },
+        onInfo: (line) => info.push(line),
       });
+      // DeepCluster-v2's epoch start is told and timed: the fill before epoch 1, k-means at each epoch.
+      const epochs = (await Deno.readTextFile(`${out}/epochs.jsonl`)).trim().split("\n").map((l) =>
+        JSON.parse(l)
+      );
+      assert.equal(epochs.length, 3);
+      const times = (e: Record<string, unknown>) => [e.fill_seconds, e.kmeans_seconds];
+      if (method === "deepclusterv2") {
+        for (const e of epochs) {
+          for (const t of [...times(e), e.seconds]) {
+            assert.ok(typeof t === "number" && Number.isFinite(t) && t >= 0, JSON.stringify(e));
+          }
+          assert.ok(e.fill_seconds + e.kmeans_seconds <= e.seconds, JSON.stringify(e));
+        }
+        // The fill (14 forwards) takes a while; after the first epoch there is none.
+        assert.ok(epochs[0].fill_seconds > 0, JSON.stringify(epochs[0]));
+        assert.ok(epochs.slice(1).every((e) => e.fill_seconds === 0), JSON.stringify(epochs));
+        const fill = info.filter((l) => l.startsWith("filling the memory bank"));
+        assert.equal(fill.length, 2, info.join("\n"));
+        assert.match(fill[0]!, /^filling the memory bank: 120 samples, 2 crops \(.* over 7 batches\)$/);
+        assert.match(fill[1]!, /^filling the memory bank: done in \d+\.\d s$/);
+        const kmeans = info.filter((l) => / k-means: /.test(l));
+        assert.deepEqual(kmeans.map((l) => l.split(":")[0]), ["epoch 1", "epoch 2", "epoch 3"]);
+        assert.match(
+          kmeans[0]!,
+          // The bank holds the 7 whole batches of 16 (the last partial batch is dropped).
+          /k-means: 3 heads x 20 clusters over 112 rows \(\d+ iterations\) in \d+\.\d s$/,
+        );
+      } else {
+        assert.ok(epochs.every((e) => times(e).every((t) => t === undefined)), JSON.stringify(epochs));
+        assert.ok(!info.some((l) => /memory bank|k-means/.test(l)));
+      }
       assert.equal(metrics.length, 21);
       assert.ok(metrics.every((m) => Number.isFinite(m.loss)), `losses ${metrics.map((m) => m.loss)}`);
       if (method === "simclr") {

@@ -269,6 +269,11 @@ Deno.test("the online probe: test top-1 per epoch in epochs.jsonl, SwAV losses u
     assert.equal(line.knn_top1 !== undefined, line.epoch % 2 === 0, `epoch ${line.epoch}: kNN only when due`);
   }
   assert.ok(without.lines.every((l) => l.online_probe_top1 === undefined));
+  // Only DeepCluster-v2 has an epoch start to time: a SwAV epoch records its seconds, no fill or k-means.
+  for (const line of [...without.lines, ...withProbe.lines] as Record<string, unknown>[]) {
+    assert.ok(typeof line.seconds === "number" && line.seconds >= 0, JSON.stringify(line));
+    assert.ok(!("fill_seconds" in line) && !("kmeans_seconds" in line), JSON.stringify(line));
+  }
   // After the prototypes unfreeze (step 6) every step holds the same number of tensors.
   const steady = withProbe.counts.slice(8);
   assert.ok(steady.every((c) => c === steady[0]), `tensor count drifts: ${withProbe.counts}`);
