@@ -137,14 +137,27 @@ export {
 } from "./config/config.ts";
 export { type RecipeInfo } from "./config/recipes.ts";
 export {
+  BankTooSmall,
+  CheckpointMismatch,
+  DataParallelError,
+  DatasetTooSmall,
   type EpochReport,
+  EvaluationInputError,
+  NoTrainingBatch,
   pretrain,
+  type PretrainError,
   type PretrainHooks,
   type PretrainOptions,
   type PretrainResult,
+  QueueError,
+  ResumeWithForce,
   RunFolderBusy,
+  RunFolderHoldsRun,
   RunFolderUnusable,
+  RunRecordError,
   type StepMetrics,
+  TorchCheckpointError,
+  TorchWeightsError,
 } from "./pipelines/pretrain.ts";
 export {
   type EvalMethod,

@@ -37,10 +37,12 @@ export type { TorchTensor } from "./torch_tensors.ts";
 /** The largest checkpoint file read (4 GiB: a ResNet-50w5 with its head is about 2.4 GB). */
 export const MAX_CHECKPOINT_BYTES = 4 * 2 ** 30;
 
+/** A PyTorch checkpoint file that could not be read, and why. */
 export class TorchCheckpointError extends Schema.TaggedError<TorchCheckpointError>()("TorchCheckpointError", {
   path: Schema.String,
   reason: Schema.String,
 }) {
+  /** The file and why it could not be read. */
   override get message(): string {
     return `PyTorch checkpoint ${shown(this.path, 200)}: ${shown(this.reason, 400)}`;
   }

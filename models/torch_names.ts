@@ -25,10 +25,12 @@ export interface TorchArray {
   readonly values: Float32Array | Float64Array;
 }
 
+/** PyTorch weights that do not map onto our model's names and layouts, and why. */
 export class TorchWeightsError extends Schema.TaggedError<TorchWeightsError>()("TorchWeightsError", {
   source: Schema.String,
   reason: Schema.String,
 }) {
+  /** Where the weights came from and what does not map. */
   override get message(): string {
     return `${this.source}: ${this.reason}`;
   }

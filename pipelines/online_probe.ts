@@ -16,6 +16,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
 import type { RunConfig } from "../config/config.ts";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
 import type { DataSource } from "../data/sources.ts";
 import type { SwavModel } from "../models/model.ts";
 import { extractFeatures } from "./extract.ts";
@@ -25,7 +27,11 @@ export interface OnlineProbe {
   /** One SGD step on features [B, D] (constants) and their labels; unlabelled rows (-1) are skipped. */
   readonly train: (features: tf.Tensor2D, labels: Int32Array) => void;
   /** Top-1 of the probe on the test split's features (the eval transform, backbone in eval mode). */
-  readonly top1: (model: SwavModel, test: DataSource, config: RunConfig) => Effect.Effect<number, unknown>;
+  readonly top1: (
+    model: SwavModel,
+    test: DataSource,
+    config: RunConfig,
+  ) => Effect.Effect<number, DecodeError | LoaderError>;
 }
 
 export const ONLINE_PROBE_LR = 0.1;
