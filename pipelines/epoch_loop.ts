@@ -12,7 +12,7 @@ import type { Loader, SkipReport } from "../data/loader.ts";
 import type { SwavModel } from "../models/model.ts";
 import type { MemoryBank } from "../state/memory_bank.ts";
 import type { RunPosition } from "./checkpoint.ts";
-import { everyRankHasBatch, gatherSkipReports } from "./data_parallel.ts";
+import { batchesOverRanks, gatherSkipReports } from "./data_parallel.ts";
 import { type openEpochScoring, scoreEpoch, trainProbe } from "./epoch_scoring.ts";
 import { methodCollapseWarning, startMethodEpoch } from "./methods.ts";
 import { type RunFolder, type RunFolderUnusable, writeJsonLines } from "./run_folder.ts";
@@ -207,9 +207,8 @@ const runEpoch = <E, Q>(loop: EpochLoop<E, Q>, epoch: number) =>
     );
     // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
     // unreadable samples may run out first, and the others then end the epoch with it.
-    const agreement = { ended: false };
-    const batches = loader.epoch(epoch).pipe(Stream.drop(skip));
-    yield* (comm.size > 1 ? Stream.concat(batches, Stream.make(undefined)) : batches).pipe(
+    const batches = batchesOverRanks(loader.epoch(epoch).pipe(Stream.drop(skip)), comm);
+    yield* batches.stream.pipe(
       Stream.onEnd(Ref.update(progress, (p) => ({ ...p, epochEnded: true }))),
       // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
       Stream.take(
@@ -219,9 +218,7 @@ const runEpoch = <E, Q>(loop: EpochLoop<E, Q>, epoch: number) =>
       ),
       Stream.runForEach((batch) =>
         Effect.scoped(Effect.gen(function* () {
-          if (agreement.ended) return;
-          if (comm.size > 1 && !everyRankHasBatch(batch !== undefined, comm)) agreement.ended = true;
-          if (batch === undefined || agreement.ended) return;
+          if (!batches.proceed(batch)) return;
           const t0 = performance.now();
           // The step, stage by stage (pipelines/swav_step.ts).
           const outcome = yield* loop.trainStep({ batch, step: (yield* Ref.get(progress)).step, epoch });
@@ -235,7 +232,7 @@ const runEpoch = <E, Q>(loop: EpochLoop<E, Q>, epoch: number) =>
     const p = yield* Ref.get(progress);
     // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
     const local = yield* loader.skipped;
-    const runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
+    const runSkips = gatherSkipReports(local, comm);
     if (loop.folder !== undefined && runSkips !== undefined) {
       yield* writeJsonLines(loop.folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
     }

@@ -258,7 +258,7 @@ const restoreOrInit = (
         queueFor: training.queues.ensure,
         onWarning: hooks.onWarning,
         memoryBank,
-        ...(comm.size > 1 ? { queueShard: (saved) => shardQueue(saved, comm) } : {}),
+        queueShard: (saved) => shardQueue(saved, comm),
       });
     // The checkpoint's bank is whole on every rank: each keeps its share of the present samples.
     if (latest !== undefined && memoryBank !== undefined) ownRestoredBank(memoryBank, comm);
@@ -363,7 +363,7 @@ export const pretrain = (
     const start = yield* restoreOrInit(config, options, training, comm);
     yield* startRunFolder(opened, runConfig, backend.name, hooks);
     // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
-    if (comm.size > 1) yield* Effect.promise(() => broadcastModel(training.model, comm));
+    yield* Effect.promise(() => broadcastModel(training.model, comm));
 
     const logs = yield* openRunLogs(opened.folder, trainConfig.out, options.resume ? start.step : undefined);
     const scoring = yield* openEpochScoring(config, training.model, source, comm);

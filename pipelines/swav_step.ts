@@ -149,13 +149,10 @@ export const codeStatistics = async (
   });
   const [h, winners] = await Promise.all([entropy.data(), argmax.data()]);
   tf.dispose([entropy, argmax]);
-  if (comm.size > 1) {
-    return {
-      codeEntropy: meanOverRanks(h[0]!, comm),
-      prototypesInUse: prototypesInUseOverRanks(winners, codes[0]!.shape[1], comm),
-    };
-  }
-  return { codeEntropy: h[0]!, prototypesInUse: new Set(winners).size };
+  return {
+    codeEntropy: meanOverRanks(h[0]!, comm),
+    prototypesInUse: prototypesInUseOverRanks(winners, codes[0]!.shape[1], comm),
+  };
 };
 
 /**

@@ -199,7 +199,7 @@ export const trainStep = <E>(
 
       const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
       // Every rank sees the same (global) loss, so a non-finite one stops all of them at this step.
-      const loss = comm.size > 1 ? meanOverRanks(local, comm) : local;
+      const loss = meanOverRanks(local, comm);
       if (!Number.isFinite(loss)) {
         return yield* new NonFiniteLoss({
           step: input.step,
@@ -210,17 +210,16 @@ export const trainStep = <E>(
         });
       }
 
-      let grads: NamedTensorMap = {};
+      const ownGrads: NamedTensorMap = {};
       for (const [name, variable] of Object.entries(state.variables)) {
         const g = out.grads[variable.name];
-        if (g !== undefined) grads[name] = g;
+        if (g !== undefined) ownGrads[name] = g;
       }
-      if (comm.size > 1) {
-        grads = (yield* Effect.acquireRelease(
-          Effect.promise(() => averageGradients(grads, comm)),
-          (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
-        )).grads;
-      }
+      // With several ranks, averaged over them (the one-rank gradients as they are).
+      const { grads } = yield* Effect.acquireRelease(
+        Effect.promise(() => averageGradients(ownGrads, comm)),
+        (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
+      );
       const { learningRate } = yield* optimise({
         optimiser: state.optimiser,
         variables: state.variables,
