@@ -7,6 +7,7 @@
  */
 import { Effect, Ref, type Scope, Stream } from "effect";
 import type { Communicator } from "../backend/communicator.ts";
+import type { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
 import type { Loader, SkipReport } from "../data/loader.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -171,7 +172,7 @@ export interface EpochLoop<E, Q> extends RunContext {
   /** Creates the embedding queue when the epoch says so. */
   readonly ensureQueue: (epoch: number) => Effect.Effect<unknown, Q, Scope.Scope>;
   /** The method's training step (pipelines/train_step.ts). */
-  readonly trainStep: (input: StepInput) => Effect.Effect<StepOutcome, E, Scope.Scope>;
+  readonly trainStep: (input: StepInput) => Effect.Effect<StepOutcome, E, Scope.Scope | TensorBackend>;
   readonly scoring: Effect.Success<ReturnType<typeof openEpochScoring>>;
   readonly comm: Communicator;
 }

@@ -15,7 +15,7 @@
  */
 import type * as tf from "@tensorflow/tfjs";
 import { Effect, Ref, type Scope } from "effect";
-import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { type Communicator, currentCommunicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
 import type { DecodeError } from "../data/image_codec.ts";
@@ -344,7 +344,7 @@ export const pretrain = (
     const backend = yield* TensorBackend;
     const { train: trainConfig } = config;
     // Data parallel: each of `size` ranks takes `batchSize / size` samples of every global batch.
-    const comm = activeCommunicator();
+    const comm = yield* currentCommunicator;
     const batchSize = yield* localBatchSize(trainConfig.batchSize, comm.size);
     const opened = yield* openRunFolder(trainConfig.out, options, comm);
     const runConfig = withRunPrecision(config, backend.settings.precision, hooks);

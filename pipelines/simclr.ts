@@ -11,7 +11,8 @@
  * through the gather: 2 ranks with B/2 images each train as one process with B.
  */
 import { Effect } from "effect";
-import { activeCommunicator } from "../backend/communicator.ts";
+import { currentCommunicator } from "../backend/communicator.ts";
+import type { Tensor4D } from "../backend/tensor_types.ts";
 import type { RunConfig } from "../config/config.ts";
 import { encodeStage } from "../stages/encode.ts";
 import { ntXent } from "../stages/nt_xent.ts";
@@ -49,12 +50,12 @@ export { embeddingStd } from "./data_parallel_methods.ts";
  */
 export const simclrMethod = (config: RunConfig, state: StepState, batchSize: number): Method => {
   const encode = encodeStage.apply({ training: true });
-  const comm = activeCommunicator();
   const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
   return {
     name: "simclr",
+    // The job's communicator from the step's context: with several ranks the candidates are every rank's.
     prepare: () =>
-      Effect.succeed((cropGroups) => {
+      Effect.map(currentCommunicator, (comm) => (cropGroups: readonly Tensor4D[]) => {
         const { embeddings, features } = encode({ model: state.model, cropGroups });
         const loss = ntXent(
           { embeddings, batchSize, gathered: gatheredRows(embeddings, crops, comm) },
@@ -63,7 +64,7 @@ export const simclrMethod = (config: RunConfig, state: StepState, batchSize: num
         return { loss, embeddings, codes: [], features };
       }),
     update: () => Effect.void,
-    statistics: async (out) => ({
+    statistics: async (out, comm) => ({
       embeddingStd: await embeddingStdOverRanks(out.embeddings, comm),
     }),
     nonFiniteHint: "Try a lower optim.baseLr or a larger simclr.temperature.",

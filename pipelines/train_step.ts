@@ -17,8 +17,9 @@
 import * as tf from "@tensorflow/tfjs";
 import type { NamedTensorMap, Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
 import { Effect, Schema, type Scope } from "effect";
-import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { type Communicator, currentCommunicator } from "../backend/communicator.ts";
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
+import { TensorBackend } from "../backend/tensor_backend.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
 import type { Batch } from "../data/loader.ts";
@@ -75,16 +76,21 @@ export const firstNonFinite = async (model: SwavModel): Promise<string | undefin
   return undefined;
 };
 
-/** The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
+/**
+ * The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller.
+ * `leanBackward` (the kernel settings' field) picks the walk: the training step passes its
+ * `TensorBackend`'s; plain-TypeScript callers (benches, tests) outside Effect get the active settings'.
+ */
 export const gradientsOf = (
   forward: () => TapeForward,
   variables: readonly Variable[],
   keepFeatures = false,
+  leanBackward: boolean = activeKernelSettings().leanBackward,
 ): TapeOutputs =>
   // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
   // settings' `leanBackward: false` keeps TF.js's own walk, for before/after measurements.
   onTape(
-    activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
+    leanBackward ? leanVariableGrads : tf.variableGrads,
     forward,
     variables,
     keepFeatures,
@@ -179,22 +185,37 @@ export const trainStep = <E>(
   optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>,
 ): (
   input: StepInput,
-) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> => {
+) => Effect.Effect<
+  StepOutcome,
+  NonFiniteLoss | NonFiniteState | DataParallelError | E,
+  Scope.Scope | TensorBackend
+> => {
   const optimise = optimiseStage.run(settings.optimise);
   const everyVariable = state.model.params.map((p) => p.variable);
-  // Data parallel (several ranks): the loss is the global batch's, gradients are averaged over the ranks.
-  const comm = activeCommunicator();
   const debugParams = debugParamsRequested();
   return (
     input: StepInput,
-  ): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> =>
+  ): Effect.Effect<
+    StepOutcome,
+    NonFiniteLoss | NonFiniteState | DataParallelError | E,
+    Scope.Scope | TensorBackend
+  > =>
     Effect.gen(function* () {
+      // The kernel settings of the backend the step runs on, and the job's communicator (data parallel:
+      // the loss is the global batch's, gradients are averaged over the ranks), from the context.
+      const { settings: kernels } = yield* TensorBackend;
+      const comm = yield* currentCommunicator;
       const crops = yield* scoped(() => collateCrops(input.batch.views, settings.multicrop));
       // Off the tape: what the method's targets need before the forward.
       const forward = yield* method.prepare(input);
       // On one tape: encode -> targets (detached) -> loss.
       const out = yield* scoped(() =>
-        gradientsOf(() => forward(crops), Object.values(state.variables), settings.onlineProbe)
+        gradientsOf(
+          () => forward(crops),
+          Object.values(state.variables),
+          settings.onlineProbe,
+          kernels.leanBackward,
+        )
       );
 
       const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
