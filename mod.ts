@@ -137,13 +137,23 @@ export {
 } from "./config/config.ts";
 export { type RecipeInfo } from "./config/recipes.ts";
 export {
+  BankTooSmall,
+  CheckpointMismatch,
+  DataParallelError,
+  DatasetTooSmall,
   type EpochReport,
+  NoTrainingBatch,
   pretrain,
+  type PretrainError,
   type PretrainHooks,
   type PretrainOptions,
   type PretrainResult,
+  QueueError,
+  ResumeWithForce,
   RunFolderBusy,
+  RunFolderHoldsRun,
   RunFolderUnusable,
+  RunRecordError,
   type StepMetrics,
 } from "./pipelines/pretrain.ts";
 export {

@@ -7,11 +7,15 @@
  *
  * Collectives are synchronous and in place on the array given (a view on the
  * wasm heap is reduced where the tensor lives; webgpu tensors are reduced from
- * host copies by the caller). Batch norm and Sinkhorn run inside TF.js kernels
- * with no context of ours, so they read the communicator the Layer installed
- * through `activeCommunicator()`, as kernels read `activeKernelSettings()`.
+ * host copies by the caller). Pipelines read the communicator from their
+ * Effect context (`currentCommunicator`: the service, or a world of one where
+ * none is provided). Batch norm and Sinkhorn run inside TF.js kernels
+ * (stages/sinkhorn.ts, backend/sinkhorn_host.ts, backend/sync_batch_norm.ts,
+ * backend/batch_norm_kernels.ts), called by TF.js with no Effect context of
+ * ours, so they read the snapshot the Layer installs (`activeCommunicator()`),
+ * as kernels read `activeKernelSettings()`.
  */
-import { Context, Effect, Layer, Schema } from "effect";
+import { Context, Effect, Layer, Option, Schema } from "effect";
 import { launchedByMpi, mpiLibraryPath, openMpi, type ReduceOp } from "./mpi.ts";
 
 export type { ReduceOp } from "./mpi.ts";
@@ -53,7 +57,10 @@ export const singleProcess: Communicator = {
 
 let active: Communicator = singleProcess;
 
-/** The communicator the Layer installed (a world of one when none is). */
+/**
+ * The communicator the Layer installed (a world of one when none is): for kernels, which TF.js calls
+ * with no Effect context; pipelines read `currentCommunicator` from theirs.
+ */
 export const activeCommunicator = (): Communicator => active;
 
 /** MPI could not be opened or initialised; `reason` says why. */
@@ -128,3 +135,13 @@ export class CommunicatorService extends Context.Service<CommunicatorService, Co
     Effect.sync(() => launchedByMpi() ? CommunicatorService.mpi() : CommunicatorService.single),
   );
 }
+
+/**
+ * The job's communicator as pipelines read it, from their Effect context: the one `CommunicatorService`
+ * provides, or a world of one where none is (a library call, a test), so a pipeline needs no Layer to run
+ * in one process.
+ */
+export const currentCommunicator: Effect.Effect<Communicator> = Effect.map(
+  Effect.serviceOption(CommunicatorService),
+  Option.getOrElse(() => singleProcess),
+);

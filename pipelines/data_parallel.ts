@@ -5,11 +5,12 @@
  * the model broadcast from rank 0, a parameter hash that must agree on every
  * rank (`SWAV_DEBUG_PARAMS=1`), the per-step agreement that every rank still has
  * a batch, and every rank's queue and skipped samples gathered for rank 0's
- * checkpoint and run folder. In a world
- * of one none of this runs: single-process numbers stay as they were.
+ * checkpoint and run folder. In a world of one each helper is an identity
+ * (most return at once), so callers never branch on the world size and
+ * single-process numbers stay as they were.
  */
 import * as tf from "@tensorflow/tfjs";
-import { Effect, Schema } from "effect";
+import { Effect, Schema, Stream } from "effect";
 import type { Communicator } from "../backend/communicator.ts";
 import { wasmHeap } from "../backend/wasm_heap.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -95,6 +96,7 @@ export const averageGradients = async (
   grads: tf.NamedTensorMap,
   comm: Communicator,
 ): Promise<{ grads: tf.NamedTensorMap; created: tf.Tensor[] }> => {
+  if (comm.size === 1) return { grads, created: [] };
   const names = Object.keys(grads);
   const heap = wasmHeap();
   if (heap !== undefined && names.every((n) => grads[n]!.dtype === "float32")) {
@@ -110,6 +112,7 @@ export const averageGradients = async (
 
 /** The mean of `value` over the ranks (the global batch's loss: every rank's batch has the same size). */
 export const meanOverRanks = (value: number, comm: Communicator): number => {
+  if (comm.size === 1) return value;
   const cell = Float64Array.of(value);
   comm.allReduce(cell, "mean");
   return cell[0]!;
@@ -121,6 +124,7 @@ export const prototypesInUseOverRanks = (
   prototypes: number,
   comm: Communicator,
 ) => {
+  if (comm.size === 1) return new Set(winners).size;
   const used = new Float32Array(prototypes);
   for (const k of winners) used[k] = 1;
   comm.allReduce(used, "max");
@@ -129,6 +133,7 @@ export const prototypesInUseOverRanks = (
 
 /** Every parameter and batch-norm statistic of `model` copied from rank 0 to the others. */
 export const broadcastModel = async (model: SwavModel, comm: Communicator): Promise<void> => {
+  if (comm.size === 1) return;
   for (const { variable } of model.params) {
     const values = Float32Array.from(await variable.data());
     comm.broadcast(values, 0);
@@ -179,9 +184,30 @@ export const debugParamsRequested = (): boolean => {
 
 /** True when every rank has a batch for this step (a rank that skipped samples may run out first). */
 export const everyRankHasBatch = (has: boolean, comm: Communicator): boolean => {
+  if (comm.size === 1) return has;
   const missing = Float32Array.of(has ? 0 : 1);
   comm.allReduce(missing, "max");
   return missing[0] === 0;
+};
+
+/**
+ * An epoch's batches as the ranks step through them together, and the check that starts each step.
+ * A rank that skipped unreadable samples may run out of batches first: with several ranks the stream
+ * ends with a marker (undefined) and each step first agrees that every rank has a batch; once one has
+ * none, every rank ends the epoch there. On one rank the batches are as they are and every step goes.
+ */
+export const batchesOverRanks = <A, E, R>(batches: Stream.Stream<A, E, R>, comm: Communicator) => {
+  const stream: Stream.Stream<A | undefined, E, R> = comm.size === 1
+    ? batches
+    : Stream.concat(batches, Stream.make(undefined));
+  let ended = false;
+  /** Whether this step runs: false from the first step where some rank has no batch. Collective. */
+  const proceed = (batch: A | undefined): batch is A => {
+    if (ended) return false;
+    if (!everyRankHasBatch(batch !== undefined, comm)) ended = true;
+    return batch !== undefined && !ended;
+  };
+  return { stream, proceed };
 };
 
 /**
@@ -223,6 +249,8 @@ export const gatherTexts = (text: string, comm: Communicator): string[] | undefi
  * shards in sample-index order, each once with the first epoch it was skipped in. Collective.
  */
 export const gatherSkipReports = (report: SkipReport, comm: Communicator): SkipReport | undefined => {
+  // One rank's report as it is (no regrouping by sample: skipped.jsonl keeps the order it was found in).
+  if (comm.size === 1) return report;
   const texts = gatherTexts(JSON.stringify({ count: report.count, samples: report.samples }), comm);
   if (texts === undefined) return undefined;
   const reports = texts.map((text) => JSON.parse(text) as Pick<SkipReport, "count" | "samples">);

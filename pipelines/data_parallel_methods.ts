@@ -21,6 +21,54 @@ export const globalPresence = (bank: MemoryBank, comm: Communicator): Uint8Array
   return Uint8Array.from(present);
 };
 
+/** What k-means sums over the ranks each iteration (the clusters' sums and counts); undefined on one rank. */
+export const kmeansReduce = (
+  comm: Communicator,
+): ((sums: Float64Array, counts: Float64Array) => void) | undefined =>
+  comm.size === 1 ? undefined : (sums, counts) => {
+    comm.allReduce(sums, "sum");
+    comm.allReduce(counts, "sum");
+  };
+
+/**
+ * The starting centroids [K, dim]: the global present ids' rows at `start`, each from the rank holding it;
+ * undefined on one rank, where k-means takes them from its own rows.
+ */
+export const startCentroids = (
+  bank: MemoryBank,
+  i: number,
+  globalIds: Int32Array,
+  start: Int32Array,
+  comm: Communicator,
+): Float32Array | undefined => {
+  if (comm.size === 1) return undefined;
+  const { dim } = bank;
+  const out = new Float32Array(start.length * dim);
+  start.forEach((position, c) => {
+    const id = globalIds[position]!;
+    if (bank.present[id] === 1) out.set(bank.banks[i]!.subarray(id * dim, (id + 1) * dim), c * dim);
+  });
+  comm.allReduce(out, "sum");
+  return out;
+};
+
+/**
+ * Data parallel, per head: what this rank's summed cross-entropy is divided by, the global batch's
+ * count of rows with a target over the ranks, so that the ranks' mean loss (and mean gradient) is
+ * the global batch's, whichever rank holds the samples without target. Collective; undefined on one
+ * rank (the loss is the batch's own mean).
+ */
+export const lossDivisors = (
+  targets: readonly Int32Array[],
+  crops: number,
+  comm: Communicator,
+): number[] | undefined =>
+  comm.size === 1 ? undefined : targets.map((t) => {
+    const counted = Float64Array.of(t.reduce((n, x) => n + (x >= 0 ? crops : 0), 0));
+    comm.allReduce(counted, "sum");
+    return Math.max(1, counted[0]!) / comm.size;
+  });
+
 /**
  * The bank as one process would hold it (every present row from the rank that has it, the
  * targets, which every rank holds whole), for rank 0's checkpoint. Collective; in a world of one
@@ -90,10 +138,28 @@ export const allGatherRows = (rows: tf.Tensor2D, crops: number, comm: Communicat
 };
 
 /**
+ * SimCLR's candidates over the ranks: every rank's embeddings (`allGatherRows`) and this rank's place,
+ * for the NT-Xent loss; undefined on one rank, where the batch's own embeddings are the candidates.
+ */
+export const gatheredRows = (rows: tf.Tensor2D, crops: number, comm: Communicator) =>
+  comm.size === 1 ? undefined : { all: allGatherRows(rows, crops, comm), rank: comm.rank, ranks: comm.size };
+
+/** Mean over dimensions of the rows' standard deviation, read asynchronously. */
+export const embeddingStd = async (embeddings: tf.Tensor2D): Promise<number> => {
+  const std = tf.tidy(() => tf.mean(tf.sqrt(tf.moments(embeddings, 0).variance)));
+  try {
+    return (await std.data())[0]!;
+  } finally {
+    std.dispose();
+  }
+};
+
+/**
  * The mean over dimensions of the global batch's standard deviation of `rows` [n, D] (every
- * rank's rows, moments summed in float64 over the ranks). Collective.
+ * rank's rows, moments summed in float64 over the ranks). Collective; on one rank `embeddingStd`.
  */
 export const embeddingStdOverRanks = async (rows: tf.Tensor2D, comm: Communicator): Promise<number> => {
+  if (comm.size === 1) return embeddingStd(rows);
   const [n, dim] = rows.shape;
   const values = await rows.data();
   const moments = new Float64Array(2 * dim + 1);

@@ -35,8 +35,10 @@ import {
   writeBatch,
   writeCrop,
 } from "../state/memory_bank.ts";
-import { everyRankHasBatch, prototypesInUseOverRanks } from "./data_parallel.ts";
-import { globalPresence } from "./data_parallel_methods.ts";
+import { batchesOverRanks, prototypesInUseOverRanks } from "./data_parallel.ts";
+import { globalPresence, kmeansReduce, lossDivisors, startCentroids } from "./data_parallel_methods.ts";
+
+export { lossDivisors } from "./data_parallel_methods.ts";
 import type { Method, StepState } from "./train_step.ts";
 
 /** The bank holds fewer samples than a head has prototypes. */
@@ -77,11 +79,8 @@ export const clusterMemory = (
   Effect.gen(function* () {
     // This rank's rows; the start draw runs over the job's present ids (every rank draws the same).
     const ids = presentIds(bank);
-    const globalIds = comm.size === 1 ? ids : presentIds({ ...bank, present: globalPresence(bank, comm) });
-    const reduce = comm.size === 1 ? undefined : (sums: Float64Array, counts: Float64Array) => {
-      comm.allReduce(sums, "sum");
-      comm.allReduce(counts, "sum");
-    };
+    const globalIds = presentIds({ ...bank, present: globalPresence(bank, comm) });
+    const reduce = kmeansReduce(comm);
     const centroidsPerHead: Float32Array[] = [];
     for (const [h, k] of heads.entries()) {
       if (globalIds.length < k) {
@@ -98,43 +97,21 @@ export const clusterMemory = (
         dim: bank.dim,
         start: first,
         iterations,
-        initial: comm.size === 1 ? undefined : startCentroids(bank, i, globalIds, first, comm),
+        initial: startCentroids(bank, i, globalIds, first, comm),
         reduce,
       }).pipe(Effect.mapError((e) => new BankTooSmall({ message: e.message })));
       centroidsPerHead.push(centroids);
       const targets = bank.targets[h]!;
-      if (comm.size === 1) {
-        targets.fill(NO_TARGET);
-        ids.forEach((id, r) => targets[id] = assignments[r]!);
-      } else {
-        // Each sample is present on one rank: the largest over the ranks is its cluster.
-        const all = new Float32Array(bank.size).fill(NO_TARGET);
-        ids.forEach((id, r) => all[id] = assignments[r]!);
-        comm.allReduce(all, "max");
-        all.forEach((t, id) => targets[id] = t);
-      }
+      // Each sample is present on one rank: the largest over the ranks is its cluster (exact in float32:
+      // cluster indices and NO_TARGET are small integers).
+      const all = new Float32Array(bank.size).fill(NO_TARGET);
+      ids.forEach((id, r) => all[id] = assignments[r]!);
+      comm.allReduce(all, "max");
+      all.forEach((t, id) => targets[id] = t);
     }
     bank.present.fill(0);
     return centroidsPerHead;
   });
-
-/** The starting centroids [K, dim]: the global present ids' rows at `start`, each from the rank holding it. */
-const startCentroids = (
-  bank: MemoryBank,
-  i: number,
-  globalIds: Int32Array,
-  start: Int32Array,
-  comm: Communicator,
-): Float32Array => {
-  const { dim } = bank;
-  const out = new Float32Array(start.length * dim);
-  start.forEach((position, c) => {
-    const id = globalIds[position]!;
-    if (bank.present[id] === 1) out.set(bank.banks[i]!.subarray(id * dim, (id + 1) * dim), c * dim);
-  });
-  comm.allReduce(out, "sum");
-  return out;
-};
 
 /** The prototypes of every head set to the centroids. */
 export const setPrototypes = (model: SwavModel, centroids: readonly Float32Array[]): void => {
@@ -182,32 +159,18 @@ export const fillMemoryBank = <E>(
   batches: Stream.Stream<Batch, E>,
   comm: Communicator = singleProcess,
 ) => {
-  const agreement = { ended: false };
+  const agreed = batchesOverRanks(batches, comm);
   return Stream.runForEach(
-    Stream.concat(batches, Stream.make(undefined)),
+    agreed.stream,
     (batch) =>
       Effect.gen(function* () {
-        if (agreement.ended) return;
-        if (comm.size > 1 && !everyRankHasBatch(batch !== undefined, comm)) agreement.ended = true;
-        if (batch === undefined || agreement.ended) return;
+        if (!agreed.proceed(batch)) return;
         for (const [i, crop] of config.deepclusterv2.cropsForAssign.entries()) {
           writeCrop(bank, i, batch.indices, yield* embedCrop(model, batch, config, crop));
         }
       }),
   ).pipe(Effect.tap(() => Effect.sync(() => (bank.filled = true))));
 };
-
-/**
- * Data parallel, per head: what this rank's summed cross-entropy is divided by, the global batch's
- * count of rows with a target over the ranks, so that the ranks' mean loss (and mean gradient) is
- * the global batch's, whichever rank holds the samples without target. Collective.
- */
-export const lossDivisors = (targets: readonly Int32Array[], crops: number, comm: Communicator): number[] =>
-  targets.map((t) => {
-    const counted = Float64Array.of(t.reduce((n, x) => n + (x >= 0 ? crops : 0), 0));
-    comm.allReduce(counted, "sum");
-    return Math.max(1, counted[0]!) / comm.size;
-  });
 
 /**
  * DeepCluster-v2 as a method value: targets from the bank, cross-entropy per head, bank written after.
@@ -256,7 +219,7 @@ export const deepClusterV2Method = (
       Effect.sync(() => {
         const targets = batchTargets(bank, input.batch.indices);
         lastTargets = targets;
-        const divisors = comm.size === 1 ? undefined : lossDivisors(targets, crops, comm);
+        const divisors = lossDivisors(targets, crops, comm);
         return (cropGroups) => {
           const { embeddings, features } = encode({ model: state.model, cropGroups });
           const loss = clusterLoss({ embeddings, prototypes: heads, targets, divisors }, settings);
@@ -276,7 +239,7 @@ export const deepClusterV2Method = (
     statistics: () => {
       const winners = new Set(lastTargets[0]?.filter((t) => t >= 0) ?? []);
       return Promise.resolve({
-        prototypesInUse: comm.size === 1 ? winners.size : prototypesInUseOverRanks(winners, firstK, comm),
+        prototypesInUse: prototypesInUseOverRanks(winners, firstK, comm),
       });
     },
     nonFiniteHint: "Try a lower optim.baseLr or a larger deepclusterv2.temperature.",

@@ -14,55 +14,64 @@
  * before the step is checkpointed, so the last checkpoint stays good.
  */
 import type * as tf from "@tensorflow/tfjs";
-import { Effect, Ref, Stream } from "effect";
-import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { Effect, Ref, type Scope } from "effect";
+import { type Communicator, currentCommunicator } from "../backend/communicator.ts";
 import { TensorBackend } from "../backend/tensor_backend.ts";
 import type { RunConfig } from "../config/config.ts";
-import type { SkipReport } from "../data/loader.ts";
-import { disposeModel, makeSwavModel, type SwavModel } from "../models/model.ts";
-import { checkFitsBackend } from "../stages/encode.ts";
+import type { DecodeError } from "../data/image_codec.ts";
+import type { LoaderError } from "../data/loader.ts";
+import type { SourceError } from "../data/sources.ts";
+import type { TorchCheckpointError } from "../data/torch_checkpoint.ts";
+import { disposeModel, makeSwavModel, type ModelWeightsError, type SwavModel } from "../models/model.ts";
+import type { TorchWeightsError } from "../models/torch_names.ts";
+import type { CropLayoutError } from "../stages/crop_layout.ts";
+import { checkFitsBackend, type ModelTooLarge } from "../stages/encode.ts";
 import { larcOptions, makeLarcSgd } from "../stages/optimise.ts";
-import { effectiveQueueLength, type EmbeddingQueue, makeQueue, queueActiveAt } from "../state/queue.ts";
-import { latestCheckpoint, restoreRun, type RunPosition } from "./checkpoint.ts";
 import {
-  broadcastModel,
-  everyRankHasBatch,
-  gatherSkipReports,
-  localBatchSize,
-  shardQueue,
-} from "./data_parallel.ts";
+  effectiveQueueLength,
+  type EmbeddingQueue,
+  makeQueue,
+  queueActiveAt,
+  type QueueError,
+} from "../state/queue.ts";
+import { type CheckpointMismatch, latestCheckpoint, restoreRun, type RunPosition } from "./checkpoint.ts";
+import type { CheckpointError } from "./checkpoint_format.ts";
+import { broadcastModel, type DataParallelError, localBatchSize, shardQueue } from "./data_parallel.ts";
 import { ownRestoredBank } from "./data_parallel_methods.ts";
-import { lockRunFolder, openMetricsLog, type RunFolderUnusable, writeJsonLines } from "./run_folder.ts";
-import { runRecords } from "./run_records.ts";
-import { checkEarlierRun } from "./run_history.ts";
-import { type SwavStages, swavStages } from "./swav_step.ts";
+import type { BankTooSmall } from "./deepclusterv2.ts";
+import { type RunContext, runEpochs, startProgress, warnSkipped } from "./epoch_loop.ts";
+import { openEpochScoring } from "./epoch_scoring.ts";
+import type { EvaluationInputError } from "./knn.ts";
+import { type CustomMethod, methodState, methodTrainStep } from "./methods.ts";
 import {
-  type CustomMethod,
-  methodCollapseWarning,
-  type MethodEpochTimes,
-  methodState,
-  methodTrainStep,
-  startMethodEpoch,
-} from "./methods.ts";
-import type { StepOutcome } from "./train_step.ts";
-import { initFromWeightsFile, initNote } from "./torch_weights.ts";
-import { plural } from "./wording.ts";
-import { openEpochScoring, scoreEpoch, trainProbe } from "./epoch_scoring.ts";
+  lockRunFolder,
+  openMetricsLog,
+  type RunFolder,
+  type RunFolderBusy,
+  type RunFolderUnusable,
+} from "./run_folder.ts";
+import { checkEarlierRun, type ResumeWithForce, type RunFolderHoldsRun } from "./run_history.ts";
+import { type RunRecordError, runRecords } from "./run_records.ts";
 import { checkpointWriter, writeRunRecords } from "./run_writing.ts";
-import { openTrainingData } from "./training_data.ts";
-import {
-  type EpochReport,
-  NoTrainingBatch,
-  type PretrainHooks,
-  type PretrainResult,
-  type StepMetrics,
-} from "./pretrain_types.ts";
+import { type SwavStages, swavStages } from "./swav_step.ts";
+import { initFromWeightsFile, initNote } from "./torch_weights.ts";
+import type { NonFiniteLoss, NonFiniteState } from "./train_step.ts";
+import { type DatasetTooSmall, openTrainingData } from "./training_data.ts";
+import type { NoTrainingBatch, PretrainHooks, PretrainResult } from "./pretrain_types.ts";
 
 export { NonFiniteLoss, NonFiniteState } from "./swav_step.ts";
 export { RunFolderBusy, RunFolderUnusable } from "./run_folder.ts";
 export { ResumeWithForce, RunFolderHoldsRun } from "./run_history.ts";
 export { DataParallelError } from "./data_parallel.ts";
 export { DatasetTooSmall, withSplit } from "./training_data.ts";
+// The rest of `PretrainError`'s members, for callers that match on them.
+export { RunRecordError } from "./run_records.ts";
+export { EvaluationInputError } from "./knn.ts";
+export { QueueError } from "../state/queue.ts";
+export { CheckpointMismatch } from "./checkpoint.ts";
+export { TorchCheckpointError } from "../data/torch_checkpoint.ts";
+export { TorchWeightsError } from "../models/torch_names.ts";
+export { BankTooSmall } from "./deepclusterv2.ts";
 export {
   type EpochReport,
   NoTrainingBatch,
@@ -100,13 +109,6 @@ const queueKeeper = (config: RunConfig, hooks: PretrainHooks, comm: Communicator
   };
 };
 
-/** Each skipped sample once (a sample unreadable in one epoch is skipped again in the next), in order. */
-const eachSampleOnce = (
-  samples: readonly { path: string; reason: string }[],
-) => [
-  ...new Map(samples.map((s) => [`${s.path}\n${s.reason}`, { path: s.path, reason: s.reason }])).values(),
-];
-
 /** Named trainable variables of a model, keyed by parameter name. */
 const trainableByName = (model: SwavModel): Record<string, tf.Variable> =>
   Object.fromEntries(model.params.filter((p) => p.trainable).map((p) => [p.name, p.variable]));
@@ -134,123 +136,172 @@ export interface PretrainOptions {
   readonly method?: CustomMethod;
 }
 
-/** The run's counters, folded per step (and reset per epoch), never mutated in place. */
-interface Progress {
-  readonly step: number;
-  readonly lastLoss: number;
-  readonly lastCheckpoint: string | undefined;
-  readonly stopped: boolean;
-  /** The current epoch's batches done, loss sum and count, and whether collapse was reported in it. */
-  readonly batchInEpoch: number;
-  readonly lossSum: number;
-  readonly lossCount: number;
-  readonly collapseWarned: boolean;
-  /** The epoch's stream ended by itself (not cut by maxSteps): the epoch is done, however many were skipped. */
-  readonly epochEnded: boolean;
-}
+/**
+ * Everything `pretrain` can fail with: the run folder's, the data's, the model's and checkpoints'
+ * errors, the step's, and an epoch that gave no batch.
+ */
+export type PretrainError =
+  | RunFolderBusy
+  | RunFolderUnusable
+  | RunFolderHoldsRun
+  | ResumeWithForce
+  | RunRecordError
+  | DataParallelError
+  | SourceError
+  | DecodeError
+  | LoaderError
+  | DatasetTooSmall
+  | EvaluationInputError
+  | CropLayoutError
+  | ModelTooLarge
+  | ModelWeightsError
+  | QueueError
+  | CheckpointError
+  | CheckpointMismatch
+  | TorchCheckpointError
+  | TorchWeightsError
+  | BankTooSmall
+  | NonFiniteLoss
+  | NonFiniteState
+  | NoTrainingBatch;
 
-const afterStep = (p: Progress, loss: number): Progress => ({
-  ...p,
-  step: p.step + 1,
-  batchInEpoch: p.batchInEpoch + 1,
-  lastLoss: loss,
-  lossSum: p.lossSum + loss,
-  lossCount: p.lossCount + 1,
-});
-
-const newEpoch = (p: Progress, skip: number): Progress => ({
-  ...p,
-  batchInEpoch: skip,
-  lossSum: 0,
-  lossCount: 0,
-  collapseWarned: false,
-  epochEnded: false,
-});
-
-/** What the loop hands to the per-step and per-epoch bookkeeping. */
-interface RunContext {
-  readonly config: RunConfig;
-  readonly hooks: PretrainHooks;
-  readonly progress: Ref.Ref<Progress>;
-  readonly records: ReturnType<typeof runRecords>;
-  readonly writeMetrics: (row: StepMetrics) => Effect.Effect<void, RunFolderUnusable>;
-  readonly save: ReturnType<typeof checkpointWriter>;
-  readonly stepsPerEpoch: number;
-  readonly totalSteps: number;
-}
-
-/** After a step: count it, write its metrics line, report progress, check for collapse, checkpoint if due. */
-const afterTrainStep = (
-  run: RunContext,
-  epoch: number,
-  outcome: StepOutcome,
-  seconds: number,
-) =>
+/**
+ * The run folder, rank 0's until the scope closes (nothing is written into it before the lock, and
+ * other ranks write nothing there), and the earlier run in it: refused, or (--force) moved aside once
+ * the start-up checks pass.
+ */
+const openRunFolder = (runFolder: string, options: PretrainOptions, comm: Communicator) =>
   Effect.gen(function* () {
-    const { config, hooks, progress } = run;
-    let p = yield* Ref.updateAndGet(progress, (p) => afterStep(p, outcome.loss));
-    const metrics: StepMetrics = {
-      epoch: epoch + 1,
-      step: p.step,
-      loss: outcome.loss,
-      lr: outcome.lr,
-      images_per_s: config.train.batchSize / seconds,
-      ...(outcome.codeEntropy === undefined ? {} : { code_entropy: outcome.codeEntropy }),
-      ...(outcome.prototypesInUse === undefined ? {} : { prototypes_in_use: outcome.prototypesInUse }),
-      ...(outcome.embeddingStd === undefined ? {} : { embedding_std: outcome.embeddingStd }),
-    };
-    yield* run.writeMetrics(metrics);
-    hooks.onStep?.(metrics, {
-      stepInEpoch: p.batchInEpoch,
-      stepsPerEpoch: run.stepsPerEpoch,
-      totalSteps: run.totalSteps,
-    });
-    const collapse = p.collapseWarned ? undefined : methodCollapseWarning(config, p.step, outcome);
-    if (collapse !== undefined) {
-      p = yield* Ref.updateAndGet(progress, (p) => ({ ...p, collapseWarned: true }));
-      hooks.onWarning?.(collapse);
-      yield* run.records.event(p.step, "collapse", collapse);
-    }
-    const every = config.train.checkpointEvery;
-    if (every > 0 && p.step % every === 0) {
-      const path = yield* run.save({ step: p.step, epoch, batchInEpoch: p.batchInEpoch });
-      yield* Ref.update(progress, (p) => ({ ...p, lastCheckpoint: path }));
-    }
+    const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
+    const earlier = folder === undefined ? undefined : yield* checkEarlierRun(folder, options);
+    return { folder, earlier };
   });
 
-/** The epoch's report, told to the hooks and kept in epochs.jsonl. */
-const reportEpoch = (
-  run: RunContext,
-  epoch: number,
-  p: Progress,
-  elapsedMs: number,
-  knn: number | undefined,
-  probe?: number | undefined,
-  method?: MethodEpochTimes | undefined,
+/** The run config as recorded: the precision the kernels run with (a resolved `auto`) in place of the one asked for. */
+const withRunPrecision = (
+  config: RunConfig,
+  precision: RunConfig["train"]["precision"],
+  hooks: PretrainHooks,
+) => {
+  hooks.onInfo?.(
+    precision === "bf16"
+      ? "precision bf16: convolutions in bfloat16 (fp32 accumulation, weights, statistics and losses)"
+      : "precision fp32",
+  );
+  return { ...config, train: { ...config.train, precision } };
+};
+
+/**
+ * State owned by the run's scope: the model, the optimiser, the queue (created at queueStartEpoch or
+ * on resume) and DeepCluster-v2's memory bank; the method's step over them, and the checkpoint writer.
+ */
+const openTraining = (
+  config: RunConfig,
+  options: PretrainOptions,
+  data: { readonly samples: number; readonly batchSize: number; readonly stepsPerEpoch: number },
+  folder: RunFolder | undefined,
+  backend: TensorBackend["Service"],
+  comm: Communicator,
 ) =>
   Effect.gen(function* () {
-    const report: EpochReport = {
-      epoch: epoch + 1,
-      meanLoss: p.lossCount === 0 ? Number.NaN : p.lossSum / p.lossCount,
-      seconds: elapsedMs / 1000,
-      ...(knn === undefined ? {} : { knnTop1: knn }),
-      ...(probe === undefined ? {} : { onlineProbeTop1: probe }),
-      ...method,
-    };
-    run.hooks.onEpoch?.(report);
-    yield* run.records.epoch(report);
-    return report;
+    const { batchSize } = data;
+    yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
+    const model = yield* scopedModel(config.model, config.train.seed);
+    const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
+    const queues = queueKeeper(config, options.hooks ?? {}, comm);
+    const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
+    // DeepCluster-v2's memory bank (by sample id over the whole source); none for the other methods.
+    const memoryBank = methodState(config, data.samples);
+    const trainStep = yield* methodTrainStep(
+      config,
+      state,
+      { batchSize, itersPerEpoch: data.stepsPerEpoch },
+      { ...swavStages, ...options.stages },
+      memoryBank,
+      comm,
+      options.method,
+    );
+    const { seed, keepCheckpoints } = config.train;
+    const save = checkpointWriter(folder, keepCheckpoints, () => ({
+      ...state,
+      queue: queues.current(),
+      config,
+      seed,
+      backend: backend.name,
+      method: config.train.method,
+      memoryBank,
+    }), comm);
+    return { model, optimiser, queues, memoryBank, trainStep, save };
   });
 
-/** One warning for the run's skipped samples (the loader names each one as it goes), also in events.jsonl. */
-const warnSkipped = (run: RunContext, skipped: { readonly count: number }) =>
+/** Where the run starts: the latest checkpoint on resume, else afresh (from `options.init`'s weights if given). */
+const restoreOrInit = (
+  config: RunConfig,
+  options: PretrainOptions,
+  training: Effect.Success<ReturnType<typeof openTraining>>,
+  comm: Communicator,
+) =>
   Effect.gen(function* () {
-    if (skipped.count === 0) return;
-    const text =
-      `${plural(skipped.count, "unreadable sample")} ${skipped.count === 1 ? "was" : "were"} skipped ` +
-      "(each named above; all listed in skipped.jsonl)";
-    run.hooks.onWarning?.(text);
-    yield* run.records.event((yield* Ref.get(run.progress)).step, "skipped", text);
+    const hooks = options.hooks ?? {};
+    const runFolder = config.train.out;
+    const { model, memoryBank } = training;
+    const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
+    if (options.resume && latest === undefined) {
+      hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
+    }
+    const start: RunPosition = latest === undefined
+      ? { step: 0, epoch: 0, batchInEpoch: 0 }
+      : yield* restoreRun(latest, {
+        model,
+        optimiser: training.optimiser,
+        queueStartEpoch: config.swav.queueStartEpoch,
+        queueFor: training.queues.ensure,
+        onWarning: hooks.onWarning,
+        memoryBank,
+        queueShard: (saved) => shardQueue(saved, comm),
+      });
+    // The checkpoint's bank is whole on every rank: each keeps its share of the present samples.
+    if (latest !== undefined && memoryBank !== undefined) ownRestoredBank(memoryBank, comm);
+    const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
+    if (latest !== undefined) {
+      hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
+    } else if (options.init !== undefined) {
+      hooks.onInfo?.(initNote(options.init, yield* initFromWeightsFile(model, options.init)));
+    }
+    return start;
+  });
+
+/** Start-up checks passed: only now does anything in the run folder change (the earlier run moved, the run's records). */
+const startRunFolder = (
+  opened: Effect.Success<ReturnType<typeof openRunFolder>>,
+  runConfig: RunConfig,
+  backendName: TensorBackend["Service"]["name"],
+  hooks: PretrainHooks,
+) =>
+  Effect.gen(function* () {
+    const { folder, earlier } = opened;
+    if (folder === undefined || earlier === undefined) return;
+    const movedTo = yield* earlier.moveAside;
+    if (movedTo !== undefined) {
+      hooks.onInfo?.(`the earlier run in ${runConfig.train.out} was moved into ${movedTo}`);
+    }
+    yield* writeRunRecords(folder, runConfig, backendName);
+  });
+
+/** The run's logs (rank 0's): metrics.jsonl (on resume, steps after the checkpoint dropped: they run again), epochs and events. */
+const openRunLogs = (
+  folder: RunFolder | undefined,
+  runFolder: string,
+  resumeAt: number | undefined,
+): Effect.Effect<Pick<RunContext, "writeMetrics" | "records">, RunFolderUnusable, Scope.Scope> =>
+  Effect.gen(function* () {
+    if (folder === undefined) {
+      return {
+        writeMetrics: () => Effect.void,
+        records: { epoch: () => Effect.void, event: () => Effect.void },
+      };
+    }
+    return { writeMetrics: yield* openMetricsLog(folder, resumeAt), records: runRecords(runFolder) };
   });
 
 /**
@@ -286,213 +337,63 @@ const warnSkipped = (run: RunContext, skipped: { readonly count: number }) =>
 export const pretrain = (
   config: RunConfig,
   options: PretrainOptions = {},
-): Effect.Effect<PretrainResult, unknown, TensorBackend> =>
+): Effect.Effect<PretrainResult, PretrainError, TensorBackend> =>
   Effect.scoped(Effect.gen(function* () {
     const hooks = options.hooks ?? {};
     const backend = yield* TensorBackend;
-    const { train: trainConfig, swav } = config;
-    const { out: runFolder } = trainConfig;
+    const { train: trainConfig } = config;
     // Data parallel: each of `size` ranks takes `batchSize / size` samples of every global batch.
-    const comm = activeCommunicator();
+    const comm = yield* currentCommunicator;
     const batchSize = yield* localBatchSize(trainConfig.batchSize, comm.size);
-    // The run folder is rank 0's until the scope closes; nothing is written into it before the lock,
-    // and other ranks write nothing there.
-    const folder = comm.rank === 0 ? yield* lockRunFolder(runFolder) : undefined;
-    // An earlier run there is refused, or (--force) moved aside once the start-up checks below pass.
-    const earlier = folder === undefined ? undefined : yield* checkEarlierRun(folder, options);
-    // The precision the kernels run with (a resolved `auto`), recorded in place of the one asked for.
-    const precision = backend.settings.precision;
-    const runConfig = { ...config, train: { ...config.train, precision } };
-    hooks.onInfo?.(
-      precision === "bf16"
-        ? "precision bf16: convolutions in bfloat16 (fp32 accumulation, weights, statistics and losses)"
-        : "precision fp32",
-    );
+    const opened = yield* openRunFolder(trainConfig.out, options, comm);
+    const runConfig = withRunPrecision(config, backend.settings.precision, hooks);
 
     // Data: source -> decode -> multicrop, in a Worker pool, batched.
     const { source, loader } = yield* openTrainingData(config, batchSize, comm);
     const stepsPerEpoch = loader.batchesPerEpoch;
-
-    // State owned by this scope: model, optimiser, and the queue (created at queueStartEpoch or on resume).
-    yield* checkFitsBackend(config.model, batchSize, config.multicrop, backend.name);
-    const model = yield* scopedModel(config.model, trainConfig.seed);
-    const optimiser = yield* makeLarcSgd(larcOptions(config.optim));
-    const queues = queueKeeper(config, hooks, comm);
-    const state = { model, variables: trainableByName(model), optimiser, queue: queues.current };
-    // DeepCluster-v2's memory bank (by sample id over the whole source); none for the other methods.
-    const memoryBank = methodState(config, source.length);
-    const trainStep = yield* methodTrainStep(
+    const training = yield* openTraining(
       config,
-      state,
-      { batchSize, itersPerEpoch: stepsPerEpoch },
-      { ...swavStages, ...options.stages },
-      memoryBank,
+      options,
+      { samples: source.length, batchSize, stepsPerEpoch },
+      opened.folder,
+      backend,
       comm,
-      options.method,
     );
-    const { seed, keepCheckpoints } = trainConfig;
-    const save = checkpointWriter(folder, keepCheckpoints, () => ({
-      ...state,
-      queue: queues.current(),
-      config,
-      seed,
-      backend: backend.name,
-      method: config.train.method,
-      memoryBank,
-    }), comm);
-
-    // Where we start: fresh, or from the latest checkpoint.
-    const latest = options.resume ? yield* latestCheckpoint(runFolder) : undefined;
-    if (options.resume && latest === undefined) {
-      hooks.onWarning?.(`--resume: no checkpoint in ${runFolder}; starting from scratch`);
-    }
-    const start: RunPosition = latest === undefined
-      ? { step: 0, epoch: 0, batchInEpoch: 0 }
-      : yield* restoreRun(latest, {
-        model,
-        optimiser,
-        queueStartEpoch: swav.queueStartEpoch,
-        queueFor: queues.ensure,
-        onWarning: hooks.onWarning,
-        memoryBank,
-        ...(comm.size > 1 ? { queueShard: (saved) => shardQueue(saved, comm) } : {}),
-      });
-    // The checkpoint's bank is whole on every rank: each keeps its share of the present samples.
-    if (latest !== undefined && memoryBank !== undefined) ownRestoredBank(memoryBank, comm);
-    const resumedAt = `step ${start.step} (epoch ${start.epoch + 1}, batch ${start.batchInEpoch})`;
-    if (latest !== undefined) {
-      hooks.onInfo?.(`resumed from ${"path" in start ? start.path : latest} at ${resumedAt}`);
-    } else if (options.init !== undefined) {
-      hooks.onInfo?.(initNote(options.init, yield* initFromWeightsFile(model, options.init)));
-    }
-    // Start-up checks passed: only now does anything in the run folder change.
-    if (folder !== undefined) {
-      const movedTo = yield* earlier!.moveAside;
-      if (movedTo !== undefined) hooks.onInfo?.(`the earlier run in ${runFolder} was moved into ${movedTo}`);
-      yield* writeRunRecords(folder, runConfig, backend.name);
-    }
+    const start = yield* restoreOrInit(config, options, training, comm);
+    yield* startRunFolder(opened, runConfig, backend.name, hooks);
     // Every rank starts from rank 0's weights (equal by seed already; this also covers --init files).
-    if (comm.size > 1) yield* Effect.promise(() => broadcastModel(model, comm));
+    yield* Effect.promise(() => broadcastModel(training.model, comm));
 
-    // On resume, metrics of steps after the checkpoint are dropped: they are about to be run again.
-    const writeMetrics = folder === undefined
-      ? () => Effect.void
-      : yield* openMetricsLog(folder, options.resume ? start.step : undefined);
-    const records = folder === undefined
-      ? { epoch: () => Effect.void, event: () => Effect.void }
-      : runRecords(runFolder);
-    const { knnSources, probe } = yield* openEpochScoring(config, model, source, comm);
-    const reports: EpochReport[] = [];
-    const totalSteps = trainConfig.maxSteps > 0
-      ? Math.min(trainConfig.maxSteps, stepsPerEpoch * trainConfig.epochs)
-      : stepsPerEpoch * trainConfig.epochs;
-    const progress = yield* Ref.make<Progress>({
-      ...newEpoch({} as Progress, 0),
-      step: start.step,
-      lastLoss: Number.NaN,
-      lastCheckpoint: undefined,
-      stopped: false,
-    });
-    const run: RunContext = {
+    const logs = yield* openRunLogs(opened.folder, trainConfig.out, options.resume ? start.step : undefined);
+    const scoring = yield* openEpochScoring(config, training.model, source, comm);
+    const { maxSteps, epochs } = trainConfig;
+    const loop = {
+      ...logs,
+      ...training,
       config,
       hooks,
-      progress,
-      records,
-      writeMetrics,
-      save,
+      progress: yield* startProgress(start.step),
       stepsPerEpoch,
-      totalSteps,
+      totalSteps: maxSteps > 0 ? Math.min(maxSteps, stepsPerEpoch * epochs) : stepsPerEpoch * epochs,
+      start,
+      folder: opened.folder,
+      loader,
+      samples: source.length,
+      ensureQueue: training.queues.ensure,
+      scoring,
+      comm,
     };
+    const { reports, runSkips } = yield* runEpochs(loop);
 
-    // The whole job's skip report as of the last epoch end: rank 0's holds every rank's.
-    let runSkips: SkipReport | undefined;
-    for (let epoch = start.epoch; epoch < trainConfig.epochs; epoch++) {
-      if ((yield* Ref.get(progress)).stopped) break;
-      yield* queues.ensure(epoch);
-      const epochStart = performance.now();
-      const skip = epoch === start.epoch ? start.batchInEpoch : 0;
-      const before = yield* Ref.updateAndGet(progress, (p) => newEpoch(p, skip));
-      // The method's epoch start (DeepCluster-v2: the bank's first fill, then the epoch's k-means).
-      // Told through onInfo (it may take minutes), its seconds kept in the epoch's record.
-      const told = { onInfo: hooks.onInfo, batchesPerEpoch: stepsPerEpoch };
-      const methodTimes = yield* startMethodEpoch(
-        config,
-        model,
-        memoryBank,
-        epoch,
-        skip,
-        () => loader.epoch(epoch),
-        comm,
-        told,
-      );
-      // With several ranks each step starts by agreeing that every rank has a batch: one that skipped
-      // unreadable samples may run out first, and the others then end the epoch with it.
-      const agreement = { ended: false };
-      const batches = loader.epoch(epoch).pipe(Stream.drop(skip));
-      yield* (comm.size > 1 ? Stream.concat(batches, Stream.make(undefined)) : batches).pipe(
-        Stream.onEnd(Ref.update(progress, (p) => ({ ...p, epochEnded: true }))),
-        // maxSteps caps the run: take exactly the steps left (a predicate would see chunks ahead of the steps).
-        Stream.take(
-          trainConfig.maxSteps === 0
-            ? Number.POSITIVE_INFINITY
-            : Math.max(0, trainConfig.maxSteps - before.step),
-        ),
-        Stream.runForEach((batch) =>
-          Effect.scoped(Effect.gen(function* () {
-            if (agreement.ended) return;
-            if (comm.size > 1 && !everyRankHasBatch(batch !== undefined, comm)) agreement.ended = true;
-            if (batch === undefined || agreement.ended) return;
-            const t0 = performance.now();
-            // The step, stage by stage (pipelines/swav_step.ts).
-            const outcome = yield* trainStep({ batch, step: (yield* Ref.get(progress)).step, epoch });
-            if (probe !== undefined && outcome.features !== undefined) {
-              trainProbe(probe.probe, outcome.features, batch.labels);
-            }
-            yield* afterTrainStep(run, epoch, outcome, (performance.now() - t0) / 1000);
-          }))
-        ),
-      );
-      const p = yield* Ref.get(progress);
-      // Every rank's skips, so that rank 0's skipped.jsonl and summary cover the whole data set.
-      const local = yield* loader.skipped;
-      runSkips = comm.size > 1 ? gatherSkipReports(local, comm) : local;
-      if (folder !== undefined && runSkips !== undefined) {
-        yield* writeJsonLines(folder, "skipped.jsonl", eachSampleOnce(runSkips.samples));
-      }
-      // A whole epoch without one batch (every sample unreadable, or too few readable) trains nothing:
-      // a failure, not a "done" with an untrained checkpoint.
-      const stepsLeft = trainConfig.maxSteps === 0 || before.step < trainConfig.maxSteps;
-      if (p.epochEnded && skip === 0 && p.step === before.step && stepsLeft) {
-        return yield* new NoTrainingBatch({
-          epoch: epoch + 1,
-          batchSize: trainConfig.batchSize,
-          samples: source.length,
-          skipped: (runSkips ?? local).count,
-        });
-      }
-      // Stopped by maxSteps: checkpoint where we are, so --resume continues from here.
-      const path = yield* save(
-        p.epochEnded
-          ? { step: p.step, epoch: epoch + 1, batchInEpoch: 0 }
-          : { step: p.step, epoch, batchInEpoch: p.batchInEpoch },
-      );
-      yield* Ref.set(progress, { ...p, lastCheckpoint: path, stopped: !p.epochEnded });
-      const { knn, probeTop1 } = p.epochEnded
-        ? yield* scoreEpoch(config, model, epoch, knnSources, probe)
-        : { knn: undefined, probeTop1: undefined };
-      reports.push(
-        yield* reportEpoch(run, epoch, p, performance.now() - epochStart, knn, probeTop1, methodTimes),
-      );
-    }
     const skipped = runSkips ?? (yield* loader.skipped);
-    if (comm.rank === 0) yield* warnSkipped(run, skipped);
-    const { step, lastLoss, lastCheckpoint } = yield* Ref.get(progress);
+    if (comm.rank === 0) yield* warnSkipped(loop, skipped);
+    const { step, lastLoss, lastCheckpoint } = yield* Ref.get(loop.progress);
     return {
       steps: step,
       epochs: reports.length === 0 ? start.epoch : reports.at(-1)!.epoch,
       lastLoss,
       epochReports: reports,
-      runFolder,
+      runFolder: trainConfig.out,
       checkpoint: lastCheckpoint,
       skippedSamples: skipped.count,
     } satisfies PretrainResult;

@@ -82,6 +82,7 @@ export class NoTrainingBatch extends Schema.TaggedError<NoTrainingBatch>()("NoTr
   samples: Schema.Number,
   skipped: Schema.Number,
 }) {
+  /** The epoch, why it gave no batch, and what to do. */
   override get message(): string {
     return `epoch ${this.epoch} gave no batch of ${this.batchSize}: ${this.skipped} of the ${this.samples} ` +
       "samples were unreadable (listed in the run folder's skipped.jsonl), so nothing was trained and no " +

@@ -19,6 +19,7 @@ export class RunFolderHoldsRun extends Schema.TaggedError<RunFolderHoldsRun>()("
   folder: Schema.String,
   what: Schema.String,
 }) {
+  /** The folder, what it holds, and the three ways on. */
   override get message(): string {
     return `run folder ${this.folder} already holds a run (${this.what}): continue it with --resume, ` +
       `start a new one with another --out, or add --force to move it aside into ${this.folder}/previous-N`;
@@ -27,6 +28,7 @@ export class RunFolderHoldsRun extends Schema.TaggedError<RunFolderHoldsRun>()("
 
 /** --resume continues a run, --force starts a new one: not both. */
 export class ResumeWithForce extends Schema.TaggedError<ResumeWithForce>()("ResumeWithForce", {}) {
+  /** Why the two options clash, and to give one of them. */
   override get message(): string {
     return "--resume continues the run in --out and --force moves it aside to start a new one: give one of them";
   }

@@ -10,24 +10,16 @@
  * each anchor has every image of the global batch as candidates, and the gradient flows back
  * through the gather: 2 ranks with B/2 images each train as one process with B.
  */
-import * as tf from "@tensorflow/tfjs";
 import { Effect } from "effect";
-import { activeCommunicator } from "../backend/communicator.ts";
+import { currentCommunicator } from "../backend/communicator.ts";
+import type { Tensor4D } from "../backend/tensor_types.ts";
 import type { RunConfig } from "../config/config.ts";
 import { encodeStage } from "../stages/encode.ts";
 import { ntXent } from "../stages/nt_xent.ts";
-import { allGatherRows, embeddingStdOverRanks } from "./data_parallel_methods.ts";
+import { embeddingStdOverRanks, gatheredRows } from "./data_parallel_methods.ts";
 import type { Method, StepState } from "./train_step.ts";
 
-/** Mean over dimensions of the rows' standard deviation, read asynchronously. */
-export const embeddingStd = async (embeddings: tf.Tensor2D): Promise<number> => {
-  const std = tf.tidy(() => tf.mean(tf.sqrt(tf.moments(embeddings, 0).variance)));
-  try {
-    return (await std.data())[0]!;
-  } finally {
-    std.dispose();
-  }
-};
+export { embeddingStd } from "./data_parallel_methods.ts";
 
 /**
  * SimCLR as a method value.
@@ -58,24 +50,22 @@ export const embeddingStd = async (embeddings: tf.Tensor2D): Promise<number> => 
  */
 export const simclrMethod = (config: RunConfig, state: StepState, batchSize: number): Method => {
   const encode = encodeStage.apply({ training: true });
-  const comm = activeCommunicator();
   const crops = config.multicrop.nmbCrops.reduce((a, b) => a + b, 0);
   return {
     name: "simclr",
+    // The job's communicator from the step's context: with several ranks the candidates are every rank's.
     prepare: () =>
-      Effect.succeed((cropGroups) => {
+      Effect.map(currentCommunicator, (comm) => (cropGroups: readonly Tensor4D[]) => {
         const { embeddings, features } = encode({ model: state.model, cropGroups });
-        const gathered = comm.size === 1
-          ? undefined
-          : { all: allGatherRows(embeddings, crops, comm), rank: comm.rank, ranks: comm.size };
-        const loss = ntXent({ embeddings, batchSize, gathered }, config.simclr);
+        const loss = ntXent(
+          { embeddings, batchSize, gathered: gatheredRows(embeddings, crops, comm) },
+          config.simclr,
+        );
         return { loss, embeddings, codes: [], features };
       }),
     update: () => Effect.void,
-    statistics: async (out) => ({
-      embeddingStd: comm.size === 1
-        ? await embeddingStd(out.embeddings)
-        : await embeddingStdOverRanks(out.embeddings, comm),
+    statistics: async (out, comm) => ({
+      embeddingStd: await embeddingStdOverRanks(out.embeddings, comm),
     }),
     nonFiniteHint: "Try a lower optim.baseLr or a larger simclr.temperature.",
   };

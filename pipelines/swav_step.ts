@@ -14,7 +14,8 @@
 import * as tf from "@tensorflow/tfjs";
 import type { Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
 import { Effect, type Scope } from "effect";
-import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { type Communicator, singleProcess } from "../backend/communicator.ts";
+import type { TensorBackend } from "../backend/tensor_backend.ts";
 import { effectiveOptim, type RunConfig } from "../config/config.ts";
 import { PROTOTYPES_WEIGHT } from "../models/head.ts";
 import type { SwavModel } from "../models/model.ts";
@@ -140,7 +141,7 @@ export const forwardBackward = (
  */
 export const codeStatistics = async (
   codes: readonly Tensor2D[],
-  comm: Communicator = activeCommunicator(),
+  comm: Communicator = singleProcess,
 ): Promise<{ readonly codeEntropy: number; readonly prototypesInUse: number }> => {
   const [entropy, argmax] = tf.tidy(() => {
     const all = tf.concat(codes as Tensor2D[], 0);
@@ -149,13 +150,10 @@ export const codeStatistics = async (
   });
   const [h, winners] = await Promise.all([entropy.data(), argmax.data()]);
   tf.dispose([entropy, argmax]);
-  if (comm.size > 1) {
-    return {
-      codeEntropy: meanOverRanks(h[0]!, comm),
-      prototypesInUse: prototypesInUseOverRanks(winners, codes[0]!.shape[1], comm),
-    };
-  }
-  return { codeEntropy: h[0]!, prototypesInUse: new Set(winners).size };
+  return {
+    codeEntropy: meanOverRanks(h[0]!, comm),
+    prototypesInUse: prototypesInUseOverRanks(winners, codes[0]!.shape[1], comm),
+  };
 };
 
 /**
@@ -242,7 +240,11 @@ export const swavTrainStep = (
 ): Effect.Effect<
   (
     input: StepInput,
-  ) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError, Scope.Scope>,
+  ) => Effect.Effect<
+    StepOutcome,
+    NonFiniteLoss | NonFiniteState | DataParallelError,
+    Scope.Scope | TensorBackend
+  >,
   CropLayoutError
 > =>
   Effect.gen(function* () {

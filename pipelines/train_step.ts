@@ -17,8 +17,9 @@
 import * as tf from "@tensorflow/tfjs";
 import type { NamedTensorMap, Scalar, Tensor2D, Tensor4D, Variable } from "../backend/tensor_types.ts";
 import { Effect, Schema, type Scope } from "effect";
-import { activeCommunicator, type Communicator } from "../backend/communicator.ts";
+import { type Communicator, currentCommunicator } from "../backend/communicator.ts";
 import { activeKernelSettings } from "../backend/kernel_settings.ts";
+import { TensorBackend } from "../backend/tensor_backend.ts";
 import { leanVariableGrads } from "../backend/lean_gradients.ts";
 import { scoped } from "../backend/resources.ts";
 import type { Batch } from "../data/loader.ts";
@@ -75,16 +76,21 @@ export const firstNonFinite = async (model: SwavModel): Promise<string | undefin
   return undefined;
 };
 
-/** The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller. */
+/**
+ * The tape's body's loss and its gradients over `variables`; every returned tensor is owned by the caller.
+ * `leanBackward` (the kernel settings' field) picks the walk: the training step passes its
+ * `TensorBackend`'s; plain-TypeScript callers (benches, tests) outside Effect get the active settings'.
+ */
 export const gradientsOf = (
   forward: () => TapeForward,
   variables: readonly Variable[],
   keepFeatures = false,
+  leanBackward: boolean = activeKernelSettings().leanBackward,
 ): TapeOutputs =>
   // tf.variableGrads' walk, freeing each gradient and saved activation after its last use; the kernel
   // settings' `leanBackward: false` keeps TF.js's own walk, for before/after measurements.
   onTape(
-    activeKernelSettings().leanBackward ? leanVariableGrads : tf.variableGrads,
+    leanBackward ? leanVariableGrads : tf.variableGrads,
     forward,
     variables,
     keepFeatures,
@@ -179,27 +185,42 @@ export const trainStep = <E>(
   optimiseStage: Stage<OptimiseInput, OptimiseOutput, OptimiseConfig, never, never>,
 ): (
   input: StepInput,
-) => Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> => {
+) => Effect.Effect<
+  StepOutcome,
+  NonFiniteLoss | NonFiniteState | DataParallelError | E,
+  Scope.Scope | TensorBackend
+> => {
   const optimise = optimiseStage.run(settings.optimise);
   const everyVariable = state.model.params.map((p) => p.variable);
-  // Data parallel (several ranks): the loss is the global batch's, gradients are averaged over the ranks.
-  const comm = activeCommunicator();
   const debugParams = debugParamsRequested();
   return (
     input: StepInput,
-  ): Effect.Effect<StepOutcome, NonFiniteLoss | NonFiniteState | DataParallelError | E, Scope.Scope> =>
+  ): Effect.Effect<
+    StepOutcome,
+    NonFiniteLoss | NonFiniteState | DataParallelError | E,
+    Scope.Scope | TensorBackend
+  > =>
     Effect.gen(function* () {
+      // The kernel settings of the backend the step runs on, and the job's communicator (data parallel:
+      // the loss is the global batch's, gradients are averaged over the ranks), from the context.
+      const { settings: kernels } = yield* TensorBackend;
+      const comm = yield* currentCommunicator;
       const crops = yield* scoped(() => collateCrops(input.batch.views, settings.multicrop));
       // Off the tape: what the method's targets need before the forward.
       const forward = yield* method.prepare(input);
       // On one tape: encode -> targets (detached) -> loss.
       const out = yield* scoped(() =>
-        gradientsOf(() => forward(crops), Object.values(state.variables), settings.onlineProbe)
+        gradientsOf(
+          () => forward(crops),
+          Object.values(state.variables),
+          settings.onlineProbe,
+          kernels.leanBackward,
+        )
       );
 
       const local = (yield* Effect.promise(() => out.loss.data()))[0]!;
       // Every rank sees the same (global) loss, so a non-finite one stops all of them at this step.
-      const loss = comm.size > 1 ? meanOverRanks(local, comm) : local;
+      const loss = meanOverRanks(local, comm);
       if (!Number.isFinite(loss)) {
         return yield* new NonFiniteLoss({
           step: input.step,
@@ -210,17 +231,16 @@ export const trainStep = <E>(
         });
       }
 
-      let grads: NamedTensorMap = {};
+      const ownGrads: NamedTensorMap = {};
       for (const [name, variable] of Object.entries(state.variables)) {
         const g = out.grads[variable.name];
-        if (g !== undefined) grads[name] = g;
+        if (g !== undefined) ownGrads[name] = g;
       }
-      if (comm.size > 1) {
-        grads = (yield* Effect.acquireRelease(
-          Effect.promise(() => averageGradients(grads, comm)),
-          (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
-        )).grads;
-      }
+      // With several ranks, averaged over them (the one-rank gradients as they are).
+      const { grads } = yield* Effect.acquireRelease(
+        Effect.promise(() => averageGradients(ownGrads, comm)),
+        (averaged) => Effect.sync(() => tf.dispose(averaged.created)),
+      );
       const { learningRate } = yield* optimise({
         optimiser: state.optimiser,
         variables: state.variables,
