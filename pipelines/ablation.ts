@@ -36,18 +36,11 @@ export interface AblationOptions {
   readonly hooks?: PretrainHooks & { readonly onCell?: (cell: CellResult) => void };
 }
 
-export interface CellResult {
+/** One ablation cell's scores: a sweep cell's, named by method, crops and seed instead of its settings. */
+export interface CellResult extends Omit<SweepCellResult, "name" | "settings"> {
   readonly method: MethodName;
   readonly crops: AblationCrops;
   readonly seed: number;
-  readonly knnTop1: number;
-  readonly linearTop1: number;
-  readonly steps: number;
-  readonly seconds: number;
-  /** The cell was finished by an earlier invocation and read back. */
-  readonly reused: boolean;
-  /** The cell's resolved config (JSON), so that a rerun with another budget does not reuse it. */
-  readonly config: string;
 }
 
 /** A finished cell was trained under another budget than the one asked for now (the sweep's error). */
