@@ -36,6 +36,11 @@ export interface KernelSettings {
   /** Training-mode batch norm (+ ReLU) through oneDNN where it loads; wasm tensor ops otherwise. */
   readonly nativeBatchNorm: boolean;
   /**
+   * A residual block's relu(y + shortcut), its gradient, and large same-shape sums through oneDNN
+   * where it loads (backend/elementwise_kernels.ts); the wasm backend's own kernels otherwise.
+   */
+  readonly nativeElementwise: boolean;
+  /**
    * Conv2D and Conv2DBackpropInput use BLAS only where the column width
    * KH·KW·Ci is at least this (1x1 stride-1 convolutions, which need no column
    * buffer, always do): for thin inputs the JS im2col/col2im copies cost more
@@ -76,6 +81,7 @@ export const defaultKernelSettings: KernelSettings = {
   dnnl: true,
   dnnlWeightsLayout: "any",
   nativeBatchNorm: true,
+  nativeElementwise: true,
   minColumns: 256,
   chunkFloats: 1 << 22,
   fastConv2DBackpropInput: true,

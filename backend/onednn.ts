@@ -8,6 +8,7 @@
 import { activeKernelSettings, activeThreads, type KernelSettings } from "./kernel_settings.ts";
 import { kernelInvariant } from "./invariant.ts";
 import { type DnnlBatchNorm, makeDnnlBatchNorm } from "./onednn_batch_norm.ts";
+import { type DnnlElementwise, makeDnnlElementwise } from "./onednn_eltwise.ts";
 import { makeDnnlContext } from "./onednn_context.ts";
 import {
   ARG_DIFF_DST,
@@ -125,6 +126,8 @@ export interface Dnnl {
    * shift, optionally followed by ReLU (whose backward then needs the workspace).
    */
   readonly batchNorm: DnnlBatchNorm;
+  /** Same-shape sums (optionally with ReLU) and ReLU's gradient. */
+  readonly elementwise: DnnlElementwise;
 }
 
 let dnnlLoaded: Dnnl | undefined;
@@ -188,6 +191,7 @@ export const loadDnnl = (): Dnnl | undefined => {
       execArgs,
     } = context;
     const batchNorm = makeDnnlBatchNorm(context);
+    const elementwise = makeDnnlElementwise(context);
 
     /**
      * Weights in the layout the convolution chose. Convolutions created on plain HWIO weights
@@ -415,6 +419,7 @@ export const loadDnnl = (): Dnnl | undefined => {
     dnnlLoaded = {
       library: name,
       batchNorm,
+      elementwise,
       run: (direction, g, x, w, y, dyIdentity) => {
         const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
           .concat([g.top, g.left, g.bottom, g.right]).join(",");

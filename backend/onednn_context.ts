@@ -29,7 +29,8 @@ export interface DnnlContext {
   memoryDesc(logical: number[], strides: number[], type?: number): Uint8Array;
   /** A memory object on `md` with no data handle yet. */
   memory(md: Uint8Array): Deno.PointerValue;
-  primitiveDesc(desc: Uint8Array, hint: Deno.PointerValue): Deno.PointerValue;
+  /** A primitive descriptor for `desc`; `attr` carries post-ops (none when omitted). */
+  primitiveDesc(desc: Uint8Array, hint: Deno.PointerValue, attr?: Deno.PointerValue): Deno.PointerValue;
   primitive(pd: Deno.PointerValue): Deno.PointerValue;
   /** Exec args `{id, memory}` (16 bytes each with padding). */
   execArgs(pairs: readonly (readonly [number, Deno.PointerValue])[]): BigUint64Array;
@@ -71,9 +72,9 @@ export const makeDnnlContext = (d: DnnlSymbols): DnnlContext => {
       ok(d.dnnl_memory_create(ptr(s), ptr(md), engine, null), "dnnl_memory_create");
       return handle(s);
     },
-    primitiveDesc: (desc, hint) => {
+    primitiveDesc: (desc, hint, attr = null) => {
       const s = slot();
-      ok(d.dnnl_primitive_desc_create(ptr(s), ptr(desc), null, engine, hint), "dnnl_primitive_desc_create");
+      ok(d.dnnl_primitive_desc_create(ptr(s), ptr(desc), attr, engine, hint), "dnnl_primitive_desc_create");
       return handle(s);
     },
     primitive: (pd) => {

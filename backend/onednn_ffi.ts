@@ -82,6 +82,19 @@ export const dnnlSymbols = {
     parameters: ["pointer", "pointer", "pointer", "pointer", "pointer", "pointer"],
     result: "i32",
   },
+  dnnl_binary_desc_init: { parameters: ["pointer", "i32", "pointer", "pointer", "pointer"], result: "i32" },
+  dnnl_eltwise_forward_desc_init: {
+    parameters: ["pointer", "i32", "i32", "pointer", "f32", "f32"],
+    result: "i32",
+  },
+  dnnl_eltwise_backward_desc_init: {
+    parameters: ["pointer", "i32", "pointer", "pointer", "f32", "f32"],
+    result: "i32",
+  },
+  dnnl_post_ops_create: { parameters: ["pointer"], result: "i32" },
+  dnnl_post_ops_append_eltwise: { parameters: ["pointer", "f32", "i32", "f32", "f32"], result: "i32" },
+  dnnl_primitive_attr_create: { parameters: ["pointer"], result: "i32" },
+  dnnl_primitive_attr_set_post_ops: { parameters: ["pointer", "pointer"], result: "i32" },
 } as const;
 
 /** dnnl enums (stable across v1/v2). */
@@ -117,6 +130,11 @@ export const ARG_WORKSPACE = 64;
 export const ARG_DIFF_SCALE = 255;
 export const ARG_DIFF_SHIFT = 256;
 export const QUERY_DIFF_WEIGHTS_MD = 132;
+export const ARG_SRC_1 = 2;
+export const DNNL_BINARY_ADD = 0x1fff0;
+export const DNNL_ELTWISE_RELU = 0x1f;
+/** ReLU whose backward reads the forward's output instead of its input (dy where y > 0). */
+export const DNNL_ELTWISE_RELU_USE_DST_FOR_BWD = 0x100;
 /** Generous sizes for the opaque descriptor structs (v2.6: memory desc ~1 KB, op desc a few KB). */
 export const MEMORY_DESC_BYTES = 4096;
 export const OP_DESC_BYTES = 16384;

@@ -13,6 +13,7 @@ import { setWasmPaths } from "@tensorflow/tfjs-backend-wasm";
 import "@tensorflow/tfjs-backend-webgpu";
 import { Context, Effect, Layer, Schema, type Scope } from "effect";
 import { registerBatchNormKernels } from "./batch_norm_kernels.ts";
+import { registerElementwiseKernels } from "./elementwise_kernels.ts";
 import {
   activeKernelSettings,
   activeThreads,
@@ -122,7 +123,8 @@ const unavailable = (backend: string, error: unknown): BackendUnavailable =>
 
 /**
  * The kernels on wasm, bottom up (each layer falls back to the one below): the
- * plain wasm kernels TF.js lacks, the OpenBLAS / oneDNN kernels, oneDNN batch norm.
+ * plain wasm kernels TF.js lacks, the OpenBLAS / oneDNN kernels, oneDNN batch norm and
+ * element-wise sums.
  * Registered before `tf.setBackend("wasm")`, which runs the kernels' set-up functions.
  */
 const initWasm: Effect.Effect<void, BackendUnavailable> = Effect.suspend(() => {
@@ -130,6 +132,7 @@ const initWasm: Effect.Effect<void, BackendUnavailable> = Effect.suspend(() => {
   registerPlainWasmKernels();
   registerNativeKernels();
   registerBatchNormKernels();
+  registerElementwiseKernels();
   return setBackend("wasm");
 });
 

@@ -13,6 +13,7 @@ import * as tf from "@tensorflow/tfjs";
 import { Effect, ManagedRuntime } from "effect";
 import { bf16Tuning } from "../backend/onednn.ts";
 import { bf16Support } from "../backend/precision.ts";
+import type { KernelSettings } from "../backend/kernel_settings.ts";
 import { TensorBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { swavTape } from "../pipelines/swav_step.ts";
 import { LarcSgd } from "../stages/optimise.ts";
@@ -23,12 +24,17 @@ interface Variant {
   readonly precision: "fp32" | "bf16";
   /** bf16Tuning switches set for this variant's steps (the others at their defaults). */
   readonly tuning?: Partial<typeof bf16Tuning>;
+  /** Kernel settings changed for this variant's steps. */
+  readonly settings?: Partial<KernelSettings>;
 }
 const variants: Variant[] = [
   { name: "fp32", precision: "fp32" },
   { name: "bf16", precision: "bf16" },
   // The bf16 path before each of its speed-ups, for before/after ratios in one run.
   { name: "bf16, dy rounded twice", precision: "bf16", tuning: { shareDy: false } },
+  // Before the residual sums and ReLUs moved to oneDNN, in either precision.
+  { name: "fp32, element-wise on wasm", precision: "fp32", settings: { nativeElementwise: false } },
+  { name: "bf16, element-wise on wasm", precision: "bf16", settings: { nativeElementwise: false } },
 ];
 const defaults = { ...bf16Tuning };
 
@@ -58,7 +64,7 @@ const step = async (v: Variant) => {
   Object.assign(bf16Tuning, defaults, v.tuning ?? {});
   try {
     await withKernelSettings(
-      { precision: v.precision },
+      { ...v.settings, precision: v.precision },
       () => trainStep(fixture, parts, optimisers.get(v.name)!),
     );
   } finally {

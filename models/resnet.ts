@@ -11,6 +11,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
+import { addRelu } from "../backend/elementwise_kernels.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
 /** The ResNet depth: 18 and 34 with basic blocks, 50 with bottleneck blocks. */
@@ -288,7 +289,7 @@ const block = (params: ParamLookup, b: BlockPlan, x: tf.Tensor4D, options: Forwa
       options,
     )
     : x;
-  return tf.relu(tf.add(y, shortcut));
+  return addRelu(y, shortcut);
 };
 
 /**
