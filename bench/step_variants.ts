@@ -9,6 +9,7 @@
  * turned back off, then all of them off:
  *   conv weights plain  oneDNN convolutions on TF.js's HWIO weights (im2col + gemm)
  *   batch norm ops      training batch norm as wasm tensor ops (closed-form backward)
+ *   element-wise wasm   residual relu(y + shortcut), its gradient and large sums on wasm's own kernels
  *   LARC ops            LARC-SGD as ~15 tensor ops per parameter
  *   variableGrads       TF.js's own backward (keeps every gradient to the end)
  * Prints per variant the median step ms over rounds (each round the median of
@@ -25,6 +26,7 @@ interface Variant {
   readonly name: string;
   readonly weightsLayout: "any" | "plain";
   readonly nativeBatchNorm: boolean;
+  readonly nativeElementwise: boolean;
   readonly fusedLarc: boolean;
   readonly leanBackward: boolean;
 }
@@ -32,6 +34,7 @@ const current: Variant = {
   name: "current",
   weightsLayout: "any",
   nativeBatchNorm: true,
+  nativeElementwise: true,
   fusedLarc: true,
   leanBackward: true,
 };
@@ -39,12 +42,14 @@ const variants: Variant[] = [
   current,
   { ...current, name: "conv weights plain", weightsLayout: "plain" },
   { ...current, name: "batch norm ops", nativeBatchNorm: false },
+  { ...current, name: "element-wise wasm", nativeElementwise: false },
   { ...current, name: "LARC ops", fusedLarc: false },
   { ...current, name: "variableGrads", leanBackward: false },
   {
-    name: "all four off",
+    name: "all five off",
     weightsLayout: "plain",
     nativeBatchNorm: false,
+    nativeElementwise: false,
     fusedLarc: false,
     leanBackward: false,
   },
@@ -77,6 +82,7 @@ const step = (v: Variant) =>
     {
       dnnlWeightsLayout: v.weightsLayout,
       nativeBatchNorm: v.nativeBatchNorm,
+      nativeElementwise: v.nativeElementwise,
       leanBackward: v.leanBackward,
     },
     () => trainStep(fixture, parts, optimisers.get(v.name)!),
