@@ -102,6 +102,16 @@ export const bf16Tuning = {
   shareDy: true,
 };
 
+/**
+ * Caller-provided buffers for the bf16 copies of one `run` call: `x` and `dy` for new copies, and
+ * `held`, the current address of the buffer `heldDyCopy` named, for a copy of dy that is reused.
+ */
+export interface CopyBuffers {
+  readonly x?: Deno.PointerValue;
+  readonly dy?: Deno.PointerValue;
+  readonly held?: Deno.PointerValue;
+}
+
 /** oneDNN convolutions; `run` returns false when oneDNN cannot take the shape (the caller falls back). */
 export interface Dnnl {
   readonly library: string;
@@ -111,6 +121,8 @@ export interface Dnnl {
    * `dyIdentity` (backward directions): an object that names dy's contents for as long as dy
    * lives (the caller's tensor data id). Under bf16 the input-gradient and filter-gradient
    * convolutions of one layer then share one bf16 copy of dy instead of rounding it twice.
+   * `copies`: where the bf16 copies go (sized by `copyBytes`); a scratch buffer of this module's
+   * own, held for good, where absent.
    */
   run(
     direction: DnnlDirection,
@@ -119,7 +131,16 @@ export interface Dnnl {
     w: Deno.PointerValue,
     y: Deno.PointerValue,
     dyIdentity?: object,
+    copies?: CopyBuffers,
   ): boolean;
+  /** Bytes of the bf16 copies of x and of dy that `run` makes for this call (0 where it runs fp32). */
+  copyBytes(direction: DnnlDirection, shape: DnnlConvShape): { readonly x: number; readonly dy: number };
+  /**
+   * Where the bf16 copy of dy that the next filter gradient may reuse was written (`copies.dy` of
+   * an earlier call, or the own scratch), or undefined: the caller keeps that buffer alive until it
+   * is no longer the held one.
+   */
+  heldDyCopy(): Deno.PointerValue | undefined;
   /**
    * Batch normalisation in training mode over `rows` rows of `channels` values
    * (NHWC flattened: statistics per channel over every row), with scale and
@@ -211,8 +232,9 @@ export const loadDnnl = (): Dnnl | undefined => {
 
     /**
      * bf16: an fp32 input (x, or dy) rounded into a bf16 copy the convolution reads. TF.js has no
-     * bf16 tensors, so the copy lives in a scratch buffer (one per operand slot, shared by every
-     * plan and grown to the largest) only for the duration of the call.
+     * bf16 tensors, so the copy lives in a buffer the caller gives (`CopyBuffers`: on the wasm heap,
+     * freed after the call, so it takes memory only while needed) or else in a scratch buffer of
+     * this module (one per operand slot, shared by every plan and grown to the largest).
      */
     interface InputCast {
       readonly operand: "x" | "y";
@@ -247,7 +269,15 @@ export const loadDnnl = (): Dnnl | undefined => {
      * TF.js runs a layer's input gradient and then its filter gradient on the same dy tensor,
      * which stays alive (and immutable) in between, so the second call reuses the copy.
      */
-    let lastDy: { identity: object; pointer: Deno.PointerValue; bytes: number } | undefined;
+    let lastDy:
+      | { identity: object; pointer: Deno.PointerValue; bytes: number; copy: Deno.PointerValue }
+      | undefined;
+    /** Whether a call runs in bf16: asked for, and a filter gradient only where it pays. */
+    const callPrecision = (direction: DnnlDirection, g: DnnlConvShape): "fp32" | "bf16" =>
+      activeKernelSettings().precision === "bf16" &&
+        (direction !== "backwardWeights" || bf16FilterGradientPays(g))
+        ? "bf16"
+        : "fp32";
     const forwardPds = new Map<string, Deno.PointerValue>();
     const plans = new Map<string, Plan | null>();
 
@@ -420,13 +450,17 @@ export const loadDnnl = (): Dnnl | undefined => {
       library: name,
       batchNorm,
       elementwise,
-      run: (direction, g, x, w, y, dyIdentity) => {
+      copyBytes: (direction, g) =>
+        callPrecision(direction, g) === "fp32" ? { x: 0, dy: 0 } : {
+          x: direction === "backwardData" ? 0 : 2 * g.n * g.h * g.w * g.ci,
+          dy: direction === "forward" ? 0 : 2 * g.n * g.oh * g.ow * g.co,
+        },
+      heldDyCopy: () => lastDy?.copy,
+      run: (direction, g, x, w, y, dyIdentity, copies) => {
         const shapeKey = [g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw]
           .concat([g.top, g.left, g.bottom, g.right]).join(",");
-        const { dnnlWeightsLayout: weightsLayout, precision: asked } = activeKernelSettings();
-        const precision = asked === "bf16" && (direction !== "backwardWeights" || bf16FilterGradientPays(g))
-          ? "bf16"
-          : "fp32";
+        const weightsLayout = activeKernelSettings().dnnlWeightsLayout;
+        const precision = callPrecision(direction, g);
         // A primitive books its scratchpad for the threads at its creation: one per thread count.
         const common = `${activeThreads()}:${weightsLayout}:${precision}:${shapeKey}`;
         const key = `${direction}:${common}`;
@@ -446,17 +480,22 @@ export const loadDnnl = (): Dnnl | undefined => {
           ok(d.dnnl_primitive_execute(p, stream, args.length / 2, ptr(args)), "dnnl_primitive_execute");
         for (const c of plan.casts) {
           d.dnnl_memory_set_data_handle(c.from, c.operand === "x" ? x : y);
-          d.dnnl_memory_set_data_handle(c.to, scratchPointer(c.slot, c.bytes));
           if (c.operand === "y") {
             const held = bf16Tuning.shareDy && lastDy !== undefined && dyIdentity !== undefined &&
               lastDy.identity === dyIdentity && Deno.UnsafePointer.equals(lastDy.pointer, y) &&
               lastDy.bytes === c.bytes;
-            if (held) continue;
+            if (held) {
+              d.dnnl_memory_set_data_handle(c.to, copies?.held ?? lastDy!.copy);
+              continue;
+            }
+            const copy = copies?.dy ?? scratchPointer(c.slot, c.bytes);
+            d.dnnl_memory_set_data_handle(c.to, copy);
             lastDy = undefined;
             execute(c.primitive, c.args);
-            if (dyIdentity !== undefined) lastDy = { identity: dyIdentity, pointer: y, bytes: c.bytes };
+            if (dyIdentity !== undefined) lastDy = { identity: dyIdentity, pointer: y, bytes: c.bytes, copy };
             continue;
           }
+          d.dnnl_memory_set_data_handle(c.to, copies?.x ?? scratchPointer(c.slot, c.bytes));
           execute(c.primitive, c.args);
         }
         if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);

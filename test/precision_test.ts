@@ -283,6 +283,34 @@ bf16Test(
   },
 );
 
+bf16Test(
+  `bf16: the copies of x and dy live on the wasm heap for their call only, bar one held copy of dy`,
+  async () => {
+    await useBackend("wasm");
+    const backend = tf.backend();
+    // Heap buffers that are no tensor's: the copies the convolution kernels hold.
+    const extra = () => backend.numDataIds() - tf.memory().numDataBuffers;
+    const [n, ci, co] = [pick(2, 4), pick(4, 32), pick(4, 32)];
+    const x = tf.randomNormal([n, 16, 16, ci]) as tf.Tensor4D;
+    const filter = tf.randomNormal([3, 3, ci, co]) as tf.Tensor4D;
+    const before = extra();
+    const seen: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      await withKernelSettings({ precision: "bf16" }, () => {
+        const grads = tf.grads((a: tf.Tensor, b: tf.Tensor) =>
+          tf.sum(tf.square(tf.conv2d(a as tf.Tensor4D, b as tf.Tensor4D, 1, "same")))
+        )([x, filter]);
+        tf.dispose(grads);
+        return Promise.resolve();
+      });
+      seen.push(extra() - before);
+    }
+    assert.ok(seen.every((k) => k <= 1), `heap buffers beyond the tensors after each step: ${seen}`);
+    assert.equal(new Set(seen).size, 1, `heap buffers beyond the tensors grew: ${seen}`);
+    tf.dispose([x, filter]);
+  },
+);
+
 /** Loss and gradients of one step of a small SwAV model at `precision` (same weights, same crops). */
 const stepAt = async (precision: "fp32" | "bf16", roundCrops = false) => {
   const o = parseBenchArgs([
