@@ -231,10 +231,12 @@ Deno.test("batchNormTrain with relu: true matches tf.relu(tf.batchNorm) and its 
           variant,
           () => assertNoTensorLeak("batchNormTrain relu", () => run(c, oursRelu)),
         );
-        // Same tolerances as above: float32 against float32 with other summation orders.
+        // The tolerances above, but y's is 3e-5: here two float32 results (each within 1e-5 of float64,
+        // as the test above checks) are compared with each other, on ReLU's output, whose norm is
+        // about 1/√2 of y's (seen at 2.2e-5 for [4099, 3]: 4099 values a channel summed in other orders).
         for (
           const [label, a, b, tol] of [
-            ["y", got.y, reference.y, 1e-5],
+            ["y", got.y, reference.y, 3e-5],
             ["dx", got.dx, reference.dx, 1e-4],
             ["dgamma", got.dgamma, reference.dgamma, 1e-4],
             ["dbeta", got.dbeta, reference.dbeta, 1e-4],
