@@ -62,6 +62,21 @@ export const addRelu = <T extends tf.Tensor>(a: T, b: T): T => {
   return op(a, b) as T;
 };
 
+/**
+ * A float32 output shaped like `first`, written by `op` from the two inputs (pointers taken after the
+ * output's allocation, which may grow the heap).
+ */
+const binaryOutput = (
+  backend: WasmBackendLike,
+  first: TensorInfo,
+  second: TensorInfo,
+  op: (size: number, first: Deno.PointerValue, second: Deno.PointerValue, out: Deno.PointerValue) => void,
+): TensorInfo => {
+  const out = backend.makeOutput([...first.shape], "float32");
+  op(sizeOf(first), heapPointer(backend, first), heapPointer(backend, second), heapPointer(backend, out));
+  return out;
+};
+
 /** TF.js's Add through oneDNN for two float32 tensors of one shape and `NATIVE_ADD_MIN_SIZE` values or more. */
 const nativeAdd = (fallback: KernelFunc) => (args: KernelArgs): TensorInfo => {
   const { a, b } = args.inputs as Record<string, TensorInfo>;
@@ -71,54 +86,45 @@ const nativeAdd = (fallback: KernelFunc) => (args: KernelArgs): TensorInfo => {
   ) {
     return fallback(args);
   }
-  const backend = args.backend as WasmBackendLike;
-  const out = backend.makeOutput([...a!.shape], "float32");
-  loadDnnl()!.elementwise.add(
-    sizeOf(a!),
-    false,
-    heapPointer(backend, a!),
-    heapPointer(backend, b!),
-    heapPointer(backend, out),
+  return binaryOutput(
+    args.backend as WasmBackendLike,
+    a!,
+    b!,
+    (size, x, y, out) => loadDnnl()!.elementwise.add(size, false, x, y, out),
   );
-  return out;
 };
 
 /** Registers the kernels and replaces wasm's Add where oneDNN loads; safe to call more than once. */
 export const registerElementwiseKernels = (): void => {
   if (registered || loadDnnl() === undefined) return;
-  tf.registerKernel({
-    kernelName: ADD_RELU,
-    backendName: "wasm",
-    kernelFunc: (({ inputs, backend: b }: KernelArgs) => {
-      const backend = b as unknown as WasmBackendLike;
-      const { a, b: other } = inputs as Record<string, TensorInfo>;
-      const y = backend.makeOutput([...a!.shape], "float32");
-      loadDnnl()!.elementwise.add(
-        sizeOf(a!),
-        true,
-        heapPointer(backend, a!),
-        heapPointer(backend, other!),
-        heapPointer(backend, y),
-      );
-      return y;
-    }) as unknown as tf.KernelFunc,
-  });
-  tf.registerKernel({
-    kernelName: RELU_GRAD_FROM_OUTPUT,
-    backendName: "wasm",
-    kernelFunc: (({ inputs, backend: b }: KernelArgs) => {
-      const backend = b as unknown as WasmBackendLike;
-      const { dy, y } = inputs as Record<string, TensorInfo>;
-      const dx = backend.makeOutput([...dy!.shape], "float32");
-      loadDnnl()!.elementwise.reluBackward(
-        sizeOf(dy!),
-        heapPointer(backend, dy!),
-        heapPointer(backend, y!),
-        heapPointer(backend, dx),
-      );
-      return dx;
-    }) as unknown as tf.KernelFunc,
-  });
+  const kernel = (
+    name: string,
+    f: (inputs: Record<string, TensorInfo>, backend: WasmBackendLike) => TensorInfo,
+  ) =>
+    tf.registerKernel({
+      kernelName: name,
+      backendName: "wasm",
+      kernelFunc: ((args: KernelArgs) =>
+        f(
+          args.inputs as Record<string, TensorInfo>,
+          args.backend as WasmBackendLike,
+        )) as unknown as tf.KernelFunc,
+    });
+  kernel(
+    ADD_RELU,
+    ({ a, b }, backend) =>
+      binaryOutput(backend, a!, b!, (size, x, y, out) => loadDnnl()!.elementwise.add(size, true, x, y, out)),
+  );
+  kernel(
+    RELU_GRAD_FROM_OUTPUT,
+    ({ dy, y }, backend) =>
+      binaryOutput(
+        backend,
+        dy!,
+        y!,
+        (size, d, o, dx) => loadDnnl()!.elementwise.reluBackward(size, d, o, dx),
+      ),
+  );
   const original = tf.getKernel("Add", "wasm");
   if (original !== undefined) {
     tf.unregisterKernel("Add", "wasm");

@@ -17,6 +17,7 @@
  * settings) goes to the kernel registered before.
  */
 import * as tf from "@tensorflow/tfjs";
+import { heapCopies } from "./bf16_copies.ts";
 import { col2imAdd, type ConvGeometry, geometry, im2col, isPointwise } from "./im2col.ts";
 import { activeKernelSettings } from "./kernel_settings.ts";
 import { type DnnlConvShape, type DnnlDirection, loadDnnl } from "./onednn.ts";
@@ -58,33 +59,6 @@ interface OpenedConv {
 }
 
 /**
- * The heap buffer holding the bf16 copy of dy that oneDNN keeps for the filter gradient that
- * follows a layer's input gradient (`Dnnl.heldDyCopy`); freed when another copy takes its place.
- */
-let heldDyCopy: { readonly backend: WasmBackendLike; readonly info: TensorInfo } | undefined;
-
-/** After a call that was given `fresh` (at `freshPointer`) for dy's copy: keep it if oneDNN now holds it. */
-const keepIfHeld = (
-  held: Deno.PointerValue | undefined,
-  backend: WasmBackendLike,
-  fresh: TensorInfo,
-  freshPointer: Deno.PointerValue,
-): void => {
-  if (held === undefined || !Deno.UnsafePointer.equals(held, freshPointer)) {
-    backend.disposeData(fresh.dataId);
-    return;
-  }
-  if (heldDyCopy !== undefined) {
-    try {
-      heldDyCopy.backend.disposeData(heldDyCopy.info.dataId);
-    } catch {
-      // that backend is gone, and its heap with it
-    }
-  }
-  heldDyCopy = { backend, info: fresh };
-};
-
-/**
  * The three native convolution kernels' common opening. Operands `a`, `b` are
  * the kernel's inputs: (x, filter) forward, (dy, filter) backwardData, (x, dy)
  * backwardWeights. Undefined (take the fallback kernel) unless BLAS runs, the
@@ -123,25 +97,16 @@ const openNativeConv = (
   if (dnnl !== undefined) {
     const out = backend.makeOutput(outShape, "float32");
     const shape: DnnlConvShape = { ...g, bottom: convInfo.padInfo.bottom, right: convInfo.padInfo.right };
-    // bf16: the copies of x and dy on the heap, in memory that tensors freed earlier left (no
-    // buffer of their own held between calls), allocated before any pointer is taken.
-    const bytes = dnnl.copyBytes(direction, shape);
-    const xCopy = bytes.x > 0 ? backend.makeOutput([Math.ceil(bytes.x / 4)], "float32") : undefined;
-    const dyCopy = bytes.dy > 0 ? backend.makeOutput([Math.ceil(bytes.dy / 4)], "float32") : undefined;
+    const copies = heapCopies(backend, dnnl, direction, shape); // before any pointer is taken
     const p = (info: TensorInfo) => heapPointer(backend, info);
-    const copies = {
-      x: xCopy === undefined ? undefined : p(xCopy),
-      dy: dyCopy === undefined ? undefined : p(dyCopy),
-      held: heldDyCopy?.backend === backend ? p(heldDyCopy.info) : undefined,
-    };
+    const buffers = copies.buffers();
     // Operand order of Dnnl.run: (x | dx, w | dw, y | dy).
     const ran = direction === "forward"
-      ? dnnl.run(direction, shape, p(a), p(b), p(out), undefined, copies)
+      ? dnnl.run(direction, shape, p(a), p(b), p(out), undefined, buffers)
       : direction === "backwardData"
-      ? dnnl.run(direction, shape, p(out), p(b), p(a), a.dataId, copies)
-      : dnnl.run(direction, shape, p(a), p(out), p(b), b.dataId, copies);
-    if (xCopy !== undefined) backend.disposeData(xCopy.dataId);
-    if (dyCopy !== undefined) keepIfHeld(dnnl.heldDyCopy(), backend, dyCopy, copies.dy!);
+      ? dnnl.run(direction, shape, p(out), p(b), p(a), a.dataId, buffers)
+      : dnnl.run(direction, shape, p(a), p(out), p(b), b.dataId, buffers);
+    copies.release();
     if (ran) return { done: out };
     backend.disposeData(out.dataId);
   }
