@@ -82,8 +82,7 @@ export interface Dnnl {
    * `dyIdentity` (backward directions): an object that names dy's contents for as long as dy
    * lives (the caller's tensor data id). Under bf16 the input-gradient and filter-gradient
    * convolutions of one layer then share one bf16 copy of dy instead of rounding it twice.
-   * `copies`: where the bf16 copies go (sized by `copyBytes`); a scratch buffer of this module's
-   * own, held for good, where absent.
+   * `copies`: where the bf16 copies go (sized by `copyBytes`; needed only where those are not 0).
    */
   run(
     direction: DnnlDirection,
@@ -91,15 +90,15 @@ export interface Dnnl {
     x: Deno.PointerValue,
     w: Deno.PointerValue,
     y: Deno.PointerValue,
-    dyIdentity?: object,
-    copies?: CopyBuffers,
+    dyIdentity: object | undefined,
+    copies: CopyBuffers,
   ): boolean;
   /** Bytes of the bf16 copies of x and of dy that `run` makes for this call (0 where it runs fp32). */
   copyBytes(direction: DnnlDirection, shape: DnnlConvShape): { readonly x: number; readonly dy: number };
   /**
    * Where the bf16 copy of dy that the next filter gradient may reuse was written (`copies.dy` of
-   * an earlier call, or the own scratch), or undefined: the caller keeps that buffer alive until it
-   * is no longer the held one.
+   * an earlier call), or undefined: the caller keeps that buffer alive until it is no longer the held
+   * one.
    */
   heldDyCopy(): Deno.PointerValue | undefined;
   /**
@@ -194,8 +193,7 @@ export const loadDnnl = (): Dnnl | undefined => {
     /**
      * bf16: an fp32 input (x, or dy) rounded into a bf16 copy the convolution reads. TF.js has no
      * bf16 tensors, so the copy lives in a buffer the caller gives (`CopyBuffers`: on the wasm heap,
-     * freed after the call, so it takes memory only while needed) or else in a scratch buffer of
-     * this module (one per operand slot, shared by every plan and grown to the largest).
+     * freed after the call, so it takes memory only while needed).
      */
     interface InputCast {
       readonly operand: "x" | "y";
@@ -203,10 +201,9 @@ export const loadDnnl = (): Dnnl | undefined => {
       readonly args: BigUint64Array;
       /** The fp32 side: its data handle is the caller's pointer. */
       readonly from: Deno.PointerValue;
-      /** The bf16 side, the convolution's argument: its data handle is the scratch buffer. */
+      /** The bf16 side, the convolution's argument: its data handle is the caller's copy buffer. */
       readonly to: Deno.PointerValue;
       readonly bytes: number;
-      readonly slot: number;
     }
 
     interface Plan {
@@ -220,13 +217,8 @@ export const loadDnnl = (): Dnnl | undefined => {
       readonly reorder: WeightsReorder | undefined;
       readonly casts: readonly InputCast[];
     }
-    const scratch = [new Uint8Array(64), new Uint8Array(64)];
-    const scratchPointer = (i: number, bytes: number) => {
-      if (scratch[i]!.length < bytes) scratch[i] = new Uint8Array(bytes);
-      return ptr(scratch[i]!);
-    };
     /**
-     * What scratch slot 1 holds now: the bf16 copy of the dy named by `identity` at `pointer`.
+     * The bf16 copy of the dy named by `identity` at `pointer`, written at `copy` (the caller's buffer).
      * TF.js runs a layer's input gradient and then its filter gradient on the same dy tensor,
      * which stays alive (and immutable) in between, so the second call reuses the copy.
      */
@@ -356,9 +348,6 @@ export const loadDnnl = (): Dnnl | undefined => {
           from: fromMemory,
           to: toMemory,
           bytes: 2 * count,
-          // x always in slot 0, dy in slot 1: the dy copy a backward-data call leaves stays
-          // there for the filter gradient that follows (see `lastDy`).
-          slot: operand === "x" ? 0 : 1,
         });
         return toMemory;
       };
@@ -440,17 +429,19 @@ export const loadDnnl = (): Dnnl | undefined => {
               lastDy.identity === dyIdentity && Deno.UnsafePointer.equals(lastDy.pointer, y) &&
               lastDy.bytes === c.bytes;
             if (held) {
-              d.dnnl_memory_set_data_handle(c.to, copies?.held ?? lastDy!.copy);
+              d.dnnl_memory_set_data_handle(c.to, copies.held ?? lastDy!.copy);
               continue;
             }
-            const copy = copies?.dy ?? scratchPointer(c.slot, c.bytes);
+            const copy = copies.dy;
+            kernelInvariant(copy !== undefined, () => "dnnl: a bf16 call without a buffer for dy's copy");
             d.dnnl_memory_set_data_handle(c.to, copy);
             lastDy = undefined;
             execute(c.primitive, c.args);
             if (dyIdentity !== undefined) lastDy = { identity: dyIdentity, pointer: y, bytes: c.bytes, copy };
             continue;
           }
-          d.dnnl_memory_set_data_handle(c.to, copies?.x ?? scratchPointer(c.slot, c.bytes));
+          kernelInvariant(copies.x !== undefined, () => "dnnl: a bf16 call without a buffer for x's copy");
+          d.dnnl_memory_set_data_handle(c.to, copies.x);
           execute(c.primitive, c.args);
         }
         if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);
