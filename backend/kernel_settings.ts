@@ -68,6 +68,11 @@ export interface KernelSettings {
    * `train.precision` of `auto` becomes one of these (backend/precision.ts).
    */
   readonly precision: "fp32" | "bf16";
+  /**
+   * Under bf16, a ResNet's residual blocks run as one op whose activations stay bf16 in native
+   * memory (backend/bf16_trunk.ts) where oneDNN takes them; false: layer by layer on fp32 tensors.
+   */
+  readonly bf16Trunk: boolean;
 }
 
 /** What every run uses. */
@@ -88,6 +93,7 @@ export const defaultKernelSettings: KernelSettings = {
   leanBackward: true,
   syncBatchNorm: true,
   precision: "fp32",
+  bf16Trunk: true,
 };
 
 /** A kernel setting out of its range. */

@@ -10,6 +10,7 @@ import { kernelInvariant } from "./invariant.ts";
 import { type DnnlBatchNorm, makeDnnlBatchNorm } from "./onednn_batch_norm.ts";
 import { type DnnlElementwise, makeDnnlElementwise } from "./onednn_eltwise.ts";
 import { makeDnnlContext } from "./onednn_context.ts";
+import { type DnnlBf16Conv, makeDnnlBf16Conv } from "./onednn_bf16_conv.ts";
 import {
   bf16Tuning,
   convPrecision,
@@ -107,8 +108,10 @@ export interface Dnnl {
    * shift, optionally followed by ReLU (whose backward then needs the workspace).
    */
   readonly batchNorm: DnnlBatchNorm;
-  /** Same-shape sums (optionally with ReLU) and ReLU's gradient. */
+  /** Same-shape sums (optionally with ReLU), ReLU's gradient and f32 <-> bf16 conversions. */
   readonly elementwise: DnnlElementwise;
+  /** Convolutions on bf16 activations (the bf16 trunk, backend/bf16_trunk.ts). */
+  readonly bf16Conv: DnnlBf16Conv;
 }
 
 let dnnlLoaded: Dnnl | undefined;
@@ -394,6 +397,7 @@ export const loadDnnl = (): Dnnl | undefined => {
       library: name,
       batchNorm,
       elementwise,
+      bf16Conv: makeDnnlBf16Conv(context),
       copyBytes: (direction, g) =>
         convPrecision(direction, g) === "fp32" ? { x: 0, dy: 0 } : {
           x: direction === "backwardData" ? 0 : 2 * g.n * g.h * g.w * g.ci,

@@ -19,6 +19,8 @@ import {
   ARG_VARIANCE,
   ARG_WORKSPACE,
   DNNL_BACKWARD,
+  DNNL_BF16,
+  DNNL_F32,
   DNNL_FORWARD_TRAINING,
   DNNL_FUSE_NORM_RELU,
   DNNL_USE_GLOBAL_STATS,
@@ -61,6 +63,8 @@ export interface BatchNormShape {
   readonly channels: number;
   readonly epsilon: number;
   readonly relu: boolean;
+  /** The data (x, y, dx, dy) in bfloat16 (statistics, scale and shift stay fp32); fp32 when omitted. */
+  readonly bf16?: boolean;
 }
 
 export interface DnnlBatchNorm {
@@ -122,13 +126,17 @@ export const makeDnnlBatchNorm = (context: DnnlContext): DnnlBatchNorm => {
   const bnPlans = new Map<string, { forward: ArgPlan; givenStats: () => ArgPlan; backward: ArgPlan }>();
   const bnPlan = (shape: BatchNormShape) => {
     const key = `${activeThreads()}:${shape.rows},${shape.height},${shape.width},${shape.channels},` +
-      `${shape.epsilon},${shape.relu}`;
+      `${shape.epsilon},${shape.relu},${shape.bf16 === true}`;
     let plan = bnPlans.get(key);
     if (plan !== undefined) return plan;
     // NHWC (oneDNN's nspc: its JIT kernels), [rows, C] as N = rows, H = W = 1.
     const { channels: c, height: h, width: w } = shape;
     const n = shape.rows / (h * w);
-    const data = memoryDesc([n, c, h, w], [h * w * c, 1, w * c, c]);
+    const data = memoryDesc(
+      [n, c, h, w],
+      [h * w * c, 1, w * c, c],
+      shape.bf16 === true ? DNNL_BF16 : DNNL_F32,
+    );
     const flags = DNNL_USE_SCALE | DNNL_USE_SHIFT | (shape.relu ? DNNL_FUSE_NORM_RELU : 0);
     const forwardPd = (extraFlags: number) => {
       const fdesc = new Uint8Array(OP_DESC_BYTES);

@@ -14,20 +14,42 @@ import {
   ARG_DIFF_DST,
   ARG_DIFF_SRC,
   ARG_DST,
+  ARG_FROM,
   ARG_SRC,
   ARG_SRC_1,
+  ARG_TO,
+  DNNL_BF16,
   DNNL_BINARY_ADD,
   DNNL_ELTWISE_RELU,
   DNNL_ELTWISE_RELU_USE_DST_FOR_BWD,
+  DNNL_F32,
   DNNL_FORWARD_TRAINING,
   OP_DESC_BYTES,
 } from "./onednn_ffi.ts";
 
+/** The element type of every operand of a call: float32, or bfloat16 (oneDNN computes in fp32 and rounds the result). */
+export type ElementType = "f32" | "bf16";
+
 export interface DnnlElementwise {
-  /** out = a + b, or max(a + b, 0) with `relu`, over `size` floats (`out` may be `a` or `b`). */
-  add(size: number, relu: boolean, a: Deno.PointerValue, b: Deno.PointerValue, out: Deno.PointerValue): void;
-  /** dx = dy where y > 0, else 0: ReLU's gradient from its output y, over `size` floats. */
-  reluBackward(size: number, dy: Deno.PointerValue, y: Deno.PointerValue, dx: Deno.PointerValue): void;
+  /** out = a + b, or max(a + b, 0) with `relu`, over `size` values (`out` may be `a` or `b`). */
+  add(
+    size: number,
+    relu: boolean,
+    a: Deno.PointerValue,
+    b: Deno.PointerValue,
+    out: Deno.PointerValue,
+    type?: ElementType,
+  ): void;
+  /** dx = dy where y > 0, else 0: ReLU's gradient from its output y, over `size` values. */
+  reluBackward(
+    size: number,
+    dy: Deno.PointerValue,
+    y: Deno.PointerValue,
+    dx: Deno.PointerValue,
+    type?: ElementType,
+  ): void;
+  /** `size` values converted from one element type to the other (bf16 rounds to nearest even). */
+  convert(size: number, from: ElementType, source: Deno.PointerValue, target: Deno.PointerValue): void;
 }
 
 /** A primitive and the memory objects of its arguments, in the order the call gives the pointers. */
@@ -38,9 +60,11 @@ interface Plan {
 }
 
 export const makeDnnlElementwise = (context: DnnlContext): DnnlElementwise => {
-  const { d, stream, ok, slot, ptr, handle, memoryDesc, memory, primitiveDesc, primitive, execArgs } =
+  const { d, engine, stream, ok, slot, ptr, handle, memoryDesc, memory, primitiveDesc, primitive, execArgs } =
     context;
-  const row = (size: number) => memoryDesc([1, size, 1, 1], [size, 1, 1, 1]);
+  const dataType = (type: ElementType) => type === "bf16" ? DNNL_BF16 : DNNL_F32;
+  const row = (size: number, type: ElementType = "f32") =>
+    memoryDesc([1, size, 1, 1], [size, 1, 1, 1], dataType(type));
   const planOf = (pd: Deno.PointerValue, md: Uint8Array, argIds: readonly number[]): Plan => {
     const memories = argIds.map(() => memory(md));
     return {
@@ -69,9 +93,9 @@ export const makeDnnlElementwise = (context: DnnlContext): DnnlElementwise => {
     return plan;
   };
 
-  const addPlan = (size: number, relu: boolean) =>
-    cached(`add:${size}:${relu}`, () => {
-      const md = row(size);
+  const addPlan = (size: number, relu: boolean, type: ElementType) =>
+    cached(`add:${size}:${relu}:${type}`, () => {
+      const md = row(size, type);
       const desc = new Uint8Array(OP_DESC_BYTES);
       ok(d.dnnl_binary_desc_init(ptr(desc), DNNL_BINARY_ADD, ptr(md), ptr(md), ptr(md)), "dnnl binary desc");
       let attr: Deno.PointerValue = null;
@@ -87,9 +111,9 @@ export const makeDnnlElementwise = (context: DnnlContext): DnnlElementwise => {
       return planOf(primitiveDesc(desc, null, attr), md, [ARG_SRC, ARG_SRC_1, ARG_DST]);
     });
 
-  const reluBackwardPlan = (size: number) =>
-    cached(`reluBackward:${size}`, () => {
-      const md = row(size);
+  const reluBackwardPlan = (size: number, type: ElementType) =>
+    cached(`reluBackward:${size}:${type}`, () => {
+      const md = row(size, type);
       const forward = new Uint8Array(OP_DESC_BYTES);
       ok(
         d.dnnl_eltwise_forward_desc_init(
@@ -118,8 +142,26 @@ export const makeDnnlElementwise = (context: DnnlContext): DnnlElementwise => {
       return planOf(pd, md, [ARG_DIFF_DST, ARG_DST, ARG_DIFF_SRC]);
     });
 
+  const convertPlan = (size: number, from: ElementType) =>
+    cached(`convert:${size}:${from}`, () => {
+      const source = row(size, from);
+      const target = row(size, from === "f32" ? "bf16" : "f32");
+      const s = slot();
+      ok(
+        d.dnnl_reorder_primitive_desc_create(ptr(s), ptr(source), engine, ptr(target), engine, null),
+        "dnnl reorder desc",
+      );
+      const memories = [memory(source), memory(target)];
+      return {
+        primitive: primitive(handle(s)),
+        memories,
+        args: execArgs([[ARG_FROM, memories[0]!], [ARG_TO, memories[1]!]]),
+      };
+    });
+
   return {
-    add: (size, relu, a, b, out) => run(addPlan(size, relu), [a, b, out]),
-    reluBackward: (size, dy, y, dx) => run(reluBackwardPlan(size), [dy, y, dx]),
+    add: (size, relu, a, b, out, type = "f32") => run(addPlan(size, relu, type), [a, b, out]),
+    reluBackward: (size, dy, y, dx, type = "f32") => run(reluBackwardPlan(size, type), [dy, y, dx]),
+    convert: (size, from, source, target) => run(convertPlan(size, from), [source, target]),
   };
 };

@@ -31,10 +31,20 @@ const variants: Variant[] = [
   { name: "fp32", precision: "fp32" },
   { name: "bf16", precision: "bf16" },
   // The bf16 path before each of its speed-ups, for before/after ratios in one run.
-  { name: "bf16, dy rounded twice", precision: "bf16", tuning: { shareDy: false } },
+  { name: "bf16, layer by layer on fp32 tensors", precision: "bf16", settings: { bf16Trunk: false } },
+  {
+    name: "bf16, dy rounded twice",
+    precision: "bf16",
+    tuning: { shareDy: false },
+    settings: { bf16Trunk: false },
+  },
   // Before the residual sums and ReLUs moved to oneDNN, in either precision.
   { name: "fp32, element-wise on wasm", precision: "fp32", settings: { nativeElementwise: false } },
-  { name: "bf16, element-wise on wasm", precision: "bf16", settings: { nativeElementwise: false } },
+  {
+    name: "bf16, element-wise on wasm",
+    precision: "bf16",
+    settings: { nativeElementwise: false, bf16Trunk: false },
+  },
 ];
 const defaults = { ...bf16Tuning };
 

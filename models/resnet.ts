@@ -12,6 +12,13 @@
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
 import { addRelu } from "../backend/elementwise_kernels.ts";
+import {
+  bf16Trunk,
+  bf16TrunkActive,
+  bf16TrunkSupports,
+  type TrunkNode,
+  type TrunkProgram,
+} from "../backend/bf16_trunk.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
 
 /** The ResNet depth: 18 and 34 with basic blocks, 50 with bottleneck blocks. */
@@ -325,9 +332,144 @@ export const backboneFeatureMap = (
     y = batchNorm(params, "backbone.bn1", y, options, true);
     // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.
     if (plan.maxPool) y = tf.maxPool(y, 3, 2, 1);
-    for (const b of plan.blocks) y = block(params, b, y, options);
-    return y;
+    return residualBlocks(plan, params, y, options);
   });
+
+/**
+ * The residual blocks of `plan` on x (the stem's output): under bf16 in train mode as one op on bf16
+ * activations where oneDNN takes them (backend/bf16_trunk.ts), layer by layer otherwise.
+ */
+export const residualBlocks = (
+  plan: BackbonePlan,
+  params: ParamLookup,
+  x: tf.Tensor4D,
+  options: ForwardOptions,
+): tf.Tensor4D => {
+  const trunk = options.training && bf16TrunkActive() ? blocksProgram(plan, x.shape) : undefined;
+  if (trunk !== undefined && bf16TrunkSupports(trunk.program)) return blocksInBf16(params, trunk, x, options);
+  let y = x;
+  for (const b of plan.blocks) y = block(params, b, y, options);
+  return y;
+};
+
+/** The residual blocks as one bf16 trunk program, with the names of its parameters and batch norms. */
+interface BlocksProgram {
+  readonly program: TrunkProgram;
+  /** Parameter names by the program's parameter indices. */
+  readonly params: readonly string[];
+  /** Batch-norm names, in the program's node order (for the running statistics). */
+  readonly batchNorms: readonly string[];
+}
+
+const programs = new WeakMap<BackbonePlan, Map<string, BlocksProgram>>();
+
+/** The blocks of `plan` on an input of `shape` [N, H, W, C] as a trunk program (cached per plan and shape). */
+export const blocksProgram = (plan: BackbonePlan, shape: readonly number[]): BlocksProgram => {
+  const key = shape.join(",");
+  const cached = programs.get(plan)?.get(key);
+  if (cached !== undefined) return cached;
+  const buffers: [number, number, number, number][] = [[shape[0]!, shape[1]!, shape[2]!, shape[3]!]];
+  const nodes: TrunkNode[] = [];
+  const params: string[] = [];
+  const batchNorms: string[] = [];
+  const param = (name: string) => params.push(name) - 1;
+  const convolution = (
+    input: number,
+    name: string,
+    channels: number,
+    kernel: number,
+    stride: number,
+    pad: number,
+  ) => {
+    const [n, h, w, ci] = buffers[input]!;
+    const [oh, ow] = [convOutSize(h, kernel, stride, pad), convOutSize(w, kernel, stride, pad)];
+    buffers.push([n, oh, ow, channels]);
+    const output = buffers.length - 1;
+    nodes.push({
+      kind: "convolution",
+      input,
+      output,
+      weight: param(name),
+      shape: {
+        n,
+        h,
+        w,
+        ci,
+        oh,
+        ow,
+        co: channels,
+        kh: kernel,
+        kw: kernel,
+        sh: stride,
+        sw: stride,
+        dh: 1,
+        dw: 1,
+        top: pad,
+        left: pad,
+        bottom: pad,
+        right: pad,
+      },
+    });
+    return output;
+  };
+  const batchNormNode = (input: number, name: string, relu: boolean) => {
+    buffers.push(buffers[input]!);
+    const output = buffers.length - 1;
+    batchNorms.push(name);
+    nodes.push({
+      kind: "batchNorm",
+      input,
+      output,
+      gamma: param(`${name}.weight`),
+      beta: param(`${name}.bias`),
+      relu,
+    });
+    return output;
+  };
+  let x = 0;
+  for (const b of plan.blocks) {
+    const p = b.prefix;
+    let y: number;
+    if (b.kind === "basic") {
+      y = batchNormNode(convolution(x, `${p}.conv1.weight`, b.planes, 3, b.stride, 1), `${p}.bn1`, true);
+      y = batchNormNode(convolution(y, `${p}.conv2.weight`, b.outChannels, 3, 1, 1), `${p}.bn2`, false);
+    } else {
+      y = batchNormNode(convolution(x, `${p}.conv1.weight`, b.planes, 1, 1, 0), `${p}.bn1`, true);
+      y = batchNormNode(convolution(y, `${p}.conv2.weight`, b.planes, 3, b.stride, 1), `${p}.bn2`, true);
+      y = batchNormNode(convolution(y, `${p}.conv3.weight`, b.outChannels, 1, 1, 0), `${p}.bn3`, false);
+    }
+    const shortcut = b.downsample
+      ? batchNormNode(
+        convolution(x, `${p}.downsample.0.weight`, b.outChannels, 1, b.stride, 0),
+        `${p}.downsample.1`,
+        false,
+      )
+      : x;
+    buffers.push(buffers[y]!);
+    nodes.push({ kind: "addRelu", a: y, b: shortcut, output: buffers.length - 1 });
+    x = buffers.length - 1;
+  }
+  const made = { program: { buffers, nodes, output: x, epsilon: BN_EPS }, params, batchNorms };
+  if (!programs.has(plan)) programs.set(plan, new Map());
+  programs.get(plan)!.set(key, made);
+  return made;
+};
+
+/** The residual blocks through the bf16 trunk: the same computation as `block` after `block`, activations in bf16. */
+const blocksInBf16 = (
+  params: ParamLookup,
+  trunk: BlocksProgram,
+  x: tf.Tensor4D,
+  options: ForwardOptions,
+): tf.Tensor4D => {
+  const { y, statistics } = bf16Trunk(trunk.program, x, trunk.params.map(params));
+  if (options.updateRunningStats ?? true) {
+    statistics.forEach(({ mean, variance, count }, k) =>
+      updateRunningStats(params, trunk.batchNorms[k]!, mean, variance, count)
+    );
+  }
+  return y;
+};
 
 /** Spatial size after a conv/pool with torch's floor rounding. */
 export const convOutSize = (size: number, kernel: number, stride: number, pad: number): number =>

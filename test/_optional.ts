@@ -318,3 +318,18 @@ export const optionalStep = (
   const need = needsFor("step", pieces);
   return t.step({ name: `${name} (${need.what})`, ignore: need.ignore, fn: need.guard(fn) });
 };
+
+/**
+ * A bf16 test: it needs a bf16 processor (hardware: ignored where absent, under either setting) and
+ * oneDNN with OpenBLAS (packages: ignored, or failing under SWAV_REQUIRE_OPTIONAL=1); each tallied for
+ * the closing line. Called once per test.
+ */
+export const bf16Test = (name: string, fn: () => Promise<void>, pieces: readonly Piece[] = []): void => {
+  const cpu = needsHardware("bf16-cpu");
+  const libs = needs("openblas", "onednn", ...pieces);
+  Deno.test({
+    name: `${name} (${cpu.what}; ${libs.what})`,
+    ignore: cpu.ignore || libs.ignore,
+    fn: libs.guard(fn),
+  });
+};

@@ -32,23 +32,8 @@ import { pretrain } from "../pipelines/pretrain.ts";
 import { forwardBackward, swavTape } from "../pipelines/swav_step.ts";
 import { makeFixture, parseBenchArgs } from "../bench/bench.ts";
 import { runCli, useBackend } from "./_helpers.ts";
-import { needs, needsHardware, type Piece } from "./_optional.ts";
+import { bf16Test } from "./_optional.ts";
 import { readMetrics, tinyRunConfig, writeParallelConfig, writeTinyData } from "./_tiny_run.ts";
-
-/**
- * The bf16 tests' options: a bf16 processor (hardware: ignored where absent, under either setting) and
- * oneDNN with OpenBLAS (packages: ignored, or failing under SWAV_REQUIRE_OPTIONAL=1); each tallied for
- * the closing line. Called once per test.
- */
-const bf16Test = (name: string, fn: () => Promise<void>, pieces: readonly Piece[] = []): void => {
-  const cpu = needsHardware("bf16-cpu");
-  const libs = needs("openblas", "onednn", ...pieces);
-  Deno.test({
-    name: `${name} (${cpu.what}; ${libs.what})`,
-    ignore: cpu.ignore || libs.ignore,
-    fn: libs.guard(fn),
-  });
-};
 
 Deno.test("resolvePrecision: auto takes bf16 only where native; bf16 asked for elsewhere runs fp32 with a note", () => {
   const native = () => ({ native: true, reason: "oneDNN avx512_core_amx" });
