@@ -60,6 +60,12 @@ export interface TrunkProgram {
   readonly nodes: readonly TrunkNode[];
   readonly output: number;
   readonly epsilon: number;
+  /**
+   * Whether gradients flow to the op's input. A network's first layers take images, which need none:
+   * there the input is no input of the op (asking for its gradient fails as for any constant) and its
+   * first convolution's input gradient is never computed.
+   */
+  readonly inputGradient: boolean;
 }
 
 /** What the op returns: the output and, per batch norm in node order, its batch statistics. */
@@ -116,8 +122,8 @@ interface Gradient {
 
 /**
  * The chain on x (fp32 [N, H, W, C], buffer 0's shape) with `params` (fp32: the convolutions'
- * HWIO weights, the batch norms' scales and shifts, referenced by index); gradients flow to x and
- * every parameter. Callers check `bf16TrunkActive()` and `bf16TrunkSupports(program)` first.
+ * HWIO weights, the batch norms' scales and shifts, referenced by index); gradients flow to every
+ * parameter, and to x where `program.inputGradient`. Callers check `bf16TrunkActive()` and `bf16TrunkSupports(program)` first.
  */
 export const bf16Trunk = (
   program: TrunkProgram,
@@ -134,10 +140,11 @@ export const bf16Trunk = (
   }
   const bnIndex = new Map(batchNorms.map((node, i) => [node, i]));
   let kept: tf.Tensor1D | undefined;
+  const inputCount = params.length + (program.inputGradient ? 1 : 0);
   const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
-    const inputs = args.slice(0, 1 + params.length) as tf.Tensor[];
-    const save = args[1 + params.length] as tf.GradSaveFunc;
-    const [xIn, ...paramsIn] = inputs as [tf.Tensor4D, ...tf.Tensor[]];
+    const inputs = args.slice(0, inputCount) as tf.Tensor[];
+    const save = args[inputCount] as tf.GradSaveFunc;
+    const [xIn, paramsIn] = program.inputGradient ? [inputs[0]!, inputs.slice(1)] : [x, inputs];
     const backend = tf.backend() as unknown as WasmBackendLike;
     const dnnl = loadDnnl()!;
     const bf16Buffer = (shape: readonly number[]) =>
@@ -209,7 +216,7 @@ export const bf16Trunk = (
         }),
     };
   });
-  const y = op(x, ...params) as tf.Tensor4D;
+  const y = (program.inputGradient ? op(x, ...params) : op(...params)) as tf.Tensor4D;
   // The statistics were kept out of the op's own scope: into the caller's, as its other tensors.
   const all = tf.clone(kept!);
   kept!.dispose();
@@ -282,7 +289,7 @@ const backward = (
   /** A node's input gradient `info` (a fresh buffer) handed to the buffers in `targets`. */
   const handTo = (info: TensorInfo, targets: readonly number[]) => {
     const g: Gradient = { info, holders: 1 };
-    for (const target of targets) accumulate(target, g);
+    for (const target of targets) if (target !== 0 || program.inputGradient) accumulate(target, g);
     drop(g);
   };
   const paramGradients: (TensorInfo | undefined)[] = params.map(() => undefined);
@@ -309,6 +316,10 @@ const backward = (
       );
       if (scratch !== undefined) backend.disposeData(scratch.dataId);
       paramGradients[node.weight] = dw;
+      if (node.input === 0 && !program.inputGradient) {
+        release(node.output);
+        continue;
+      }
       const dx = bf16Buffer(program.buffers[node.input]!);
       dnnl.bf16Conv.backwardData(g, p(upstream.info), p(params[node.weight]!), p(dx));
       release(node.output);
@@ -347,15 +358,19 @@ const backward = (
       handTo(dx, [node.a, node.b]);
     }
   }
-  const input = gradients[0];
-  kernelInvariant(input !== undefined, () => "bf16 trunk: the input has no gradient");
-  const dx = f32(program.buffers[0]!);
-  dnnl.elementwise.convert(sizeOf(dx.shape), "bf16", p(input.info), p(dx));
-  release(0);
+  let dx: TensorInfo | undefined;
+  if (program.inputGradient) {
+    const input = gradients[0];
+    kernelInvariant(input !== undefined, () => "bf16 trunk: the input has no gradient");
+    dx = f32(program.buffers[0]!);
+    dnnl.elementwise.convert(sizeOf(dx.shape), "bf16", p(input.info), p(dx));
+    release(0);
+  }
   kernelInvariant(
     gradients.every((g) => g === undefined) && paramGradients.every((g) => g !== undefined),
     () => "bf16 trunk: a gradient was left over or never written",
   );
   const tensor = (info: TensorInfo) => tf.engine().makeTensorFromTensorInfo(info);
-  return [tensor(dx), ...paramGradients.map((g) => tensor(g!))];
+  const grads = paramGradients.map((g) => tensor(g!));
+  return dx === undefined ? grads : [tensor(dx), ...grads];
 };

@@ -328,6 +328,11 @@ export const backboneFeatureMap = (
       x.shape[3] === plan.config.inputChannels,
       () => `backbone expects ${plan.config.inputChannels} input channels, got shape [${x.shape}]`,
     );
+    // The CIFAR stem (no max-pool) joins the bf16 trunk, whose input is then the images.
+    if (options.training && !plan.maxPool && bf16TrunkActive()) {
+      const whole = blocksProgram(plan, x.shape, true);
+      if (bf16TrunkSupports(whole.program)) return blocksInBf16(params, whole, x, options);
+    }
     let y = conv(params, "backbone.conv1.weight", x, plan.stemStride, plan.stemPad);
     y = batchNorm(params, "backbone.bn1", y, options, true);
     // Numeric padding in TF.js max-pool ignores the padded cells, as torch's -inf padding does.
@@ -363,9 +368,13 @@ interface BlocksProgram {
 
 const programs = new WeakMap<BackbonePlan, Map<string, BlocksProgram>>();
 
-/** The blocks of `plan` on an input of `shape` [N, H, W, C] as a trunk program (cached per plan and shape). */
-export const blocksProgram = (plan: BackbonePlan, shape: readonly number[]): BlocksProgram => {
-  const key = shape.join(",");
+/**
+ * The blocks of `plan` on an input of `shape` [N, H, W, C] as a trunk program, the stem's convolution
+ * and batch norm (+ ReLU) first with `stem` (then the input is the images, which need no gradient).
+ * Cached per plan, shape and stem.
+ */
+export const blocksProgram = (plan: BackbonePlan, shape: readonly number[], stem = false): BlocksProgram => {
+  const key = `${shape.join(",")}:${stem}`;
   const cached = programs.get(plan)?.get(key);
   if (cached !== undefined) return cached;
   const buffers: [number, number, number, number][] = [[shape[0]!, shape[1]!, shape[2]!, shape[3]!]];
@@ -427,6 +436,17 @@ export const blocksProgram = (plan: BackbonePlan, shape: readonly number[]): Blo
     return output;
   };
   let x = 0;
+  if (stem) {
+    const stemConv = convolution(
+      0,
+      "backbone.conv1.weight",
+      plan.config.width,
+      plan.stemKernel,
+      plan.stemStride,
+      plan.stemPad,
+    );
+    x = batchNormNode(stemConv, "backbone.bn1", true);
+  }
   for (const b of plan.blocks) {
     const p = b.prefix;
     let y: number;
@@ -449,7 +469,11 @@ export const blocksProgram = (plan: BackbonePlan, shape: readonly number[]): Blo
     nodes.push({ kind: "addRelu", a: y, b: shortcut, output: buffers.length - 1 });
     x = buffers.length - 1;
   }
-  const made = { program: { buffers, nodes, output: x, epsilon: BN_EPS }, params, batchNorms };
+  const made = {
+    program: { buffers, nodes, output: x, epsilon: BN_EPS, inputGradient: !stem },
+    params,
+    batchNorms,
+  };
   if (!programs.has(plan)) programs.set(plan, new Map());
   programs.get(plan)!.set(key, made);
   return made;
