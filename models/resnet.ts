@@ -12,35 +12,23 @@
 import * as tf from "@tensorflow/tfjs";
 import { batchNormTrain } from "../backend/batch_norm.ts";
 import { addRelu } from "../backend/elementwise_kernels.ts";
-import {
-  bf16Trunk,
-  bf16TrunkActive,
-  bf16TrunkSupports,
-  type TrunkNode,
-  type TrunkProgram,
-} from "../backend/bf16_trunk.ts";
+import { bf16Trunk, bf16TrunkActive, bf16TrunkSupports } from "../backend/bf16_trunk.ts";
 import { kernelInvariant } from "../backend/invariant.ts";
+import { type BackbonePlan, type BlockPlan, BN_EPS, BN_MOMENTUM } from "./resnet_plan.ts";
+import { type BlocksProgram, blocksProgram } from "./resnet_trunk.ts";
 
-/** The ResNet depth: 18 and 34 with basic blocks, 50 with bottleneck blocks. */
-export type ResnetArch = "resnet18" | "resnet34" | "resnet50";
-/** The ResNet stem: ImageNet's (7x7/2 conv and a max-pool) or the CIFAR one (3x3/1 conv, no pool) for small images. */
-export type ResnetStem = "imagenet" | "cifar";
-
-/** What a backbone is built from: depth, width, input channels and stem. */
-export interface BackboneConfig {
-  /** The ResNet depth. */
-  readonly arch: ResnetArch;
-  /** Channels of the first stage (64 for the standard networks). */
-  readonly width: number;
-  /** Input channels: 1 (grey) or 3 (RGB). */
-  readonly inputChannels: number;
-  /** `imagenet`: 7x7/2 conv + 3x3/2 max-pool; `cifar`: 3x3/1 conv, no pool. */
-  readonly stem: ResnetStem;
-}
-
-/** BatchNorm constants of torch's defaults. */
-export const BN_EPS = 1e-5;
-export const BN_MOMENTUM = 0.1;
+export {
+  type BackboneConfig,
+  type BackbonePlan,
+  backbonePlan,
+  type BlockPlan,
+  BN_EPS,
+  BN_MOMENTUM,
+  convOutSize,
+  type ResnetArch,
+  type ResnetStem,
+} from "./resnet_plan.ts";
+export { type BlocksProgram, blocksProgram } from "./resnet_trunk.ts";
 
 /** How a parameter is initialised (torchvision / PyTorch defaults). */
 export type ParamInit =
@@ -60,95 +48,6 @@ export interface ParamSpec {
 
 /** Reads a parameter by name (a model's variables, or any tensors in the same layout). */
 export type ParamLookup = (name: string) => tf.Tensor;
-
-interface StageShape {
-  readonly blocks: number;
-  readonly planes: number;
-  readonly stride: number;
-}
-
-/** One residual block of the plan. */
-export interface BlockPlan {
-  /** The block's parameter name prefix, e.g. `backbone.layer1.0.`. */
-  readonly prefix: string;
-  /** Basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1). */
-  readonly kind: "basic" | "bottleneck";
-  /** Channels in. */
-  readonly inChannels: number;
-  /** Width of the block's inner convolutions. */
-  readonly planes: number;
-  /** Channels out (planes times the expansion). */
-  readonly outChannels: number;
-  /** Stride of the block's spatial convolution. */
-  readonly stride: number;
-  /** 1x1 strided conv + BN on the shortcut when the shape changes. */
-  readonly downsample: boolean;
-}
-
-/** The layer structure of a backbone; shared by parameter creation, forward and memory estimates. */
-export interface BackbonePlan {
-  /** The configuration it was planned from. */
-  readonly config: BackboneConfig;
-  /** Kernel side of the stem's convolution. */
-  readonly stemKernel: number;
-  /** Stride of the stem's convolution. */
-  readonly stemStride: number;
-  /** Padding of the stem's convolution. */
-  readonly stemPad: number;
-  /** Whether the stem ends with a 3x3/2 max-pool. */
-  readonly maxPool: boolean;
-  /** Every residual block, in order. */
-  readonly blocks: readonly BlockPlan[];
-  /** Size of the pooled feature vector: 8·width·expansion. */
-  readonly featureDim: number;
-}
-
-const LAYERS: Record<
-  ResnetArch,
-  { readonly kind: "basic" | "bottleneck"; readonly counts: readonly number[] }
-> = {
-  resnet18: { kind: "basic", counts: [2, 2, 2, 2] },
-  resnet34: { kind: "basic", counts: [3, 4, 6, 3] },
-  resnet50: { kind: "bottleneck", counts: [3, 4, 6, 3] },
-};
-
-export const backbonePlan = (config: BackboneConfig): BackbonePlan => {
-  const { kind, counts } = LAYERS[config.arch];
-  const expansion = kind === "basic" ? 1 : 4;
-  const stages: StageShape[] = counts.map((blocks, i) => ({
-    blocks,
-    planes: config.width * 2 ** i,
-    stride: i === 0 ? 1 : 2,
-  }));
-  const blocks: BlockPlan[] = [];
-  let inChannels = config.width;
-  stages.forEach((stage, s) => {
-    for (let b = 0; b < stage.blocks; b++) {
-      const stride = b === 0 ? stage.stride : 1;
-      const outChannels = stage.planes * expansion;
-      blocks.push({
-        prefix: `backbone.layer${s + 1}.${b}`,
-        kind,
-        inChannels,
-        planes: stage.planes,
-        outChannels,
-        stride,
-        downsample: stride !== 1 || inChannels !== outChannels,
-      });
-      inChannels = outChannels;
-    }
-  });
-  const imagenet = config.stem === "imagenet";
-  return {
-    config,
-    stemKernel: imagenet ? 7 : 3,
-    stemStride: imagenet ? 2 : 1,
-    stemPad: imagenet ? 3 : 1,
-    maxPool: imagenet,
-    blocks,
-    featureDim: inChannels,
-  };
-};
 
 const convSpec = (name: string, kernel: number, inC: number, outC: number): ParamSpec => ({
   name,
@@ -357,128 +256,6 @@ export const residualBlocks = (
   return y;
 };
 
-/** The residual blocks as one bf16 trunk program, with the names of its parameters and batch norms. */
-interface BlocksProgram {
-  readonly program: TrunkProgram;
-  /** Parameter names by the program's parameter indices. */
-  readonly params: readonly string[];
-  /** Batch-norm names, in the program's node order (for the running statistics). */
-  readonly batchNorms: readonly string[];
-}
-
-const programs = new WeakMap<BackbonePlan, Map<string, BlocksProgram>>();
-
-/**
- * The blocks of `plan` on an input of `shape` [N, H, W, C] as a trunk program, the stem's convolution
- * and batch norm (+ ReLU) first with `stem` (then the input is the images, which need no gradient).
- * Cached per plan, shape and stem.
- */
-export const blocksProgram = (plan: BackbonePlan, shape: readonly number[], stem = false): BlocksProgram => {
-  const key = `${shape.join(",")}:${stem}`;
-  const cached = programs.get(plan)?.get(key);
-  if (cached !== undefined) return cached;
-  const buffers: [number, number, number, number][] = [[shape[0]!, shape[1]!, shape[2]!, shape[3]!]];
-  const nodes: TrunkNode[] = [];
-  const params: string[] = [];
-  const batchNorms: string[] = [];
-  const param = (name: string) => params.push(name) - 1;
-  const convolution = (
-    input: number,
-    name: string,
-    channels: number,
-    kernel: number,
-    stride: number,
-    pad: number,
-  ) => {
-    const [n, h, w, ci] = buffers[input]!;
-    const [oh, ow] = [convOutSize(h, kernel, stride, pad), convOutSize(w, kernel, stride, pad)];
-    buffers.push([n, oh, ow, channels]);
-    const output = buffers.length - 1;
-    nodes.push({
-      kind: "convolution",
-      input,
-      output,
-      weight: param(name),
-      shape: {
-        n,
-        h,
-        w,
-        ci,
-        oh,
-        ow,
-        co: channels,
-        kh: kernel,
-        kw: kernel,
-        sh: stride,
-        sw: stride,
-        dh: 1,
-        dw: 1,
-        top: pad,
-        left: pad,
-        bottom: pad,
-        right: pad,
-      },
-    });
-    return output;
-  };
-  const batchNormNode = (input: number, name: string, relu: boolean) => {
-    buffers.push(buffers[input]!);
-    const output = buffers.length - 1;
-    batchNorms.push(name);
-    nodes.push({
-      kind: "batchNorm",
-      input,
-      output,
-      gamma: param(`${name}.weight`),
-      beta: param(`${name}.bias`),
-      relu,
-    });
-    return output;
-  };
-  let x = 0;
-  if (stem) {
-    const stemConv = convolution(
-      0,
-      "backbone.conv1.weight",
-      plan.config.width,
-      plan.stemKernel,
-      plan.stemStride,
-      plan.stemPad,
-    );
-    x = batchNormNode(stemConv, "backbone.bn1", true);
-  }
-  for (const b of plan.blocks) {
-    const p = b.prefix;
-    let y: number;
-    if (b.kind === "basic") {
-      y = batchNormNode(convolution(x, `${p}.conv1.weight`, b.planes, 3, b.stride, 1), `${p}.bn1`, true);
-      y = batchNormNode(convolution(y, `${p}.conv2.weight`, b.outChannels, 3, 1, 1), `${p}.bn2`, false);
-    } else {
-      y = batchNormNode(convolution(x, `${p}.conv1.weight`, b.planes, 1, 1, 0), `${p}.bn1`, true);
-      y = batchNormNode(convolution(y, `${p}.conv2.weight`, b.planes, 3, b.stride, 1), `${p}.bn2`, true);
-      y = batchNormNode(convolution(y, `${p}.conv3.weight`, b.outChannels, 1, 1, 0), `${p}.bn3`, false);
-    }
-    const shortcut = b.downsample
-      ? batchNormNode(
-        convolution(x, `${p}.downsample.0.weight`, b.outChannels, 1, b.stride, 0),
-        `${p}.downsample.1`,
-        false,
-      )
-      : x;
-    buffers.push(buffers[y]!);
-    nodes.push({ kind: "addRelu", a: y, b: shortcut, output: buffers.length - 1 });
-    x = buffers.length - 1;
-  }
-  const made = {
-    program: { buffers, nodes, output: x, epsilon: BN_EPS, inputGradient: !stem },
-    params,
-    batchNorms,
-  };
-  if (!programs.has(plan)) programs.set(plan, new Map());
-  programs.get(plan)!.set(key, made);
-  return made;
-};
-
 /** The residual blocks through the bf16 trunk: the same computation as `block` after `block`, activations in bf16. */
 const blocksInBf16 = (
   params: ParamLookup,
@@ -494,7 +271,3 @@ const blocksInBf16 = (
   }
   return y;
 };
-
-/** Spatial size after a conv/pool with torch's floor rounding. */
-export const convOutSize = (size: number, kernel: number, stride: number, pad: number): number =>
-  Math.floor((size + 2 * pad - kernel) / stride) + 1;
