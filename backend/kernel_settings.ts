@@ -64,7 +64,8 @@ export interface KernelSettings {
   readonly syncBatchNorm: boolean;
   /**
    * The arithmetic of oneDNN's convolutions: `fp32`, or `bf16` (inputs rounded to bfloat16,
-   * products accumulated and written in fp32; tensors stay fp32). Resolved already: a run's
+   * products accumulated in fp32; TF.js tensors stay fp32, and under `bf16Trunk` a ResNet's
+   * activations between its layers are bf16 in native memory). Resolved already: a run's
    * `train.precision` of `auto` becomes one of these (backend/precision.ts).
    */
   readonly precision: "fp32" | "bf16";

@@ -61,6 +61,7 @@ export {
   convPrecision,
   type DnnlConvShape,
   type DnnlDirection,
+  filterGradientInBf16,
   overrunsScratchpad,
 } from "./onednn_conv_shape.ts";
 

@@ -4,16 +4,16 @@
  * (rounded to bf16 in oneDNN's blocked layout on each call), the filter gradient fp32 HWIO.
  * backend/onednn.ts's convolutions, by contrast, read and write fp32 activations (TF.js tensors).
  *
- * Where oneDNN 2.6's bf16 filter gradient is slow (`bf16FilterGradientPays`), that one direction
+ * Where oneDNN 2.6's bf16 filter gradient is slow (`filterGradientInBf16`), that one direction
  * runs in fp32 on fp32 copies of x and dy, written to a scratch buffer the caller gives.
  */
 import { kernelInvariant } from "./invariant.ts";
 import { activeThreads } from "./kernel_settings.ts";
 import type { DnnlContext } from "./onednn_context.ts";
 import {
-  bf16FilterGradientPays,
   type DnnlConvShape,
   type DnnlDirection,
+  filterGradientInBf16,
   overrunsScratchpad,
 } from "./onednn_conv_shape.ts";
 import {
@@ -117,7 +117,7 @@ export const makeDnnlBf16Conv = (context: DnnlContext): DnnlBf16Conv => {
     const xStrides = [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci];
     const yDims = [g.n, g.co, g.oh, g.ow];
     const yStrides = [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co];
-    const fp32Filter = direction === "backwardWeights" && !bf16FilterGradientPays(g);
+    const fp32Filter = direction === "backwardWeights" && !filterGradientInBf16(g);
     const type = fp32Filter ? DNNL_F32 : DNNL_BF16;
     const src = memoryDesc(xDims, xStrides, type);
     const dst = memoryDesc(yDims, yStrides, type);
@@ -247,7 +247,8 @@ export const makeDnnlBf16Conv = (context: DnnlContext): DnnlBf16Conv => {
 
   const plans = new Map<string, Plan | null>();
   const planOf = (direction: DnnlDirection, g: DnnlConvShape): Plan | null => {
-    const key = `${activeThreads()}:${direction}:` +
+    const key =
+      `${activeThreads()}:${direction}:${direction === "backwardWeights" && filterGradientInBf16(g)}:` +
       [
         g.n,
         g.h,

@@ -42,13 +42,18 @@ export const overrunsScratchpad = (direction: DnnlDirection, g: DnnlConvShape): 
   direction === "backwardWeights" && g.kh === 1 && g.kw === 1 && (g.sh > 1 || g.sw > 1) && g.ci % 16 !== 0;
 
 /**
- * Whether a filter gradient runs in bf16 under `precision: bf16`. oneDNN 2.6's AMX kernel for it
- * is 2-5x faster than fp32 only with few input channels on large outputs and up to 100x slower
- * elsewhere (2 threads, DNNL_VERBOSE, ms per call fp32 / bf16: 3x3 16->16 on 32x32 18 / 3.4,
- * 32->32 on 16x16 17 / 6.6, 1x1 16->32 on 16x16 11 / 2.5; but 3x3 64->64 on 16x16 33 / 155, on 8x8
- * 4 / 46, 1x1 64->128 on 4x4 3 / 148, 1x1 128->256 on 4x2 2 / 2561), so only the first kind run bf16.
+ * Whether a filter gradient runs in bf16 under `precision: bf16`. oneDNN 2.6's AMX kernel for it is
+ * 2-5x faster than fp32 on large outputs and slower on small ones, where its blocking overhead
+ * dominates (quiet machine, 2 threads, `bench/filter_gradient_bench.ts`, bf16 / fp32 time with the
+ * fp32 side's copies of x and dy: 3x3/1 on 4x4 0.7-0.8, on 2x2 1.0-1.5; 3x3/2 to 8x8 0.66-0.94, to
+ * 4x4 1.0-1.3; 1x1 on 16x16 and up 0.3-0.6, on 8x8 0.6-1.6, on 4x4 1.0-3.0). So: bf16 on at least
+ * 16 output positions (3x3 stride 1), 64 (strided) or 128 (1x1).
  */
-export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 && g.oh * g.ow >= 256;
+export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => {
+  const positions = g.oh * g.ow;
+  if (g.kh * g.kw === 1) return positions >= 128;
+  return positions >= (g.sh * g.sw === 1 ? 16 : 64);
+};
 
 /**
  * Switches for side-by-side measurements of the bf16 path in one process (bench/precision_bench.ts);
@@ -57,11 +62,17 @@ export const bf16FilterGradientPays = (g: DnnlConvShape): boolean => g.ci <= 32 
 export const bf16Tuning = {
   /** A layer's input-gradient and filter-gradient convolutions share one bf16 copy of dy. */
   shareDy: true,
+  /** Which filter gradients run in bf16: where `bf16FilterGradientPays` (`rule`), or all, or none. */
+  filterGradient: "rule" as "rule" | "bf16" | "fp32",
 };
+
+/** Whether a filter gradient of this shape runs in bf16 under `precision: bf16` (`bf16Tuning.filterGradient`). */
+export const filterGradientInBf16 = (g: DnnlConvShape): boolean =>
+  bf16Tuning.filterGradient === "rule" ? bf16FilterGradientPays(g) : bf16Tuning.filterGradient === "bf16";
 
 /** Whether a call runs in bf16: asked for, and a filter gradient only where it pays. */
 export const convPrecision = (direction: DnnlDirection, g: DnnlConvShape): "fp32" | "bf16" =>
   activeKernelSettings().precision === "bf16" &&
-    (direction !== "backwardWeights" || bf16FilterGradientPays(g))
+    (direction !== "backwardWeights" || filterGradientInBf16(g))
     ? "bf16"
     : "fp32";

@@ -1,7 +1,9 @@
 /**
  * The arithmetic precision of a run: `fp32`, `bf16` (mixed precision: oneDNN's
- * convolutions round their inputs to bfloat16 and accumulate in fp32; every
- * tensor, the master weights, batch-norm statistics, the head's normalisation,
+ * convolutions compute on bfloat16 and accumulate in fp32, and in training a
+ * ResNet's stem and residual blocks keep their activations and their gradients
+ * in bfloat16 between layers, backend/bf16_trunk.ts; the master weights and
+ * their gradients, batch-norm statistics, the head, its normalisation,
  * Sinkhorn, the losses, LARC and the queue stay fp32), or `auto`: bf16 where
  * the processor executes it natively, fp32 elsewhere.
  *

@@ -5,7 +5,12 @@ import { decodeRunConfig, type RunConfigInput } from "../config/config.ts";
 import { writeDemoDataset } from "../data/demo_dataset.ts";
 import { pretrain, type PretrainOptions } from "../pipelines/pretrain.ts";
 
-export const tinyRunConfig = (data: string, out: string, train: object = {}): RunConfigInput => ({
+export const tinyRunConfig = (
+  data: string,
+  out: string,
+  train: object = {},
+  model: object = {},
+): RunConfigInput => ({
   data: { source: `${data}:train`, workers: 0 },
   multicrop: {
     nmbCrops: [2, 2],
@@ -14,7 +19,7 @@ export const tinyRunConfig = (data: string, out: string, train: object = {}): Ru
     maxScaleCrops: [1, 0.3],
     blur: false,
   },
-  model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 30 },
+  model: { arch: "resnet18", width: 4, stem: "cifar", hidden: 32, out: 16, prototypes: 30, ...model },
   swav: { freezePrototypesIters: 5, queueLength: 0 },
   optim: { baseLr: 0.3, finalLr: 0.003, warmupEpochs: 0 },
   train: { epochs: 2, batchSize: 16, out, seed: 3, knnEvery: 1, knnK: 10, ...train },

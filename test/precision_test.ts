@@ -25,7 +25,9 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import { Effect, Exit } from "effect";
 import { bf16FilterGradientPays, type DnnlConvShape, overrunsScratchpad } from "../backend/onednn.ts";
+import { bf16TrunkSupports } from "../backend/bf16_trunk.ts";
 import { resolvePrecision } from "../backend/precision.ts";
+import { backbonePlan, blocksProgram } from "../models/resnet.ts";
 import { TensorBackend, withKernelSettings } from "../backend/tensor_backend.ts";
 import { decodeRunConfig } from "../config/config.ts";
 import { pretrain } from "../pipelines/pretrain.ts";
@@ -397,7 +399,10 @@ const tinyRunAt = async (data: string, precision: "fp32" | "bf16", steps: number
   const out = await Deno.makeTempDir({ prefix: `swav-precision-${precision}-` });
   try {
     const config = await Effect.runPromise(
-      decodeRunConfig(tinyRunConfig(data, out, { epochs: 100, knnEvery: 0, maxSteps: steps }), "test"),
+      decodeRunConfig(
+        tinyRunConfig(data, out, { epochs: 100, knnEvery: 0, maxSteps: steps }, { width: RUN_WIDTH }),
+        "test",
+      ),
     );
     const losses: number[] = [];
     const tensors: number[] = [];
@@ -421,12 +426,22 @@ const tinyRunAt = async (data: string, precision: "fp32" | "bf16", steps: number
 
 // 200 steps take about 8 minutes on a shared 2-core machine: 60 (three windows) keep the test under 2.
 const RUN_STEPS = 60;
+// Width 16: the narrowest whose layers oneDNN takes on bf16 activations, so that bf16 runs the trunk.
+const RUN_WIDTH = 16;
 
 bf16Test(
   `${RUN_STEPS} steps of a tiny run in bf16 follow the fp32 loss curve; live tensors stay flat`,
   async () => {
     const data = await writeTinyData();
     try {
+      // The run's two crop groups (2x16 px and 2x8 px, batch 16) go through the bf16 trunk.
+      const plan = backbonePlan({ arch: "resnet18", width: RUN_WIDTH, inputChannels: 3, stem: "cifar" });
+      for (const side of [16, 8]) {
+        assert.ok(
+          bf16TrunkSupports(blocksProgram(plan, [32, side, side, 3], true).program),
+          `${side} px crops`,
+        );
+      }
       const fp32 = await tinyRunAt(data, "fp32", RUN_STEPS);
       const bf16 = await tinyRunAt(data, "bf16", RUN_STEPS);
       assert.equal(fp32.precision, "fp32");
