@@ -12,6 +12,16 @@ import { type DnnlElementwise, makeDnnlElementwise } from "./onednn_eltwise.ts";
 import { makeDnnlContext } from "./onednn_context.ts";
 import { type DnnlBf16Conv, makeDnnlBf16Conv } from "./onednn_bf16_conv.ts";
 import {
+  anyWeightsDesc,
+  convolutionPd,
+  convolutionWeights,
+  type ConvWeights,
+  destinationDesc,
+  plainWeightsDesc,
+  reorder,
+  sourceDesc,
+} from "./onednn_conv_desc.ts";
+import {
   bf16Tuning,
   convPrecision,
   type DnnlConvShape,
@@ -23,20 +33,11 @@ import {
   ARG_DIFF_SRC,
   ARG_DIFF_WEIGHTS,
   ARG_DST,
-  ARG_FROM,
   ARG_SRC,
-  ARG_TO,
   ARG_WEIGHTS,
   DNNL_BF16,
-  DNNL_CONVOLUTION_DIRECT,
   DNNL_F32,
-  DNNL_FORMAT_TAG_ANY,
-  DNNL_FORWARD_TRAINING,
   dnnlSymbols,
-  MEMORY_DESC_BYTES,
-  OP_DESC_BYTES,
-  QUERY_DIFF_WEIGHTS_MD,
-  QUERY_WEIGHTS_MD,
 } from "./onednn_ffi.ts";
 
 export type {
@@ -161,38 +162,17 @@ export const loadDnnl = (): Dnnl | undefined => {
       setOmpThreads = undefined; // another threading runtime: OMP_NUM_THREADS / its default
     }
     const context = makeDnnlContext(d);
-    const {
-      engine,
-      stream,
-      ok,
-      slot,
-      ptr,
-      handle,
-      dims,
-      memoryDesc,
-      memory,
-      primitiveDesc,
-      primitive,
-      execArgs,
-    } = context;
+    const { stream, ok, ptr, memory, primitive, execArgs } = context;
     const batchNorm = makeDnnlBatchNorm(context);
     const elementwise = makeDnnlElementwise(context);
 
-    /**
+    /*
      * Weights in the layout the convolution chose. Convolutions created on plain HWIO weights
      * fall back to oneDNN's im2col + gemm; with the weights' format left to oneDNN (`any`) it
      * picks its direct JIT kernels (blocked weights, e.g. OIhw16i16o) on the same NHWC
      * activations, about 3x faster here. The weights are small, so reordering them on each call
      * costs little.
      */
-    interface WeightsReorder {
-      readonly primitive: Deno.PointerValue;
-      readonly args: BigUint64Array;
-      /** The plain HWIO side of the reorder: its data handle is the caller's pointer. */
-      readonly plain: Deno.PointerValue;
-      /** Kept alive: the blocked copy's storage (oneDNN holds a raw pointer to it). */
-      readonly storage: Uint8Array;
-    }
 
     /**
      * bf16: an fp32 input (x, or dy) rounded into a bf16 copy the convolution reads. TF.js has no
@@ -213,12 +193,11 @@ export const loadDnnl = (): Dnnl | undefined => {
     interface Plan {
       readonly primitive: Deno.PointerValue;
       readonly args: BigUint64Array;
-      /** Memory objects whose handles are the caller's x, w (when no reorder) and y (when not cast). */
+      /** Memory objects whose handles are the caller's x and y (when not cast). */
       readonly x: Deno.PointerValue;
-      readonly w: Deno.PointerValue | undefined;
       readonly y: Deno.PointerValue;
-      /** Before the convolution (forward, backward data) or after it (backward weights). */
-      readonly reorder: WeightsReorder | undefined;
+      /** The weights: their reorder runs before the convolution (forward, backward data) or after it. */
+      readonly weights: ConvWeights;
       readonly casts: readonly InputCast[];
     }
     /**
@@ -239,121 +218,34 @@ export const loadDnnl = (): Dnnl | undefined => {
       weightsLayout: KernelSettings["dnnlWeightsLayout"],
       bf16: boolean,
     ): Plan => {
-      const xDims = [g.n, g.ci, g.h, g.w];
-      const xStrides = [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci];
-      const yDims = [g.n, g.co, g.oh, g.ow];
-      const yStrides = [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co];
-      const src = memoryDesc(xDims, xStrides);
-      const wts = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
-      const anyDesc = (type: number) => {
-        const md = new Uint8Array(MEMORY_DESC_BYTES);
-        ok(
-          d.dnnl_memory_desc_init_by_tag(
-            ptr(md),
-            4,
-            ptr(dims([g.co, g.ci, g.kh, g.kw])),
-            type,
-            DNNL_FORMAT_TAG_ANY,
-          ),
-          "dnnl_memory_desc_init_by_tag",
-        );
-        return md;
-      };
+      const [src, dst] = [sourceDesc(context, g, DNNL_F32), destinationDesc(context, g, DNNL_F32)];
+      const plain = plainWeightsDesc(context, g);
       // bf16 reads the weights in whatever layout oneDNN picks (they are reordered, and rounded, anyway).
-      const anyWts = bf16 ? anyDesc(DNNL_BF16) : weightsLayout === "any" ? anyDesc(DNNL_F32) : wts;
+      const anyWts = bf16
+        ? anyWeightsDesc(context, g, DNNL_BF16)
+        : weightsLayout === "any"
+        ? anyWeightsDesc(context, g, DNNL_F32)
+        : plain;
       // The filter gradient stays fp32 (accumulated in fp32 by oneDNN's bf16 kernels).
-      const diffWts = bf16 ? anyDesc(DNNL_F32) : anyWts;
-      const dst = memoryDesc(yDims, yStrides);
+      const diffWts = bf16 ? anyWeightsDesc(context, g, DNNL_F32) : anyWts;
       // bf16: the convolution reads bf16 copies of its inputs and writes its fp32 output directly.
-      const srcIn = bf16 ? memoryDesc(xDims, xStrides, DNNL_BF16) : src;
-      const dstIn = bf16 ? memoryDesc(yDims, yStrides, DNNL_BF16) : dst;
-      const strides = dims([g.sh, g.sw]);
-      const dilates = dims([g.dh - 1, g.dw - 1]);
-      const padL = dims([g.top, g.left]);
-      const padR = dims([g.bottom, g.right]);
+      const srcIn = bf16 ? sourceDesc(context, g, DNNL_BF16) : src;
+      const dstIn = bf16 ? destinationDesc(context, g, DNNL_BF16) : dst;
       let forwardPd = forwardPds.get(key);
       if (forwardPd === undefined) {
-        const desc = new Uint8Array(OP_DESC_BYTES);
-        ok(
-          d.dnnl_dilated_convolution_forward_desc_init(
-            ptr(desc),
-            DNNL_FORWARD_TRAINING,
-            DNNL_CONVOLUTION_DIRECT,
-            ptr(srcIn),
-            ptr(anyWts),
-            null,
-            ptr(dst),
-            ptr(strides),
-            ptr(dilates),
-            ptr(padL),
-            ptr(padR),
-          ),
-          "dnnl convolution forward desc",
-        );
-        forwardPd = primitiveDesc(desc, null);
+        forwardPd = convolutionPd(context, "forward", g, srcIn, anyWts, dst, null);
         forwardPds.set(key, forwardPd);
       }
-      let pd = forwardPd;
-      if (direction === "backwardData") {
-        const desc = new Uint8Array(OP_DESC_BYTES);
-        ok(
-          d.dnnl_dilated_convolution_backward_data_desc_init(
-            ptr(desc),
-            DNNL_CONVOLUTION_DIRECT,
-            ptr(src),
-            ptr(anyWts),
-            ptr(dstIn),
-            ptr(strides),
-            ptr(dilates),
-            ptr(padL),
-            ptr(padR),
-          ),
-          "dnnl convolution backward data desc",
-        );
-        pd = primitiveDesc(desc, forwardPd);
-      } else if (direction === "backwardWeights") {
-        const desc = new Uint8Array(OP_DESC_BYTES);
-        ok(
-          d.dnnl_dilated_convolution_backward_weights_desc_init(
-            ptr(desc),
-            DNNL_CONVOLUTION_DIRECT,
-            ptr(srcIn),
-            ptr(diffWts),
-            null,
-            ptr(dstIn),
-            ptr(strides),
-            ptr(dilates),
-            ptr(padL),
-            ptr(padR),
-          ),
-          "dnnl convolution backward weights desc",
-        );
-        pd = primitiveDesc(desc, forwardPd);
-      }
-      const weightsOut = direction === "backwardWeights";
-      const chosen = d.dnnl_primitive_desc_query_md(
-        pd,
-        weightsOut ? QUERY_DIFF_WEIGHTS_MD : QUERY_WEIGHTS_MD,
-        0,
-      );
-      kernelInvariant(chosen !== null, () => "dnnl: no weights memory desc");
+      const pd = direction === "forward"
+        ? forwardPd
+        : direction === "backwardData"
+        ? convolutionPd(context, direction, g, src, anyWts, dstIn, forwardPd)
+        : convolutionPd(context, direction, g, srcIn, diffWts, dstIn, forwardPd);
       const casts: InputCast[] = [];
       const cast = (operand: "x" | "y", from: Uint8Array, to: Uint8Array, count: number) => {
-        const rs = slot();
-        ok(
-          d.dnnl_reorder_primitive_desc_create(ptr(rs), ptr(from), engine, ptr(to), engine, null),
-          "dnnl reorder desc",
-        );
-        const [fromMemory, toMemory] = [memory(from), memory(to)];
-        casts.push({
-          operand,
-          primitive: primitive(handle(rs)),
-          args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
-          from: fromMemory,
-          to: toMemory,
-          bytes: 2 * count,
-        });
-        return toMemory;
+        const r = reorder(context, ptr(from), ptr(to), memory(from), memory(to));
+        casts.push({ ...r, operand, bytes: 2 * count });
+        return r.to;
       };
       const x = bf16 && direction !== "backwardData"
         ? cast("x", src, srcIn, g.n * g.h * g.w * g.ci)
@@ -361,38 +253,13 @@ export const loadDnnl = (): Dnnl | undefined => {
       const y = bf16 && direction !== "forward"
         ? cast("y", dst, dstIn, g.n * g.oh * g.ow * g.co)
         : memory(dst);
-      let w: Deno.PointerValue | undefined;
-      let reorder: WeightsReorder | undefined;
-      let convWeights: Deno.PointerValue;
-      if (d.dnnl_memory_desc_equal(chosen, ptr(wts)) !== 0) {
-        w = memory(wts);
-        convWeights = w;
-      } else {
-        const storage = new Uint8Array(Number(d.dnnl_memory_desc_get_size(chosen)));
-        const s = slot();
-        ok(d.dnnl_memory_create(ptr(s), chosen, engine, ptr(storage)), "dnnl_memory_create");
-        convWeights = handle(s);
-        const plain = memory(wts);
-        const [from, to] = weightsOut ? [chosen, ptr(wts)] : [ptr(wts), chosen];
-        const rs = slot();
-        ok(
-          d.dnnl_reorder_primitive_desc_create(ptr(rs), from, engine, to, engine, null),
-          "dnnl reorder desc",
-        );
-        const [fromMemory, toMemory] = weightsOut ? [convWeights, plain] : [plain, convWeights];
-        reorder = {
-          primitive: primitive(handle(rs)),
-          args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
-          plain,
-          storage,
-        };
-      }
+      const weights = convolutionWeights(context, pd, direction, plain);
       const args = direction === "forward"
-        ? execArgs([[ARG_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DST, y]])
+        ? execArgs([[ARG_SRC, x], [ARG_WEIGHTS, weights.memory], [ARG_DST, y]])
         : direction === "backwardData"
-        ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DIFF_DST, y]])
-        : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, convWeights], [ARG_DIFF_DST, y]]);
-      return { primitive: primitive(pd), args, x, w, y, reorder, casts };
+        ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, weights.memory], [ARG_DIFF_DST, y]])
+        : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, weights.memory], [ARG_DIFF_DST, y]]);
+      return { primitive: primitive(pd), args, x, y, weights, casts };
     };
     dnnlLoaded = {
       library: name,
@@ -451,15 +318,14 @@ export const loadDnnl = (): Dnnl | undefined => {
         }
         if (!plan.casts.some((c) => c.operand === "x")) d.dnnl_memory_set_data_handle(plan.x, x);
         if (!plan.casts.some((c) => c.operand === "y")) d.dnnl_memory_set_data_handle(plan.y, y);
-        const reorder = plan.reorder;
-        if (reorder === undefined) d.dnnl_memory_set_data_handle(plan.w!, w);
-        else d.dnnl_memory_set_data_handle(reorder.plain, w);
-        if (reorder !== undefined && direction !== "backwardWeights") {
-          execute(reorder.primitive, reorder.args);
+        const weightsReorder = plan.weights.reorder;
+        d.dnnl_memory_set_data_handle(plan.weights.plain, w);
+        if (weightsReorder !== undefined && direction !== "backwardWeights") {
+          execute(weightsReorder.primitive, weightsReorder.args);
         }
         execute(plan.primitive, plan.args);
-        if (reorder !== undefined && direction === "backwardWeights") {
-          execute(reorder.primitive, reorder.args);
+        if (weightsReorder !== undefined && direction === "backwardWeights") {
+          execute(weightsReorder.primitive, weightsReorder.args);
         }
         ok(d.dnnl_stream_wait(stream), "dnnl_stream_wait");
         return true;

@@ -17,23 +17,24 @@ import {
   overrunsScratchpad,
 } from "./onednn_conv_shape.ts";
 import {
+  anyWeightsDesc,
+  convolutionPd,
+  convolutionWeights,
+  destinationDesc,
+  plainWeightsDesc,
+  type Reorder,
+  reorder,
+  sourceDesc,
+} from "./onednn_conv_desc.ts";
+import {
   ARG_DIFF_DST,
   ARG_DIFF_SRC,
   ARG_DIFF_WEIGHTS,
   ARG_DST,
-  ARG_FROM,
   ARG_SRC,
-  ARG_TO,
   ARG_WEIGHTS,
   DNNL_BF16,
-  DNNL_CONVOLUTION_DIRECT,
   DNNL_F32,
-  DNNL_FORMAT_TAG_ANY,
-  DNNL_FORWARD_TRAINING,
-  MEMORY_DESC_BYTES,
-  OP_DESC_BYTES,
-  QUERY_DIFF_WEIGHTS_MD,
-  QUERY_WEIGHTS_MD,
 } from "./onednn_ffi.ts";
 
 export interface DnnlBf16Conv {
@@ -55,14 +56,6 @@ export interface DnnlBf16Conv {
   ): void;
 }
 
-/** A reorder whose two sides get their data handles on each call. */
-interface Reorder {
-  readonly primitive: Deno.PointerValue;
-  readonly args: BigUint64Array;
-  readonly from: Deno.PointerValue;
-  readonly to: Deno.PointerValue;
-}
-
 interface Plan {
   readonly primitive: Deno.PointerValue;
   readonly args: BigUint64Array;
@@ -72,174 +65,54 @@ interface Plan {
   /** The caller's plain HWIO weights (or filter gradient), and the reorder to or from oneDNN's layout, if any. */
   readonly w: Deno.PointerValue;
   readonly weights: Reorder | undefined;
+  /** Kept alive with the plan: oneDNN holds a raw pointer to the blocked weights' storage. */
+  readonly storage: Uint8Array | undefined;
   /** fp32 filter gradient only: bf16 x and dy to the fp32 copies the convolution reads. */
   readonly upcasts: readonly [Reorder, Reorder] | undefined;
   readonly scratchBytes: number;
 }
 
 export const makeDnnlBf16Conv = (context: DnnlContext): DnnlBf16Conv => {
-  const {
-    d,
-    engine,
-    stream,
-    ok,
-    slot,
-    ptr,
-    handle,
-    dims,
-    memoryDesc,
-    memory,
-    primitiveDesc,
-    primitive,
-    execArgs,
-  } = context;
-  // Blocked weight storage oneDNN holds raw pointers to: kept alive with the plans.
-  const storages: Uint8Array[] = [];
-
-  const reorder = (
-    from: Deno.PointerValue,
-    to: Deno.PointerValue,
-    fromMemory: Deno.PointerValue,
-    toMemory: Deno.PointerValue,
-  ): Reorder => {
-    const s = slot();
-    ok(d.dnnl_reorder_primitive_desc_create(ptr(s), from, engine, to, engine, null), "dnnl reorder desc");
-    return {
-      primitive: primitive(handle(s)),
-      args: execArgs([[ARG_FROM, fromMemory], [ARG_TO, toMemory]]),
-      from: fromMemory,
-      to: toMemory,
-    };
-  };
-
+  const { d, stream, ok, ptr, memory, primitive, execArgs } = context;
   const build = (direction: DnnlDirection, g: DnnlConvShape): Plan => {
-    const xDims = [g.n, g.ci, g.h, g.w];
-    const xStrides = [g.h * g.w * g.ci, 1, g.w * g.ci, g.ci];
-    const yDims = [g.n, g.co, g.oh, g.ow];
-    const yStrides = [g.oh * g.ow * g.co, 1, g.ow * g.co, g.co];
     const fp32Filter = direction === "backwardWeights" && !filterGradientInBf16(g);
     const type = fp32Filter ? DNNL_F32 : DNNL_BF16;
-    const src = memoryDesc(xDims, xStrides, type);
-    const dst = memoryDesc(yDims, yStrides, type);
-    const plainWeights = memoryDesc([g.co, g.ci, g.kh, g.kw], [1, g.co, g.kw * g.ci * g.co, g.ci * g.co]);
-    const anyWeights = (t: number) => {
-      const md = new Uint8Array(MEMORY_DESC_BYTES);
-      ok(
-        d.dnnl_memory_desc_init_by_tag(
-          ptr(md),
-          4,
-          ptr(dims([g.co, g.ci, g.kh, g.kw])),
-          t,
-          DNNL_FORMAT_TAG_ANY,
-        ),
-        "dnnl_memory_desc_init_by_tag",
-      );
-      return md;
-    };
-    const weights = anyWeights(type);
-    const strides = dims([g.sh, g.sw]);
-    const dilates = dims([g.dh - 1, g.dw - 1]);
-    const padL = dims([g.top, g.left]);
-    const padR = dims([g.bottom, g.right]);
-    const forwardDesc = new Uint8Array(OP_DESC_BYTES);
-    ok(
-      d.dnnl_dilated_convolution_forward_desc_init(
-        ptr(forwardDesc),
-        DNNL_FORWARD_TRAINING,
-        DNNL_CONVOLUTION_DIRECT,
-        ptr(src),
-        ptr(weights),
-        null,
-        ptr(dst),
-        ptr(strides),
-        ptr(dilates),
-        ptr(padL),
-        ptr(padR),
-      ),
-      "dnnl convolution forward desc",
+    const [src, dst] = [sourceDesc(context, g, type), destinationDesc(context, g, type)];
+    const weights = anyWeightsDesc(context, g, type);
+    const forwardPd = convolutionPd(context, "forward", g, src, weights, dst, null);
+    const pd = direction === "forward" ? forwardPd : convolutionPd(
+      context,
+      direction,
+      g,
+      src,
+      direction === "backwardWeights" ? anyWeightsDesc(context, g, DNNL_F32) : weights,
+      dst,
+      forwardPd,
     );
-    let pd = primitiveDesc(forwardDesc, null);
-    if (direction === "backwardData") {
-      const desc = new Uint8Array(OP_DESC_BYTES);
-      ok(
-        d.dnnl_dilated_convolution_backward_data_desc_init(
-          ptr(desc),
-          DNNL_CONVOLUTION_DIRECT,
-          ptr(src),
-          ptr(weights),
-          ptr(dst),
-          ptr(strides),
-          ptr(dilates),
-          ptr(padL),
-          ptr(padR),
-        ),
-        "dnnl convolution backward data desc",
-      );
-      pd = primitiveDesc(desc, pd);
-    } else if (direction === "backwardWeights") {
-      const desc = new Uint8Array(OP_DESC_BYTES);
-      ok(
-        d.dnnl_dilated_convolution_backward_weights_desc_init(
-          ptr(desc),
-          DNNL_CONVOLUTION_DIRECT,
-          ptr(src),
-          ptr(anyWeights(DNNL_F32)),
-          null,
-          ptr(dst),
-          ptr(strides),
-          ptr(dilates),
-          ptr(padL),
-          ptr(padR),
-        ),
-        "dnnl convolution backward weights desc",
-      );
-      pd = primitiveDesc(desc, pd);
-    }
-    const weightsOut = direction === "backwardWeights";
-    const chosen = d.dnnl_primitive_desc_query_md(
-      pd,
-      weightsOut ? QUERY_DIFF_WEIGHTS_MD : QUERY_WEIGHTS_MD,
-      0,
-    );
-    kernelInvariant(chosen !== null, () => "dnnl: no weights memory desc");
-    const w = memory(plainWeights);
-    let convWeights = w;
-    let weightsReorder: Reorder | undefined;
-    if (d.dnnl_memory_desc_equal(chosen, ptr(plainWeights)) === 0) {
-      const storage = new Uint8Array(Number(d.dnnl_memory_desc_get_size(chosen)));
-      storages.push(storage);
-      const s = slot();
-      ok(d.dnnl_memory_create(ptr(s), chosen, engine, ptr(storage)), "dnnl_memory_create");
-      convWeights = handle(s);
-      weightsReorder = weightsOut
-        ? reorder(chosen, ptr(plainWeights), convWeights, w)
-        : reorder(ptr(plainWeights), chosen, w, convWeights);
-    }
+    const w = convolutionWeights(context, pd, direction, plainWeightsDesc(context, g));
     const x = memory(src);
     const y = memory(dst);
     let upcasts: readonly [Reorder, Reorder] | undefined;
     if (fp32Filter) {
-      const [srcBf16, dstBf16] = [
-        memoryDesc(xDims, xStrides, DNNL_BF16),
-        memoryDesc(yDims, yStrides, DNNL_BF16),
-      ];
+      const [srcBf16, dstBf16] = [sourceDesc(context, g, DNNL_BF16), destinationDesc(context, g, DNNL_BF16)];
       upcasts = [
-        reorder(ptr(srcBf16), ptr(src), memory(srcBf16), x),
-        reorder(ptr(dstBf16), ptr(dst), memory(dstBf16), y),
+        reorder(context, ptr(srcBf16), ptr(src), memory(srcBf16), x),
+        reorder(context, ptr(dstBf16), ptr(dst), memory(dstBf16), y),
       ];
     }
     const args = direction === "forward"
-      ? execArgs([[ARG_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DST, y]])
+      ? execArgs([[ARG_SRC, x], [ARG_WEIGHTS, w.memory], [ARG_DST, y]])
       : direction === "backwardData"
-      ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, convWeights], [ARG_DIFF_DST, y]])
-      : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, convWeights], [ARG_DIFF_DST, y]]);
+      ? execArgs([[ARG_DIFF_SRC, x], [ARG_WEIGHTS, w.memory], [ARG_DIFF_DST, y]])
+      : execArgs([[ARG_SRC, x], [ARG_DIFF_WEIGHTS, w.memory], [ARG_DIFF_DST, y]]);
     return {
       primitive: primitive(pd),
       args,
       x,
       y,
-      w,
-      weights: weightsReorder,
+      w: w.plain,
+      weights: w.reorder,
+      storage: w.storage,
       upcasts,
       scratchBytes: fp32Filter ? 4 * g.n * (g.h * g.w * g.ci + g.oh * g.ow * g.co) : 0,
     };
