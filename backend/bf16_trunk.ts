@@ -147,54 +147,64 @@ export const bf16Trunk = (
     const [xIn, paramsIn] = program.inputGradient ? [inputs[0]!, inputs.slice(1)] : [x, inputs];
     const backend = tf.backend() as unknown as WasmBackendLike;
     const dnnl = loadDnnl()!;
-    const arena = arenaOf(program, shapes);
-    const saving = backend.makeOutput([arena.bytes / 4], "float32");
+    const bf16Buffer = (shape: readonly number[]) =>
+      backend.makeOutput([Math.ceil(sizeOf(shape) / 2)], "float32");
+    const buffers = program.buffers.map(bf16Buffer);
+    const workspaces = shapes.map((shape) =>
+      shape.relu
+        ? backend.makeOutput([Math.ceil(dnnl.batchNorm.workspaceBytes(shape) / 4)], "float32")
+        : undefined
+    );
     const statistics = backend.makeOutput([statFloats], "float32");
     const out = backend.makeOutput([...program.buffers[program.output]!], "float32");
     // Every allocation is done: the heap's pointers stay valid through the chain.
     const p = (info: { dataId: object; shape: readonly number[] }, byteOffset = 0) =>
       heapPointer(backend, info, byteOffset);
-    const buffer = (index: number) => p(saving, arena.buffers[index]!);
-    const workspace = (k: number) =>
-      arena.workspaces[k] === undefined ? undefined : p(saving, arena.workspaces[k]);
-    dnnl.elementwise.convert(xIn.size, "f32", p(xIn), buffer(0));
+    dnnl.elementwise.convert(xIn.size, "f32", p(xIn), p(buffers[0]!));
     for (const node of program.nodes) {
       if (node.kind === "convolution") {
         dnnl.bf16Conv.forward(
           node.shape,
-          buffer(node.input),
+          p(buffers[node.input]!),
           p(paramsIn[node.weight]!),
-          buffer(node.output),
+          p(buffers[node.output]!),
         );
       } else if (node.kind === "batchNorm") {
         const k = bnIndex.get(node)!;
         const shape = shapes[k]!;
         dnnl.batchNorm.forward(shape, {
-          x: buffer(node.input),
+          x: p(buffers[node.input]!),
           gamma: p(paramsIn[node.gamma]!),
           beta: p(paramsIn[node.beta]!),
-          y: buffer(node.output),
+          y: p(buffers[node.output]!),
           mean: p(statistics, 4 * statOffsets[k]!),
           variance: p(statistics, 4 * (statOffsets[k]! + shape.channels)),
-          workspace: workspace(k),
+          workspace: workspaces[k] === undefined ? undefined : p(workspaces[k]!),
         });
       } else {
         const size = sizeOf(program.buffers[node.output]!);
         dnnl.elementwise.add(
           size,
           true,
-          buffer(node.a),
-          buffer(node.b),
-          buffer(node.output),
+          p(buffers[node.a]!),
+          p(buffers[node.b]!),
+          p(buffers[node.output]!),
           "bf16",
         );
       }
     }
-    dnnl.elementwise.convert(sizeOf(out.shape), "bf16", buffer(program.output), p(out));
+    dnnl.elementwise.convert(sizeOf(out.shape), "bf16", p(buffers[program.output]!), p(out));
     const tensor = <T extends tf.Tensor>(info: TensorInfo) => tf.engine().makeTensorFromTensorInfo(info) as T;
+    const bufferTensors = buffers.map((b) => tensor(b));
+    const workspaceTensors = workspaces.map((w) => w === undefined ? undefined : tensor(w));
     const statisticsTensor = tensor<tf.Tensor1D>(statistics);
     kept = tf.keep(statisticsTensor);
-    save([...paramsIn, statisticsTensor, tensor(saving)]);
+    save([
+      ...paramsIn,
+      statisticsTensor,
+      ...bufferTensors,
+      ...workspaceTensors.filter((w): w is tf.Tensor => w !== undefined),
+    ]);
     return {
       value: tensor<tf.Tensor4D>(out),
       gradFunc: (dy: tf.Tensor | tf.Tensor[], saved: tf.Tensor[]) =>
@@ -202,7 +212,6 @@ export const bf16Trunk = (
           shapes,
           statOffsets,
           bnIndex,
-          arena,
           paramCount: params.length,
         }),
     };
@@ -220,34 +229,7 @@ export const bf16Trunk = (
   return { y, statistics };
 };
 
-/**
- * Where the forward's saved state lies in one heap block: every activation (bf16) and every fused
- * ReLU's workspace, each at a 64-byte aligned byte offset. One block, allocated and freed whole,
- * leaves no holes of its own in the heap between steps.
- */
-interface Arena {
-  readonly buffers: readonly number[];
-  readonly workspaces: readonly (number | undefined)[];
-  readonly bytes: number;
-}
-
-const arenaOf = (program: TrunkProgram, shapes: readonly BatchNormShape[]): Arena => {
-  const dnnl = loadDnnl()!;
-  let bytes = 0;
-  const place = (size: number) => {
-    const at = bytes;
-    bytes += Math.ceil(size / 64) * 64;
-    return at;
-  };
-  const buffers = program.buffers.map((shape) => place(2 * sizeOf(shape)));
-  const workspaces = shapes.map((shape) =>
-    shape.relu ? place(dnnl.batchNorm.workspaceBytes(shape)) : undefined
-  );
-  return { buffers, workspaces, bytes };
-};
-
 interface BackwardLayout {
-  readonly arena: Arena;
   readonly shapes: readonly BatchNormShape[];
   readonly statOffsets: readonly number[];
   readonly bnIndex: ReadonlyMap<TrunkBatchNorm, number>;
@@ -261,18 +243,18 @@ const backward = (
   saved: tf.Tensor[],
   layout: BackwardLayout,
 ): tf.Tensor[] => {
-  const { arena, shapes, statOffsets, bnIndex, paramCount } = layout;
+  const { shapes, statOffsets, bnIndex, paramCount } = layout;
   const backend = tf.backend() as unknown as WasmBackendLike;
   const dnnl = loadDnnl()!;
   const params = saved.slice(0, paramCount);
   const statistics = saved[paramCount]!;
-  const saving = saved[paramCount + 1]!;
+  const buffers = saved.slice(paramCount + 1, paramCount + 1 + program.buffers.length);
+  const workspaceTensors = saved.slice(paramCount + 1 + program.buffers.length);
+  let nextWorkspace = 0;
+  const workspaces = shapes.map((shape) => shape.relu ? workspaceTensors[nextWorkspace++] : undefined);
   // The heap may grow (and move) on any allocation: pointers are taken right before each call.
   const p = (info: { dataId: object; shape: readonly number[] }, byteOffset = 0) =>
     heapPointer(backend, info, byteOffset);
-  const buffer = (index: number) => p(saving, arena.buffers[index]!);
-  const workspace = (k: number) =>
-    arena.workspaces[k] === undefined ? undefined : p(saving, arena.workspaces[k]);
   const bf16Buffer = (shape: readonly number[]) =>
     backend.makeOutput([Math.ceil(sizeOf(shape) / 2)], "float32");
   const gradients: (Gradient | undefined)[] = program.buffers.map(() => undefined);
@@ -338,7 +320,7 @@ const backward = (
       const scratch = scratchBytes > 0 ? backend.makeOutput([scratchBytes / 4], "float32") : undefined;
       dnnl.bf16Conv.backwardWeights(
         g,
-        buffer(node.input),
+        p(buffers[node.input]!),
         p(upstream.info),
         p(dw),
         scratch === undefined ? undefined : p(scratch),
@@ -359,12 +341,12 @@ const backward = (
       const [dgamma, dbeta] = [f32([shape.channels]), f32([shape.channels])];
       const dx = inPlace(node.output);
       dnnl.batchNorm.backward(shape, {
-        x: buffer(node.input),
+        x: p(buffers[node.input]!),
         mean: p(statistics, 4 * statOffsets[k]!),
         variance: p(statistics, 4 * (statOffsets[k]! + shape.channels)),
         gamma: p(params[node.gamma]!),
         beta: p(params[node.beta]!),
-        workspace: workspace(k),
+        workspace: workspaces[k] === undefined ? undefined : p(workspaces[k]!),
         dy: p(upstream.info),
         dx: p(dx),
         dgamma: p(dgamma),
@@ -379,7 +361,7 @@ const backward = (
       dnnl.elementwise.reluBackward(
         sizeOf(program.buffers[node.output]!),
         p(upstream.info),
-        buffer(node.output),
+        p(buffers[node.output]!),
         p(dx),
         "bf16",
       );
