@@ -114,6 +114,23 @@ export const bf16TrunkSupports = (program: TrunkProgram): boolean => {
   });
 };
 
+/**
+ * Which buffers the backward reads, and after which node it reads each for the last time (walking
+ * backwards: the earliest node that reads it, as a convolution's or batch norm's input or a sum's
+ * output). The others (a batch norm's output that only feeds a sum) are not kept past the forward.
+ */
+const backwardReads = (program: TrunkProgram) => {
+  const lastReadAt = new Map<number, number[]>();
+  const read = program.buffers.map(() => false);
+  program.nodes.forEach((node, i) => {
+    const b = node.kind === "addRelu" ? node.output : node.input;
+    if (read[b]) return;
+    read[b] = true;
+    lastReadAt.set(i, [...(lastReadAt.get(i) ?? []), b]);
+  });
+  return { read, lastReadAt };
+};
+
 /** A bf16 gradient buffer on the heap, shared by the inputs of an addRelu until one of them changes it. */
 interface Gradient {
   readonly info: TensorInfo;
@@ -195,7 +212,11 @@ export const bf16Trunk = (
     }
     dnnl.elementwise.convert(sizeOf(out.shape), "bf16", p(buffers[program.output]!), p(out));
     const tensor = <T extends tf.Tensor>(info: TensorInfo) => tf.engine().makeTensorFromTensorInfo(info) as T;
-    const bufferTensors = buffers.map((b) => tensor(b));
+    const { read } = backwardReads(program);
+    buffers.forEach((b, i) => {
+      if (!read[i]) backend.disposeData(b.dataId);
+    });
+    const bufferTensors = buffers.flatMap((b, i) => read[i] ? [tensor(b)] : []);
     const workspaceTensors = workspaces.map((w) => w === undefined ? undefined : tensor(w));
     const statisticsTensor = tensor<tf.Tensor1D>(statistics);
     kept = tf.keep(statisticsTensor);
@@ -248,8 +269,12 @@ const backward = (
   const dnnl = loadDnnl()!;
   const params = saved.slice(0, paramCount);
   const statistics = saved[paramCount]!;
-  const buffers = saved.slice(paramCount + 1, paramCount + 1 + program.buffers.length);
-  const workspaceTensors = saved.slice(paramCount + 1 + program.buffers.length);
+  const { read, lastReadAt } = backwardReads(program);
+  const savedCount = read.filter((r) => r).length;
+  const savedBuffers = saved.slice(paramCount + 1, paramCount + 1 + savedCount);
+  let nextBuffer = 0;
+  const buffers = read.map((r) => r ? savedBuffers[nextBuffer++] : undefined);
+  const workspaceTensors = saved.slice(paramCount + 1 + savedCount);
   let nextWorkspace = 0;
   const workspaces = shapes.map((shape) => shape.relu ? workspaceTensors[nextWorkspace++] : undefined);
   // The heap may grow (and move) on any allocation: pointers are taken right before each call.
@@ -329,12 +354,12 @@ const backward = (
       paramGradients[node.weight] = dw;
       if (node.input === 0 && !program.inputGradient) {
         release(node.output);
-        continue;
+      } else {
+        const dx = bf16Buffer(program.buffers[node.input]!);
+        dnnl.bf16Conv.backwardData(g, p(upstream.info), p(params[node.weight]!), p(dx));
+        release(node.output);
+        handTo(dx, [node.input]);
       }
-      const dx = bf16Buffer(program.buffers[node.input]!);
-      dnnl.bf16Conv.backwardData(g, p(upstream.info), p(params[node.weight]!), p(dx));
-      release(node.output);
-      handTo(dx, [node.input]);
     } else if (node.kind === "batchNorm") {
       const k = bnIndex.get(node)!;
       const shape = shapes[k]!;
@@ -368,6 +393,9 @@ const backward = (
       release(node.output);
       handTo(dx, [node.a, node.b]);
     }
+    // What the forward saved for the nodes from here on only: freed now, not when the tape goes.
+    for (const b of lastReadAt.get(i) ?? []) buffers[b]!.dispose();
+    if (node.kind === "batchNorm") workspaces[bnIndex.get(node)!]?.dispose();
   }
   let dx: TensorInfo | undefined;
   if (program.inputGradient) {
