@@ -107,12 +107,20 @@ export const bf16TrunkActive = (): boolean =>
 export const bf16TrunkSupports = (program: TrunkProgram): boolean => {
   const dnnl = loadDnnl();
   if (dnnl === undefined) return false;
-  return program.nodes.every((node) => {
-    if (node.kind === "convolution") return dnnl.bf16Conv.supports(node.shape);
-    if (node.kind === "batchNorm") return batchNormShapeOf(program, node).rows >= 2;
-    return true;
-  });
+  let answer = supported.get(program);
+  if (answer === undefined) {
+    answer = program.nodes.every((node) => {
+      if (node.kind === "convolution") return dnnl.bf16Conv.supports(node.shape);
+      if (node.kind === "batchNorm") return batchNormShapeOf(program, node).rows >= 2;
+      return true;
+    });
+    supported.set(program, answer);
+  }
+  return answer;
 };
+
+/** `bf16TrunkSupports`' answers: asked before every forward, of programs models cache per shape. */
+const supported = new WeakMap<TrunkProgram, boolean>();
 
 /**
  * Which buffers the backward reads, and after which node it reads each for the last time (walking
@@ -130,6 +138,10 @@ const backwardReads = (program: TrunkProgram) => {
   });
   return { read, lastReadAt };
 };
+
+/** A heap buffer for `shape`'s values in bf16 (an opaque float32 tensor of half the count). */
+const bf16Buffer = (backend: WasmBackendLike, shape: readonly number[]): TensorInfo =>
+  backend.makeOutput([Math.ceil(sizeOf(shape) / 2)], "float32");
 
 /** A bf16 gradient buffer on the heap, shared by the inputs of an addRelu until one of them changes it. */
 interface Gradient {
@@ -156,6 +168,7 @@ export const bf16Trunk = (
     statFloats += 2 * shape.channels;
   }
   const bnIndex = new Map(batchNorms.map((node, i) => [node, i]));
+  const reads = backwardReads(program);
   let kept: tf.Tensor1D | undefined;
   const inputCount = params.length + (program.inputGradient ? 1 : 0);
   const op = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
@@ -164,9 +177,7 @@ export const bf16Trunk = (
     const [xIn, paramsIn] = program.inputGradient ? [inputs[0]!, inputs.slice(1)] : [x, inputs];
     const backend = tf.backend() as unknown as WasmBackendLike;
     const dnnl = loadDnnl()!;
-    const bf16Buffer = (shape: readonly number[]) =>
-      backend.makeOutput([Math.ceil(sizeOf(shape) / 2)], "float32");
-    const buffers = program.buffers.map(bf16Buffer);
+    const buffers = program.buffers.map((shape) => bf16Buffer(backend, shape));
     const workspaces = shapes.map((shape) =>
       shape.relu
         ? backend.makeOutput([Math.ceil(dnnl.batchNorm.workspaceBytes(shape) / 4)], "float32")
@@ -212,7 +223,7 @@ export const bf16Trunk = (
     }
     dnnl.elementwise.convert(sizeOf(out.shape), "bf16", p(buffers[program.output]!), p(out));
     const tensor = <T extends tf.Tensor>(info: TensorInfo) => tf.engine().makeTensorFromTensorInfo(info) as T;
-    const { read } = backwardReads(program);
+    const { read } = reads;
     buffers.forEach((b, i) => {
       if (!read[i]) backend.disposeData(b.dataId);
     });
@@ -233,6 +244,7 @@ export const bf16Trunk = (
           shapes,
           statOffsets,
           bnIndex,
+          reads,
           paramCount: params.length,
         }),
     };
@@ -254,6 +266,7 @@ interface BackwardLayout {
   readonly shapes: readonly BatchNormShape[];
   readonly statOffsets: readonly number[];
   readonly bnIndex: ReadonlyMap<TrunkBatchNorm, number>;
+  readonly reads: ReturnType<typeof backwardReads>;
   readonly paramCount: number;
 }
 
@@ -264,12 +277,12 @@ const backward = (
   saved: tf.Tensor[],
   layout: BackwardLayout,
 ): tf.Tensor[] => {
-  const { shapes, statOffsets, bnIndex, paramCount } = layout;
+  const { shapes, statOffsets, bnIndex, reads, paramCount } = layout;
   const backend = tf.backend() as unknown as WasmBackendLike;
   const dnnl = loadDnnl()!;
   const params = saved.slice(0, paramCount);
   const statistics = saved[paramCount]!;
-  const { read, lastReadAt } = backwardReads(program);
+  const { read, lastReadAt } = reads;
   const savedCount = read.filter((r) => r).length;
   const savedBuffers = saved.slice(paramCount + 1, paramCount + 1 + savedCount);
   let nextBuffer = 0;
@@ -280,8 +293,6 @@ const backward = (
   // The heap may grow (and move) on any allocation: pointers are taken right before each call.
   const p = (info: { dataId: object; shape: readonly number[] }, byteOffset = 0) =>
     heapPointer(backend, info, byteOffset);
-  const bf16Buffer = (shape: readonly number[]) =>
-    backend.makeOutput([Math.ceil(sizeOf(shape) / 2)], "float32");
   const gradients: (Gradient | undefined)[] = program.buffers.map(() => undefined);
   /** Drops one holder of `g`: the last frees its buffer. */
   const drop = (g: Gradient) => {
@@ -306,7 +317,7 @@ const backward = (
       dnnl.elementwise.add(size, false, p(current.info), p(g.info), p(current.info), "bf16");
       return;
     }
-    const sum = bf16Buffer(program.buffers[index]!);
+    const sum = bf16Buffer(backend, program.buffers[index]!);
     dnnl.elementwise.add(size, false, p(current.info), p(g.info), p(sum), "bf16");
     release(index);
     gradients[index] = { info: sum, holders: 1 };
@@ -318,7 +329,7 @@ const backward = (
    */
   const inPlace = (output: number): TensorInfo => {
     const g = gradients[output]!;
-    if (g.holders > 1) return bf16Buffer(program.buffers[output]!);
+    if (g.holders > 1) return bf16Buffer(backend, program.buffers[output]!);
     g.holders++;
     return g.info;
   };
@@ -331,7 +342,7 @@ const backward = (
   const paramGradients: (TensorInfo | undefined)[] = params.map(() => undefined);
   const f32 = (shape: readonly number[]) => backend.makeOutput([...shape], "float32");
 
-  const top = bf16Buffer(program.buffers[program.output]!);
+  const top = bf16Buffer(backend, program.buffers[program.output]!);
   dnnl.elementwise.convert(dy.size, "f32", p(dy), p(top));
   gradients[program.output] = { info: top, holders: 1 };
   for (let i = program.nodes.length - 1; i >= 0; i--) {
@@ -355,7 +366,7 @@ const backward = (
       if (node.input === 0 && !program.inputGradient) {
         release(node.output);
       } else {
-        const dx = bf16Buffer(program.buffers[node.input]!);
+        const dx = bf16Buffer(backend, program.buffers[node.input]!);
         dnnl.bf16Conv.backwardData(g, p(upstream.info), p(params[node.weight]!), p(dx));
         release(node.output);
         handTo(dx, [node.input]);
